@@ -1,0 +1,353 @@
+//! The `rws` command: a thin wrapper over the library and the gRPC clients.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use rws::engine::{Engine, EngineOptions};
+use rws::model::Arch;
+use rws::quant::Quant;
+use rws::repo::ModelDir;
+use rws::server::pb;
+use rws::signature::Signature;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "rws", version, about = "Robust Weight Signatures inference server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Client {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "RWS_ADDR")]
+    addr: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a model from the repository over gRPC.
+    Serve {
+        #[arg(long, default_value = "models")]
+        repo: PathBuf,
+        /// Model directory name; optional when the repository holds one model.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Patched stems kept in memory at once (least recently used are dropped).
+        #[arg(long, default_value_t = 16)]
+        max_resident_profiles: usize,
+        /// Do not load signatures/ at start-up nor define a profile per signature.
+        #[arg(long)]
+        no_auto_profiles: bool,
+    },
+    /// Classify an image with a running server.
+    Classify {
+        image: PathBuf,
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        top_k: u32,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Manage profiles on a running server.
+    #[command(subcommand)]
+    Profile(ProfileCmd),
+    /// Manage signatures on a running server.
+    #[command(subcommand)]
+    Signature(SignatureCmd),
+    /// Print the tensors, dtypes, bytes, fingerprint and metadata of a signature file.
+    Inspect { file: PathBuf },
+    /// Generate a model directory with random (synthetic) weights and signatures.
+    Synth {
+        /// resnet18, resnet34, resnet50, resnet101 or resnet-small.
+        #[arg(long, default_value = "resnet-small")]
+        arch: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        patchable_blocks: usize,
+        /// Signatures to generate, as corruption names.
+        #[arg(long, value_delimiter = ',', default_value = "synthetic-fog,synthetic-noise")]
+        signatures: Vec<String>,
+        #[arg(long, default_value = "int8")]
+        quant: Quant,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Define a profile: `rws profile put storm rain@0.7 fog@0.5`.
+    Put {
+        name: String,
+        signatures: Vec<String>,
+        /// Replace an existing profile of that name.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Delete a profile.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// List profiles.
+    Ls {
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Set the profile used by requests that name none.
+    Default {
+        name: String,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
+#[derive(Subcommand)]
+enum SignatureCmd {
+    /// List loaded signatures.
+    Ls {
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Load a signature: a path relative to the model directory on the server,
+    /// or a local file sent with --upload.
+    Load {
+        path: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Send the local file's bytes instead of naming a path on the server.
+        #[arg(long)]
+        upload: bool,
+        /// Accept a signature made against other base weights.
+        #[arg(long)]
+        allow_transfer: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Unload a signature no profile uses.
+    Unload {
+        name: String,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Serve { repo, model, addr, max_resident_profiles, no_auto_profiles } => {
+            let dir = ModelDir::open(&repo, model.as_deref())?;
+            let opts = EngineOptions { max_resident_profiles, auto_profiles: !no_auto_profiles };
+            let name = dir.name.clone();
+            let engine = tokio::task::spawn_blocking(move || {
+                Engine::open(dir, &candle_core::Device::Cpu, &opts)
+            })
+            .await??;
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let table = engine.registry().snapshot();
+            tracing::info!(
+                model = %name,
+                addr = %listener.local_addr()?,
+                profiles = ?table.profiles.keys().collect::<Vec<_>>(),
+                default = %table.default_profile,
+                "serving"
+            );
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            rws::server::serve(Arc::new(engine), listener, shutdown).await?;
+        }
+        Cmd::Classify { image, profile, top_k, client } => {
+            let bytes = std::fs::read(&image).with_context(|| format!("cannot read {}", image.display()))?;
+            let mut c = pb::inference_client::InferenceClient::new(connect(&client).await?);
+            let r = c
+                .classify(pb::ClassifyRequest {
+                    input: Some(pb::classify_request::Input::Image(bytes)),
+                    profile: profile.unwrap_or_default(),
+                    top_k,
+                    return_logits: false,
+                })
+                .await?
+                .into_inner();
+            println!("profile {} (generation {})", r.profile, r.generation);
+            for p in r.top_k {
+                println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
+            }
+        }
+        Cmd::Profile(cmd) => profile(cmd).await?,
+        Cmd::Signature(cmd) => signature(cmd).await?,
+        Cmd::Inspect { file } => {
+            let sig = Signature::load(&file)?;
+            print!("{}", sig.describe());
+        }
+        Cmd::Synth { arch, out, patchable_blocks, signatures, quant, seed } => {
+            synth(&arch, &out, patchable_blocks, &signatures, quant, seed)?;
+        }
+    }
+    Ok(())
+}
+
+async fn connect(client: &Client) -> Result<Channel> {
+    Channel::from_shared(client.addr.clone())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach an rws server at {} (is `rws serve` running?)", client.addr))
+}
+
+async fn admin(client: &Client) -> Result<pb::admin_client::AdminClient<Channel>> {
+    Ok(pb::admin_client::AdminClient::new(connect(client).await?)
+        .max_encoding_message_size(rws::server::MAX_MESSAGE_BYTES))
+}
+
+fn print_change(c: pb::ProfileChange) {
+    if let Some(p) = c.profile {
+        println!(
+            "profile {} generation {} (server generation {}), applied in {:.1} µs",
+            p.name, p.generation, c.generation, c.apply_micros
+        );
+    }
+}
+
+async fn profile(cmd: ProfileCmd) -> Result<()> {
+    match cmd {
+        ProfileCmd::Put { name, signatures, replace, client } => {
+            let sigs = signatures
+                .iter()
+                .map(|s| {
+                    let r: rws::profile::SignatureRef = s.parse()?;
+                    Ok(pb::SignatureRef { name: r.name, alpha: r.alpha })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let c = admin(&client)
+                .await?
+                .put_profile(pb::PutProfileRequest { name, signatures: sigs, replace })
+                .await?;
+            print_change(c.into_inner());
+        }
+        ProfileCmd::Rm { name, client } => {
+            let c = admin(&client).await?.delete_profile(pb::DeleteProfileRequest { name }).await?;
+            print_change(c.into_inner());
+        }
+        ProfileCmd::Default { name, client } => {
+            let c = admin(&client)
+                .await?
+                .set_default_profile(pb::SetDefaultProfileRequest { name })
+                .await?;
+            print_change(c.into_inner());
+        }
+        ProfileCmd::Ls { client } => {
+            let r = admin(&client).await?.list_profiles(pb::ListProfilesRequest {}).await?.into_inner();
+            println!("generation {}", r.generation);
+            for p in r.profiles {
+                let sigs: Vec<String> = p.signatures.iter().map(|s| format!("{}@{}", s.name, s.alpha)).collect();
+                println!(
+                    "{}{:<20} gen {:<6} {:<9} [{}]",
+                    if p.is_default { "* " } else { "  " },
+                    p.name,
+                    p.generation,
+                    if p.resident { "resident" } else { "evicted" },
+                    sigs.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn signature(cmd: SignatureCmd) -> Result<()> {
+    match cmd {
+        SignatureCmd::Ls { client } => {
+            let r = admin(&client).await?.list_signatures(pb::ListSignaturesRequest {}).await?.into_inner();
+            for s in r.signatures {
+                println!(
+                    "{:<20} {:<12} {:<10} alpha {:<5} {:>9} B{}{}",
+                    s.name,
+                    s.corruption,
+                    s.quant,
+                    s.default_alpha,
+                    s.bytes,
+                    if s.synthetic { "  synthetic" } else { "" },
+                    if s.transferred { "  transferred" } else { "" }
+                );
+            }
+        }
+        SignatureCmd::Load { path, name, upload, allow_transfer, client } => {
+            use pb::load_signature_request::Source;
+            let source = if upload {
+                Source::Data(std::fs::read(&path).with_context(|| format!("cannot read {path}"))?)
+            } else {
+                Source::Path(path.clone())
+            };
+            let name = match (name, upload) {
+                (Some(n), _) => n,
+                (None, true) => rws::repo::signature_name(std::path::Path::new(&path)),
+                (None, false) => String::new(),
+            };
+            let r = admin(&client)
+                .await?
+                .load_signature(pb::LoadSignatureRequest { name, source: Some(source), allow_transfer })
+                .await?
+                .into_inner();
+            if let Some(s) = r.signature {
+                println!("loaded {} ({}, {} B, {} tensors)", s.name, s.quant, s.bytes, s.tensors.len());
+            }
+        }
+        SignatureCmd::Unload { name, client } => {
+            admin(&client).await?.unload_signature(pb::UnloadSignatureRequest { name: name.clone() }).await?;
+            println!("unloaded {name}");
+        }
+    }
+    Ok(())
+}
+
+fn synth(arch: &str, out: &std::path::Path, blocks: usize, signatures: &[String], quant: Quant, seed: u64) -> Result<()> {
+    let (arch, channels, input, classes) = match arch {
+        "resnet-small" => (
+            Arch::Small { widths: vec![16, 32, 64], depths: vec![1, 1, 1], stem_stride: 1 },
+            1,
+            28,
+            10,
+        ),
+        other => {
+            let arch: Arch = toml::from_str(&format!("arch = {other:?}"))
+                .with_context(|| format!("unknown architecture {other:?}"))?;
+            (arch, 3, 224, 1000)
+        }
+    };
+    let cfg = rws::synth::config(arch, channels, input, classes, blocks);
+    cfg.validate()?;
+    let tensors = rws::synth::base_tensors(&cfg, seed)?;
+    rws::synth::write_model_dir(out, &cfg, &tensors)?;
+    let model = rws::model::Model::from_tensors(cfg, &tensors, &candle_core::Device::Cpu)?;
+    for (i, name) in signatures.iter().enumerate() {
+        let sig = rws::synth::signature(&model, name, seed + 1 + i as u64, 0.3, quant)?;
+        let path = out.join("signatures").join(format!("{name}{}", rws::repo::SIGNATURE_SUFFIX));
+        sig.save(&path)?;
+        println!("wrote {} ({} B)", path.display(), sig.stored_bytes());
+    }
+    if signatures.is_empty() {
+        bail!("no signatures requested");
+    }
+    println!("wrote {} (fingerprint {})", out.display(), model.fingerprint());
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! The production CPU kernel: add the signature deltas, fold the BatchNorm, in one pass.
+//!
+//! Each output channel is one task: its row of `W` is copied into the output row, every
+//! weight delta is accumulated into it, and it is multiplied by the channel's BatchNorm
+//! scale. The row stays in L1 between those steps, so memory sees one read of every
+//! input byte and one write of the output; there are no heap temporaries. Channels are
+//! computed independently (no cross-thread reductions), so the result is bitwise the
+//! same whatever the thread count or scheduling.
+
+use rayon::prelude::*;
+
+use super::{ConvBn, DeltaView, KernelError, LayerDelta};
+
+/// Elements of work below which a rayon task is not split further: tiny layers run on
+/// the calling thread instead of paying task overhead per channel.
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+/// Writes the served weights of one patched conv layer (see the formula in
+/// [`crate::kernel`]): `out_w` is `[out_channels, per_channel]` like `base.weight`,
+/// `out_b` is the folded bias `[out_channels]`.
+///
+/// On error the outputs hold partial results and must not be served. The reported
+/// channel is the lowest failing one, so the error is deterministic too.
+///
+/// # Panics
+/// If the output lengths do not match `base`, or a delta is smaller than the layer (the
+/// loader validates deltas with [`crate::quant::DeltaView::check_layout`]).
+pub fn fused_add_scale(
+    base: &ConvBn,
+    deltas: &[LayerDelta],
+    out_w: &mut [f32],
+    out_b: &mut [f32],
+) -> Result<(), KernelError> {
+    let channels = base.out_channels;
+    assert_eq!(out_w.len(), base.weight.len(), "out_w length");
+    assert_eq!(out_b.len(), channels, "out_b length");
+    if channels == 0 {
+        return Ok(());
+    }
+    let cols = base.per_channel();
+    assert_eq!(cols * channels, base.weight.len(), "weight is not [O, cols]");
+    for p in [base.gamma, base.beta, base.mean, base.var] {
+        assert_eq!(p.len(), channels, "BatchNorm parameter length");
+    }
+    // Check delta sizes up front, so a bad one panics here with a message rather than
+    // inside a worker thread.
+    for d in deltas {
+        if let Some(w) = d.weight {
+            assert_eq!(w.len(), base.weight.len(), "weight delta length");
+        }
+        for p in [d.gamma, d.beta, d.mean, d.var].into_iter().flatten() {
+            assert_eq!(p.len(), channels, "BatchNorm delta length");
+        }
+    }
+    if cols == 0 {
+        // No weights: only the bias remains to fold.
+        for (o, b) in out_b.iter_mut().enumerate() {
+            fold_channel(base, deltas, o, &mut [], b)?;
+        }
+        return Ok(());
+    }
+
+    let min_len = (MIN_TASK_ELEMS / cols).max(1);
+    let failure = out_w
+        .par_chunks_mut(cols)
+        .zip(out_b.par_iter_mut())
+        .enumerate()
+        .with_min_len(min_len)
+        .filter_map(|(o, (row, b))| fold_channel(base, deltas, o, row, b).err())
+        .find_first(|_| true);
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Patched BatchNorm parameter: `p[o] + Σ alpha_i · dp_i[o]`, in signature order.
+#[inline]
+fn patched<'a>(
+    base: &[f32],
+    deltas: &[LayerDelta<'a>],
+    o: usize,
+    pick: impl Fn(&LayerDelta<'a>) -> Option<DeltaView<'a>>,
+) -> f32 {
+    let mut v = base[o];
+    for d in deltas {
+        if let Some(dv) = pick(d) {
+            v += d.alpha * dv.at(o);
+        }
+    }
+    v
+}
+
+/// One output channel: the whole formula for row `o`, written into `row` and `b`.
+#[inline]
+fn fold_channel(
+    base: &ConvBn,
+    deltas: &[LayerDelta],
+    o: usize,
+    row: &mut [f32],
+    b: &mut f32,
+) -> Result<(), KernelError> {
+    let gamma = patched(base.gamma, deltas, o, |d| d.gamma);
+    let beta = patched(base.beta, deltas, o, |d| d.beta);
+    let mean = patched(base.mean, deltas, o, |d| d.mean);
+    let var = patched(base.var, deltas, o, |d| d.var);
+    let denom = var + base.eps;
+    if !(denom > 0.0) {
+        return Err(KernelError::NegativeVariance { channel: o, var });
+    }
+    let s = gamma / denom.sqrt();
+
+    let cols = row.len();
+    row.copy_from_slice(&base.weight[o * cols..][..cols]);
+    for d in deltas {
+        if let Some(w) = d.weight {
+            w.accumulate_row(o, cols, d.alpha, row);
+        }
+    }
+    // Scale and count non-finite values in the same pass. The count is an integer test
+    // on the exponent bits, so the loop still vectorizes (a float `is_finite` chain or
+    // an early exit would not).
+    let mut bad = 0u32;
+    for x in row.iter_mut() {
+        *x *= s;
+        bad += (x.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32;
+    }
+    let bias = beta - s * mean;
+    if bad != 0 || !bias.is_finite() {
+        return Err(KernelError::NotFinite { channel: o });
+    }
+    *b = bias;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::kernel::reference;
+    use crate::quant::{Delta, Quant};
+
+    /// splitmix64: deterministic, dependency-free test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [lo, hi).
+        fn range(&mut self, lo: f32, hi: f32) -> f32 {
+            lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+        }
+
+        fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+            (0..n).map(|_| self.range(lo, hi)).collect()
+        }
+    }
+
+    /// Owned storage for a clean conv + BatchNorm.
+    struct Layer {
+        weight: Vec<f32>,
+        out_channels: usize,
+        gamma: Vec<f32>,
+        beta: Vec<f32>,
+        mean: Vec<f32>,
+        var: Vec<f32>,
+    }
+
+    impl Layer {
+        fn random(rng: &mut Rng, out_channels: usize, cols: usize) -> Layer {
+            Layer {
+                weight: rng.vec(out_channels * cols, -0.2, 0.2),
+                out_channels,
+                gamma: rng.vec(out_channels, 0.5, 1.5),
+                beta: rng.vec(out_channels, -0.5, 0.5),
+                mean: rng.vec(out_channels, -0.3, 0.3),
+                var: rng.vec(out_channels, 0.2, 2.0),
+            }
+        }
+
+        fn conv_bn(&self) -> ConvBn<'_> {
+            ConvBn {
+                weight: &self.weight,
+                out_channels: self.out_channels,
+                gamma: &self.gamma,
+                beta: &self.beta,
+                mean: &self.mean,
+                var: &self.var,
+                eps: 1e-5,
+            }
+        }
+    }
+
+    /// Owned storage for one signature's deltas on a layer.
+    struct Sig {
+        alpha: f32,
+        weight: Option<Delta>,
+        bn: Option<[Delta; 4]>,
+    }
+
+    impl Sig {
+        fn random(rng: &mut Rng, layer: &Layer, alpha: f32, quant: Quant, bn: Option<Quant>) -> Sig {
+            let o = layer.out_channels;
+            let w = rng.vec(layer.weight.len(), -0.05, 0.05);
+            Sig {
+                alpha,
+                weight: Some(Delta::quantize(&w, o, quant)),
+                bn: bn.map(|q| {
+                    // Var deltas stay small enough that var' > 0 for |alpha| <= 1.
+                    [(-0.1, 0.1), (-0.1, 0.1), (-0.05, 0.05), (-0.1, 0.1)]
+                        .map(|(lo, hi)| Delta::quantize(&rng.vec(o, lo, hi), o, q))
+                }),
+            }
+        }
+
+        fn layer_delta(&self) -> LayerDelta<'_> {
+            let bn = |i: usize| self.bn.as_ref().map(|b| b[i].view());
+            LayerDelta {
+                alpha: self.alpha,
+                weight: self.weight.as_ref().map(Delta::view),
+                gamma: bn(0),
+                beta: bn(1),
+                mean: bn(2),
+                var: bn(3),
+            }
+        }
+    }
+
+    fn run_cpu(layer: &Layer, sigs: &[Sig]) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+        let deltas: Vec<_> = sigs.iter().map(Sig::layer_delta).collect();
+        let mut w = vec![f32::NAN; layer.weight.len()];
+        let mut b = vec![f32::NAN; layer.out_channels];
+        fused_add_scale(&layer.conv_bn(), &deltas, &mut w, &mut b)?;
+        Ok((w, b))
+    }
+
+    /// max|a - b| / max|b| over one output tensor.
+    fn rel_err(a: &[f32], b: &Tensor) -> f32 {
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let scale = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
+        diff / scale
+    }
+
+    fn assert_matches_reference(layer: &Layer, sigs: &[Sig]) {
+        let (w, b) = run_cpu(layer, sigs).unwrap();
+        let deltas: Vec<_> = sigs.iter().map(Sig::layer_delta).collect();
+        let (rw, rb) = reference::fused_add_scale(&layer.conv_bn(), &deltas, &Device::Cpu).unwrap();
+        let cols = layer.weight.len() / layer.out_channels;
+        assert_eq!(rw.dims(), &[layer.out_channels, cols]);
+        assert_eq!(rb.dims(), &[layer.out_channels]);
+        let (ew, eb) = (rel_err(&w, &rw), rel_err(&b, &rb));
+        assert!(ew <= 1e-6, "weight rel err {ew}");
+        assert!(eb <= 1e-6, "bias rel err {eb}");
+    }
+
+    #[test]
+    fn no_deltas_is_the_batchnorm_fold() {
+        let mut rng = Rng(10);
+        let layer = Layer::random(&mut rng, 64, 64 * 9);
+        assert_matches_reference(&layer, &[]);
+        let (w, b) = run_cpu(&layer, &[]).unwrap();
+        let cols = 64 * 9;
+        for o in 0..64 {
+            let s = layer.gamma[o] / (layer.var[o] + 1e-5).sqrt();
+            for j in 0..cols {
+                assert_eq!(w[o * cols + j], layer.weight[o * cols + j] * s);
+            }
+            assert_eq!(b[o], layer.beta[o] - s * layer.mean[o]);
+        }
+    }
+
+    #[test]
+    fn each_form_matches_reference() {
+        let mut rng = Rng(11);
+        // (out_channels, cols): 3x3 conv, 1x1 conv, odd cols (3x3 over 3 channels), conv1.
+        for (o, cols) in [(64, 64 * 9), (64, 64), (16, 27), (64, 3 * 49)] {
+            let layer = Layer::random(&mut rng, o, cols);
+            for quant in Quant::ALL {
+                let sig = Sig::random(&mut rng, &layer, 0.8, quant, None);
+                assert_matches_reference(&layer, &[sig]);
+            }
+        }
+    }
+
+    #[test]
+    fn mixed_signatures_with_batchnorm_deltas_match_reference() {
+        let mut rng = Rng(12);
+        for (o, cols) in [(64, 64 * 9), (128, 64), (33, 75)] {
+            let layer = Layer::random(&mut rng, o, cols);
+            let sigs = [
+                Sig::random(&mut rng, &layer, 0.7, Quant::Int8, Some(Quant::F32)),
+                Sig::random(&mut rng, &layer, 0.5, Quant::Int4, Some(Quant::F16)),
+                Sig::random(&mut rng, &layer, -0.3, Quant::F16, None),
+            ];
+            assert_matches_reference(&layer, &sigs);
+            let sigs = [
+                Sig::random(&mut rng, &layer, 1.0, Quant::F32, Some(Quant::F16)),
+                Sig::random(&mut rng, &layer, -0.6, Quant::Int4, Some(Quant::F32)),
+            ];
+            assert_matches_reference(&layer, &sigs);
+        }
+    }
+
+    #[test]
+    fn bn_only_delta_matches_reference() {
+        let mut rng = Rng(13);
+        let layer = Layer::random(&mut rng, 40, 9);
+        let mut sig = Sig::random(&mut rng, &layer, 0.9, Quant::F32, Some(Quant::F32));
+        sig.weight = None;
+        assert_matches_reference(&layer, &[sig]);
+    }
+
+    #[test]
+    fn bitwise_deterministic() {
+        let mut rng = Rng(14);
+        let layer = Layer::random(&mut rng, 512, 256 * 9);
+        let sigs = [
+            Sig::random(&mut rng, &layer, 0.7, Quant::Int8, Some(Quant::F32)),
+            Sig::random(&mut rng, &layer, 0.5, Quant::Int4, None),
+        ];
+        let first = run_cpu(&layer, &sigs).unwrap();
+        for _ in 0..3 {
+            let again = run_cpu(&layer, &sigs).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&again.0), bits(&first.0));
+            assert_eq!(bits(&again.1), bits(&first.1));
+        }
+        // Same answer on a single thread, i.e. independent of scheduling.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let single = pool.install(|| run_cpu(&layer, &sigs).unwrap());
+        assert!(single.0.iter().zip(&first.0).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(single.1.iter().zip(&first.1).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn negative_variance_is_reported_at_the_lowest_channel() {
+        let mut rng = Rng(15);
+        let layer = Layer::random(&mut rng, 256, 64);
+        let mut dvar = vec![0.0f32; 256];
+        dvar[200] = 10.0;
+        dvar[37] = 10.0;
+        dvar[90] = 10.0;
+        let zeros = Delta::F32(vec![0.0; 256]);
+        let dvar = Delta::F32(dvar);
+        let delta = LayerDelta {
+            alpha: -1.0,
+            weight: None,
+            gamma: Some(zeros.view()),
+            beta: None,
+            mean: None,
+            var: Some(dvar.view()),
+        };
+        let mut w = vec![0.0; layer.weight.len()];
+        let mut b = vec![0.0; 256];
+        for _ in 0..5 {
+            let err = fused_add_scale(&layer.conv_bn(), &[delta], &mut w, &mut b).unwrap_err();
+            assert_eq!(
+                err,
+                KernelError::NegativeVariance {
+                    channel: 37,
+                    var: layer.var[37] - 10.0
+                }
+            );
+        }
+        // A positive alpha on the same delta is fine.
+        let ok = LayerDelta { alpha: 1.0, ..delta };
+        fused_add_scale(&layer.conv_bn(), &[ok], &mut w, &mut b).unwrap();
+    }
+
+    #[test]
+    fn huge_alpha_is_not_finite() {
+        let mut rng = Rng(16);
+        let layer = Layer::random(&mut rng, 64, 64 * 9);
+        let big = Delta::F32(rng.vec(layer.weight.len(), 50.0, 100.0));
+        let delta = LayerDelta {
+            alpha: 1e38,
+            weight: Some(big.view()),
+            gamma: None,
+            beta: None,
+            mean: None,
+            var: None,
+        };
+        let mut w = vec![0.0; layer.weight.len()];
+        let mut b = vec![0.0; 64];
+        let err = fused_add_scale(&layer.conv_bn(), &[delta], &mut w, &mut b).unwrap_err();
+        assert_eq!(err, KernelError::NotFinite { channel: 0 });
+
+        // Only one channel overflowing is caught too (int8, via the folded affine).
+        let mut vals = vec![0.01f32; layer.weight.len()];
+        vals[40 * 576 + 17] = 1e30;
+        let q = Delta::quantize(&vals, 64, Quant::Int8);
+        let delta = LayerDelta {
+            alpha: 1e10,
+            weight: Some(q.view()),
+            ..delta
+        };
+        let err = fused_add_scale(&layer.conv_bn(), &[delta], &mut w, &mut b).unwrap_err();
+        assert_eq!(err, KernelError::NotFinite { channel: 40 });
+
+        // A non-finite bias (huge mean delta) is caught as well.
+        let dmean = Delta::F32(vec![1e30; 64]);
+        let delta = LayerDelta {
+            alpha: 1e30,
+            weight: None,
+            mean: Some(dmean.view()),
+            ..delta
+        };
+        let err = fused_add_scale(&layer.conv_bn(), &[delta], &mut w, &mut b).unwrap_err();
+        assert_eq!(err, KernelError::NotFinite { channel: 0 });
+    }
+
+    #[test]
+    fn empty_and_tiny_layers() {
+        let layer = Layer {
+            weight: vec![],
+            out_channels: 0,
+            gamma: vec![],
+            beta: vec![],
+            mean: vec![],
+            var: vec![],
+        };
+        let (w, b) = run_cpu(&layer, &[]).unwrap();
+        assert!(w.is_empty() && b.is_empty());
+        let mut rng = Rng(17);
+        let layer = Layer::random(&mut rng, 1, 1);
+        let sig = Sig::random(&mut rng, &layer, 0.5, Quant::Int4, Some(Quant::F16));
+        assert_matches_reference(&layer, &[sig]);
+    }
+}

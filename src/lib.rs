@@ -1,0 +1,20 @@
+//! rws: an inference server for image classifiers that patches robustness in at
+//! runtime with Robust Weight Signatures (Cai, Zhang, Wang, ICML 2023).
+//!
+//! The library holds everything; the `rws` binary and the gRPC layer in
+//! [`server`] are thin wrappers over [`engine::Engine`].
+
+pub mod engine;
+pub mod error;
+pub mod fsutil;
+pub mod kernel;
+pub mod model;
+pub mod preprocess;
+pub mod profile;
+pub mod quant;
+pub mod repo;
+pub mod server;
+pub mod signature;
+pub mod synth;
+
+pub use error::{Error, Result};

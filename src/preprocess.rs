@@ -1,0 +1,130 @@
+//! Turning a request's input into the model's input tensor, with every check done
+//! before any pixel is decoded or any memory is sized from client data.
+
+use std::io::Cursor;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageReader, Limits, imageops::FilterType};
+
+use crate::repo::ModelConfig;
+use crate::{Error, Result, bail};
+
+/// Largest image side accepted; the header is checked before decoding.
+pub const MAX_IMAGE_SIDE: u32 = 8192;
+/// Largest decoded image, in pixels.
+pub const MAX_IMAGE_PIXELS: u64 = 40_000_000;
+
+/// What a client sent.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Encoded PNG or JPEG.
+    Image(Vec<u8>),
+    /// The model input as is, `[C, H, W]` or `[1, C, H, W]`, already normalized.
+    Tensor { shape: Vec<usize>, data: Vec<f32> },
+}
+
+/// One image as a `[C, H, W]` f32 vector in the model's input layout.
+pub fn to_chw(input: &Input, cfg: &ModelConfig) -> Result<Vec<f32>> {
+    match input {
+        Input::Image(bytes) => decode_image(bytes, cfg),
+        Input::Tensor { shape, data } => check_tensor(shape, data, cfg),
+    }
+}
+
+/// Stacks images into a `[N, C, H, W]` batch.
+pub fn batch(images: &[&[f32]], cfg: &ModelConfig, device: &Device) -> Result<Tensor> {
+    let [h, w] = cfg.input_size;
+    let flat: Vec<f32> = images.iter().flat_map(|i| i.iter().copied()).collect();
+    Ok(Tensor::from_vec(flat, (images.len(), cfg.channels, h, w), device)?)
+}
+
+fn check_tensor(shape: &[usize], data: &[f32], cfg: &ModelConfig) -> Result<Vec<f32>> {
+    let [h, w] = cfg.input_size;
+    let want = [cfg.channels, h, w];
+    let dims = match shape {
+        [1, rest @ ..] if rest.len() == 3 => rest,
+        s => s,
+    };
+    if dims != want {
+        bail!(
+            InvalidArgument,
+            "tensor shape {shape:?} does not match the model input [{}, {h}, {w}] (or [1, {}, {h}, {w}])",
+            cfg.channels,
+            cfg.channels
+        );
+    }
+    if data.len() != want.iter().product::<usize>() {
+        bail!(
+            InvalidArgument,
+            "tensor shape {shape:?} needs {} values, got {}",
+            want.iter().product::<usize>(),
+            data.len()
+        );
+    }
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        bail!(InvalidArgument, "tensor value {i} is {}; inputs must be finite", data[i]);
+    }
+    Ok(data.to_vec())
+}
+
+fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Error::InvalidArgument(format!("{what}: {e} (send a PNG or JPEG)"))
+    };
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad("cannot read image", &e))?;
+    if reader.format().is_none() {
+        bail!(InvalidArgument, "image bytes are neither PNG nor JPEG");
+    }
+    // Reads only the header: a bomb claiming huge dimensions is refused here.
+    let (w, h) = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad("cannot read image", &e))?
+        .into_dimensions()
+        .map_err(|e| bad("cannot read image header", &e))?;
+    if w == 0 || h == 0 {
+        bail!(InvalidArgument, "image is {w}x{h}; it must have at least one pixel");
+    }
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
+        bail!(
+            InvalidArgument,
+            "image is {w}x{h}; the limit is {MAX_IMAGE_SIDE} per side and {MAX_IMAGE_PIXELS} pixels"
+        );
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    let mut reader = reader;
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| bad("cannot decode image", &e))?;
+    Ok(normalize(&img, cfg))
+}
+
+/// Converts to the model's channels, resizes to its input size and normalizes.
+fn normalize(img: &DynamicImage, cfg: &ModelConfig) -> Vec<f32> {
+    let [h, w] = cfg.input_size;
+    let (w32, h32) = (w as u32, h as u32);
+    let plane = h * w;
+    let mut out = vec![0f32; cfg.channels * plane];
+    let mut put = |c: usize, i: usize, v: u8| {
+        out[c * plane + i] = (f32::from(v) / 255.0 - cfg.mean[c]) / cfg.std[c];
+    };
+    if cfg.channels == 1 {
+        let g = img.to_luma8();
+        let g = if g.dimensions() == (w32, h32) { g } else { image::imageops::resize(&g, w32, h32, FilterType::Triangle) };
+        for (i, p) in g.pixels().enumerate() {
+            put(0, i, p.0[0]);
+        }
+    } else {
+        let rgb = img.to_rgb8();
+        let rgb = if rgb.dimensions() == (w32, h32) { rgb } else { image::imageops::resize(&rgb, w32, h32, FilterType::Triangle) };
+        for (i, p) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                put(c, i, p.0[c]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,356 @@
+//! Profiles and the table that publishes them.
+//!
+//! A profile is a named list of `signature@alpha`. The [`Registry`] holds one
+//! immutable [`Table`] behind an `ArcSwap`: a request loads it once and uses only
+//! that snapshot, so it never sees half of a change. Writers build the new
+//! patched stem first, off the request path, and then publish a new table with
+//! one atomic store. Patched stems are kept per profile in a slot that may be
+//! emptied by LRU eviction and refilled on demand; refilling is deterministic,
+//! so an evicted profile comes back bit-identical.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::model::{Model, Stem};
+use crate::signature::Signature;
+use crate::{Error, Result, bail};
+
+/// The built-in profile with no signatures. It always exists and is never evicted.
+pub const CLEAN: &str = "clean";
+
+/// At most this many signatures in one profile.
+pub const MAX_SIGNATURES_PER_PROFILE: usize = 16;
+
+/// A signature registered under a name.
+#[derive(Debug)]
+pub struct LoadedSignature {
+    pub name: String,
+    pub signature: Signature,
+    /// Made against other base weights and accepted with `allow_transfer`.
+    pub transferred: bool,
+}
+
+/// One entry of a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignatureRef {
+    pub name: String,
+    pub alpha: f32,
+}
+
+impl std::str::FromStr for SignatureRef {
+    type Err = Error;
+
+    /// Parses `name@alpha` or `name=alpha`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, alpha) = s
+            .split_once('@')
+            .or_else(|| s.split_once('='))
+            .ok_or_else(|| Error::InvalidArgument(format!("{s:?}: expected SIGNATURE@ALPHA, e.g. fog@0.8")))?;
+        let alpha = alpha
+            .trim()
+            .parse()
+            .map_err(|_| Error::InvalidArgument(format!("{s:?}: alpha {alpha:?} is not a number")))?;
+        Ok(SignatureRef { name: name.trim().to_string(), alpha })
+    }
+}
+
+/// A profile definition and, when resident, its patched stem.
+#[derive(Debug)]
+pub struct Profile {
+    pub name: String,
+    pub signatures: Vec<SignatureRef>,
+    /// The table generation that published this definition.
+    pub generation: u64,
+    /// The signatures, resolved when the profile was defined.
+    resolved: Vec<Arc<LoadedSignature>>,
+    stem: ArcSwapOption<Stem>,
+    last_used: AtomicU64,
+    fill: Mutex<()>,
+}
+
+impl Profile {
+    pub fn is_resident(&self) -> bool {
+        self.stem.load().is_some()
+    }
+
+    fn materialize(&self, model: &Model) -> Result<Stem> {
+        let patches: Vec<(&Signature, f32)> = self
+            .resolved
+            .iter()
+            .zip(&self.signatures)
+            .map(|(s, r)| (&s.signature, r.alpha))
+            .collect();
+        model.materialize(&patches)
+    }
+}
+
+/// One consistent view of signatures, profiles and the default.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub generation: u64,
+    pub signatures: BTreeMap<String, Arc<LoadedSignature>>,
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+    pub default_profile: String,
+}
+
+impl Table {
+    pub fn profile(&self, name: Option<&str>) -> Result<&Arc<Profile>> {
+        let name = name.filter(|n| !n.is_empty()).unwrap_or(&self.default_profile);
+        self.profiles.get(name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no profile named {name:?} (known: {})",
+                self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+}
+
+/// The outcome of a profile change.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub profile: Arc<Profile>,
+    pub generation: u64,
+    /// Materializing the stem plus publishing the table.
+    pub apply: Duration,
+}
+
+pub struct Registry {
+    model: Arc<Model>,
+    table: ArcSwap<Table>,
+    /// Serializes writers; readers never take it.
+    writer: Mutex<()>,
+    /// Serializes eviction decisions.
+    residency: Mutex<()>,
+    max_resident: usize,
+    clock: AtomicU64,
+}
+
+/// Names of profiles and signatures: short, printable, safe in paths and metrics.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        bail!(
+            InvalidArgument,
+            "{kind} name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+        );
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// A registry with only the clean profile, materialized, as the default.
+    pub fn new(model: Arc<Model>, max_resident: usize) -> Result<Self> {
+        if max_resident == 0 {
+            bail!(InvalidArgument, "max resident profiles must be at least 1");
+        }
+        let clean = Arc::new(Profile {
+            name: CLEAN.into(),
+            signatures: vec![],
+            generation: 0,
+            resolved: vec![],
+            stem: ArcSwapOption::empty(),
+            last_used: AtomicU64::new(0),
+            fill: Mutex::new(()),
+        });
+        clean.stem.store(Some(Arc::new(clean.materialize(&model)?)));
+        let table = Table {
+            generation: 0,
+            signatures: BTreeMap::new(),
+            profiles: BTreeMap::from([(CLEAN.to_string(), clean)]),
+            default_profile: CLEAN.into(),
+        };
+        Ok(Registry {
+            model,
+            table: ArcSwap::from_pointee(table),
+            writer: Mutex::new(()),
+            residency: Mutex::new(()),
+            max_resident,
+            clock: AtomicU64::new(1),
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The current table. Hold on to it for the whole request.
+    pub fn snapshot(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// The patched stem of a profile from `table`, materializing it if it was evicted.
+    pub fn stem(&self, table: &Table, profile: &Arc<Profile>) -> Result<Arc<Stem>> {
+        profile
+            .last_used
+            .store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        if let Some(stem) = profile.stem.load_full() {
+            return Ok(stem);
+        }
+        let _fill = profile.fill.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stem) = profile.stem.load_full() {
+            return Ok(stem);
+        }
+        let stem = Arc::new(profile.materialize(&self.model)?);
+        profile.stem.store(Some(stem.clone()));
+        self.evict(table, profile);
+        Ok(stem)
+    }
+
+    /// Empties the least recently used slots until at most `max_resident` are filled.
+    /// The default and clean profiles and `keep` stay.
+    fn evict(&self, table: &Table, keep: &Arc<Profile>) {
+        let _guard = self.residency.lock().unwrap_or_else(|e| e.into_inner());
+        let mut resident: Vec<&Arc<Profile>> =
+            table.profiles.values().filter(|p| p.is_resident()).collect();
+        if resident.len() <= self.max_resident {
+            return;
+        }
+        resident.retain(|p| {
+            !Arc::ptr_eq(p, keep) && p.name != table.default_profile && p.name != CLEAN
+        });
+        resident.sort_by_key(|p| p.last_used.load(Ordering::Relaxed));
+        let excess = table.profiles.values().filter(|p| p.is_resident()).count() - self.max_resident;
+        for p in resident.into_iter().take(excess) {
+            p.stem.store(None);
+            tracing::debug!(profile = %p.name, "evicted patched stem");
+        }
+    }
+
+    /// Publishes `next` as the new table, with a bumped generation.
+    fn publish(&self, mut next: Table) -> u64 {
+        next.generation += 1;
+        let generation = next.generation;
+        self.table.store(Arc::new(next));
+        generation
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a signature after checking it against the served model.
+    pub fn load_signature(&self, name: &str, signature: Signature, allow_transfer: bool) -> Result<Arc<LoadedSignature>> {
+        validate_name("signature", name)?;
+        let transferred = signature.check_against(&self.model, allow_transfer)?;
+        let _w = self.lock_writer();
+        let mut next = (*self.snapshot()).clone();
+        if next.signatures.contains_key(name) {
+            bail!(AlreadyExists, "a signature named {name:?} is already loaded; unload it first or pick another name");
+        }
+        let loaded = Arc::new(LoadedSignature { name: name.into(), signature, transferred });
+        next.signatures.insert(name.into(), loaded.clone());
+        self.publish(next);
+        Ok(loaded)
+    }
+
+    pub fn unload_signature(&self, name: &str) -> Result<()> {
+        let _w = self.lock_writer();
+        let mut next = (*self.snapshot()).clone();
+        if next.signatures.remove(name).is_none() {
+            bail!(NotFound, "no signature named {name:?} is loaded");
+        }
+        let users: Vec<&str> = next
+            .profiles
+            .values()
+            .filter(|p| p.signatures.iter().any(|s| s.name == name))
+            .map(|p| p.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            bail!(
+                FailedPrecondition,
+                "signature {name:?} is used by profile(s) {}; change or delete them first",
+                users.join(", ")
+            );
+        }
+        self.publish(next);
+        Ok(())
+    }
+
+    /// Defines a profile (or redefines it, with `replace`). Its stem is built
+    /// before anything is published; on any error nothing changes.
+    pub fn put_profile(&self, name: &str, signatures: Vec<SignatureRef>, replace: bool) -> Result<Change> {
+        validate_name("profile", name)?;
+        if name == CLEAN {
+            bail!(InvalidArgument, "{CLEAN:?} is built in and cannot be redefined");
+        }
+        if signatures.len() > MAX_SIGNATURES_PER_PROFILE {
+            bail!(InvalidArgument, "a profile holds at most {MAX_SIGNATURES_PER_PROFILE} signatures");
+        }
+        let _w = self.lock_writer();
+        let current = self.snapshot();
+        if current.profiles.contains_key(name) && !replace {
+            bail!(AlreadyExists, "profile {name:?} already exists; set replace to change it");
+        }
+        let mut resolved = Vec::with_capacity(signatures.len());
+        for (i, r) in signatures.iter().enumerate() {
+            if !r.alpha.is_finite() {
+                bail!(InvalidArgument, "alpha of {:?} is {}; it must be a finite number", r.name, r.alpha);
+            }
+            if signatures[..i].iter().any(|p| p.name == r.name) {
+                bail!(InvalidArgument, "signature {:?} appears twice in profile {name:?}; give it once with the summed alpha", r.name);
+            }
+            let sig = current.signatures.get(&r.name).ok_or_else(|| {
+                Error::NotFound(format!("no signature named {:?} is loaded (load it first)", r.name))
+            })?;
+            resolved.push(sig.clone());
+        }
+        let start = Instant::now();
+        let mut next = (*current).clone();
+        let profile = Arc::new(Profile {
+            name: name.into(),
+            signatures,
+            generation: next.generation + 1,
+            resolved,
+            stem: ArcSwapOption::empty(),
+            last_used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+            fill: Mutex::new(()),
+        });
+        profile.stem.store(Some(Arc::new(profile.materialize(&self.model)?)));
+        next.profiles.insert(name.into(), profile.clone());
+        let generation = self.publish(next);
+        let apply = start.elapsed();
+        self.evict(&self.snapshot(), &profile);
+        Ok(Change { profile, generation, apply })
+    }
+
+    pub fn delete_profile(&self, name: &str) -> Result<Change> {
+        let _w = self.lock_writer();
+        let start = Instant::now();
+        let mut next = (*self.snapshot()).clone();
+        if name == CLEAN {
+            bail!(FailedPrecondition, "{CLEAN:?} is built in and cannot be deleted");
+        }
+        if name == next.default_profile {
+            bail!(FailedPrecondition, "{name:?} is the default profile; set another default first");
+        }
+        let profile = next
+            .profiles
+            .remove(name)
+            .ok_or_else(|| Error::NotFound(format!("no profile named {name:?}")))?;
+        let generation = self.publish(next);
+        Ok(Change { profile, generation, apply: start.elapsed() })
+    }
+
+    /// Makes `name` the profile for requests that name none. Its stem is made
+    /// resident before the switch, so the first request after it pays nothing.
+    pub fn set_default(&self, name: &str) -> Result<Change> {
+        let _w = self.lock_writer();
+        let start = Instant::now();
+        if name.is_empty() {
+            bail!(InvalidArgument, "name the profile to make the default");
+        }
+        let current = self.snapshot();
+        let profile = current.profile(Some(name))?.clone();
+        self.stem(&current, &profile)?;
+        let mut next = (*current).clone();
+        next.default_profile = name.into();
+        let generation = self.publish(next);
+        Ok(Change { profile, generation, apply: start.elapsed() })
+    }
+}

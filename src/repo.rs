@@ -1,0 +1,186 @@
+//! The model repository on disk:
+//!
+//! ```text
+//! models/<model>/model.toml
+//! models/<model>/base.safetensors            (torchvision tensor names)
+//! models/<model>/signatures/<name>.rws.safetensors
+//! ```
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Arch;
+use crate::{Error, Result, bail};
+
+/// `model.toml`: what the server needs to know beyond the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(flatten)]
+    pub arch: Arch,
+    /// Input height and width the image is resized to.
+    pub input_size: [usize; 2],
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Per-channel normalization, applied after scaling pixels to 0..1.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub labels: Vec<String>,
+    /// The patchable stem: conv1 plus this many residual blocks.
+    pub patchable_blocks: usize,
+    #[serde(default = "default_eps")]
+    pub bn_eps: f32,
+    /// Marks weights that were generated rather than trained.
+    #[serde(default)]
+    pub synthetic: bool,
+}
+
+fn default_eps() -> f32 {
+    1e-5
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.channels != 1 && self.channels != 3 {
+            bail!(InvalidArgument, "channels must be 1 or 3, not {}", self.channels);
+        }
+        if self.mean.len() != self.channels || self.std.len() != self.channels {
+            bail!(
+                InvalidArgument,
+                "mean and std need one value per channel ({})",
+                self.channels
+            );
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            bail!(InvalidArgument, "std values must be positive");
+        }
+        if self.input_size.contains(&0) {
+            bail!(InvalidArgument, "input_size must be positive");
+        }
+        if self.labels.is_empty() {
+            bail!(InvalidArgument, "labels must name at least one class");
+        }
+        let blocks = self.arch.block_count();
+        if self.patchable_blocks > blocks {
+            bail!(
+                InvalidArgument,
+                "patchable_blocks is {} but the architecture has only {blocks} blocks",
+                self.patchable_blocks
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One model's directory inside the repository.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+}
+
+pub const SIGNATURE_SUFFIX: &str = ".rws.safetensors";
+
+impl ModelDir {
+    /// Opens `repo/<name>`; with no name, the repository must hold exactly one model.
+    pub fn open(repo: &Path, name: Option<&str>) -> Result<Self> {
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => {
+                let mut found = list_models(repo)?;
+                match found.len() {
+                    1 => found.remove(0),
+                    0 => bail!(
+                        NotFound,
+                        "no model in {} (expected <model>/model.toml)",
+                        repo.display()
+                    ),
+                    _ => bail!(
+                        InvalidArgument,
+                        "{} holds several models ({}); choose one with --model",
+                        repo.display(),
+                        found.join(", ")
+                    ),
+                }
+            }
+        };
+        let dir = repo.join(&name);
+        let toml_path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(&toml_path, e))?;
+        let config: ModelConfig = toml::from_str(&text).map_err(|e| {
+            Error::InvalidArgument(format!("{}: {}", toml_path.display(), e.message()))
+        })?;
+        config.validate()?;
+        Ok(ModelDir { name, dir, config })
+    }
+
+    pub fn base_path(&self) -> PathBuf {
+        self.dir.join("base.safetensors")
+    }
+
+    /// Signature files shipped in `signatures/`, sorted by name.
+    pub fn signature_files(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.dir.join("signatures");
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(SIGNATURE_SUFFIX))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Resolves a path given by a client. Only relative paths that stay inside the
+    /// model directory are accepted, so a client cannot make the server read
+    /// arbitrary files; symlinks are resolved before the check.
+    pub fn confine(&self, rel: &str) -> Result<PathBuf> {
+        let p = Path::new(rel);
+        if rel.is_empty()
+            || p.is_absolute()
+            || p.components().any(|c| !matches!(c, Component::Normal(_)))
+        {
+            bail!(
+                InvalidArgument,
+                "signature path {rel:?} must be relative to the model directory, without '..' (e.g. signatures/fog.rws.safetensors)"
+            );
+        }
+        let joined = self.dir.join(p);
+        let real = joined
+            .canonicalize()
+            .map_err(|_| Error::NotFound(format!("no signature file at {rel:?} in model {}", self.name)))?;
+        let root = self.dir.canonicalize().map_err(|e| Error::io(&self.dir, e))?;
+        if !real.starts_with(&root) {
+            bail!(
+                InvalidArgument,
+                "signature path {rel:?} leads outside the model directory"
+            );
+        }
+        Ok(real)
+    }
+}
+
+/// Names of the model directories in a repository.
+pub fn list_models(repo: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(repo)
+        .map_err(|e| Error::io(repo, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("model.toml").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `fog.rws.safetensors` -> `fog`.
+pub fn signature_name(path: &Path) -> String {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    file.strip_suffix(SIGNATURE_SUFFIX).unwrap_or(&file).to_string()
+}

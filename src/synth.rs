@@ -1,0 +1,129 @@
+//! Deterministic generated models and signatures, for tests, benchmarks and the
+//! default model until a trained one ships. Everything it makes is marked
+//! synthetic: the weights are random, not learned.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{Arch, Model};
+use crate::quant::{Delta, Quant};
+use crate::repo::ModelConfig;
+use crate::signature::{Signature, SignatureMeta, TensorDelta};
+use crate::{Error, Result};
+
+/// A small seeded generator (SplitMix64), stable across platforms and versions.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+}
+
+/// A config for `arch` with digit labels for small models and numbered classes otherwise.
+pub fn config(arch: Arch, channels: usize, input: usize, classes: usize, patchable_blocks: usize) -> ModelConfig {
+    let labels = (0..classes).map(|i| i.to_string()).collect();
+    ModelConfig {
+        arch,
+        input_size: [input, input],
+        channels,
+        mean: vec![0.5; channels],
+        std: vec![0.25; channels],
+        labels,
+        patchable_blocks,
+        bn_eps: 1e-5,
+        synthetic: true,
+    }
+}
+
+/// Random base weights with torchvision names: Kaiming-normal convs, BatchNorm
+/// statistics near identity, a small classifier.
+pub fn base_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in cfg.arch.tensor_shapes(cfg.channels, cfg.labels.len()) {
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                if name.ends_with("running_var") {
+                    0.5 + rng.uniform()
+                } else if name.ends_with("running_mean") || name.ends_with(".bias") {
+                    0.1 * rng.normal()
+                } else if shape.len() == 1 {
+                    // BatchNorm gamma.
+                    0.8 + 0.4 * rng.uniform()
+                } else {
+                    rng.normal() * (2.0 / fan_in as f32).sqrt()
+                }
+            })
+            .collect();
+        out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// A random signature over every patchable tensor of `model`, with deltas about
+/// `magnitude` times the size of each base tensor's elements.
+pub fn signature(model: &Model, corruption: &str, seed: u64, magnitude: f32, quant: Quant) -> Result<Signature> {
+    let mut rng = Rng::new(seed);
+    let mut deltas = BTreeMap::new();
+    for (name, shape) in model.patchable_tensors() {
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        let scale = if shape.len() > 1 {
+            magnitude * (2.0 / fan_in as f32).sqrt()
+        } else if name.ends_with("running_var") {
+            // Keep variances positive at alpha up to about 1/magnitude.
+            0.0
+        } else {
+            magnitude * 0.5
+        };
+        let values: Vec<f32> = (0..n).map(|_| scale * rng.normal()).collect();
+        let q = if shape.len() > 1 { quant } else { Quant::F32 };
+        deltas.insert(name, TensorDelta { delta: Delta::quantize(&values, shape[0], q), shape });
+    }
+    deltas.retain(|name, _| !name.ends_with("running_var"));
+    Signature::new(
+        SignatureMeta {
+            arch: model.config.arch.name().into(),
+            base_fingerprint: model.fingerprint().into(),
+            corruption: corruption.into(),
+            default_alpha: 1.0,
+            synthetic: true,
+        },
+        deltas,
+    )
+}
+
+/// Writes `model.toml` and `base.safetensors` into `dir`.
+pub fn write_model_dir(dir: &Path, cfg: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    std::fs::create_dir_all(dir.join("signatures")).map_err(|e| Error::io(dir, e))?;
+    let text = toml::to_string_pretty(cfg).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.join("model.toml"), text.as_bytes())?;
+    candle_core::safetensors::save(tensors, dir.join("base.safetensors"))?;
+    Ok(())
+}
