@@ -40,7 +40,11 @@ impl Case {
         let n = out_channels * cols;
         let weight: Vec<f32> = (0..n).map(|_| next() * 0.1).collect();
         let dw: Vec<f32> = (0..n).map(|_| next() * 0.01).collect();
-        let mut bn = || (0..out_channels).map(|_| 1.0 + 0.5 * next()).collect::<Vec<f32>>();
+        let mut bn = || {
+            (0..out_channels)
+                .map(|_| 1.0 + 0.5 * next())
+                .collect::<Vec<f32>>()
+        };
         Case {
             weight,
             out_channels,

@@ -142,7 +142,7 @@ impl Delta {
     /// trip error of each element is at most half that row's scale.
     pub fn quantize(values: &[f32], rows: usize, quant: Quant) -> Delta {
         debug_assert!(
-            (rows == 0 && values.is_empty()) || (rows > 0 && values.len() % rows == 0),
+            values.len().is_multiple_of(rows),
             "rows ({rows}) must divide the element count ({})",
             values.len()
         );
@@ -452,7 +452,11 @@ impl<'a> DeltaView<'a> {
                         offset.len()
                     ));
                 }
-                let row_bytes = if name == Quant::Int8 { c } else { c.div_ceil(2) };
+                let row_bytes = if name == Quant::Int8 {
+                    c
+                } else {
+                    c.div_ceil(2)
+                };
                 let want_q = scale.len() * row_bytes;
                 if q.len() != want_q {
                     return Err(format!(
@@ -622,7 +626,10 @@ mod tests {
         for (&x, y) in v.iter().zip(d.dequantize()) {
             // f16 has 11 significant bits: relative error <= 2^-11 for normal values,
             // absolute <= 2^-25 in the subnormal range.
-            assert!((x - y).abs() <= x.abs() * 2f32.powi(-11) + 2f32.powi(-25), "{x} vs {y}");
+            assert!(
+                (x - y).abs() <= x.abs() * 2f32.powi(-11) + 2f32.powi(-25),
+                "{x} vs {y}"
+            );
         }
         assert_eq!(Delta::quantize(&v, 64, Quant::F32).dequantize(), v);
     }
@@ -660,12 +667,12 @@ mod tests {
                     let mut out = base.clone();
                     let alpha = -0.7;
                     view.accumulate_row(r, cols, alpha, &mut out);
-                    for j in 0..cols {
-                        let e = base[j] + alpha * want[j];
-                        assert!((out[j] - e).abs() <= 1e-6 * (1.0 + e.abs()), "{quant} {r},{j}");
+                    for (j, (&o, &w)) in out.iter().zip(want).enumerate() {
+                        let e = base[j] + alpha * w;
+                        assert!((o - e).abs() <= 1e-6 * (1.0 + e.abs()), "{quant} {r},{j}");
                     }
-                    for j in 0..cols {
-                        assert_eq!(view.at(r * cols + j), want[j], "{quant} at({r},{j})");
+                    for (j, &w) in want.iter().enumerate() {
+                        assert_eq!(view.at(r * cols + j), w, "{quant} at({r},{j})");
                     }
                 }
             }

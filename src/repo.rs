@@ -15,7 +15,6 @@ use crate::{Error, Result, bail};
 
 /// `model.toml`: what the server needs to know beyond the tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     #[serde(flatten)]
     pub arch: Arch,

@@ -127,3 +127,36 @@ pub fn write_model_dir(dir: &Path, cfg: &ModelConfig, tensors: &HashMap<String, 
     candle_core::safetensors::save(tensors, dir.join("base.safetensors"))?;
     Ok(())
 }
+
+/// The architecture named `name`; `resnet-small` is the 28×28 digit ResNet
+/// (widths 16/32/64, one block per stage).
+pub fn arch_by_name(name: &str) -> Result<Arch> {
+    if name == "resnet-small" {
+        return Ok(Arch::Small { widths: vec![16, 32, 64], depths: vec![1, 1, 1], stem_stride: 1 });
+    }
+    toml::from_str(&format!("arch = {name:?}")).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "unknown architecture {name:?}; use resnet18, resnet34, resnet50, resnet101 or resnet-small"
+        ))
+    })
+}
+
+/// Writes a complete synthetic model directory: `model.toml`, `base.safetensors`
+/// and one signature per name in `signatures/`. Small architectures take 28×28
+/// grayscale input with 10 classes; the torchvision ones 224×224 RGB with 1000.
+pub fn write_repo_model(dir: &Path, arch: Arch, blocks: usize, signatures: &[String], quant: Quant, seed: u64) -> Result<Model> {
+    let (channels, input, classes) = match arch {
+        Arch::Small { .. } => (1, 28, 10),
+        _ => (3, 224, 1000),
+    };
+    let cfg = config(arch, channels, input, classes, blocks);
+    cfg.validate()?;
+    let tensors = base_tensors(&cfg, seed)?;
+    write_model_dir(dir, &cfg, &tensors)?;
+    let model = Model::from_tensors(cfg, &tensors, &Device::Cpu)?;
+    for (i, name) in signatures.iter().enumerate() {
+        let sig = signature(&model, name, seed + 1 + i as u64, 0.3, quant)?;
+        sig.save(&dir.join("signatures").join(format!("{name}{}", crate::repo::SIGNATURE_SUFFIX)))?;
+    }
+    Ok(model)
+}

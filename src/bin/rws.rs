@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use rws::engine::{Engine, EngineOptions};
-use rws::model::Arch;
 use rws::quant::Quant;
 use rws::repo::ModelDir;
 use rws::server::pb;
@@ -321,33 +320,11 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
 }
 
 fn synth(arch: &str, out: &std::path::Path, blocks: usize, signatures: &[String], quant: Quant, seed: u64) -> Result<()> {
-    let (arch, channels, input, classes) = match arch {
-        "resnet-small" => (
-            Arch::Small { widths: vec![16, 32, 64], depths: vec![1, 1, 1], stem_stride: 1 },
-            1,
-            28,
-            10,
-        ),
-        other => {
-            let arch: Arch = toml::from_str(&format!("arch = {other:?}"))
-                .with_context(|| format!("unknown architecture {other:?}"))?;
-            (arch, 3, 224, 1000)
-        }
-    };
-    let cfg = rws::synth::config(arch, channels, input, classes, blocks);
-    cfg.validate()?;
-    let tensors = rws::synth::base_tensors(&cfg, seed)?;
-    rws::synth::write_model_dir(out, &cfg, &tensors)?;
-    let model = rws::model::Model::from_tensors(cfg, &tensors, &candle_core::Device::Cpu)?;
-    for (i, name) in signatures.iter().enumerate() {
-        let sig = rws::synth::signature(&model, name, seed + 1 + i as u64, 0.3, quant)?;
-        let path = out.join("signatures").join(format!("{name}{}", rws::repo::SIGNATURE_SUFFIX));
-        sig.save(&path)?;
-        println!("wrote {} ({} B)", path.display(), sig.stored_bytes());
-    }
     if signatures.is_empty() {
-        bail!("no signatures requested");
+        bail!("name at least one signature to generate");
     }
+    let arch = rws::synth::arch_by_name(arch)?;
+    let model = rws::synth::write_repo_model(out, arch, blocks, signatures, quant, seed)?;
     println!("wrote {} (fingerprint {})", out.display(), model.fingerprint());
     Ok(())
 }

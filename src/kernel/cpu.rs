@@ -38,7 +38,11 @@ pub fn fused_add_scale(
         return Ok(());
     }
     let cols = base.per_channel();
-    assert_eq!(cols * channels, base.weight.len(), "weight is not [O, cols]");
+    assert_eq!(
+        cols * channels,
+        base.weight.len(),
+        "weight is not [O, cols]"
+    );
     for p in [base.gamma, base.beta, base.mean, base.var] {
         assert_eq!(p.len(), channels, "BatchNorm parameter length");
     }
@@ -105,7 +109,8 @@ fn fold_channel(
     let mean = patched(base.mean, deltas, o, |d| d.mean);
     let var = patched(base.var, deltas, o, |d| d.var);
     let denom = var + base.eps;
-    if !(denom > 0.0) {
+    // NaN counts as negative: it cannot be folded either.
+    if denom.is_nan() || denom <= 0.0 {
         return Err(KernelError::NegativeVariance { channel: o, var });
     }
     let s = gamma / denom.sqrt();
@@ -206,7 +211,13 @@ mod tests {
     }
 
     impl Sig {
-        fn random(rng: &mut Rng, layer: &Layer, alpha: f32, quant: Quant, bn: Option<Quant>) -> Sig {
+        fn random(
+            rng: &mut Rng,
+            layer: &Layer,
+            alpha: f32,
+            quant: Quant,
+            bn: Option<Quant>,
+        ) -> Sig {
             let o = layer.out_channels;
             let w = rng.vec(layer.weight.len(), -0.05, 0.05);
             Sig {
@@ -245,7 +256,11 @@ mod tests {
     fn rel_err(a: &[f32], b: &Tensor) -> f32 {
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a.len(), b.len());
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
         let scale = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
         diff / scale
     }
@@ -335,10 +350,25 @@ mod tests {
             assert_eq!(bits(&again.1), bits(&first.1));
         }
         // Same answer on a single thread, i.e. independent of scheduling.
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let single = pool.install(|| run_cpu(&layer, &sigs).unwrap());
-        assert!(single.0.iter().zip(&first.0).all(|(a, b)| a.to_bits() == b.to_bits()));
-        assert!(single.1.iter().zip(&first.1).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            single
+                .0
+                .iter()
+                .zip(&first.0)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert!(
+            single
+                .1
+                .iter()
+                .zip(&first.1)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 
     #[test]
@@ -372,7 +402,10 @@ mod tests {
             );
         }
         // A positive alpha on the same delta is fine.
-        let ok = LayerDelta { alpha: 1.0, ..delta };
+        let ok = LayerDelta {
+            alpha: 1.0,
+            ..delta
+        };
         fused_add_scale(&layer.conv_bn(), &[ok], &mut w, &mut b).unwrap();
     }
 

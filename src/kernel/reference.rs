@@ -79,8 +79,8 @@ fn dequantize(d: &DeltaView, shape: &[usize], device: &Device) -> Result<Tensor>
         } => {
             // byte = lo + 16·hi; element 2k is lo of byte k, element 2k+1 is hi.
             let rows = scale.len();
-            let bytes = Tensor::from_slice(q, (rows, cols.div_ceil(2)), device)?
-                .to_dtype(DType::F32)?;
+            let bytes =
+                Tensor::from_slice(q, (rows, cols.div_ceil(2)), device)?.to_dtype(DType::F32)?;
             let hi = (&bytes / 16.0)?.floor()?;
             let lo = (&bytes - (&hi * 16.0)?)?;
             let codes = Tensor::stack(&[lo, hi], 2)? // [rows, bytes, 2]

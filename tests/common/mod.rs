@@ -1,0 +1,139 @@
+//! Shared test harness: a synthetic model repository in a temp dir and a real
+//! rws server on a loopback port, with gRPC clients.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rws::engine::{Engine, EngineOptions};
+use rws::quant::Quant;
+use rws::repo::ModelDir;
+use rws::server::pb;
+use tonic::transport::Channel;
+
+pub use pb::admin_client::AdminClient;
+pub use pb::inference_client::InferenceClient;
+
+pub const MODEL: &str = "tiny";
+
+/// A repository with one small synthetic model and signatures `fog` (int8),
+/// `noise` (int4) and `rain` (f16).
+pub fn tiny_repo() -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    let arch = rws::synth::arch_by_name("resnet-small").unwrap();
+    let dir = repo.path().join(MODEL);
+    rws::synth::write_repo_model(&dir, arch, 1, &["fog".into()], Quant::Int8, 11).unwrap();
+    let model = rws::model::Model::load(
+        ModelDir::open(repo.path(), Some(MODEL)).unwrap().config,
+        &dir.join("base.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for (name, seed, q) in [("noise", 21, Quant::Int4), ("rain", 31, Quant::F16)] {
+        let sig = rws::synth::signature(&model, name, seed, 0.3, q).unwrap();
+        sig.save(&dir.join("signatures").join(format!("{name}.rws.safetensors"))).unwrap();
+    }
+    repo
+}
+
+pub struct TestServer {
+    pub addr: String,
+    pub channel: Channel,
+    pub model_dir: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(repo: &Path, opts: EngineOptions) -> TestServer {
+        let dir = ModelDir::open(repo, Some(MODEL)).unwrap();
+        let model_dir = dir.dir.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::open(dir, &candle_core::Device::Cpu, &opts))
+            .await
+            .unwrap()
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            rws::server::serve(Arc::new(engine), listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let channel = Channel::from_shared(addr.clone()).unwrap().connect().await.unwrap();
+        TestServer { addr, channel, model_dir, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub fn inference(&self) -> InferenceClient<Channel> {
+        InferenceClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone()).max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+}
+
+/// A deterministic input tensor for the 28×28 model.
+pub fn input(seed: u64) -> pb::Tensor {
+    let mut rng = rws::synth::Rng::new(seed);
+    pb::Tensor { shape: vec![1, 28, 28], data: (0..784).map(|_| rng.normal()).collect() }
+}
+
+pub fn tensor_request(seed: u64, profile: &str) -> pb::ClassifyRequest {
+    pb::ClassifyRequest {
+        input: Some(pb::classify_request::Input::Tensor(input(seed))),
+        profile: profile.into(),
+        top_k: 3,
+        return_logits: true,
+    }
+}
+
+pub fn image_request(bytes: Vec<u8>, profile: &str) -> pb::ClassifyRequest {
+    pb::ClassifyRequest {
+        input: Some(pb::classify_request::Input::Image(bytes)),
+        profile: profile.into(),
+        top_k: 3,
+        return_logits: true,
+    }
+}
+
+/// Logits as bits, for bitwise comparisons.
+pub fn bits(logits: &[f32]) -> Vec<u32> {
+    logits.iter().map(|v| v.to_bits()).collect()
+}
+
+pub async fn logits(client: &mut InferenceClient<Channel>, req: pb::ClassifyRequest) -> Vec<u32> {
+    bits(&client.classify(req).await.unwrap().into_inner().logits)
+}
+
+pub fn refs(pairs: &[(&str, f32)]) -> Vec<pb::SignatureRef> {
+    pairs.iter().map(|(n, a)| pb::SignatureRef { name: n.to_string(), alpha: *a }).collect()
+}
+
+/// A PNG of a digit-like pattern.
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A PNG whose header claims `w`×`h` pixels, with no pixel data behind it.
+pub fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grayscale, no interlace
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    out.extend(13u32.to_be_bytes());
+    out.extend(&ihdr);
+    out.extend(crc32fast::hash(&ihdr).to_be_bytes());
+    out
+}
