@@ -327,7 +327,7 @@ impl<'a> DeltaView<'a> {
     /// and vectorize; the int forms fold `alpha` into the row's affine once, so each
     /// element costs one convert and one multiply-add. Panics if the buffers are shorter
     /// than `row`/`cols` imply (check the layout with [`DeltaView::check_layout`] first).
-    #[inline]
+    #[inline(always)]
     pub fn accumulate_row(&self, row: usize, cols: usize, alpha: f32, out: &mut [f32]) {
         let out = &mut out[..cols];
         match *self {
