@@ -13,7 +13,7 @@ use super::{ConvBn, DeltaView, KernelError, LayerDelta};
 
 /// Elements of work below which a rayon task is not split further: tiny layers run on
 /// the calling thread instead of paying task overhead per channel.
-const MIN_TASK_ELEMS: usize = 16 * 1024;
+const MIN_TASK_ELEMS: usize = 64 * 1024;
 
 /// Writes the served weights of one patched conv layer (see the formula in
 /// [`crate::kernel`]): `out_w` is `[out_channels, per_channel]` like `base.weight`,
