@@ -4,6 +4,7 @@
 //! The library holds everything; the `rws` binary and the gRPC layer in
 //! [`server`] are thin wrappers over [`engine::Engine`].
 
+pub mod corrupt;
 pub mod engine;
 pub mod error;
 pub mod fsutil;
@@ -13,6 +14,7 @@ pub mod preprocess;
 pub mod profile;
 pub mod quant;
 pub mod repo;
+pub mod rng;
 pub mod server;
 pub mod signature;
 pub mod synth;

@@ -10,7 +10,7 @@ use common::*;
 use rws::engine::EngineOptions;
 use rws::quant::{Delta, Quant};
 use rws::server::pb;
-use rws::signature::{Signature, SignatureMeta, TensorDelta};
+use rws::signature::{Signature, TensorDelta};
 use tonic::Code;
 use tonic::transport::Channel;
 

@@ -82,7 +82,7 @@ impl TestServer {
 
 /// A deterministic input tensor for the 28×28 model.
 pub fn input(seed: u64) -> pb::Tensor {
-    let mut rng = rws::synth::Rng::new(seed);
+    let mut rng = rws::rng::Rng::new(seed);
     pb::Tensor { shape: vec![1, 28, 28], data: (0..784).map(|_| rng.normal()).collect() }
 }
 

@@ -1,0 +1,1 @@
+//! Image corruptions in the manner of ImageNet-C / MNIST-C.
