@@ -24,22 +24,42 @@ struct Setup {
 fn setup(name: &'static str, arch: &str, blocks: usize) -> Setup {
     let repo = tempfile::tempdir().unwrap();
     let arch = rws::synth::arch_by_name(arch).unwrap();
-    rws::synth::write_repo_model(&repo.path().join(name), arch, blocks, &["sig".into()], Quant::Int8, 3).unwrap();
+    rws::synth::write_repo_model(
+        &repo.path().join(name),
+        arch,
+        blocks,
+        &["sig".into()],
+        Quant::Int8,
+        3,
+    )
+    .unwrap();
     let dir = ModelDir::open(repo.path(), Some(name)).unwrap();
     let model = Model::load(dir.config.clone(), &dir.base_path(), &Device::Cpu).unwrap();
     let registry = Registry::new(Arc::new(model), 4).unwrap();
-    let sig = rws::signature::Signature::load(&dir.dir.join("signatures/sig.rws.safetensors")).unwrap();
+    let sig =
+        rws::signature::Signature::load(&dir.dir.join("signatures/sig.rws.safetensors")).unwrap();
     registry.load_signature("sig", sig, false).unwrap();
-    Setup { name, _repo: repo, dir, registry }
+    Setup {
+        name,
+        _repo: repo,
+        dir,
+        registry,
+    }
 }
 
 fn bench(c: &mut Criterion) {
     // ResNet-18 with conv1 + layer1 patched (2 blocks); the shipped-size small model with conv1 + 1 block.
-    let setups = [setup("resnet18", "resnet18", 2), setup("tiny", "resnet-small", 1)];
+    let setups = [
+        setup("resnet18", "resnet18", 2),
+        setup("tiny", "resnet-small", 1),
+    ];
     let mut g = c.benchmark_group("patch");
     g.warm_up_time(Duration::from_secs(1));
     for s in &setups {
-        let profile = vec![SignatureRef { name: "sig".into(), alpha: 0.8 }];
+        let profile = vec![SignatureRef {
+            name: "sig".into(),
+            alpha: 0.8,
+        }];
         g.measurement_time(Duration::from_secs(4));
         g.bench_function(format!("apply/{}", s.name), |b| {
             b.iter(|| s.registry.put_profile("p", profile.clone(), true).unwrap())

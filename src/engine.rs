@@ -42,7 +42,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { max_resident_profiles: 16, auto_profiles: true }
+        EngineOptions {
+            max_resident_profiles: 16,
+            auto_profiles: true,
+        }
     }
 }
 
@@ -62,9 +65,14 @@ impl Engine {
                 let sig = engine.read_signature(&path)?;
                 let alpha = sig.meta.default_alpha;
                 engine.registry.load_signature(&name, sig, false)?;
-                engine
-                    .registry
-                    .put_profile(&name, vec![SignatureRef { name: name.clone(), alpha }], false)?;
+                engine.registry.put_profile(
+                    &name,
+                    vec![SignatureRef {
+                        name: name.clone(),
+                        alpha,
+                    }],
+                    false,
+                )?;
                 tracing::info!(signature = %name, alpha, "loaded signature and defined its profile");
             }
         }
@@ -84,34 +92,64 @@ impl Engine {
     }
 
     fn read_signature(&self, path: &std::path::Path) -> Result<Signature> {
-        let len = std::fs::metadata(path).map_err(|e| crate::Error::io(path, e))?.len();
+        let len = std::fs::metadata(path)
+            .map_err(|e| crate::Error::io(path, e))?
+            .len();
         if len > MAX_SIGNATURE_BYTES as u64 {
-            bail!(ResourceExhausted, "{} is {len} bytes; signatures are limited to {MAX_SIGNATURE_BYTES}", path.display());
+            bail!(
+                ResourceExhausted,
+                "{} is {len} bytes; signatures are limited to {MAX_SIGNATURE_BYTES}",
+                path.display()
+            );
         }
         Signature::load(path)
     }
 
     /// Loads a signature from a path relative to the model directory.
-    pub fn load_signature_path(&self, name: Option<&str>, rel: &str, allow_transfer: bool) -> Result<Arc<LoadedSignature>> {
+    pub fn load_signature_path(
+        &self,
+        name: Option<&str>,
+        rel: &str,
+        allow_transfer: bool,
+    ) -> Result<Arc<LoadedSignature>> {
         let path = self.dir.confine(rel)?;
-        let name = name.filter(|n| !n.is_empty()).map(str::to_string).unwrap_or_else(|| repo::signature_name(&path));
+        let name = name
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| repo::signature_name(&path));
         let sig = self.read_signature(&path)?;
         self.registry.load_signature(&name, sig, allow_transfer)
     }
 
     /// Loads an uploaded signature.
-    pub fn load_signature_bytes(&self, name: &str, bytes: &[u8], allow_transfer: bool) -> Result<Arc<LoadedSignature>> {
+    pub fn load_signature_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        allow_transfer: bool,
+    ) -> Result<Arc<LoadedSignature>> {
         if name.is_empty() {
             bail!(InvalidArgument, "an uploaded signature needs a name");
         }
         if bytes.len() > MAX_SIGNATURE_BYTES {
-            bail!(ResourceExhausted, "signature is {} bytes; the limit is {MAX_SIGNATURE_BYTES}", bytes.len());
+            bail!(
+                ResourceExhausted,
+                "signature is {} bytes; the limit is {MAX_SIGNATURE_BYTES}",
+                bytes.len()
+            );
         }
-        self.registry.load_signature(name, Signature::from_bytes(bytes)?, allow_transfer)
+        self.registry
+            .load_signature(name, Signature::from_bytes(bytes)?, allow_transfer)
     }
 
     /// Classifies one input with the named profile (the default when `None` or empty).
-    pub fn classify(&self, input: &Input, profile: Option<&str>, top_k: usize, with_logits: bool) -> Result<Classification> {
+    pub fn classify(
+        &self,
+        input: &Input,
+        profile: Option<&str>,
+        top_k: usize,
+        with_logits: bool,
+    ) -> Result<Classification> {
         let model = self.model();
         let chw = preprocess::to_chw(input, &model.config)?;
         let table = self.registry.snapshot();

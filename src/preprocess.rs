@@ -35,7 +35,11 @@ pub fn to_chw(input: &Input, cfg: &ModelConfig) -> Result<Vec<f32>> {
 pub fn batch(images: &[&[f32]], cfg: &ModelConfig, device: &Device) -> Result<Tensor> {
     let [h, w] = cfg.input_size;
     let flat: Vec<f32> = images.iter().flat_map(|i| i.iter().copied()).collect();
-    Ok(Tensor::from_vec(flat, (images.len(), cfg.channels, h, w), device)?)
+    Ok(Tensor::from_vec(
+        flat,
+        (images.len(), cfg.channels, h, w),
+        device,
+    )?)
 }
 
 fn check_tensor(shape: &[usize], data: &[f32], cfg: &ModelConfig) -> Result<Vec<f32>> {
@@ -62,7 +66,11 @@ fn check_tensor(shape: &[usize], data: &[f32], cfg: &ModelConfig) -> Result<Vec<
         );
     }
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        bail!(InvalidArgument, "tensor value {i} is {}; inputs must be finite", data[i]);
+        bail!(
+            InvalidArgument,
+            "tensor value {i} is {}; inputs must be finite",
+            data[i]
+        );
     }
     Ok(data.to_vec())
 }
@@ -84,7 +92,10 @@ fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
         .into_dimensions()
         .map_err(|e| bad("cannot read image header", &e))?;
     if w == 0 || h == 0 {
-        bail!(InvalidArgument, "image is {w}x{h}; it must have at least one pixel");
+        bail!(
+            InvalidArgument,
+            "image is {w}x{h}; it must have at least one pixel"
+        );
     }
     if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
         bail!(
@@ -98,7 +109,9 @@ fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
     limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
     let mut reader = reader;
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| bad("cannot decode image", &e))?;
+    let img = reader
+        .decode()
+        .map_err(|e| bad("cannot decode image", &e))?;
     Ok(normalize(&img, cfg))
 }
 
@@ -113,13 +126,21 @@ fn normalize(img: &DynamicImage, cfg: &ModelConfig) -> Vec<f32> {
     };
     if cfg.channels == 1 {
         let g = img.to_luma8();
-        let g = if g.dimensions() == (w32, h32) { g } else { image::imageops::resize(&g, w32, h32, FilterType::Triangle) };
+        let g = if g.dimensions() == (w32, h32) {
+            g
+        } else {
+            image::imageops::resize(&g, w32, h32, FilterType::Triangle)
+        };
         for (i, p) in g.pixels().enumerate() {
             put(0, i, p.0[0]);
         }
     } else {
         let rgb = img.to_rgb8();
-        let rgb = if rgb.dimensions() == (w32, h32) { rgb } else { image::imageops::resize(&rgb, w32, h32, FilterType::Triangle) };
+        let rgb = if rgb.dimensions() == (w32, h32) {
+            rgb
+        } else {
+            image::imageops::resize(&rgb, w32, h32, FilterType::Triangle)
+        };
         for (i, p) in rgb.pixels().enumerate() {
             for c in 0..3 {
                 put(c, i, p.0[c]);

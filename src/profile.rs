@@ -49,12 +49,16 @@ impl std::str::FromStr for SignatureRef {
         let (name, alpha) = s
             .split_once('@')
             .or_else(|| s.split_once('='))
-            .ok_or_else(|| Error::InvalidArgument(format!("{s:?}: expected SIGNATURE@ALPHA, e.g. fog@0.8")))?;
-        let alpha = alpha
-            .trim()
-            .parse()
-            .map_err(|_| Error::InvalidArgument(format!("{s:?}: alpha {alpha:?} is not a number")))?;
-        Ok(SignatureRef { name: name.trim().to_string(), alpha })
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("{s:?}: expected SIGNATURE@ALPHA, e.g. fog@0.8"))
+            })?;
+        let alpha = alpha.trim().parse().map_err(|_| {
+            Error::InvalidArgument(format!("{s:?}: alpha {alpha:?} is not a number"))
+        })?;
+        Ok(SignatureRef {
+            name: name.trim().to_string(),
+            alpha,
+        })
     }
 }
 
@@ -99,7 +103,9 @@ pub struct Table {
 
 impl Table {
     pub fn profile(&self, name: Option<&str>) -> Result<&Arc<Profile>> {
-        let name = name.filter(|n| !n.is_empty()).unwrap_or(&self.default_profile);
+        let name = name
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.default_profile);
         self.profiles.get(name).ok_or_else(|| {
             Error::NotFound(format!(
                 "no profile named {name:?} (known: {})",
@@ -133,7 +139,9 @@ pub struct Registry {
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok {
         bail!(
             InvalidArgument,
@@ -186,9 +194,10 @@ impl Registry {
 
     /// The patched stem of a profile from `table`, materializing it if it was evicted.
     pub fn stem(&self, table: &Table, profile: &Arc<Profile>) -> Result<Arc<Stem>> {
-        profile
-            .last_used
-            .store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        profile.last_used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         if let Some(stem) = profile.stem.load_full() {
             return Ok(stem);
         }
@@ -206,8 +215,11 @@ impl Registry {
     /// The default and clean profiles and `keep` stay.
     fn evict(&self, table: &Table, keep: &Arc<Profile>) {
         let _guard = self.residency.lock().unwrap_or_else(|e| e.into_inner());
-        let mut resident: Vec<&Arc<Profile>> =
-            table.profiles.values().filter(|p| p.is_resident()).collect();
+        let mut resident: Vec<&Arc<Profile>> = table
+            .profiles
+            .values()
+            .filter(|p| p.is_resident())
+            .collect();
         if resident.len() <= self.max_resident {
             return;
         }
@@ -215,7 +227,8 @@ impl Registry {
             !Arc::ptr_eq(p, keep) && p.name != table.default_profile && p.name != CLEAN
         });
         resident.sort_by_key(|p| p.last_used.load(Ordering::Relaxed));
-        let excess = table.profiles.values().filter(|p| p.is_resident()).count() - self.max_resident;
+        let excess =
+            table.profiles.values().filter(|p| p.is_resident()).count() - self.max_resident;
         for p in resident.into_iter().take(excess) {
             p.stem.store(None);
             tracing::debug!(profile = %p.name, "evicted patched stem");
@@ -235,15 +248,27 @@ impl Registry {
     }
 
     /// Registers a signature after checking it against the served model.
-    pub fn load_signature(&self, name: &str, signature: Signature, allow_transfer: bool) -> Result<Arc<LoadedSignature>> {
+    pub fn load_signature(
+        &self,
+        name: &str,
+        signature: Signature,
+        allow_transfer: bool,
+    ) -> Result<Arc<LoadedSignature>> {
         validate_name("signature", name)?;
         let transferred = signature.check_against(&self.model, allow_transfer)?;
         let _w = self.lock_writer();
         let mut next = (*self.snapshot()).clone();
         if next.signatures.contains_key(name) {
-            bail!(AlreadyExists, "a signature named {name:?} is already loaded; unload it first or pick another name");
+            bail!(
+                AlreadyExists,
+                "a signature named {name:?} is already loaded; unload it first or pick another name"
+            );
         }
-        let loaded = Arc::new(LoadedSignature { name: name.into(), signature, transferred });
+        let loaded = Arc::new(LoadedSignature {
+            name: name.into(),
+            signature,
+            transferred,
+        });
         next.signatures.insert(name.into(), loaded.clone());
         self.publish(next);
         Ok(loaded)
@@ -274,29 +299,55 @@ impl Registry {
 
     /// Defines a profile (or redefines it, with `replace`). Its stem is built
     /// before anything is published; on any error nothing changes.
-    pub fn put_profile(&self, name: &str, signatures: Vec<SignatureRef>, replace: bool) -> Result<Change> {
+    pub fn put_profile(
+        &self,
+        name: &str,
+        signatures: Vec<SignatureRef>,
+        replace: bool,
+    ) -> Result<Change> {
         validate_name("profile", name)?;
         if name == CLEAN {
-            bail!(InvalidArgument, "{CLEAN:?} is built in and cannot be redefined");
+            bail!(
+                InvalidArgument,
+                "{CLEAN:?} is built in and cannot be redefined"
+            );
         }
         if signatures.len() > MAX_SIGNATURES_PER_PROFILE {
-            bail!(InvalidArgument, "a profile holds at most {MAX_SIGNATURES_PER_PROFILE} signatures");
+            bail!(
+                InvalidArgument,
+                "a profile holds at most {MAX_SIGNATURES_PER_PROFILE} signatures"
+            );
         }
         let _w = self.lock_writer();
         let current = self.snapshot();
         if current.profiles.contains_key(name) && !replace {
-            bail!(AlreadyExists, "profile {name:?} already exists; set replace to change it");
+            bail!(
+                AlreadyExists,
+                "profile {name:?} already exists; set replace to change it"
+            );
         }
         let mut resolved = Vec::with_capacity(signatures.len());
         for (i, r) in signatures.iter().enumerate() {
             if !r.alpha.is_finite() {
-                bail!(InvalidArgument, "alpha of {:?} is {}; it must be a finite number", r.name, r.alpha);
+                bail!(
+                    InvalidArgument,
+                    "alpha of {:?} is {}; it must be a finite number",
+                    r.name,
+                    r.alpha
+                );
             }
             if signatures[..i].iter().any(|p| p.name == r.name) {
-                bail!(InvalidArgument, "signature {:?} appears twice in profile {name:?}; give it once with the summed alpha", r.name);
+                bail!(
+                    InvalidArgument,
+                    "signature {:?} appears twice in profile {name:?}; give it once with the summed alpha",
+                    r.name
+                );
             }
             let sig = current.signatures.get(&r.name).ok_or_else(|| {
-                Error::NotFound(format!("no signature named {:?} is loaded (load it first)", r.name))
+                Error::NotFound(format!(
+                    "no signature named {:?} is loaded (load it first)",
+                    r.name
+                ))
             })?;
             resolved.push(sig.clone());
         }
@@ -311,12 +362,18 @@ impl Registry {
             last_used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
             fill: Mutex::new(()),
         });
-        profile.stem.store(Some(Arc::new(profile.materialize(&self.model)?)));
+        profile
+            .stem
+            .store(Some(Arc::new(profile.materialize(&self.model)?)));
         next.profiles.insert(name.into(), profile.clone());
         let generation = self.publish(next);
         let apply = start.elapsed();
         self.evict(&self.snapshot(), &profile);
-        Ok(Change { profile, generation, apply })
+        Ok(Change {
+            profile,
+            generation,
+            apply,
+        })
     }
 
     pub fn delete_profile(&self, name: &str) -> Result<Change> {
@@ -324,17 +381,27 @@ impl Registry {
         let start = Instant::now();
         let mut next = (*self.snapshot()).clone();
         if name == CLEAN {
-            bail!(FailedPrecondition, "{CLEAN:?} is built in and cannot be deleted");
+            bail!(
+                FailedPrecondition,
+                "{CLEAN:?} is built in and cannot be deleted"
+            );
         }
         if name == next.default_profile {
-            bail!(FailedPrecondition, "{name:?} is the default profile; set another default first");
+            bail!(
+                FailedPrecondition,
+                "{name:?} is the default profile; set another default first"
+            );
         }
         let profile = next
             .profiles
             .remove(name)
             .ok_or_else(|| Error::NotFound(format!("no profile named {name:?}")))?;
         let generation = self.publish(next);
-        Ok(Change { profile, generation, apply: start.elapsed() })
+        Ok(Change {
+            profile,
+            generation,
+            apply: start.elapsed(),
+        })
     }
 
     /// Makes `name` the profile for requests that name none. Its stem is made
@@ -351,6 +418,10 @@ impl Registry {
         let mut next = (*current).clone();
         next.default_profile = name.into();
         let generation = self.publish(next);
-        Ok(Change { profile, generation, apply: start.elapsed() })
+        Ok(Change {
+            profile,
+            generation,
+            apply: start.elapsed(),
+        })
     }
 }

@@ -403,6 +403,75 @@ impl<'a> DeltaView<'a> {
         }
     }
 
+    /// `out[j] = (base[j] + alpha · value(row, j)) · scale` for `j in 0..cols`.
+    ///
+    /// The same arithmetic as copying `base` into `out`, [`DeltaView::accumulate_row`],
+    /// then multiplying by `scale` (bitwise: `scale = 1.0` leaves the sum as is), but in
+    /// one pass, so the kernel's common one-signature case reads and writes its row
+    /// once. Panics like [`DeltaView::accumulate_row`], or if `base` is shorter than `cols`.
+    #[inline(always)]
+    pub fn add_scale_row(
+        &self,
+        row: usize,
+        cols: usize,
+        alpha: f32,
+        base: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let out = &mut out[..cols];
+        let base = &base[..cols];
+        match *self {
+            DeltaView::F32(v) => {
+                let src = &v[row * cols..][..cols];
+                for ((o, &w), &d) in out.iter_mut().zip(base).zip(src) {
+                    *o = (w + alpha * d) * scale;
+                }
+            }
+            DeltaView::F16(v) => {
+                let src = &v[row * cols..][..cols];
+                for ((o, &w), &d) in out.iter_mut().zip(base).zip(src) {
+                    *o = (w + alpha * f16_to_f32(d)) * scale;
+                }
+            }
+            DeltaView::Int8 {
+                cols: c,
+                q,
+                scale: sc,
+                offset,
+            } => {
+                debug_assert_eq!(c, cols, "int8 delta has {c} cols, caller asked for {cols}");
+                let q = &q[row * cols..][..cols];
+                let a = alpha * sc[row];
+                let b = alpha * offset[row];
+                for ((o, &w), &x) in out.iter_mut().zip(base).zip(q) {
+                    *o = (w + (x as f32 * a + b)) * scale;
+                }
+            }
+            DeltaView::Int4 {
+                cols: c,
+                q,
+                scale: sc,
+                offset,
+            } => {
+                debug_assert_eq!(c, cols, "int4 delta has {c} cols, caller asked for {cols}");
+                let row_bytes = cols.div_ceil(2);
+                let q = &q[row * row_bytes..][..row_bytes];
+                let a = alpha * sc[row];
+                let b = alpha * offset[row];
+                let (pairs, tail) = out.as_chunks_mut::<2>();
+                let (base_pairs, base_tail) = base.as_chunks::<2>();
+                for ((o, w), &x) in pairs.iter_mut().zip(base_pairs).zip(q) {
+                    o[0] = (w[0] + ((x & 0x0f) as f32 * a + b)) * scale;
+                    o[1] = (w[1] + ((x >> 4) as f32 * a + b)) * scale;
+                }
+                if let ([o], [w]) = (tail, base_tail) {
+                    *o = (w + ((q[row_bytes - 1] & 0x0f) as f32 * a + b)) * scale;
+                }
+            }
+        }
+    }
+
     /// Writes every value as f32 into `out` (`out.len() == self.len()`).
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.len(), "dequantize_into: output length");
@@ -701,6 +770,16 @@ mod tests {
                     }
                     for (j, &w) in want.iter().enumerate() {
                         assert_eq!(view.at(r * cols + j), w, "{quant} at({r},{j})");
+                    }
+                    // The fused form is bitwise the three-step form.
+                    for s in [1.0, 0.37] {
+                        let mut fused = vec![f32::NAN; cols];
+                        view.add_scale_row(r, cols, alpha, &base, s, &mut fused);
+                        let mut steps = base.clone();
+                        view.accumulate_row(r, cols, alpha, &mut steps);
+                        steps.iter_mut().for_each(|x| *x *= s);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&fused), bits(&steps), "{quant} row {r} s {s}");
                     }
                 }
             }

@@ -42,7 +42,11 @@ fn default_eps() -> f32 {
 impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         if self.channels != 1 && self.channels != 3 {
-            bail!(InvalidArgument, "channels must be 1 or 3, not {}", self.channels);
+            bail!(
+                InvalidArgument,
+                "channels must be 1 or 3, not {}",
+                self.channels
+            );
         }
         if self.mean.len() != self.channels || self.std.len() != self.channels {
             bail!(
@@ -149,10 +153,16 @@ impl ModelDir {
             );
         }
         let joined = self.dir.join(p);
-        let real = joined
+        let real = joined.canonicalize().map_err(|_| {
+            Error::NotFound(format!(
+                "no signature file at {rel:?} in model {}",
+                self.name
+            ))
+        })?;
+        let root = self
+            .dir
             .canonicalize()
-            .map_err(|_| Error::NotFound(format!("no signature file at {rel:?} in model {}", self.name)))?;
-        let root = self.dir.canonicalize().map_err(|e| Error::io(&self.dir, e))?;
+            .map_err(|e| Error::io(&self.dir, e))?;
         if !real.starts_with(&root) {
             bail!(
                 InvalidArgument,
@@ -181,5 +191,7 @@ pub fn signature_name(path: &Path) -> String {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    file.strip_suffix(SIGNATURE_SUFFIX).unwrap_or(&file).to_string()
+    file.strip_suffix(SIGNATURE_SUFFIX)
+        .unwrap_or(&file)
+        .to_string()
 }

@@ -41,7 +41,9 @@ pub fn status(e: Error) -> Status {
 }
 
 /// Runs blocking engine work on tokio's blocking pool, keeping reactor threads free.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
@@ -55,7 +57,10 @@ pub struct InferenceService {
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    async fn classify(&self, req: Request<pb::ClassifyRequest>) -> Result<Response<pb::ClassifyResponse>, Status> {
+    async fn classify(
+        &self,
+        req: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let r = req.into_inner();
         let input = match r.input {
             Some(pb::classify_request::Input::Image(bytes)) => Input::Image(bytes),
@@ -74,7 +79,11 @@ impl Inference for InferenceService {
             top_k: c
                 .top_k
                 .into_iter()
-                .map(|p| pb::Prediction { index: p.index as u32, label: p.label, score: p.score })
+                .map(|p| pb::Prediction {
+                    index: p.index as u32,
+                    label: p.label,
+                    score: p.score,
+                })
                 .collect(),
             profile: c.profile,
             generation: c.generation,
@@ -110,7 +119,10 @@ fn profile_info(p: &Profile, default: &str) -> pb::ProfileInfo {
         signatures: p
             .signatures
             .iter()
-            .map(|s| pb::SignatureRef { name: s.name.clone(), alpha: s.alpha })
+            .map(|s| pb::SignatureRef {
+                name: s.name.clone(),
+                alpha: s.alpha,
+            })
             .collect(),
         generation: p.generation,
         resident: p.is_resident(),
@@ -131,14 +143,24 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn list_signatures(&self, _: Request<pb::ListSignaturesRequest>) -> Result<Response<pb::ListSignaturesResponse>, Status> {
+    async fn list_signatures(
+        &self,
+        _: Request<pb::ListSignaturesRequest>,
+    ) -> Result<Response<pb::ListSignaturesResponse>, Status> {
         let table = self.engine.registry().snapshot();
         Ok(Response::new(pb::ListSignaturesResponse {
-            signatures: table.signatures.values().map(|s| signature_info(s)).collect(),
+            signatures: table
+                .signatures
+                .values()
+                .map(|s| signature_info(s))
+                .collect(),
         }))
     }
 
-    async fn load_signature(&self, req: Request<pb::LoadSignatureRequest>) -> Result<Response<pb::LoadSignatureResponse>, Status> {
+    async fn load_signature(
+        &self,
+        req: Request<pb::LoadSignatureRequest>,
+    ) -> Result<Response<pb::LoadSignatureResponse>, Status> {
         let r = req.into_inner();
         let engine = self.engine.clone();
         let loaded = blocking(move || match r.source {
@@ -152,22 +174,33 @@ impl Admin for AdminService {
         })
         .await?;
         tracing::info!(signature = %loaded.name, transferred = loaded.transferred, "signature loaded");
-        Ok(Response::new(pb::LoadSignatureResponse { signature: Some(signature_info(&loaded)) }))
+        Ok(Response::new(pb::LoadSignatureResponse {
+            signature: Some(signature_info(&loaded)),
+        }))
     }
 
-    async fn unload_signature(&self, req: Request<pb::UnloadSignatureRequest>) -> Result<Response<pb::UnloadSignatureResponse>, Status> {
+    async fn unload_signature(
+        &self,
+        req: Request<pb::UnloadSignatureRequest>,
+    ) -> Result<Response<pb::UnloadSignatureResponse>, Status> {
         let name = req.into_inner().name;
         let engine = self.engine.clone();
         blocking(move || engine.registry().unload_signature(&name)).await?;
         Ok(Response::new(pb::UnloadSignatureResponse {}))
     }
 
-    async fn put_profile(&self, req: Request<pb::PutProfileRequest>) -> Result<Response<pb::ProfileChange>, Status> {
+    async fn put_profile(
+        &self,
+        req: Request<pb::PutProfileRequest>,
+    ) -> Result<Response<pb::ProfileChange>, Status> {
         let r = req.into_inner();
         let sigs = r
             .signatures
             .into_iter()
-            .map(|s| profile::SignatureRef { name: s.name, alpha: s.alpha })
+            .map(|s| profile::SignatureRef {
+                name: s.name,
+                alpha: s.alpha,
+            })
             .collect();
         let engine = self.engine.clone();
         let c = blocking(move || engine.registry().put_profile(&r.name, sigs, r.replace)).await?;
@@ -175,7 +208,10 @@ impl Admin for AdminService {
         Ok(Response::new(self.change(c)))
     }
 
-    async fn delete_profile(&self, req: Request<pb::DeleteProfileRequest>) -> Result<Response<pb::ProfileChange>, Status> {
+    async fn delete_profile(
+        &self,
+        req: Request<pb::DeleteProfileRequest>,
+    ) -> Result<Response<pb::ProfileChange>, Status> {
         let name = req.into_inner().name;
         let engine = self.engine.clone();
         let c = blocking(move || engine.registry().delete_profile(&name)).await?;
@@ -183,16 +219,26 @@ impl Admin for AdminService {
         Ok(Response::new(self.change(c)))
     }
 
-    async fn list_profiles(&self, _: Request<pb::ListProfilesRequest>) -> Result<Response<pb::ListProfilesResponse>, Status> {
+    async fn list_profiles(
+        &self,
+        _: Request<pb::ListProfilesRequest>,
+    ) -> Result<Response<pb::ListProfilesResponse>, Status> {
         let table = self.engine.registry().snapshot();
         Ok(Response::new(pb::ListProfilesResponse {
-            profiles: table.profiles.values().map(|p| profile_info(p, &table.default_profile)).collect(),
+            profiles: table
+                .profiles
+                .values()
+                .map(|p| profile_info(p, &table.default_profile))
+                .collect(),
             default_profile: table.default_profile.clone(),
             generation: table.generation,
         }))
     }
 
-    async fn set_default_profile(&self, req: Request<pb::SetDefaultProfileRequest>) -> Result<Response<pb::ProfileChange>, Status> {
+    async fn set_default_profile(
+        &self,
+        req: Request<pb::SetDefaultProfileRequest>,
+    ) -> Result<Response<pb::ProfileChange>, Status> {
         let name = req.into_inner().name;
         let engine = self.engine.clone();
         let c = blocking(move || engine.registry().set_default(&name)).await?;
@@ -202,10 +248,17 @@ impl Admin for AdminService {
 }
 
 /// Serves Inference and Admin on `listener` until `shutdown` completes.
-pub async fn serve(engine: Arc<Engine>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> crate::Result<()> {
-    let inference = InferenceServer::new(InferenceService { engine: engine.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = AdminServer::new(AdminService { engine }).max_decoding_message_size(MAX_MESSAGE_BYTES);
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> crate::Result<()> {
+    let inference = InferenceServer::new(InferenceService {
+        engine: engine.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin =
+        AdminServer::new(AdminService { engine }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .add_service(inference)

@@ -100,10 +100,19 @@ impl Signature {
                     _ => quant,
                 };
                 let delta = Delta::quantize(&d.delta.dequantize(), rows, q);
-                (name.clone(), TensorDelta { shape: d.shape.clone(), delta })
+                (
+                    name.clone(),
+                    TensorDelta {
+                        shape: d.shape.clone(),
+                        delta,
+                    },
+                )
             })
             .collect();
-        Signature { meta: self.meta.clone(), deltas }
+        Signature {
+            meta: self.meta.clone(),
+            deltas,
+        }
     }
 
     fn check_consistent(&self) -> Result<()> {
@@ -117,12 +126,18 @@ impl Signature {
             let (rows, cols) = d.rows_cols();
             let view = d.delta.view();
             if d.shape.len() == 1 && matches!(d.delta.quant(), Quant::Int8 | Quant::Int4) {
-                bail!(InvalidArgument, "delta {name} is 1-D; it must be stored as f32 or f16");
+                bail!(
+                    InvalidArgument,
+                    "delta {name} is 1-D; it must be stored as f32 or f16"
+                );
             }
             view.check_layout(rows, cols)
                 .map_err(|e| Error::InvalidArgument(format!("delta {name}: {e}")))?;
             if let Some(i) = view.first_non_finite() {
-                bail!(InvalidArgument, "delta {name} holds NaN or Inf (element {i})");
+                bail!(
+                    InvalidArgument,
+                    "delta {name} holds NaN or Inf (element {i})"
+                );
             }
         }
         Ok(())
@@ -183,7 +198,10 @@ impl Signature {
         };
         let version = get("rws.format")?;
         if version != FORMAT_VERSION {
-            bail!(InvalidArgument, "signature format version {version:?} is not supported (expected {FORMAT_VERSION})");
+            bail!(
+                InvalidArgument,
+                "signature format version {version:?} is not supported (expected {FORMAT_VERSION})"
+            );
         }
         let default_alpha: f32 = get("rws.default_alpha")?
             .parse()
@@ -211,8 +229,12 @@ impl Signature {
             let (base, q) = match key.rsplit_once('.') {
                 Some((b, "q8")) => (b, Some(Quant::Int8)),
                 Some((b, "q4")) => (b, Some(Quant::Int4)),
-                Some((b, "scale" | "offset")) if views.contains_key(format!("{b}.q8").as_str())
-                    || views.contains_key(format!("{b}.q4").as_str()) => continue,
+                Some((b, "scale" | "offset"))
+                    if views.contains_key(format!("{b}.q8").as_str())
+                        || views.contains_key(format!("{b}.q4").as_str()) =>
+                {
+                    continue;
+                }
                 _ => (*key, None),
             };
             let (shape, delta) = match (q, view.dtype()) {
@@ -234,25 +256,51 @@ impl Signature {
                     let data = view.data().to_vec();
                     let (shape, delta) = if q == Quant::Int8 {
                         let cols = data.len() / rows.max(1);
-                        (shape, Delta::Int8 { cols, q: data, scale, offset })
+                        (
+                            shape,
+                            Delta::Int8 {
+                                cols,
+                                q: data,
+                                scale,
+                                offset,
+                            },
+                        )
                     } else {
                         // The packed shape does not say whether the last column is
                         // padding, so the logical shape travels in the metadata.
                         let logical: Vec<usize> = md
                             .get(&format!("rws.shape.{base}"))
-                            .ok_or_else(|| Error::InvalidArgument(format!("signature lacks the shape of {base}")))?
+                            .ok_or_else(|| {
+                                Error::InvalidArgument(format!(
+                                    "signature lacks the shape of {base}"
+                                ))
+                            })?
                             .split(',')
                             .map(|s| s.trim().parse::<usize>())
                             .collect::<std::result::Result<_, _>>()
                             .map_err(|_| Error::InvalidArgument(format!("bad shape for {base}")))?;
                         let cols = logical.iter().product::<usize>() / rows.max(1);
-                        (logical, Delta::Int4 { cols, q: data, scale, offset })
+                        (
+                            logical,
+                            Delta::Int4 {
+                                cols,
+                                q: data,
+                                scale,
+                                offset,
+                            },
+                        )
                     };
                     (shape, delta)
                 }
-                (_, dt) => bail!(InvalidArgument, "tensor {key} has unsupported dtype {dt:?} for a signature delta"),
+                (_, dt) => bail!(
+                    InvalidArgument,
+                    "tensor {key} has unsupported dtype {dt:?} for a signature delta"
+                ),
             };
-            if deltas.insert(base.to_string(), TensorDelta { shape, delta }).is_some() {
+            if deltas
+                .insert(base.to_string(), TensorDelta { shape, delta })
+                .is_some()
+            {
                 bail!(InvalidArgument, "signature holds two deltas for {base}");
             }
         }
@@ -269,22 +317,35 @@ impl Signature {
         let mut md = HashMap::from([
             ("rws.format".to_string(), FORMAT_VERSION.to_string()),
             ("rws.arch".to_string(), self.meta.arch.clone()),
-            ("rws.base_fingerprint".to_string(), self.meta.base_fingerprint.clone()),
+            (
+                "rws.base_fingerprint".to_string(),
+                self.meta.base_fingerprint.clone(),
+            ),
             ("rws.corruption".to_string(), self.meta.corruption.clone()),
-            ("rws.default_alpha".to_string(), self.meta.default_alpha.to_string()),
+            (
+                "rws.default_alpha".to_string(),
+                self.meta.default_alpha.to_string(),
+            ),
             ("rws.synthetic".to_string(), self.meta.synthetic.to_string()),
         ]);
         let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, d) in &self.deltas {
             match &d.delta {
-                Delta::F32(v) => buffers.push((name.clone(), Dtype::F32, d.shape.clone(), f32_le(v))),
+                Delta::F32(v) => {
+                    buffers.push((name.clone(), Dtype::F32, d.shape.clone(), f32_le(v)))
+                }
                 Delta::F16(v) => buffers.push((
                     name.clone(),
                     Dtype::F16,
                     d.shape.clone(),
                     v.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 )),
-                Delta::Int8 { q, scale, offset, .. } | Delta::Int4 { q, scale, offset, .. } => {
+                Delta::Int8 {
+                    q, scale, offset, ..
+                }
+                | Delta::Int4 {
+                    q, scale, offset, ..
+                } => {
                     let (suffix, qshape) = if let Delta::Int8 { .. } = d.delta {
                         ("q8", d.shape.clone())
                     } else {
@@ -293,8 +354,18 @@ impl Signature {
                         ("q4", vec![scale.len(), q.len() / scale.len().max(1)])
                     };
                     buffers.push((format!("{name}.{suffix}"), Dtype::U8, qshape, q.clone()));
-                    buffers.push((format!("{name}.scale"), Dtype::F32, vec![scale.len()], f32_le(scale)));
-                    buffers.push((format!("{name}.offset"), Dtype::F32, vec![offset.len()], f32_le(offset)));
+                    buffers.push((
+                        format!("{name}.scale"),
+                        Dtype::F32,
+                        vec![scale.len()],
+                        f32_le(scale),
+                    ));
+                    buffers.push((
+                        format!("{name}.offset"),
+                        Dtype::F32,
+                        vec![offset.len()],
+                        f32_le(offset),
+                    ));
                 }
             }
         }
@@ -347,4 +418,76 @@ fn le_f32(bytes: &[u8]) -> Vec<f32> {
 
 fn f32_le(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn sample(quant: Quant) -> Signature {
+        let mut rng = Rng::new(5);
+        let mut deltas = BTreeMap::new();
+        // Odd per-channel count, to exercise int4 padding.
+        let w: Vec<f32> = (0..8 * 3 * 3 * 3).map(|_| rng.normal()).collect();
+        deltas.insert(
+            "conv1.weight".to_string(),
+            TensorDelta { shape: vec![8, 3, 3, 3], delta: Delta::quantize(&w, 8, quant) },
+        );
+        let g: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
+        deltas.insert("bn1.weight".to_string(), TensorDelta { shape: vec![8], delta: Delta::F32(g) });
+        let meta = SignatureMeta {
+            arch: "resnet18".into(),
+            base_fingerprint: "sha256:ab".into(),
+            corruption: "fog".into(),
+            default_alpha: 0.75,
+            synthetic: false,
+        };
+        Signature::new(meta, deltas).unwrap()
+    }
+
+    #[test]
+    fn every_storage_form_round_trips_through_the_file_format() {
+        for q in [Quant::F32, Quant::F16, Quant::Int8, Quant::Int4] {
+            let sig = sample(q);
+            let back = Signature::from_bytes(&sig.to_bytes().unwrap()).unwrap();
+            assert_eq!(back, sig, "{q}");
+            assert_eq!(back.quant_summary(), q.to_string());
+        }
+    }
+
+    #[test]
+    fn quantized_storage_shrinks_and_stays_close() {
+        let exact = sample(Quant::F32);
+        let w = exact.deltas()["conv1.weight"].delta.dequantize();
+        for (q, max_ratio) in [(Quant::F16, 0.55), (Quant::Int8, 0.4), (Quant::Int4, 0.3)] {
+            let small = exact.quantized(q);
+            assert!((small.stored_bytes() as f64) < max_ratio * exact.stored_bytes() as f64, "{q}");
+            // 1-D deltas stay float.
+            assert!(matches!(small.deltas()["bn1.weight"].delta, Delta::F32(_) | Delta::F16(_)));
+            let got = small.deltas()["conv1.weight"].delta.dequantize();
+            let range = w.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+            let levels = match q {
+                Quant::Int4 => 15.0,
+                Quant::Int8 => 255.0,
+                _ => 1000.0,
+            };
+            let worst = w.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= range / levels / 2.0 + 1e-6, "{q}: error {worst}");
+        }
+    }
+
+    #[test]
+    fn malformed_files_are_refused_with_reasons() {
+        let bytes = sample(Quant::Int8).to_bytes().unwrap();
+        let err = Signature::from_bytes(&bytes[..bytes.len() - 3]).unwrap_err().to_string();
+        assert!(err.contains("safetensors"), "{err}");
+        let st = safetensors::serialize(
+            [("x", TensorView::new(Dtype::F32, vec![1], &[0, 0, 0, 0]).unwrap())],
+            None,
+        )
+        .unwrap();
+        let err = Signature::from_bytes(&st).unwrap_err().to_string();
+        assert!(err.contains("rws.format"), "{err}");
+    }
 }

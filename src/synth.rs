@@ -10,12 +10,18 @@ use candle_core::{Device, Tensor};
 use crate::model::{Arch, Model};
 use crate::quant::{Delta, Quant};
 use crate::repo::ModelConfig;
-use crate::signature::{Signature, SignatureMeta, TensorDelta};
 use crate::rng::Rng;
+use crate::signature::{Signature, SignatureMeta, TensorDelta};
 use crate::{Error, Result};
 
 /// A config for `arch` with digit labels for small models and numbered classes otherwise.
-pub fn config(arch: Arch, channels: usize, input: usize, classes: usize, patchable_blocks: usize) -> ModelConfig {
+pub fn config(
+    arch: Arch,
+    channels: usize,
+    input: usize,
+    classes: usize,
+    patchable_blocks: usize,
+) -> ModelConfig {
     let labels = (0..classes).map(|i| i.to_string()).collect();
     ModelConfig {
         arch,
@@ -59,7 +65,13 @@ pub fn base_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tens
 
 /// A random signature over every patchable tensor of `model`, with deltas about
 /// `magnitude` times the size of each base tensor's elements.
-pub fn signature(model: &Model, corruption: &str, seed: u64, magnitude: f32, quant: Quant) -> Result<Signature> {
+pub fn signature(
+    model: &Model,
+    corruption: &str,
+    seed: u64,
+    magnitude: f32,
+    quant: Quant,
+) -> Result<Signature> {
     let mut rng = Rng::new(seed);
     let mut deltas = BTreeMap::new();
     for (name, shape) in model.patchable_tensors() {
@@ -75,7 +87,13 @@ pub fn signature(model: &Model, corruption: &str, seed: u64, magnitude: f32, qua
         };
         let values: Vec<f32> = (0..n).map(|_| scale * rng.normal()).collect();
         let q = if shape.len() > 1 { quant } else { Quant::F32 };
-        deltas.insert(name, TensorDelta { delta: Delta::quantize(&values, shape[0], q), shape });
+        deltas.insert(
+            name,
+            TensorDelta {
+                delta: Delta::quantize(&values, shape[0], q),
+                shape,
+            },
+        );
     }
     deltas.retain(|name, _| !name.ends_with("running_var"));
     Signature::new(
@@ -91,7 +109,11 @@ pub fn signature(model: &Model, corruption: &str, seed: u64, magnitude: f32, qua
 }
 
 /// Writes `model.toml` and `base.safetensors` into `dir`.
-pub fn write_model_dir(dir: &Path, cfg: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub fn write_model_dir(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     std::fs::create_dir_all(dir.join("signatures")).map_err(|e| Error::io(dir, e))?;
     let text = toml::to_string_pretty(cfg).map_err(|e| Error::Internal(e.to_string()))?;
     crate::fsutil::write_atomic(&dir.join("model.toml"), text.as_bytes())?;
@@ -103,7 +125,11 @@ pub fn write_model_dir(dir: &Path, cfg: &ModelConfig, tensors: &HashMap<String, 
 /// (widths 16/32/64, one block per stage).
 pub fn arch_by_name(name: &str) -> Result<Arch> {
     if name == "resnet-small" {
-        return Ok(Arch::Small { widths: vec![16, 32, 64], depths: vec![1, 1, 1], stem_stride: 1 });
+        return Ok(Arch::Small {
+            widths: vec![16, 32, 64],
+            depths: vec![1, 1, 1],
+            stem_stride: 1,
+        });
     }
     toml::from_str(&format!("arch = {name:?}")).map_err(|_| {
         Error::InvalidArgument(format!(
@@ -115,7 +141,14 @@ pub fn arch_by_name(name: &str) -> Result<Arch> {
 /// Writes a complete synthetic model directory: `model.toml`, `base.safetensors`
 /// and one signature per name in `signatures/`. Small architectures take 28×28
 /// grayscale input with 10 classes; the torchvision ones 224×224 RGB with 1000.
-pub fn write_repo_model(dir: &Path, arch: Arch, blocks: usize, signatures: &[String], quant: Quant, seed: u64) -> Result<Model> {
+pub fn write_repo_model(
+    dir: &Path,
+    arch: Arch,
+    blocks: usize,
+    signatures: &[String],
+    quant: Quant,
+    seed: u64,
+) -> Result<Model> {
     let (channels, input, classes) = match arch {
         Arch::Small { .. } => (1, 28, 10),
         _ => (3, 224, 1000),
@@ -127,7 +160,10 @@ pub fn write_repo_model(dir: &Path, arch: Arch, blocks: usize, signatures: &[Str
     let model = Model::from_tensors(cfg, &tensors, &Device::Cpu)?;
     for (i, name) in signatures.iter().enumerate() {
         let sig = signature(&model, name, seed + 1 + i as u64, 0.3, quant)?;
-        sig.save(&dir.join("signatures").join(format!("{name}{}", crate::repo::SIGNATURE_SUFFIX)))?;
+        sig.save(
+            &dir.join("signatures")
+                .join(format!("{name}{}", crate::repo::SIGNATURE_SUFFIX)),
+        )?;
     }
     Ok(model)
 }

@@ -21,12 +21,23 @@ async fn default_switch_storm_is_atomic() {
     let mut reference: HashMap<String, (Vec<u32>, u64)> = HashMap::new();
     for (name, sig) in [("a", "fog"), ("b", "noise")] {
         let change = admin
-            .put_profile(pb::PutProfileRequest { name: name.into(), signatures: refs(&[(sig, 0.8)]), replace: false })
+            .put_profile(pb::PutProfileRequest {
+                name: name.into(),
+                signatures: refs(&[(sig, 0.8)]),
+                replace: false,
+            })
             .await
             .unwrap()
             .into_inner();
-        let out = inf.classify(tensor_request(9, name)).await.unwrap().into_inner();
-        reference.insert(name.into(), (bits(&out.logits), change.profile.unwrap().generation));
+        let out = inf
+            .classify(tensor_request(9, name))
+            .await
+            .unwrap()
+            .into_inner();
+        reference.insert(
+            name.into(),
+            (bits(&out.logits), change.profile.unwrap().generation),
+        );
     }
     assert_ne!(reference["a"].0, reference["b"].0);
     let reference = Arc::new(reference);
@@ -39,9 +50,20 @@ async fn default_switch_storm_is_atomic() {
         clients.push(tokio::spawn(async move {
             let mut seen: HashMap<String, usize> = HashMap::new();
             while !done.load(Ordering::Relaxed) {
-                let r = inf.classify(tensor_request(9, "")).await.expect("no request may fail").into_inner();
-                let (want, generation) = reference.get(&r.profile).expect("only a or b is ever the default");
-                assert_eq!(&bits(&r.logits), want, "response of {} mixes weights", r.profile);
+                let r = inf
+                    .classify(tensor_request(9, ""))
+                    .await
+                    .expect("no request may fail")
+                    .into_inner();
+                let (want, generation) = reference
+                    .get(&r.profile)
+                    .expect("only a or b is ever the default");
+                assert_eq!(
+                    &bits(&r.logits),
+                    want,
+                    "response of {} mixes weights",
+                    r.profile
+                );
                 assert_eq!(r.generation, *generation);
                 *seen.entry(r.profile).or_default() += 1;
             }
@@ -50,7 +72,10 @@ async fn default_switch_storm_is_atomic() {
     }
     for i in 0..1000 {
         let name = if i % 2 == 0 { "a" } else { "b" };
-        admin.set_default_profile(pb::SetDefaultProfileRequest { name: name.into() }).await.unwrap();
+        admin
+            .set_default_profile(pb::SetDefaultProfileRequest { name: name.into() })
+            .await
+            .unwrap();
     }
     done.store(true, Ordering::Relaxed);
     let mut total: HashMap<String, usize> = HashMap::new();
@@ -59,6 +84,9 @@ async fn default_switch_storm_is_atomic() {
             *total.entry(k).or_default() += v;
         }
     }
-    assert!(total.get("a").copied().unwrap_or(0) > 0 && total.get("b").copied().unwrap_or(0) > 0, "{total:?}");
+    assert!(
+        total.get("a").copied().unwrap_or(0) > 0 && total.get("b").copied().unwrap_or(0) > 0,
+        "{total:?}"
+    );
     server.stop().await;
 }

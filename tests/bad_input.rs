@@ -35,18 +35,39 @@ impl Probe {
         p
     }
 
-    async fn observe(&mut self) -> (Vec<Vec<u32>>, pb::ListProfilesResponse, pb::ListSignaturesResponse) {
+    async fn observe(
+        &mut self,
+    ) -> (
+        Vec<Vec<u32>>,
+        pb::ListProfilesResponse,
+        pb::ListSignaturesResponse,
+    ) {
         let mut out = Vec::new();
         for profile in ["", "fog", "storm"] {
             out.push(logits(&mut self.inf, tensor_request(5, profile)).await);
         }
-        let profiles = self.admin.list_profiles(pb::ListProfilesRequest {}).await.unwrap().into_inner();
-        let signatures = self.admin.list_signatures(pb::ListSignaturesRequest {}).await.unwrap().into_inner();
+        let profiles = self
+            .admin
+            .list_profiles(pb::ListProfilesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let signatures = self
+            .admin
+            .list_signatures(pb::ListSignaturesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         (out, profiles, signatures)
     }
 
     /// Asserts the refusal's code and that the server is exactly as before.
-    async fn refused<T: std::fmt::Debug>(&mut self, what: &str, r: Result<tonic::Response<T>, tonic::Status>, code: Code) {
+    async fn refused<T: std::fmt::Debug>(
+        &mut self,
+        what: &str,
+        r: Result<tonic::Response<T>, tonic::Status>,
+        code: Code,
+    ) {
         let status = r.expect_err(what);
         assert_eq!(status.code(), code, "{what}: {}", status.message());
         assert!(!status.message().is_empty(), "{what}: the message explains");
@@ -62,7 +83,11 @@ async fn setup() -> (tempfile::TempDir, TestServer) {
     let server = TestServer::start(repo.path(), EngineOptions::default()).await;
     server
         .admin()
-        .put_profile(pb::PutProfileRequest { name: "storm".into(), signatures: refs(&[("rain", 0.7), ("fog", 0.5)]), replace: false })
+        .put_profile(pb::PutProfileRequest {
+            name: "storm".into(),
+            signatures: refs(&[("rain", 0.7), ("fog", 0.5)]),
+            replace: false,
+        })
         .await
         .unwrap();
     (repo, server)
@@ -74,14 +99,27 @@ async fn bad_images_and_tensors() {
     let mut p = Probe::new(&server).await;
     let good = png(28, 28);
 
-    let r = p.inf.classify(image_request(good[..good.len() / 2].to_vec(), "")).await;
+    let r = p
+        .inf
+        .classify(image_request(good[..good.len() / 2].to_vec(), ""))
+        .await;
     p.refused("truncated png", r, Code::InvalidArgument).await;
-    let r = p.inf.classify(image_request(b"definitely not an image".to_vec(), "")).await;
+    let r = p
+        .inf
+        .classify(image_request(b"definitely not an image".to_vec(), ""))
+        .await;
     p.refused("garbage bytes", r, Code::InvalidArgument).await;
-    let r = p.inf.classify(image_request(png_header_only(0, 0), "")).await;
+    let r = p
+        .inf
+        .classify(image_request(png_header_only(0, 0), ""))
+        .await;
     p.refused("0x0 image", r, Code::InvalidArgument).await;
-    let r = p.inf.classify(image_request(png_header_only(100_000, 100_000), "")).await;
-    p.refused("100000x100000 header", r, Code::InvalidArgument).await;
+    let r = p
+        .inf
+        .classify(image_request(png_header_only(100_000, 100_000), ""))
+        .await;
+    p.refused("100000x100000 header", r, Code::InvalidArgument)
+        .await;
     let r = p.inf.classify(image_request(Vec::new(), "")).await;
     p.refused("empty image", r, Code::InvalidArgument).await;
 
@@ -89,23 +127,46 @@ async fn bad_images_and_tensors() {
     if let Some(pb::classify_request::Input::Tensor(t)) = &mut req.input {
         t.shape = vec![1, 1, 28, 27];
     }
-    p.refused("wrong shape", p.inf.clone().classify(req).await, Code::InvalidArgument).await;
+    p.refused(
+        "wrong shape",
+        p.inf.clone().classify(req).await,
+        Code::InvalidArgument,
+    )
+    .await;
     let mut req = tensor_request(5, "");
     if let Some(pb::classify_request::Input::Tensor(t)) = &mut req.input {
         t.data.pop();
     }
-    p.refused("short data", p.inf.clone().classify(req).await, Code::InvalidArgument).await;
+    p.refused(
+        "short data",
+        p.inf.clone().classify(req).await,
+        Code::InvalidArgument,
+    )
+    .await;
     let mut req = tensor_request(5, "");
     if let Some(pb::classify_request::Input::Tensor(t)) = &mut req.input {
         t.data[100] = f32::NAN;
     }
-    p.refused("NaN input", p.inf.clone().classify(req).await, Code::InvalidArgument).await;
+    p.refused(
+        "NaN input",
+        p.inf.clone().classify(req).await,
+        Code::InvalidArgument,
+    )
+    .await;
     let mut req = tensor_request(5, "");
     req.input = None;
-    p.refused("no input", p.inf.clone().classify(req).await, Code::InvalidArgument).await;
+    p.refused(
+        "no input",
+        p.inf.clone().classify(req).await,
+        Code::InvalidArgument,
+    )
+    .await;
 
     // A larger image is fine: it is resized.
-    p.inf.classify(image_request(png(640, 480), "")).await.unwrap();
+    p.inf
+        .classify(image_request(png(640, 480), ""))
+        .await
+        .unwrap();
     server.stop().await;
 }
 
@@ -120,53 +181,126 @@ async fn bad_profiles() {
     };
 
     let r = p.inf.classify(tensor_request(5, "nope")).await;
-    p.refused("classify with unknown profile", r, Code::NotFound).await;
-    let r = p.admin.put_profile(put("storm", &[("fog", 1.0)], false)).await;
-    p.refused("duplicate profile name", r, Code::AlreadyExists).await;
-    let r = p.admin.put_profile(put("x", &[("fog", f32::NAN)], false)).await;
+    p.refused("classify with unknown profile", r, Code::NotFound)
+        .await;
+    let r = p
+        .admin
+        .put_profile(put("storm", &[("fog", 1.0)], false))
+        .await;
+    p.refused("duplicate profile name", r, Code::AlreadyExists)
+        .await;
+    let r = p
+        .admin
+        .put_profile(put("x", &[("fog", f32::NAN)], false))
+        .await;
     p.refused("NaN alpha", r, Code::InvalidArgument).await;
-    let r = p.admin.put_profile(put("x", &[("fog", f32::INFINITY)], false)).await;
+    let r = p
+        .admin
+        .put_profile(put("x", &[("fog", f32::INFINITY)], false))
+        .await;
     p.refused("infinite alpha", r, Code::InvalidArgument).await;
-    let r = p.admin.put_profile(put("storm", &[("fog", f32::NEG_INFINITY)], true)).await;
-    p.refused("infinite alpha on replace", r, Code::InvalidArgument).await;
+    let r = p
+        .admin
+        .put_profile(put("storm", &[("fog", f32::NEG_INFINITY)], true))
+        .await;
+    p.refused("infinite alpha on replace", r, Code::InvalidArgument)
+        .await;
     let r = p.admin.put_profile(put("x", &[("hail", 1.0)], false)).await;
     p.refused("unknown signature", r, Code::NotFound).await;
-    let r = p.admin.put_profile(put("x", &[("fog", 0.5), ("fog", 0.5)], false)).await;
+    let r = p
+        .admin
+        .put_profile(put("x", &[("fog", 0.5), ("fog", 0.5)], false))
+        .await;
     p.refused("signature twice", r, Code::InvalidArgument).await;
-    let r = p.admin.put_profile(put("../etc", &[("fog", 0.5)], false)).await;
-    p.refused("bad profile name", r, Code::InvalidArgument).await;
-    let r = p.admin.put_profile(put("clean", &[("fog", 0.5)], true)).await;
+    let r = p
+        .admin
+        .put_profile(put("../etc", &[("fog", 0.5)], false))
+        .await;
+    p.refused("bad profile name", r, Code::InvalidArgument)
+        .await;
+    let r = p
+        .admin
+        .put_profile(put("clean", &[("fog", 0.5)], true))
+        .await;
     p.refused("redefine clean", r, Code::InvalidArgument).await;
     // A huge alpha folds to non-finite weights: refused before publishing.
     let r = p.admin.put_profile(put("x", &[("fog", 1e38)], false)).await;
-    p.refused("overflowing alpha", r, Code::InvalidArgument).await;
+    p.refused("overflowing alpha", r, Code::InvalidArgument)
+        .await;
 
-    let r = p.admin.delete_profile(pb::DeleteProfileRequest { name: "nope".into() }).await;
+    let r = p
+        .admin
+        .delete_profile(pb::DeleteProfileRequest {
+            name: "nope".into(),
+        })
+        .await;
     p.refused("delete unknown", r, Code::NotFound).await;
-    let r = p.admin.delete_profile(pb::DeleteProfileRequest { name: "clean".into() }).await;
+    let r = p
+        .admin
+        .delete_profile(pb::DeleteProfileRequest {
+            name: "clean".into(),
+        })
+        .await;
     p.refused("delete clean", r, Code::FailedPrecondition).await;
-    let r = p.admin.set_default_profile(pb::SetDefaultProfileRequest { name: "nope".into() }).await;
+    let r = p
+        .admin
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: "nope".into(),
+        })
+        .await;
     p.refused("default unknown", r, Code::NotFound).await;
-    let r = p.admin.set_default_profile(pb::SetDefaultProfileRequest { name: String::new() }).await;
+    let r = p
+        .admin
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: String::new(),
+        })
+        .await;
     p.refused("default empty", r, Code::InvalidArgument).await;
-    let r = p.admin.unload_signature(pb::UnloadSignatureRequest { name: "fog".into() }).await;
-    p.refused("unload in use", r, Code::FailedPrecondition).await;
-    let r = p.admin.unload_signature(pb::UnloadSignatureRequest { name: "hail".into() }).await;
+    let r = p
+        .admin
+        .unload_signature(pb::UnloadSignatureRequest { name: "fog".into() })
+        .await;
+    p.refused("unload in use", r, Code::FailedPrecondition)
+        .await;
+    let r = p
+        .admin
+        .unload_signature(pb::UnloadSignatureRequest {
+            name: "hail".into(),
+        })
+        .await;
     p.refused("unload unknown", r, Code::NotFound).await;
 
     // Deleting the default is refused until another default is set.
-    p.admin.set_default_profile(pb::SetDefaultProfileRequest { name: "storm".into() }).await.unwrap();
-    let r = p.admin.delete_profile(pb::DeleteProfileRequest { name: "storm".into() }).await;
+    p.admin
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: "storm".into(),
+        })
+        .await
+        .unwrap();
+    let r = p
+        .admin
+        .delete_profile(pb::DeleteProfileRequest {
+            name: "storm".into(),
+        })
+        .await;
     assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
     server.stop().await;
 }
 
 fn upload(name: &str, data: Vec<u8>) -> pb::LoadSignatureRequest {
-    pb::LoadSignatureRequest { name: name.into(), source: Some(pb::load_signature_request::Source::Data(data)), allow_transfer: false }
+    pb::LoadSignatureRequest {
+        name: name.into(),
+        source: Some(pb::load_signature_request::Source::Data(data)),
+        allow_transfer: false,
+    }
 }
 
 fn path(rel: &str) -> pb::LoadSignatureRequest {
-    pb::LoadSignatureRequest { name: "x".into(), source: Some(pb::load_signature_request::Source::Path(rel.into())), allow_transfer: false }
+    pb::LoadSignatureRequest {
+        name: "x".into(),
+        source: Some(pb::load_signature_request::Source::Path(rel.into())),
+        allow_transfer: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,28 +311,54 @@ async fn bad_signatures() {
 
     let mut other_arch = good.clone();
     other_arch.meta.arch = "resnet18".into();
-    let r = p.admin.load_signature(upload("x", other_arch.to_bytes().unwrap())).await;
-    p.refused("other architecture", r, Code::InvalidArgument).await;
+    let r = p
+        .admin
+        .load_signature(upload("x", other_arch.to_bytes().unwrap()))
+        .await;
+    p.refused("other architecture", r, Code::InvalidArgument)
+        .await;
 
     let mut deltas: BTreeMap<String, TensorDelta> = good.deltas().clone();
     deltas.insert(
         "conv1.weight".into(),
-        TensorDelta { shape: vec![16, 1, 5, 5], delta: Delta::quantize(&[0.01; 400], 16, Quant::Int8) },
+        TensorDelta {
+            shape: vec![16, 1, 5, 5],
+            delta: Delta::quantize(&[0.01; 400], 16, Quant::Int8),
+        },
     );
     let wrong_shape = Signature::new(good.meta.clone(), deltas).unwrap();
-    let r = p.admin.load_signature(upload("x", wrong_shape.to_bytes().unwrap())).await;
+    let r = p
+        .admin
+        .load_signature(upload("x", wrong_shape.to_bytes().unwrap()))
+        .await;
     p.refused("shape mismatch", r, Code::InvalidArgument).await;
 
     let mut deltas: BTreeMap<String, TensorDelta> = good.deltas().clone();
-    deltas.insert("layer3.0.conv1.weight".into(), TensorDelta { shape: vec![64, 32, 3, 3], delta: Delta::F32(vec![0.0; 64 * 32 * 9]) });
+    deltas.insert(
+        "layer3.0.conv1.weight".into(),
+        TensorDelta {
+            shape: vec![64, 32, 3, 3],
+            delta: Delta::F32(vec![0.0; 64 * 32 * 9]),
+        },
+    );
     let outside = Signature::new(good.meta.clone(), deltas).unwrap();
-    let r = p.admin.load_signature(upload("x", outside.to_bytes().unwrap())).await;
-    p.refused("tensor outside the stem", r, Code::InvalidArgument).await;
+    let r = p
+        .admin
+        .load_signature(upload("x", outside.to_bytes().unwrap()))
+        .await;
+    p.refused("tensor outside the stem", r, Code::InvalidArgument)
+        .await;
 
     // NaN inside: written with safetensors directly, since Signature refuses to hold it.
     let nan_bytes = {
-        let vals: Vec<u8> = [0.0f32, f32::NAN].iter().cycle().take(16).flat_map(|v| v.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16], &vals).unwrap();
+        let vals: Vec<u8> = [0.0f32, f32::NAN]
+            .iter()
+            .cycle()
+            .take(16)
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16], &vals).unwrap();
         let md = [
             ("rws.format", "1"),
             ("rws.arch", "resnet-small"),
@@ -216,39 +376,71 @@ async fn bad_signatures() {
     let mut corrupt = good.to_bytes().unwrap();
     corrupt[8..24].copy_from_slice(b"{\"garbage\": [1,2");
     let r = p.admin.load_signature(upload("x", corrupt)).await;
-    p.refused("corrupted header", r, Code::InvalidArgument).await;
+    p.refused("corrupted header", r, Code::InvalidArgument)
+        .await;
     let mut huge_header = good.to_bytes().unwrap();
     huge_header[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     let r = p.admin.load_signature(upload("x", huge_header)).await;
-    p.refused("header length overflow", r, Code::InvalidArgument).await;
+    p.refused("header length overflow", r, Code::InvalidArgument)
+        .await;
     let r = p.admin.load_signature(upload("x", b"abc".to_vec())).await;
     p.refused("three bytes", r, Code::InvalidArgument).await;
 
     let mut transfer = good.clone();
     transfer.meta.base_fingerprint = "sha256:0000".into();
-    let r = p.admin.load_signature(upload("moved", transfer.to_bytes().unwrap())).await;
-    p.refused("fingerprint mismatch", r, Code::FailedPrecondition).await;
+    let r = p
+        .admin
+        .load_signature(upload("moved", transfer.to_bytes().unwrap()))
+        .await;
+    p.refused("fingerprint mismatch", r, Code::FailedPrecondition)
+        .await;
 
-    let r = p.admin.load_signature(upload("fog", good.to_bytes().unwrap())).await;
-    p.refused("duplicate signature name", r, Code::AlreadyExists).await;
-    let r = p.admin.load_signature(upload("", good.to_bytes().unwrap())).await;
-    p.refused("upload without a name", r, Code::InvalidArgument).await;
+    let r = p
+        .admin
+        .load_signature(upload("fog", good.to_bytes().unwrap()))
+        .await;
+    p.refused("duplicate signature name", r, Code::AlreadyExists)
+        .await;
+    let r = p
+        .admin
+        .load_signature(upload("", good.to_bytes().unwrap()))
+        .await;
+    p.refused("upload without a name", r, Code::InvalidArgument)
+        .await;
     let r = p.admin.load_signature(path("../../etc/passwd")).await;
     p.refused("path traversal", r, Code::InvalidArgument).await;
     let r = p.admin.load_signature(path("/etc/passwd")).await;
     p.refused("absolute path", r, Code::InvalidArgument).await;
-    let r = p.admin.load_signature(path("signatures/missing.rws.safetensors")).await;
+    let r = p
+        .admin
+        .load_signature(path("signatures/missing.rws.safetensors"))
+        .await;
     p.refused("missing file", r, Code::NotFound).await;
-    std::os::unix::fs::symlink("/etc/passwd", server.model_dir.join("signatures/link.rws.safetensors")).unwrap();
-    let r = p.admin.load_signature(path("signatures/link.rws.safetensors")).await;
-    p.refused("symlink out of the repository", r, Code::InvalidArgument).await;
+    std::os::unix::fs::symlink(
+        "/etc/passwd",
+        server.model_dir.join("signatures/link.rws.safetensors"),
+    )
+    .unwrap();
+    let r = p
+        .admin
+        .load_signature(path("signatures/link.rws.safetensors"))
+        .await;
+    p.refused("symlink out of the repository", r, Code::InvalidArgument)
+        .await;
     let r = p.admin.load_signature(path("model.toml")).await;
     p.refused("not a signature", r, Code::InvalidArgument).await;
 
     // The transfer flag accepts the moved signature and marks it.
     let mut req = upload("moved", transfer.to_bytes().unwrap());
     req.allow_transfer = true;
-    let info = p.admin.load_signature(req).await.unwrap().into_inner().signature.unwrap();
+    let info = p
+        .admin
+        .load_signature(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .signature
+        .unwrap();
     assert!(info.transferred);
     server.stop().await;
 }

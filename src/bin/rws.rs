@@ -13,7 +13,11 @@ use rws::signature::Signature;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "rws", version, about = "Robust Weight Signatures inference server")]
+#[command(
+    name = "rws",
+    version,
+    about = "Robust Weight Signatures inference server"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -72,7 +76,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         patchable_blocks: usize,
         /// Signatures to generate, as corruption names.
-        #[arg(long, value_delimiter = ',', default_value = "synthetic-fog,synthetic-noise")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "synthetic-fog,synthetic-noise"
+        )]
         signatures: Vec<String>,
         #[arg(long, default_value = "int8")]
         quant: Quant,
@@ -146,15 +154,23 @@ enum SignatureCmd {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve { repo, model, addr, max_resident_profiles, no_auto_profiles } => {
+        Cmd::Serve {
+            repo,
+            model,
+            addr,
+            max_resident_profiles,
+            no_auto_profiles,
+        } => {
             let dir = ModelDir::open(&repo, model.as_deref())?;
-            let opts = EngineOptions { max_resident_profiles, auto_profiles: !no_auto_profiles };
+            let opts = EngineOptions {
+                max_resident_profiles,
+                auto_profiles: !no_auto_profiles,
+            };
             let name = dir.name.clone();
             let engine = tokio::task::spawn_blocking(move || {
                 Engine::open(dir, &candle_core::Device::Cpu, &opts)
@@ -163,6 +179,8 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            // On stdout so scripts (and tests) can learn the port chosen for :0.
+            println!("rws listening on {}", listener.local_addr()?);
             let table = engine.registry().snapshot();
             tracing::info!(
                 model = %name,
@@ -176,8 +194,14 @@ async fn main() -> Result<()> {
             };
             rws::server::serve(Arc::new(engine), listener, shutdown).await?;
         }
-        Cmd::Classify { image, profile, top_k, client } => {
-            let bytes = std::fs::read(&image).with_context(|| format!("cannot read {}", image.display()))?;
+        Cmd::Classify {
+            image,
+            profile,
+            top_k,
+            client,
+        } => {
+            let bytes = std::fs::read(&image)
+                .with_context(|| format!("cannot read {}", image.display()))?;
             let mut c = pb::inference_client::InferenceClient::new(connect(&client).await?);
             let r = c
                 .classify(pb::ClassifyRequest {
@@ -199,7 +223,14 @@ async fn main() -> Result<()> {
             let sig = Signature::load(&file)?;
             print!("{}", sig.describe());
         }
-        Cmd::Synth { arch, out, patchable_blocks, signatures, quant, seed } => {
+        Cmd::Synth {
+            arch,
+            out,
+            patchable_blocks,
+            signatures,
+            quant,
+            seed,
+        } => {
             synth(&arch, &out, patchable_blocks, &signatures, quant, seed)?;
         }
     }
@@ -210,7 +241,12 @@ async fn connect(client: &Client) -> Result<Channel> {
     Channel::from_shared(client.addr.clone())?
         .connect()
         .await
-        .with_context(|| format!("cannot reach an rws server at {} (is `rws serve` running?)", client.addr))
+        .with_context(|| {
+            format!(
+                "cannot reach an rws server at {} (is `rws serve` running?)",
+                client.addr
+            )
+        })
 }
 
 async fn admin(client: &Client) -> Result<pb::admin_client::AdminClient<Channel>> {
@@ -229,22 +265,37 @@ fn print_change(c: pb::ProfileChange) {
 
 async fn profile(cmd: ProfileCmd) -> Result<()> {
     match cmd {
-        ProfileCmd::Put { name, signatures, replace, client } => {
+        ProfileCmd::Put {
+            name,
+            signatures,
+            replace,
+            client,
+        } => {
             let sigs = signatures
                 .iter()
                 .map(|s| {
                     let r: rws::profile::SignatureRef = s.parse()?;
-                    Ok(pb::SignatureRef { name: r.name, alpha: r.alpha })
+                    Ok(pb::SignatureRef {
+                        name: r.name,
+                        alpha: r.alpha,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let c = admin(&client)
                 .await?
-                .put_profile(pb::PutProfileRequest { name, signatures: sigs, replace })
+                .put_profile(pb::PutProfileRequest {
+                    name,
+                    signatures: sigs,
+                    replace,
+                })
                 .await?;
             print_change(c.into_inner());
         }
         ProfileCmd::Rm { name, client } => {
-            let c = admin(&client).await?.delete_profile(pb::DeleteProfileRequest { name }).await?;
+            let c = admin(&client)
+                .await?
+                .delete_profile(pb::DeleteProfileRequest { name })
+                .await?;
             print_change(c.into_inner());
         }
         ProfileCmd::Default { name, client } => {
@@ -255,10 +306,18 @@ async fn profile(cmd: ProfileCmd) -> Result<()> {
             print_change(c.into_inner());
         }
         ProfileCmd::Ls { client } => {
-            let r = admin(&client).await?.list_profiles(pb::ListProfilesRequest {}).await?.into_inner();
+            let r = admin(&client)
+                .await?
+                .list_profiles(pb::ListProfilesRequest {})
+                .await?
+                .into_inner();
             println!("generation {}", r.generation);
             for p in r.profiles {
-                let sigs: Vec<String> = p.signatures.iter().map(|s| format!("{}@{}", s.name, s.alpha)).collect();
+                let sigs: Vec<String> = p
+                    .signatures
+                    .iter()
+                    .map(|s| format!("{}@{}", s.name, s.alpha))
+                    .collect();
                 println!(
                     "{}{:<20} gen {:<6} {:<9} [{}]",
                     if p.is_default { "* " } else { "  " },
@@ -276,7 +335,11 @@ async fn profile(cmd: ProfileCmd) -> Result<()> {
 async fn signature(cmd: SignatureCmd) -> Result<()> {
     match cmd {
         SignatureCmd::Ls { client } => {
-            let r = admin(&client).await?.list_signatures(pb::ListSignaturesRequest {}).await?.into_inner();
+            let r = admin(&client)
+                .await?
+                .list_signatures(pb::ListSignaturesRequest {})
+                .await?
+                .into_inner();
             for s in r.signatures {
                 println!(
                     "{:<20} {:<12} {:<10} alpha {:<5} {:>9} B{}{}",
@@ -290,7 +353,13 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
                 );
             }
         }
-        SignatureCmd::Load { path, name, upload, allow_transfer, client } => {
+        SignatureCmd::Load {
+            path,
+            name,
+            upload,
+            allow_transfer,
+            client,
+        } => {
             use pb::load_signature_request::Source;
             let source = if upload {
                 Source::Data(std::fs::read(&path).with_context(|| format!("cannot read {path}"))?)
@@ -304,27 +373,51 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
             };
             let r = admin(&client)
                 .await?
-                .load_signature(pb::LoadSignatureRequest { name, source: Some(source), allow_transfer })
+                .load_signature(pb::LoadSignatureRequest {
+                    name,
+                    source: Some(source),
+                    allow_transfer,
+                })
                 .await?
                 .into_inner();
             if let Some(s) = r.signature {
-                println!("loaded {} ({}, {} B, {} tensors)", s.name, s.quant, s.bytes, s.tensors.len());
+                println!(
+                    "loaded {} ({}, {} B, {} tensors)",
+                    s.name,
+                    s.quant,
+                    s.bytes,
+                    s.tensors.len()
+                );
             }
         }
         SignatureCmd::Unload { name, client } => {
-            admin(&client).await?.unload_signature(pb::UnloadSignatureRequest { name: name.clone() }).await?;
+            admin(&client)
+                .await?
+                .unload_signature(pb::UnloadSignatureRequest { name: name.clone() })
+                .await?;
             println!("unloaded {name}");
         }
     }
     Ok(())
 }
 
-fn synth(arch: &str, out: &std::path::Path, blocks: usize, signatures: &[String], quant: Quant, seed: u64) -> Result<()> {
+fn synth(
+    arch: &str,
+    out: &std::path::Path,
+    blocks: usize,
+    signatures: &[String],
+    quant: Quant,
+    seed: u64,
+) -> Result<()> {
     if signatures.is_empty() {
         bail!("name at least one signature to generate");
     }
     let arch = rws::synth::arch_by_name(arch)?;
     let model = rws::synth::write_repo_model(out, arch, blocks, signatures, quant, seed)?;
-    println!("wrote {} (fingerprint {})", out.display(), model.fingerprint());
+    println!(
+        "wrote {} (fingerprint {})",
+        out.display(),
+        model.fingerprint()
+    );
     Ok(())
 }

@@ -149,20 +149,35 @@ fn fold_channel_impl(
     let s = gamma / denom.sqrt();
 
     let cols = row.len();
-    row.copy_from_slice(&base.weight[o * cols..][..cols]);
-    for d in deltas {
-        if let Some(w) = d.weight {
-            w.accumulate_row(o, cols, d.alpha, row);
+    let w = &base.weight[o * cols..][..cols];
+    let mut weight_deltas = deltas.iter().filter_map(|d| Some((d.weight?, d.alpha)));
+    match weight_deltas.next() {
+        None => {
+            for (x, &w) in row.iter_mut().zip(w) {
+                *x = w * s;
+            }
+        }
+        Some((first, alpha)) => {
+            // The first delta is added while copying W in; with no other delta the
+            // scale is applied in that same pass, so the row is written once.
+            let more = deltas.iter().filter(|d| d.weight.is_some()).count() > 1;
+            first.add_scale_row(o, cols, alpha, w, if more { 1.0 } else { s }, row);
+            if more {
+                for (d, alpha) in weight_deltas {
+                    d.accumulate_row(o, cols, alpha, row);
+                }
+                for x in row.iter_mut() {
+                    *x *= s;
+                }
+            }
         }
     }
-    // Scale and count non-finite values in the same pass. The count is an integer test
-    // on the exponent bits, so the loop still vectorizes (a float `is_finite` chain or
-    // an early exit would not).
-    let mut bad = 0u32;
-    for x in row.iter_mut() {
-        *x *= s;
-        bad += (x.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32;
-    }
+    // Count non-finite values with an integer test on the exponent bits, so the loop
+    // vectorizes (an early exit would not). The row is in L1: this pass is cheap.
+    let bad = row
+        .iter()
+        .map(|x| (x.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32)
+        .sum::<u32>();
     let bias = beta - s * mean;
     if bad != 0 || !bias.is_finite() {
         return Err(KernelError::NotFinite { channel: o });

@@ -53,7 +53,9 @@ pub struct LayerDelta<'a> {
 /// Why a patch cannot be folded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum KernelError {
-    #[error("patched running variance is {var} at output channel {channel}; the BatchNorm cannot be folded (lower the alpha)")]
+    #[error(
+        "patched running variance is {var} at output channel {channel}; the BatchNorm cannot be folded (lower the alpha)"
+    )]
     NegativeVariance { channel: usize, var: f32 },
     #[error("patched weights are not finite at output channel {channel} (alpha too large?)")]
     NotFinite { channel: usize },

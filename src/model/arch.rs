@@ -33,7 +33,9 @@ fn one() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitKind {
     /// conv1 + bn1 + ReLU, then a 3×3/2 max-pool when `maxpool`.
-    Stem { maxpool: bool },
+    Stem {
+        maxpool: bool,
+    },
     Basic,
     Bottleneck,
 }
@@ -52,7 +54,12 @@ pub struct ConvSpec {
 
 impl ConvSpec {
     pub fn weight_shape(&self) -> [usize; 4] {
-        [self.out_channels, self.in_channels, self.kernel, self.kernel]
+        [
+            self.out_channels,
+            self.in_channels,
+            self.kernel,
+            self.kernel,
+        ]
     }
 
     /// The base tensors this layer reads: conv weight, then BN weight, bias,
@@ -110,14 +117,22 @@ impl Arch {
     pub fn feature_channels(&self) -> usize {
         let (kind, _, widths) = self.layout();
         let last = widths.last().copied().unwrap_or(0);
-        if kind == UnitKind::Bottleneck { last * 4 } else { last }
+        if kind == UnitKind::Bottleneck {
+            last * 4
+        } else {
+            last
+        }
     }
 
     /// Every unit in forward order: the stem, then the blocks of layer1, layer2, ...
     pub fn units(&self, in_channels: usize) -> Vec<UnitSpec> {
         let (kind, depths, widths) = self.layout();
         let (stem_width, stem) = match self {
-            Arch::Small { widths, stem_stride, .. } => (
+            Arch::Small {
+                widths,
+                stem_stride,
+                ..
+            } => (
                 widths[0],
                 conv("conv1", "bn1", in_channels, widths[0], 3, *stem_stride),
             ),
@@ -139,13 +154,48 @@ impl Arch {
                 let out_ch = width * expansion;
                 let mut convs = match kind {
                     UnitKind::Bottleneck => vec![
-                        conv(&format!("{p}.conv1"), &format!("{p}.bn1"), in_ch, width, 1, 1),
-                        conv(&format!("{p}.conv2"), &format!("{p}.bn2"), width, width, 3, stride),
-                        conv(&format!("{p}.conv3"), &format!("{p}.bn3"), width, out_ch, 1, 1),
+                        conv(
+                            &format!("{p}.conv1"),
+                            &format!("{p}.bn1"),
+                            in_ch,
+                            width,
+                            1,
+                            1,
+                        ),
+                        conv(
+                            &format!("{p}.conv2"),
+                            &format!("{p}.bn2"),
+                            width,
+                            width,
+                            3,
+                            stride,
+                        ),
+                        conv(
+                            &format!("{p}.conv3"),
+                            &format!("{p}.bn3"),
+                            width,
+                            out_ch,
+                            1,
+                            1,
+                        ),
                     ],
                     _ => vec![
-                        conv(&format!("{p}.conv1"), &format!("{p}.bn1"), in_ch, width, 3, stride),
-                        conv(&format!("{p}.conv2"), &format!("{p}.bn2"), width, width, 3, 1),
+                        conv(
+                            &format!("{p}.conv1"),
+                            &format!("{p}.bn1"),
+                            in_ch,
+                            width,
+                            3,
+                            stride,
+                        ),
+                        conv(
+                            &format!("{p}.conv2"),
+                            &format!("{p}.bn2"),
+                            width,
+                            width,
+                            3,
+                            1,
+                        ),
                     ],
                 };
                 let downsample = stride != 1 || in_ch != out_ch;
@@ -159,7 +209,12 @@ impl Arch {
                         stride,
                     ));
                 }
-                units.push(UnitSpec { name: p, kind, convs, downsample });
+                units.push(UnitSpec {
+                    name: p,
+                    kind,
+                    convs,
+                    downsample,
+                });
                 in_ch = out_ch;
             }
         }
@@ -184,7 +239,14 @@ impl Arch {
     }
 }
 
-fn conv(conv: &str, bn: &str, in_channels: usize, out_channels: usize, kernel: usize, stride: usize) -> ConvSpec {
+fn conv(
+    conv: &str,
+    bn: &str,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+) -> ConvSpec {
     ConvSpec {
         conv: conv.into(),
         bn: bn.into(),
@@ -210,7 +272,11 @@ mod tests {
             .sum();
         // torchvision.models.resnet18().parameters() count.
         assert_eq!(params, 11_689_512);
-        assert!(shapes.iter().any(|(n, s)| n == "layer2.0.downsample.0.weight" && s == &[128, 64, 1, 1]));
+        assert!(
+            shapes
+                .iter()
+                .any(|(n, s)| n == "layer2.0.downsample.0.weight" && s == &[128, 64, 1, 1])
+        );
     }
 
     #[test]
@@ -222,6 +288,10 @@ mod tests {
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
         assert_eq!(params, 25_557_032);
-        assert!(shapes.iter().any(|(n, s)| n == "layer1.0.downsample.0.weight" && s == &[256, 64, 1, 1]));
+        assert!(
+            shapes
+                .iter()
+                .any(|(n, s)| n == "layer1.0.downsample.0.weight" && s == &[256, 64, 1, 1])
+        );
     }
 }

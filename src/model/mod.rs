@@ -137,7 +137,11 @@ impl Model {
         Self::from_tensors(config, &tensors, device)
     }
 
-    pub fn from_tensors(config: ModelConfig, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+    pub fn from_tensors(
+        config: ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
         let classes = config.labels.len();
         let mut params: HashMap<String, Vec<f32>> = HashMap::new();
@@ -202,7 +206,9 @@ impl Model {
             trunk_units.push((unit, convs));
         }
         let feat = config.arch.feature_channels();
-        let fc_weight_t = Tensor::from_vec(take("fc.weight"), (classes, feat), device)?.t()?.contiguous()?;
+        let fc_weight_t = Tensor::from_vec(take("fc.weight"), (classes, feat), device)?
+            .t()?
+            .contiguous()?;
         let fc_bias = Tensor::from_vec(take("fc.bias"), (1, classes), device)?;
         Ok(Model {
             config,
@@ -272,7 +278,9 @@ impl Model {
             h = forward_unit(unit, convs, &h)?;
         }
         let pooled = h.mean((2, 3))?;
-        Ok(pooled.matmul(&self.trunk.fc_weight_t)?.broadcast_add(&self.trunk.fc_bias)?)
+        Ok(pooled
+            .matmul(&self.trunk.fc_weight_t)?
+            .broadcast_add(&self.trunk.fc_bias)?)
     }
 
     pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {

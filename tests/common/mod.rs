@@ -31,7 +31,11 @@ pub fn tiny_repo() -> tempfile::TempDir {
     .unwrap();
     for (name, seed, q) in [("noise", 21, Quant::Int4), ("rain", 31, Quant::F16)] {
         let sig = rws::synth::signature(&model, name, seed, 0.3, q).unwrap();
-        sig.save(&dir.join("signatures").join(format!("{name}.rws.safetensors"))).unwrap();
+        sig.save(
+            &dir.join("signatures")
+                .join(format!("{name}.rws.safetensors")),
+        )
+        .unwrap();
     }
     repo
 }
@@ -48,10 +52,12 @@ impl TestServer {
     pub async fn start(repo: &Path, opts: EngineOptions) -> TestServer {
         let dir = ModelDir::open(repo, Some(MODEL)).unwrap();
         let model_dir = dir.dir.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::open(dir, &candle_core::Device::Cpu, &opts))
-            .await
-            .unwrap()
-            .unwrap();
+        let engine = tokio::task::spawn_blocking(move || {
+            Engine::open(dir, &candle_core::Device::Cpu, &opts)
+        })
+        .await
+        .unwrap()
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -62,8 +68,18 @@ impl TestServer {
             .await
             .unwrap();
         });
-        let channel = Channel::from_shared(addr.clone()).unwrap().connect().await.unwrap();
-        TestServer { addr, channel, model_dir, shutdown: Some(tx), task: Some(task) }
+        let channel = Channel::from_shared(addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        TestServer {
+            addr,
+            channel,
+            model_dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn inference(&self) -> InferenceClient<Channel> {
@@ -83,7 +99,10 @@ impl TestServer {
 /// A deterministic input tensor for the 28×28 model.
 pub fn input(seed: u64) -> pb::Tensor {
     let mut rng = rws::rng::Rng::new(seed);
-    pb::Tensor { shape: vec![1, 28, 28], data: (0..784).map(|_| rng.normal()).collect() }
+    pb::Tensor {
+        shape: vec![1, 28, 28],
+        data: (0..784).map(|_| rng.normal()).collect(),
+    }
 }
 
 pub fn tensor_request(seed: u64, profile: &str) -> pb::ClassifyRequest {
@@ -114,7 +133,13 @@ pub async fn logits(client: &mut InferenceClient<Channel>, req: pb::ClassifyRequ
 }
 
 pub fn refs(pairs: &[(&str, f32)]) -> Vec<pb::SignatureRef> {
-    pairs.iter().map(|(n, a)| pb::SignatureRef { name: n.to_string(), alpha: *a }).collect()
+    pairs
+        .iter()
+        .map(|(n, a)| pb::SignatureRef {
+            name: n.to_string(),
+            alpha: *a,
+        })
+        .collect()
 }
 
 /// A PNG of a digit-like pattern.
