@@ -5,6 +5,7 @@
 //! [`server`] are thin wrappers over [`engine::Engine`].
 
 pub mod corrupt;
+pub mod data;
 pub mod engine;
 pub mod error;
 pub mod fsutil;

@@ -432,10 +432,19 @@ mod tests {
         let w: Vec<f32> = (0..8 * 3 * 3 * 3).map(|_| rng.normal()).collect();
         deltas.insert(
             "conv1.weight".to_string(),
-            TensorDelta { shape: vec![8, 3, 3, 3], delta: Delta::quantize(&w, 8, quant) },
+            TensorDelta {
+                shape: vec![8, 3, 3, 3],
+                delta: Delta::quantize(&w, 8, quant),
+            },
         );
         let g: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
-        deltas.insert("bn1.weight".to_string(), TensorDelta { shape: vec![8], delta: Delta::F32(g) });
+        deltas.insert(
+            "bn1.weight".to_string(),
+            TensorDelta {
+                shape: vec![8],
+                delta: Delta::F32(g),
+            },
+        );
         let meta = SignatureMeta {
             arch: "resnet18".into(),
             base_fingerprint: "sha256:ab".into(),
@@ -462,9 +471,15 @@ mod tests {
         let w = exact.deltas()["conv1.weight"].delta.dequantize();
         for (q, max_ratio) in [(Quant::F16, 0.55), (Quant::Int8, 0.4), (Quant::Int4, 0.3)] {
             let small = exact.quantized(q);
-            assert!((small.stored_bytes() as f64) < max_ratio * exact.stored_bytes() as f64, "{q}");
+            assert!(
+                (small.stored_bytes() as f64) < max_ratio * exact.stored_bytes() as f64,
+                "{q}"
+            );
             // 1-D deltas stay float.
-            assert!(matches!(small.deltas()["bn1.weight"].delta, Delta::F32(_) | Delta::F16(_)));
+            assert!(matches!(
+                small.deltas()["bn1.weight"].delta,
+                Delta::F32(_) | Delta::F16(_)
+            ));
             let got = small.deltas()["conv1.weight"].delta.dequantize();
             let range = w.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
             let levels = match q {
@@ -472,7 +487,11 @@ mod tests {
                 Quant::Int8 => 255.0,
                 _ => 1000.0,
             };
-            let worst = w.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = w
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(worst <= range / levels / 2.0 + 1e-6, "{q}: error {worst}");
         }
     }
@@ -480,10 +499,15 @@ mod tests {
     #[test]
     fn malformed_files_are_refused_with_reasons() {
         let bytes = sample(Quant::Int8).to_bytes().unwrap();
-        let err = Signature::from_bytes(&bytes[..bytes.len() - 3]).unwrap_err().to_string();
+        let err = Signature::from_bytes(&bytes[..bytes.len() - 3])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("safetensors"), "{err}");
         let st = safetensors::serialize(
-            [("x", TensorView::new(Dtype::F32, vec![1], &[0, 0, 0, 0]).unwrap())],
+            [(
+                "x",
+                TensorView::new(Dtype::F32, vec![1], &[0, 0, 0, 0]).unwrap(),
+            )],
             None,
         )
         .unwrap();

@@ -17,7 +17,11 @@ impl Drop for Server {
 
 fn rws(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(out.status.success(), "rws {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rws {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -36,15 +40,28 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let _server = Server(child);
-    let addr = format!("http://{}", line.trim().strip_prefix("rws listening on ").expect("address line"));
+    let addr = format!(
+        "http://{}",
+        line.trim()
+            .strip_prefix("rws listening on ")
+            .expect("address line")
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("digit.png");
-    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([if (x as i32 - 14).abs() < 3 || y == 5 { 255 } else { 0 }]))
-        .save(&png)
-        .unwrap();
+    image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (x as i32 - 14).abs() < 3 || y == 5 {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&png)
+    .unwrap();
     let png = png.to_str().unwrap();
 
     let out = rws(&["classify", png, "--addr", &addr]);
@@ -52,8 +69,19 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
     assert_eq!(out.lines().count(), 6, "profile line + top 5: {out}");
 
     let out = rws(&["signature", "ls", "--addr", &addr]);
-    assert!(out.contains("synthetic-fog") && out.contains("synthetic"), "{out}");
-    let out = rws(&["profile", "put", "storm", "synthetic-fog@0.5", "synthetic-noise@0.5", "--addr", &addr]);
+    assert!(
+        out.contains("synthetic-fog") && out.contains("synthetic"),
+        "{out}"
+    );
+    let out = rws(&[
+        "profile",
+        "put",
+        "storm",
+        "synthetic-fog@0.5",
+        "synthetic-noise@0.5",
+        "--addr",
+        &addr,
+    ]);
     assert!(out.contains("profile storm generation"), "{out}");
     let out = rws(&["profile", "default", "storm", "--addr", &addr]);
     assert!(out.contains("profile storm"), "{out}");
@@ -67,6 +95,12 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
     let err = rws_err(&["profile", "put", "x", "synthetic-fog", "--addr", &addr]);
     assert!(err.contains("SIGNATURE@ALPHA"), "{err}");
 
-    let out = rws(&["inspect", "models/tiny-resnet/signatures/synthetic-fog.rws.safetensors"]);
-    assert!(out.contains("conv1.weight") && out.contains("int8") && out.contains("fingerprint"), "{out}");
+    let out = rws(&[
+        "inspect",
+        "models/tiny-resnet/signatures/synthetic-fog.rws.safetensors",
+    ]);
+    assert!(
+        out.contains("conv1.weight") && out.contains("int8") && out.contains("fingerprint"),
+        "{out}"
+    );
 }

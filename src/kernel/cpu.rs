@@ -13,7 +13,7 @@ use super::{ConvBn, DeltaView, KernelError, LayerDelta};
 
 /// Elements of work below which a rayon task is not split further: tiny layers run on
 /// the calling thread instead of paying task overhead per channel.
-const MIN_TASK_ELEMS: usize = 64 * 1024;
+const MIN_TASK_ELEMS: usize = 128 * 1024;
 
 /// Writes the served weights of one patched conv layer (see the formula in
 /// [`crate::kernel`]): `out_w` is `[out_channels, per_channel]` like `base.weight`,
@@ -370,6 +370,52 @@ mod tests {
                 Sig::random(&mut rng, &layer, -0.6, Quant::Int4, Some(Quant::F32)),
             ];
             assert_matches_reference(&layer, &sigs);
+            // A signature without a weight delta ahead of ones with weight deltas.
+            let mut bn_only = Sig::random(&mut rng, &layer, 0.4, Quant::F32, Some(Quant::F32));
+            bn_only.weight = None;
+            let sigs = [
+                bn_only,
+                Sig::random(&mut rng, &layer, 0.9, Quant::Int8, None),
+                Sig::random(&mut rng, &layer, -0.2, Quant::Int4, Some(Quant::F16)),
+            ];
+            assert_matches_reference(&layer, &sigs);
+        }
+    }
+
+    /// The kernel (AVX2 where the CPU has it) against the baseline build of the same
+    /// per-channel code: bitwise equal, so results do not depend on the CPU's features.
+    #[test]
+    fn simd_dispatch_is_bitwise_equal_to_baseline() {
+        let mut rng = Rng(18);
+        for (o, cols) in [(64, 64 * 9), (16, 27)] {
+            let layer = Layer::random(&mut rng, o, cols);
+            for sigs in [
+                vec![],
+                vec![Sig::random(&mut rng, &layer, 0.7, Quant::Int8, None)],
+                vec![Sig::random(
+                    &mut rng,
+                    &layer,
+                    0.7,
+                    Quant::F16,
+                    Some(Quant::F16),
+                )],
+                vec![
+                    Sig::random(&mut rng, &layer, 0.7, Quant::Int4, Some(Quant::F32)),
+                    Sig::random(&mut rng, &layer, -0.3, Quant::F32, None),
+                ],
+            ] {
+                let (w, b) = run_cpu(&layer, &sigs).unwrap();
+                let deltas: Vec<_> = sigs.iter().map(Sig::layer_delta).collect();
+                let base = layer.conv_bn();
+                let mut row = vec![0.0; cols];
+                for ch in 0..o {
+                    let mut bias = 0.0;
+                    fold_channel_impl(&base, &deltas, ch, &mut row, &mut bias).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&row), bits(&w[ch * cols..][..cols]), "channel {ch}");
+                    assert_eq!(bias.to_bits(), b[ch].to_bits(), "channel {ch}");
+                }
+            }
         }
     }
 
