@@ -28,15 +28,8 @@ struct Case {
 
 impl Case {
     fn new(out_channels: usize, cols: usize, seed: u64) -> Case {
-        let mut state = seed;
-        let mut next = move || {
-            // splitmix64 -> [-1, 1)
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut rng = rws::rng::Rng::new(seed);
+        let mut next = move || rng.uniform() * 2.0 - 1.0;
         let n = out_channels * cols;
         let weight: Vec<f32> = (0..n).map(|_| next() * 0.1).collect();
         let dw: Vec<f32> = (0..n).map(|_| next() * 0.01).collect();

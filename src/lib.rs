@@ -19,5 +19,6 @@ pub mod rng;
 pub mod server;
 pub mod signature;
 pub mod synth;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -577,34 +577,17 @@ impl<'a> DeltaView<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
-    /// splitmix64: deterministic, dependency-free test data.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+    /// Rows with different magnitudes, signs and offsets, like real per-channel deltas.
+    fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(rows * cols);
+        for _ in 0..rows {
+            let mag = 10f32.powf(rng.range(-1.0, 1.0) * 2.0) * 0.01;
+            let shift = rng.range(-1.0, 1.0) * mag;
+            v.extend((0..cols).map(|_| rng.range(-1.0, 1.0) * mag + shift));
         }
-
-        /// Uniform in [-1, 1).
-        fn uniform(&mut self) -> f32 {
-            (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-
-        /// Rows with different magnitudes, signs and offsets, like real per-channel deltas.
-        fn matrix(&mut self, rows: usize, cols: usize) -> Vec<f32> {
-            let mut v = Vec::with_capacity(rows * cols);
-            for _ in 0..rows {
-                let mag = 10f32.powf(self.uniform() * 2.0) * 0.01;
-                let shift = self.uniform() * mag;
-                v.extend((0..cols).map(|_| self.uniform() * mag + shift));
-            }
-            v
-        }
+        v
     }
 
     fn check_round_trip(values: &[f32], rows: usize, quant: Quant) {
@@ -657,17 +640,17 @@ mod tests {
 
     #[test]
     fn int8_round_trip_within_half_scale() {
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         for (rows, cols) in [(64, 576), (7, 1), (3, 49), (1, 1000)] {
-            check_round_trip(&rng.matrix(rows, cols), rows, Quant::Int8);
+            check_round_trip(&matrix(&mut rng, rows, cols), rows, Quant::Int8);
         }
     }
 
     #[test]
     fn int4_round_trip_within_half_scale_odd_cols() {
-        let mut rng = Rng(2);
+        let mut rng = Rng::new(2);
         for (rows, cols) in [(64, 576), (16, 27), (5, 1), (9, 147), (2, 2)] {
-            let v = rng.matrix(rows, cols);
+            let v = matrix(&mut rng, rows, cols);
             check_round_trip(&v, rows, Quant::Int4);
             let d = Delta::quantize(&v, rows, Quant::Int4);
             let Delta::Int4 { q, .. } = &d else {
@@ -716,8 +699,8 @@ mod tests {
 
     #[test]
     fn f16_round_trip_within_f16_precision() {
-        let mut rng = Rng(3);
-        let v = rng.matrix(64, 576);
+        let mut rng = Rng::new(3);
+        let v = matrix(&mut rng, 64, 576);
         let d = Delta::quantize(&v, 64, Quant::F16);
         assert_eq!(d.quant(), Quant::F16);
         for (&x, y) in v.iter().zip(d.dequantize()) {
@@ -733,7 +716,7 @@ mod tests {
 
     #[test]
     fn stored_bytes_shrink_as_expected() {
-        let v = Rng(4).matrix(64, 576);
+        let v = matrix(&mut Rng::new(4), 64, 576);
         let f32_bytes = Delta::quantize(&v, 64, Quant::F32).stored_bytes();
         assert_eq!(f32_bytes, 64 * 576 * 4);
         let ratio = |q| Delta::quantize(&v, 64, q).stored_bytes() as f64 / f32_bytes as f64;
@@ -746,9 +729,9 @@ mod tests {
 
     #[test]
     fn accumulate_row_matches_dequantize() {
-        let mut rng = Rng(5);
+        let mut rng = Rng::new(5);
         for (rows, cols) in [(8, 576), (6, 27), (4, 1), (3, 131)] {
-            let v = rng.matrix(rows, cols);
+            let v = matrix(&mut rng, rows, cols);
             for quant in Quant::ALL {
                 let d = Delta::quantize(&v, rows, quant);
                 let dq = d.dequantize();
@@ -760,7 +743,7 @@ mod tests {
                     view.accumulate_row(r, cols, 1.0, &mut out);
                     assert_eq!(out, want, "{quant} row {r}");
                     // General alpha onto a base, within float rounding.
-                    let base: Vec<f32> = (0..cols).map(|_| rng.uniform()).collect();
+                    let base: Vec<f32> = (0..cols).map(|_| rng.range(-1.0, 1.0)).collect();
                     let mut out = base.clone();
                     let alpha = -0.7;
                     view.accumulate_row(r, cols, alpha, &mut out);
@@ -788,7 +771,7 @@ mod tests {
 
     #[test]
     fn check_layout_rejects_inconsistent_buffers() {
-        let v = Rng(6).matrix(4, 9);
+        let v = matrix(&mut Rng::new(6), 4, 9);
         for quant in Quant::ALL {
             let d = Delta::quantize(&v, 4, quant);
             d.view().check_layout(4, 9).unwrap();

@@ -1,11 +1,12 @@
 //! The production CPU kernel: add the signature deltas, fold the BatchNorm, in one pass.
 //!
-//! Each output channel is one task: its row of `W` is copied into the output row, every
-//! weight delta is accumulated into it, and it is multiplied by the channel's BatchNorm
-//! scale. The row stays in L1 between those steps, so memory sees one read of every
-//! input byte and one write of the output; there are no heap temporaries. Channels are
+//! Each output channel is one task. Its row of `W` is read once, with the first weight
+//! delta added on the way in (and, when it is the only one, the BatchNorm scale applied
+//! in the same pass); further deltas are accumulated into the row and the scale applied
+//! afterwards while the row is still in L1. So memory sees one read of every input byte
+//! and one write of the output, and there are no heap temporaries. Channels are
 //! computed independently (no cross-thread reductions), so the result is bitwise the
-//! same whatever the thread count or scheduling.
+//! same whatever the thread count, scheduling or SIMD width.
 
 use rayon::prelude::*;
 
@@ -193,28 +194,7 @@ mod tests {
     use super::*;
     use crate::kernel::reference;
     use crate::quant::{Delta, Quant};
-
-    /// splitmix64: deterministic, dependency-free test data.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// Uniform in [lo, hi).
-        fn range(&mut self, lo: f32, hi: f32) -> f32 {
-            lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-        }
-
-        fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-            (0..n).map(|_| self.range(lo, hi)).collect()
-        }
-    }
+    use crate::rng::Rng;
 
     /// Owned storage for a clean conv + BatchNorm.
     struct Layer {
@@ -327,7 +307,7 @@ mod tests {
 
     #[test]
     fn no_deltas_is_the_batchnorm_fold() {
-        let mut rng = Rng(10);
+        let mut rng = Rng::new(10);
         let layer = Layer::random(&mut rng, 64, 64 * 9);
         assert_matches_reference(&layer, &[]);
         let (w, b) = run_cpu(&layer, &[]).unwrap();
@@ -343,7 +323,7 @@ mod tests {
 
     #[test]
     fn each_form_matches_reference() {
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         // (out_channels, cols): 3x3 conv, 1x1 conv, odd cols (3x3 over 3 channels), conv1.
         for (o, cols) in [(64, 64 * 9), (64, 64), (16, 27), (64, 3 * 49)] {
             let layer = Layer::random(&mut rng, o, cols);
@@ -356,7 +336,7 @@ mod tests {
 
     #[test]
     fn mixed_signatures_with_batchnorm_deltas_match_reference() {
-        let mut rng = Rng(12);
+        let mut rng = Rng::new(12);
         for (o, cols) in [(64, 64 * 9), (128, 64), (33, 75)] {
             let layer = Layer::random(&mut rng, o, cols);
             let sigs = [
@@ -386,7 +366,7 @@ mod tests {
     /// per-channel code: bitwise equal, so results do not depend on the CPU's features.
     #[test]
     fn simd_dispatch_is_bitwise_equal_to_baseline() {
-        let mut rng = Rng(18);
+        let mut rng = Rng::new(18);
         for (o, cols) in [(64, 64 * 9), (16, 27)] {
             let layer = Layer::random(&mut rng, o, cols);
             for sigs in [
@@ -421,7 +401,7 @@ mod tests {
 
     #[test]
     fn bn_only_delta_matches_reference() {
-        let mut rng = Rng(13);
+        let mut rng = Rng::new(13);
         let layer = Layer::random(&mut rng, 40, 9);
         let mut sig = Sig::random(&mut rng, &layer, 0.9, Quant::F32, Some(Quant::F32));
         sig.weight = None;
@@ -430,7 +410,7 @@ mod tests {
 
     #[test]
     fn bitwise_deterministic() {
-        let mut rng = Rng(14);
+        let mut rng = Rng::new(14);
         let layer = Layer::random(&mut rng, 512, 256 * 9);
         let sigs = [
             Sig::random(&mut rng, &layer, 0.7, Quant::Int8, Some(Quant::F32)),
@@ -467,7 +447,7 @@ mod tests {
 
     #[test]
     fn negative_variance_is_reported_at_the_lowest_channel() {
-        let mut rng = Rng(15);
+        let mut rng = Rng::new(15);
         let layer = Layer::random(&mut rng, 256, 64);
         let mut dvar = vec![0.0f32; 256];
         dvar[200] = 10.0;
@@ -505,7 +485,7 @@ mod tests {
 
     #[test]
     fn huge_alpha_is_not_finite() {
-        let mut rng = Rng(16);
+        let mut rng = Rng::new(16);
         let layer = Layer::random(&mut rng, 64, 64 * 9);
         let big = Delta::F32(rng.vec(layer.weight.len(), 50.0, 100.0));
         let delta = LayerDelta {
@@ -557,7 +537,7 @@ mod tests {
         };
         let (w, b) = run_cpu(&layer, &[]).unwrap();
         assert!(w.is_empty() && b.is_empty());
-        let mut rng = Rng(17);
+        let mut rng = Rng::new(17);
         let layer = Layer::random(&mut rng, 1, 1);
         let sig = Sig::random(&mut rng, &layer, 0.5, Quant::Int4, Some(Quant::F16));
         assert_matches_reference(&layer, &[sig]);

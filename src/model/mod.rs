@@ -38,9 +38,9 @@ impl FoldedConv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(y.broadcast_add(&self.bias)?)
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -265,7 +265,7 @@ impl Model {
         let mut h = x.clone();
         for unit in &self.stem_units {
             let (mine, rest) = convs.split_at(unit.convs.len());
-            h = forward_unit(unit, mine, &h)?;
+            h = forward_unit(unit, mine, &h, FoldedConv::forward)?;
             convs = rest;
         }
         Ok(h)
@@ -275,12 +275,13 @@ impl Model {
     pub fn forward_trunk(&self, h: &Tensor) -> Result<Tensor> {
         let mut h = h.clone();
         for (unit, convs) in &self.trunk.units {
-            h = forward_unit(unit, convs, &h)?;
+            h = forward_unit(unit, convs, &h, FoldedConv::forward)?;
         }
-        let pooled = h.mean((2, 3))?;
-        Ok(pooled
-            .matmul(&self.trunk.fc_weight_t)?
-            .broadcast_add(&self.trunk.fc_bias)?)
+        Ok(classify_head(
+            &h,
+            &self.trunk.fc_weight_t,
+            &self.trunk.fc_bias,
+        )?)
     }
 
     pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
@@ -288,14 +289,21 @@ impl Model {
     }
 }
 
-fn forward_unit(unit: &UnitSpec, convs: &[FoldedConv], x: &Tensor) -> Result<Tensor> {
+/// Runs one unit, given how to apply one of its convs (conv + BatchNorm): the
+/// served model passes folded convs, training passes conv and BatchNorm modules.
+pub(crate) fn forward_unit<C>(
+    unit: &UnitSpec,
+    convs: &[C],
+    x: &Tensor,
+    conv: impl Fn(&C, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     match unit.kind {
         UnitKind::Stem { maxpool } => {
-            let h = convs[0].forward(x)?.relu()?;
+            let h = conv(&convs[0], x)?.relu()?;
             if maxpool {
                 // Zero padding equals -inf padding here: the input is post-ReLU.
                 let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-                Ok(h.max_pool2d_with_stride(3, 2)?)
+                h.max_pool2d_with_stride(3, 2)
             } else {
                 Ok(h)
             }
@@ -308,17 +316,26 @@ fn forward_unit(unit: &UnitSpec, convs: &[FoldedConv], x: &Tensor) -> Result<Ten
             };
             let mut h = x.clone();
             for (i, c) in main.iter().enumerate() {
-                h = c.forward(&h)?;
+                h = conv(c, &h)?;
                 if i + 1 < main.len() {
                     h = h.relu()?;
                 }
             }
             let identity = if unit.downsample {
-                convs[convs.len() - 1].forward(x)?
+                conv(&convs[convs.len() - 1], x)?
             } else {
                 x.clone()
             };
-            Ok((h + identity)?.relu()?)
+            (h + identity)?.relu()
         }
     }
+}
+
+/// Global average pooling then the classifier.
+pub(crate) fn classify_head(
+    h: &Tensor,
+    fc_weight_t: &Tensor,
+    fc_bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    h.mean((2, 3))?.matmul(fc_weight_t)?.broadcast_add(fc_bias)
 }

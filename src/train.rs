@@ -1,0 +1,235 @@
+//! Training with candle on the CPU: the trainable twin of [`crate::model`]
+//! (conv and BatchNorm modules instead of folded convs, same torchvision names),
+//! and the fine-tuning loop the RWS method needs.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{
+    BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, ModuleT, Optimizer, VarBuilder,
+    VarMap,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::model::{UnitSpec, classify_head, forward_unit};
+use crate::repo::ModelConfig;
+use crate::rng::Rng;
+use crate::{Result, bail};
+
+/// Images ready for the network: normalized `[n, C, H, W]` values and labels.
+#[derive(Debug, Clone)]
+pub struct Batchable {
+    pub x: Vec<f32>,
+    pub y: Vec<u32>,
+    /// Values per image.
+    pub size: usize,
+}
+
+impl Batchable {
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// The images at `idx` as a batch tensor and label tensor.
+    pub fn batch(
+        &self,
+        idx: &[usize],
+        cfg: &ModelConfig,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let [h, w] = cfg.input_size;
+        let mut x = Vec::with_capacity(idx.len() * self.size);
+        for &i in idx {
+            x.extend_from_slice(&self.x[i * self.size..(i + 1) * self.size]);
+        }
+        let y: Vec<u32> = idx.iter().map(|&i| self.y[i]).collect();
+        Ok((
+            Tensor::from_vec(x, (idx.len(), cfg.channels, h, w), device)?,
+            Tensor::from_vec(y, idx.len(), device)?,
+        ))
+    }
+}
+
+/// How one training run goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub steps: usize,
+    pub batch: usize,
+    /// Peak learning rate; it decays to zero on a cosine.
+    pub lr: f64,
+    /// Seeds the order in which examples are drawn.
+    pub seed: u64,
+}
+
+/// Initial weights: Kaiming-normal convs, identity BatchNorm, small classifier.
+pub fn init_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in cfg.arch.tensor_shapes(cfg.channels, cfg.labels.len()) {
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        let std = if name == "fc.weight" {
+            (1.0 / fan_in as f32).sqrt()
+        } else {
+            (2.0 / fan_in as f32).sqrt()
+        };
+        let values: Vec<f32> = if shape.len() > 1 {
+            (0..n).map(|_| rng.normal() * std).collect()
+        } else if name.ends_with("running_var")
+            || (name.ends_with(".weight") && name != "fc.weight")
+        {
+            vec![1.0; n]
+        } else {
+            vec![0.0; n]
+        };
+        out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// A trainable network. Its variables start as copies of the given tensors.
+pub struct Net {
+    varmap: VarMap,
+    units: Vec<(UnitSpec, Vec<(Conv2d, BatchNorm)>)>,
+    fc: Linear,
+}
+
+impl Net {
+    pub fn new(cfg: &ModelConfig, init: &HashMap<String, Tensor>, device: &Device) -> Result<Net> {
+        let varmap = VarMap::new();
+        {
+            let mut vars = varmap.data().lock().expect("fresh varmap");
+            for (name, t) in init {
+                vars.insert(
+                    name.clone(),
+                    Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?,
+                );
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let bn_cfg = BatchNormConfig {
+            eps: cfg.bn_eps as f64,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        };
+        let mut units = Vec::new();
+        for unit in cfg.arch.units(cfg.channels) {
+            let convs = unit
+                .convs
+                .iter()
+                .map(|c| {
+                    let conv_cfg = Conv2dConfig {
+                        padding: c.padding,
+                        stride: c.stride,
+                        ..Default::default()
+                    };
+                    let conv = candle_nn::conv2d_no_bias(
+                        c.in_channels,
+                        c.out_channels,
+                        c.kernel,
+                        conv_cfg,
+                        vb.pp(&c.conv),
+                    )?;
+                    let bn = candle_nn::batch_norm(c.out_channels, bn_cfg, vb.pp(&c.bn))?;
+                    Ok((conv, bn))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            units.push((unit, convs));
+        }
+        let fc = candle_nn::linear(cfg.arch.feature_channels(), cfg.labels.len(), vb.pp("fc"))?;
+        if varmap.all_vars().len() != init.len() {
+            bail!(
+                InvalidArgument,
+                "initial tensors do not match the architecture's parameters"
+            );
+        }
+        Ok(Net { varmap, units, fc })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (unit, convs) in &self.units {
+            h = forward_unit(unit, convs, &h, |(conv, bn), x| {
+                use candle_core::Module;
+                bn.forward_t(&conv.forward(x)?, train)
+            })?;
+        }
+        let fc_t = self.fc.weight().t()?;
+        let bias = self.fc.bias().expect("linear has a bias").unsqueeze(0)?;
+        Ok(classify_head(&h, &fc_t, &bias)?)
+    }
+
+    /// A snapshot of every parameter and running statistic, copied out of the variables.
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let vars = self.varmap.data().lock().expect("varmap");
+        vars.iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?.copy()?)))
+            .collect()
+    }
+
+    /// Trains on `data` and returns the final mean loss over the last tenth of steps.
+    pub fn fit(
+        &self,
+        cfg: &ModelConfig,
+        data: &Batchable,
+        s: &Schedule,
+        label: &str,
+    ) -> Result<f32> {
+        if data.is_empty() || s.batch == 0 {
+            bail!(InvalidArgument, "nothing to train on");
+        }
+        let device = self.varmap.all_vars()[0].device().clone();
+        let params = candle_nn::ParamsAdamW {
+            lr: s.lr,
+            weight_decay: 1e-4,
+            ..Default::default()
+        };
+        let mut opt = candle_nn::AdamW::new(self.varmap.all_vars(), params)?;
+        let mut rng = Rng::new(s.seed);
+        let mut order: Vec<usize> = Vec::new();
+        let bar = ProgressBar::new(s.steps as u64).with_style(
+            ProgressStyle::with_template(
+                "{prefix:>14} {bar:30} {pos}/{len} steps, loss {msg} [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(label.to_string());
+        let tail = (s.steps / 10).max(1);
+        let mut tail_loss = 0f32;
+        for step in 0..s.steps {
+            if order.len() < s.batch {
+                order = shuffled(data.len(), &mut rng);
+            }
+            let idx: Vec<usize> = order.split_off(order.len() - s.batch.min(order.len()));
+            let (x, y) = data.batch(&idx, cfg, &device)?;
+            let lr =
+                s.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / s.steps as f64).cos());
+            opt.set_learning_rate(lr);
+            let loss = candle_nn::loss::cross_entropy(&self.forward_t(&x, true)?, &y)?;
+            opt.backward_step(&loss)?;
+            let l = loss.to_scalar::<f32>()?;
+            if step >= s.steps - tail {
+                tail_loss += l / tail as f32;
+            }
+            bar.set_message(format!("{l:.3}"));
+            bar.inc(1);
+        }
+        bar.finish();
+        Ok(tail_loss)
+    }
+}
+
+/// 0..n in a seeded random order (Fisher-Yates).
+pub fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
