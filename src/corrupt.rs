@@ -154,7 +154,9 @@ impl Corruption {
             }
             Corruption::ShotNoise => {
                 let photons = [60.0, 25.0, 12.0, 5.0, 3.0][s];
-                img.map(|v| poisson(v.max(0.0) * photons, &mut rng) / photons)
+                // Sampling by quantile takes one number per pixel, so that with
+                // one seed each pixel keeps its quantile across severities.
+                img.map(|v| poisson_quantile(v.clamp(0.0, 1.0) * photons, rng.uniform()) / photons)
             }
             Corruption::ImpulseNoise => {
                 let amount = [0.03, 0.06, 0.09, 0.17, 0.27][s];
@@ -196,7 +198,7 @@ impl Corruption {
 
 impl fmt::Display for Corruption {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -334,7 +336,11 @@ fn plasma_fractal(size: usize, decay: f32, rng: &mut Rng) -> Vec<f32> {
         // Diamond centres: the midpoints of the square edges, each between two
         // corners and two square centres.
         for y in (0..size).step_by(half) {
-            let x_start = if (y / half) % 2 == 0 { half } else { 0 };
+            let x_start = if (y / half).is_multiple_of(2) {
+                half
+            } else {
+                0
+            };
             for x in (x_start..size).step_by(step) {
                 let sum = map[at(y + size - half, x)]
                     + map[at(y + half, x)]
@@ -376,7 +382,8 @@ fn snow(img: &Gray, s: usize, rng: &mut Rng) -> Gray {
         (0..n)
             .map(|i| {
                 let v = img.pixels[i];
-                let light = keep * v + (1.0 - keep) * v.max(1.5 * v + 0.5);
+                // ImageNet-C's max(x, 1.5 * gray + 0.5), which for gray is the latter.
+                let light = keep * v + (1.0 - keep) * (1.5 * v + 0.5);
                 light + flakes.pixels[i] + flakes.pixels[n - 1 - i]
             })
             .collect(),
@@ -428,18 +435,16 @@ fn rain(img: &Gray, s: usize, rng: &mut Rng) -> Gray {
 // ---------------------------------------------------------------------------
 // Noise, blur, digital.
 
-/// A Poisson sample: Knuth's method for small means, the normal approximation
-/// above.
-fn poisson(lambda: f32, rng: &mut Rng) -> f32 {
-    if lambda >= 30.0 {
-        return (lambda + lambda.sqrt() * rng.normal()).round().max(0.0);
-    }
-    let limit = (-f64::from(lambda)).exp();
+/// The `u`-quantile of a Poisson distribution with mean `lambda` (at most a
+/// few hundred here), found by walking its cumulative distribution.
+fn poisson_quantile(lambda: f32, u: f32) -> f32 {
+    let mut p = (-f64::from(lambda)).exp();
+    let mut cdf = p;
     let mut k = 0u32;
-    let mut p = f64::from(rng.uniform());
-    while p > limit {
+    while cdf < f64::from(u) && p > 0.0 {
         k += 1;
-        p *= f64::from(rng.uniform());
+        p *= f64::from(lambda) / f64::from(k);
+        cdf += p;
     }
     k as f32
 }
@@ -690,6 +695,20 @@ mod tests {
             );
             assert!(diffs[4] > 0.02, "{kind}: {diffs:?}");
         }
+    }
+
+    #[test]
+    fn poisson_quantile_has_poisson_moments() {
+        let mut rng = Rng::new(1);
+        let samples: Vec<f32> = (0..50_000)
+            .map(|_| poisson_quantile(7.5, rng.uniform()))
+            .collect();
+        let mean = samples.iter().sum::<f32>() / samples.len() as f32;
+        let var = samples.iter().map(|k| (k - mean).powi(2)).sum::<f32>() / samples.len() as f32;
+        assert!(
+            (mean - 7.5).abs() < 0.1 && (var - 7.5).abs() < 0.3,
+            "{mean} {var}"
+        );
     }
 
     #[test]

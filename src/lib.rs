@@ -7,6 +7,7 @@
 pub mod corrupt;
 pub mod data;
 pub mod engine;
+pub mod extract;
 pub mod error;
 pub mod fsutil;
 pub mod kernel;

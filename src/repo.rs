@@ -40,6 +40,15 @@ fn default_eps() -> f32 {
 }
 
 impl ModelConfig {
+    /// Reads and validates a `model.toml`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config: ModelConfig = toml::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {}", path.display(), e.message())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.channels != 1 && self.channels != 3 {
             bail!(
@@ -110,12 +119,7 @@ impl ModelDir {
             }
         };
         let dir = repo.join(&name);
-        let toml_path = dir.join("model.toml");
-        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(&toml_path, e))?;
-        let config: ModelConfig = toml::from_str(&text).map_err(|e| {
-            Error::InvalidArgument(format!("{}: {}", toml_path.display(), e.message()))
-        })?;
-        config.validate()?;
+        let config = ModelConfig::load(&dir.join("model.toml"))?;
         Ok(ModelDir { name, dir, config })
     }
 

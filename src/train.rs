@@ -3,6 +3,7 @@
 //! and the fine-tuning loop the RWS method needs.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{
@@ -10,8 +11,11 @@ use candle_nn::{
     VarMap,
 };
 use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
 
-use crate::model::{UnitSpec, classify_head, forward_unit};
+use crate::corrupt::Corruption;
+use crate::data::{self, Digits};
+use crate::model::{Arch, UnitSpec, classify_head, forward_unit};
 use crate::repo::ModelConfig;
 use crate::rng::Rng;
 use crate::{Result, bail};
@@ -232,4 +236,111 @@ pub fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
         v.swap(i, j);
     }
     v
+}
+
+/// The severities training or evaluation data is corrupted at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Fixed(u8),
+    /// Each image draws one of 1..=5 (seeded), as robust fine-tuning uses.
+    Mixed,
+}
+
+/// Digits as network input: each corrupted by every kind in `kinds` in turn
+/// (none = clean), then normalized with the model's mean and std.
+pub fn prepare(digits: &Digits, cfg: &ModelConfig, kinds: &[Corruption], severity: Severity, seed: u64) -> Batchable {
+    let (mean, std) = (cfg.mean[0], cfg.std[0]);
+    let images: Vec<Vec<f32>> = (0..digits.len())
+        .into_par_iter()
+        .map(|i| {
+            let mut g = digits.gray(i);
+            for (k, kind) in kinds.iter().enumerate() {
+                let image_seed = seed ^ ((i as u64) << 20) ^ ((k as u64) << 8) ^ (*kind as u64);
+                let sev = match severity {
+                    Severity::Fixed(s) => s,
+                    Severity::Mixed => 1 + (Rng::new(image_seed).next_u64() % 5) as u8,
+                };
+                g = kind.apply(&g, sev, image_seed);
+            }
+            g.pixels.iter().map(|p| (p - mean) / std).collect()
+        })
+        .collect();
+    Batchable {
+        x: images.concat(),
+        y: digits.labels.iter().map(|&l| u32::from(l)).collect(),
+        size: data::PIXELS,
+    }
+}
+
+/// The digit model the pipeline trains: the small ResNet (16/32/64 channels, one
+/// block per stage) with a stride-2 stem, which trains 4× faster than stride 1
+/// on two cores; conv1 + layer1 form the patchable stem.
+pub fn mnist_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Small { widths: vec![16, 32, 64], depths: vec![1, 1, 1], stem_stride: 2 },
+        input_size: [data::SIDE, data::SIDE],
+        channels: 1,
+        mean: vec![0.1307],
+        std: vec![0.3081],
+        labels: (0..10).map(|d| d.to_string()).collect(),
+        patchable_blocks: 1,
+        bn_eps: 1e-5,
+        synthetic: false,
+    }
+}
+
+/// The pipeline's steps and sizes.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub kinds: Vec<Corruption>,
+    /// Steps for theta_pre, from scratch.
+    pub pre_steps: usize,
+    /// Steps for each fine-tune (std, robust, std_v2).
+    pub finetune_steps: usize,
+    pub batch: usize,
+    pub seed: u64,
+}
+
+/// Checkpoint file names in a run directory.
+pub fn checkpoint_name(role: &str) -> String {
+    format!("{role}.safetensors")
+}
+
+/// Trains theta_pre on clean digits; fine-tunes theta_std (clean) and one
+/// theta_rob per corruption kind (that kind, mixed severities) from it, with the
+/// same seeds and data order so that only the data differs; then trains theta_std
+/// further into theta_std_v2, the "updated backbone". Writes every checkpoint and
+/// `model.toml` into `out`.
+pub fn run_pipeline(train: &Digits, o: &PipelineOptions, out: &Path) -> Result<()> {
+    let cfg = mnist_config();
+    let device = Device::Cpu;
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let toml = toml::to_string_pretty(&cfg).map_err(|e| crate::Error::Internal(e.to_string()))?;
+    crate::fsutil::write_atomic(&out.join("model.toml"), toml.as_bytes())?;
+    let save = |role: &str, t: &HashMap<String, Tensor>| -> Result<()> {
+        Ok(candle_core::safetensors::save(t, out.join(checkpoint_name(role)))?)
+    };
+    let clean = prepare(train, &cfg, &[], Severity::Mixed, o.seed);
+    let sched = |steps: usize, lr: f64, seed: u64| Schedule { steps, batch: o.batch, lr, seed };
+    let finetune = |from: &HashMap<String, Tensor>, data: &Batchable, seed: u64, role: &str| -> Result<HashMap<String, Tensor>> {
+        let net = Net::new(&cfg, from, &device)?;
+        let loss = net.fit(&cfg, data, &sched(o.finetune_steps, 5e-4, seed), role)?;
+        tracing::info!(role, loss, "fine-tuned");
+        net.tensors()
+    };
+
+    let net = Net::new(&cfg, &init_tensors(&cfg, o.seed)?, &device)?;
+    net.fit(&cfg, &clean, &sched(o.pre_steps, 2e-3, o.seed + 1), "pre")?;
+    let pre = net.tensors()?;
+    save("pre", &pre)?;
+    let std = finetune(&pre, &clean, o.seed + 2, "std")?;
+    save("std", &std)?;
+    for kind in &o.kinds {
+        let data = prepare(train, &cfg, &[*kind], Severity::Mixed, o.seed + 3);
+        let rob = finetune(&pre, &data, o.seed + 2, &format!("rob-{kind}"))?;
+        save(&format!("rob-{kind}"), &rob)?;
+    }
+    let v2 = finetune(&std, &clean, o.seed + 4, "std_v2")?;
+    save("std_v2", &v2)?;
+    Ok(())
 }

