@@ -8,10 +8,14 @@
 //!
 //! Removing the component along the clean fine-tuning direction keeps what the
 //! corrupted data taught and drops what any further training would have taught.
-//! Only the shallow units (conv1 plus the first k blocks) are kept. BatchNorm
-//! parameters and running statistics are carried as plain deltas beside the conv
-//! deltas, with the same projection, so the patched layer folds exactly as the
-//! robust model's layer would.
+//! Only the shallow units (conv1 plus the first k blocks) are kept.
+//!
+//! BatchNorm: the affine weight and bias are parameters like the conv weights and
+//! get the same projection. The running mean and variance are statistics of the
+//! activations the corrupted data produces, not learned directions, so they are
+//! carried unprojected: the mean as `rob - pre`, the variance as the log ratio
+//! `ln(rob / pre)` (applied multiplicatively by the kernel, so it stays positive
+//! at any alpha).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -28,8 +32,9 @@ use crate::{Error, Result, bail};
 pub type Checkpoint = HashMap<String, Tensor>;
 
 pub fn load_checkpoint(path: &std::path::Path) -> Result<Checkpoint> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::InvalidArgument(format!("cannot read checkpoint {}: {e}", path.display())))
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        Error::InvalidArgument(format!("cannot read checkpoint {}: {e}", path.display()))
+    })
 }
 
 fn flat(ck: &Checkpoint, name: &str, which: &str) -> Result<Vec<f32>> {
@@ -40,7 +45,10 @@ fn flat(ck: &Checkpoint, name: &str, which: &str) -> Result<Vec<f32>> {
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
 }
 
 fn norm(a: &[f32]) -> f64 {
@@ -54,13 +62,22 @@ pub fn project_out(tau_rob: &[f32], tau_std: &[f32]) -> Vec<f32> {
         return tau_rob.to_vec();
     }
     let c = dot(tau_rob, tau_std) / (n * n);
-    tau_rob.iter().zip(tau_std).map(|(r, s)| (f64::from(*r) - c * f64::from(*s)) as f32).collect()
+    tau_rob
+        .iter()
+        .zip(tau_std)
+        .map(|(r, s)| (f64::from(*r) - c * f64::from(*s)) as f32)
+        .collect()
 }
 
 /// Which tensors a signature over the first `blocks` blocks covers, with shapes.
 pub fn shallow_tensors(cfg: &ModelConfig, blocks: usize) -> Result<Vec<(String, Vec<usize>)>> {
     if blocks > cfg.arch.block_count() {
-        bail!(InvalidArgument, "--units {blocks} exceeds the {} blocks of {}", cfg.arch.block_count(), cfg.arch.name());
+        bail!(
+            InvalidArgument,
+            "--units {blocks} exceeds the {} blocks of {}",
+            cfg.arch.block_count(),
+            cfg.arch.name()
+        );
     }
     let units = cfg.arch.units(cfg.channels);
     Ok(units[..=blocks]
@@ -69,7 +86,13 @@ pub fn shallow_tensors(cfg: &ModelConfig, blocks: usize) -> Result<Vec<(String, 
         .flat_map(|c| {
             let [w, g, b, m, v] = c.tensor_names();
             let o = c.out_channels;
-            [(w, c.weight_shape().to_vec()), (g, vec![o]), (b, vec![o]), (m, vec![o]), (v, vec![o])]
+            [
+                (w, c.weight_shape().to_vec()),
+                (g, vec![o]),
+                (b, vec![o]),
+                (m, vec![o]),
+                (v, vec![o]),
+            ]
         })
         .collect())
 }
@@ -99,11 +122,32 @@ pub fn extract(e: &Extraction) -> Result<Signature> {
         let pre = flat(e.pre, &name, "pre")?;
         let std = flat(e.std, &name, "std")?;
         let rob = flat(e.robust, &name, "robust")?;
-        let tau_std: Vec<f32> = std.iter().zip(&pre).map(|(s, p)| s - p).collect();
-        let tau_rob: Vec<f32> = rob.iter().zip(&pre).map(|(r, p)| r - p).collect();
-        let rws = project_out(&tau_rob, &tau_std);
-        let quant = if shape.len() == 1 && matches!(e.quant, Quant::Int8 | Quant::Int4) { Quant::F32 } else { e.quant };
-        deltas.insert(name, TensorDelta { delta: Delta::quantize(&rws, shape[0], quant), shape });
+        let rws = if name.ends_with("running_var") {
+            rob.iter()
+                .zip(&pre)
+                .map(|(r, p)| (r.max(f32::MIN_POSITIVE) / p.max(f32::MIN_POSITIVE)).ln())
+                .collect()
+        } else {
+            let tau_rob: Vec<f32> = rob.iter().zip(&pre).map(|(r, p)| r - p).collect();
+            if name.ends_with("running_mean") {
+                tau_rob
+            } else {
+                let tau_std: Vec<f32> = std.iter().zip(&pre).map(|(s, p)| s - p).collect();
+                project_out(&tau_rob, &tau_std)
+            }
+        };
+        let quant = if shape.len() == 1 && matches!(e.quant, Quant::Int8 | Quant::Int4) {
+            Quant::F32
+        } else {
+            e.quant
+        };
+        deltas.insert(
+            name,
+            TensorDelta {
+                delta: Delta::quantize(&rws, shape[0], quant),
+                shape,
+            },
+        );
     }
     let base = Model::from_tensors(e.cfg.clone(), e.std, &Device::Cpu)?;
     Signature::new(
@@ -121,13 +165,23 @@ pub fn extract(e: &Extraction) -> Result<Signature> {
 /// Where robustness lives: per layer, |tau_rob| / |theta_pre| for each robust
 /// model, then the cosine between the signatures of each pair of corruptions
 /// over all shallow tensors.
-pub fn analyze(cfg: &ModelConfig, pre: &Checkpoint, std: &Checkpoint, robust: &[(String, Checkpoint)], blocks: usize) -> Result<String> {
+pub fn analyze(
+    cfg: &ModelConfig,
+    pre: &Checkpoint,
+    std: &Checkpoint,
+    robust: &[(String, Checkpoint)],
+    blocks: usize,
+) -> Result<String> {
     let mut out = String::new();
     let convs: Vec<(String, String)> = cfg
         .arch
         .units(cfg.channels)
         .iter()
-        .flat_map(|u| u.convs.iter().map(move |c| (u.name.clone(), format!("{}.weight", c.conv))))
+        .flat_map(|u| {
+            u.convs
+                .iter()
+                .map(move |c| (u.name.clone(), format!("{}.weight", c.conv)))
+        })
         .collect();
     let _ = write!(out, "{:<32} {:>5}", "layer (conv weight)", "unit");
     for (name, _) in robust {
@@ -137,8 +191,20 @@ pub fn analyze(cfg: &ModelConfig, pre: &Checkpoint, std: &Checkpoint, robust: &[
     let _ = writeln!(out, "|theta_c - theta_pre| / |theta_pre|, in percent:");
     for (i, (unit, conv)) in convs.iter().enumerate() {
         let p = flat(pre, conv, "pre")?;
-        let _ = write!(out, "{conv:<32} {:>5}", if i == 0 { "stem" } else { unit.split('.').next().unwrap_or("") });
-        for (_, ck) in robust.iter().map(|(n, c)| (n, c)).chain(std::iter::once((&"std".to_string(), std))) {
+        let _ = write!(
+            out,
+            "{conv:<32} {:>5}",
+            if i == 0 {
+                "stem"
+            } else {
+                unit.split('.').next().unwrap_or("")
+            }
+        );
+        for (_, ck) in robust
+            .iter()
+            .map(|(n, c)| (n, c))
+            .chain(std::iter::once((&"std".to_string(), std)))
+        {
             let r = flat(ck, conv, "robust")?;
             let tau: Vec<f32> = r.iter().zip(&p).map(|(a, b)| a - b).collect();
             let _ = write!(out, " {:>9.2}%", 100.0 * norm(&tau) / norm(&p).max(1e-12));
@@ -146,7 +212,10 @@ pub fn analyze(cfg: &ModelConfig, pre: &Checkpoint, std: &Checkpoint, robust: &[
         let _ = writeln!(out);
     }
     // Signatures over the shallow tensors, as flat vectors.
-    let names: Vec<String> = shallow_tensors(cfg, blocks)?.into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = shallow_tensors(cfg, blocks)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut sigs = Vec::new();
     for (_, ck) in robust {
         let mut v = Vec::new();
@@ -160,7 +229,10 @@ pub fn analyze(cfg: &ModelConfig, pre: &Checkpoint, std: &Checkpoint, robust: &[
         }
         sigs.push(v);
     }
-    let _ = writeln!(out, "\ncosine similarity between signatures (conv1 + {blocks} blocks):");
+    let _ = writeln!(
+        out,
+        "\ncosine similarity between signatures (conv1 + {blocks} blocks):"
+    );
     let _ = write!(out, "{:>12}", "");
     for (name, _) in robust {
         let _ = write!(out, " {:>10}", truncate(name, 10));

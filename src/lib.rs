@@ -7,11 +7,13 @@
 pub mod corrupt;
 pub mod data;
 pub mod engine;
-pub mod extract;
 pub mod error;
+pub mod eval;
+pub mod extract;
 pub mod fsutil;
 pub mod kernel;
 pub mod model;
+pub mod plot;
 pub mod preprocess;
 pub mod profile;
 pub mod quant;

@@ -7,6 +7,8 @@
 //! - `T.q4` (U8, `[O, ceil(J/2)]`, two codes per byte, low nibble first) with `T.scale`, `T.offset`.
 //!
 //! 1-D tensors (BatchNorm parameters and running statistics) are stored as F32 or F16.
+//! A `*.running_var` delta is a log ratio: the kernel scales the variance by
+//! `exp(alpha · delta)`, so it stays positive at every alpha.
 //! Metadata keys: `rws.format` (= "1"), `rws.arch`, `rws.base_fingerprint`,
 //! `rws.corruption`, `rws.default_alpha`, `rws.synthetic`.
 

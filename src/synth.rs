@@ -77,11 +77,10 @@ pub fn signature(
     for (name, shape) in model.patchable_tensors() {
         let n: usize = shape.iter().product();
         let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        // Conv weights relative to their init scale; BatchNorm deltas (the running
+        // variance's being a log ratio) around half the magnitude.
         let scale = if shape.len() > 1 {
             magnitude * (2.0 / fan_in as f32).sqrt()
-        } else if name.ends_with("running_var") {
-            // Keep variances positive at alpha up to about 1/magnitude.
-            0.0
         } else {
             magnitude * 0.5
         };
@@ -95,7 +94,6 @@ pub fn signature(
             },
         );
     }
-    deltas.retain(|name, _| !name.ends_with("running_var"));
     Signature::new(
         SignatureMeta {
             arch: model.config.arch.name().into(),

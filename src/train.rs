@@ -248,7 +248,13 @@ pub enum Severity {
 
 /// Digits as network input: each corrupted by every kind in `kinds` in turn
 /// (none = clean), then normalized with the model's mean and std.
-pub fn prepare(digits: &Digits, cfg: &ModelConfig, kinds: &[Corruption], severity: Severity, seed: u64) -> Batchable {
+pub fn prepare(
+    digits: &Digits,
+    cfg: &ModelConfig,
+    kinds: &[Corruption],
+    severity: Severity,
+    seed: u64,
+) -> Batchable {
     let (mean, std) = (cfg.mean[0], cfg.std[0]);
     let images: Vec<Vec<f32>> = (0..digits.len())
         .into_par_iter()
@@ -277,7 +283,11 @@ pub fn prepare(digits: &Digits, cfg: &ModelConfig, kinds: &[Corruption], severit
 /// on two cores; conv1 + layer1 form the patchable stem.
 pub fn mnist_config() -> ModelConfig {
     ModelConfig {
-        arch: Arch::Small { widths: vec![16, 32, 64], depths: vec![1, 1, 1], stem_stride: 2 },
+        arch: Arch::Small {
+            widths: vec![16, 32, 64],
+            depths: vec![1, 1, 1],
+            stem_stride: 2,
+        },
         input_size: [data::SIDE, data::SIDE],
         channels: 1,
         mean: vec![0.1307],
@@ -318,11 +328,23 @@ pub fn run_pipeline(train: &Digits, o: &PipelineOptions, out: &Path) -> Result<(
     let toml = toml::to_string_pretty(&cfg).map_err(|e| crate::Error::Internal(e.to_string()))?;
     crate::fsutil::write_atomic(&out.join("model.toml"), toml.as_bytes())?;
     let save = |role: &str, t: &HashMap<String, Tensor>| -> Result<()> {
-        Ok(candle_core::safetensors::save(t, out.join(checkpoint_name(role)))?)
+        Ok(candle_core::safetensors::save(
+            t,
+            out.join(checkpoint_name(role)),
+        )?)
     };
     let clean = prepare(train, &cfg, &[], Severity::Mixed, o.seed);
-    let sched = |steps: usize, lr: f64, seed: u64| Schedule { steps, batch: o.batch, lr, seed };
-    let finetune = |from: &HashMap<String, Tensor>, data: &Batchable, seed: u64, role: &str| -> Result<HashMap<String, Tensor>> {
+    let sched = |steps: usize, lr: f64, seed: u64| Schedule {
+        steps,
+        batch: o.batch,
+        lr,
+        seed,
+    };
+    let finetune = |from: &HashMap<String, Tensor>,
+                    data: &Batchable,
+                    seed: u64,
+                    role: &str|
+     -> Result<HashMap<String, Tensor>> {
         let net = Net::new(&cfg, from, &device)?;
         let loss = net.fit(&cfg, data, &sched(o.finetune_steps, 5e-4, seed), role)?;
         tracing::info!(role, loss, "fine-tuned");

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use rws::engine::{Engine, EngineOptions};
 use rws::corrupt::Corruption;
+use rws::engine::{Engine, EngineOptions};
 use rws::quant::Quant;
 use rws::repo::ModelDir;
 use rws::server::pb;
@@ -14,7 +14,8 @@ use rws::signature::Signature;
 use tonic::transport::Channel;
 
 /// Corruptions the pipeline trains signatures for: 4 weather, 4 sensor.
-const DEFAULT_KINDS: &str = "fog,snow,rain,contrast,gaussian_noise,impulse_noise,motion_blur,pixelate";
+const DEFAULT_KINDS: &str =
+    "fog,snow,rain,contrast,gaussian_noise,impulse_noise,motion_blur,pixelate";
 
 #[derive(Parser)]
 #[command(
@@ -141,6 +142,23 @@ enum Cmd {
         run: PathBuf,
         #[arg(long, default_value_t = 1)]
         units: usize,
+    },
+    /// Evaluate a trained run; write docs/RESULTS.md, docs/results.json and plots.
+    Eval {
+        #[arg(long, default_value = "runs/mnist")]
+        run: PathBuf,
+        #[arg(long, default_value = "data/mnist/test.safetensors")]
+        test: PathBuf,
+        #[arg(long, default_value = "docs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        units: usize,
+        /// Evaluate on the first N test digits of each class only (quick runs).
+        #[arg(long)]
+        per_class: Option<usize>,
+        /// How the report says to regenerate it.
+        #[arg(long, default_value = "scripts/reproduce.sh")]
+        command: String,
     },
     /// Generate a model directory with random (synthetic) weights and signatures.
     Synth {
@@ -304,24 +322,69 @@ async fn main() -> Result<()> {
             split.train.save(&out, "train")?;
             println!("wrote {} ({} digits)", out.display(), split.train.len());
         }
-        Cmd::Corrupt { kind, severity, seed, input, output } => {
-            rws::corrupt::corrupt_file(&input, &output, kind, rws::corrupt::parse_severity(severity)?, seed)?;
+        Cmd::Corrupt {
+            kind,
+            severity,
+            seed,
+            input,
+            output,
+        } => {
+            rws::corrupt::corrupt_file(
+                &input,
+                &output,
+                kind,
+                rws::corrupt::parse_severity(severity)?,
+                seed,
+            )?;
         }
-        Cmd::Train { data, out, kinds, pre_steps, finetune_steps, batch, per_class, seed } => {
+        Cmd::Train {
+            data,
+            out,
+            kinds,
+            pre_steps,
+            finetune_steps,
+            batch,
+            per_class,
+            seed,
+        } => {
             let mut digits = rws::data::Digits::load(&data)?;
             if let Some(n) = per_class {
                 digits = digits.take_per_class(n);
             }
-            let opts = rws::train::PipelineOptions { kinds, pre_steps, finetune_steps, batch, seed };
+            let opts = rws::train::PipelineOptions {
+                kinds,
+                pre_steps,
+                finetune_steps,
+                batch,
+                seed,
+            };
             let start = std::time::Instant::now();
             rws::train::run_pipeline(&digits, &opts, &out)?;
-            println!("trained {} in {:.0} s", out.display(), start.elapsed().as_secs_f64());
+            println!(
+                "trained {} in {:.0} s",
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
         }
-        Cmd::Extract { pre, std, robust, units, quant, config, corruption, alpha, no_batch_norm, out } => {
+        Cmd::Extract {
+            pre,
+            std,
+            robust,
+            units,
+            quant,
+            config,
+            corruption,
+            alpha,
+            no_batch_norm,
+            out,
+        } => {
             let config = config.unwrap_or_else(|| std.with_file_name("model.toml"));
             let cfg = rws::repo::ModelConfig::load(&config)?;
             let corruption = corruption.unwrap_or_else(|| {
-                let stem = robust.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let stem = robust
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 stem.strip_prefix("rob-").unwrap_or(&stem).to_string()
             });
             let load = |p: &PathBuf| rws::extract::load_checkpoint(p);
@@ -338,19 +401,64 @@ async fn main() -> Result<()> {
                 default_alpha: alpha,
             })?;
             sig.save(&out)?;
-            println!("wrote {} ({} B, {})", out.display(), sig.stored_bytes(), sig.quant_summary());
+            println!(
+                "wrote {} ({} B, {})",
+                out.display(),
+                sig.stored_bytes(),
+                sig.quant_summary()
+            );
         }
         Cmd::Analyze { run, units } => {
-            let cfg = rws::repo::ModelConfig::load(&run.join("model.toml"))?;
-            let load = |role: &str| rws::extract::load_checkpoint(&run.join(rws::train::checkpoint_name(role)));
-            let mut robust = Vec::new();
-            for kind in rws::corrupt::Corruption::ALL {
-                let path = run.join(rws::train::checkpoint_name(&format!("rob-{kind}")));
-                if path.exists() {
-                    robust.push((kind.to_string(), rws::extract::load_checkpoint(&path)?));
+            print!("{}", rws::eval::Run::load(&run)?.analyze(units)?);
+        }
+        Cmd::Eval {
+            run,
+            test,
+            out,
+            units,
+            per_class,
+            command,
+        } => {
+            let mut digits = rws::data::Digits::load(&test)?;
+            if let Some(n) = per_class {
+                digits = digits.take_per_class(n);
+            }
+            let run = rws::eval::Run::load(&run)?;
+            let opts = rws::eval::EvalOptions {
+                blocks: units,
+                pairs: rws::eval::default_pairs(),
+                seed: 1,
+            };
+            let results = rws::eval::evaluate(&run, &digits, &opts)?;
+            let analysis = run.analyze(units)?;
+            std::fs::create_dir_all(out.join("plots"))?;
+            results.plots(&out.join("plots"))?;
+            std::fs::write(
+                out.join("results.json"),
+                serde_json::to_string_pretty(&results)?,
+            )?;
+            std::fs::write(
+                out.join("RESULTS.md"),
+                results.markdown(&command, &analysis),
+            )?;
+            if run.robust.contains_key(&Corruption::Fog) {
+                let served = rws::eval::Served::new(&run.cfg, &run.std)?;
+                let sig = run.signature(Corruption::Fog, units, Quant::Int8, true)?;
+                if let Some((img, label, before, after)) =
+                    rws::eval::showcase(&served, &sig, &digits, Corruption::Fog, 5, 1)?
+                {
+                    img.save(out.join("fog-digit.png"))?;
+                    println!(
+                        "fog-digit.png: a {label}, clean model says {before}, fog profile says {after}"
+                    );
                 }
             }
-            print!("{}", rws::extract::analyze(&cfg, &load("pre")?, &load("std")?, &robust, units)?);
+            println!(
+                "wrote {}: mean gain {:+.1} points at severity 3, {:+.1} at severity 5",
+                out.join("RESULTS.md").display(),
+                results.mean_gain(3),
+                results.mean_gain(5)
+            );
         }
         Cmd::Synth {
             arch,

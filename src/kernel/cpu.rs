@@ -80,6 +80,7 @@ pub fn fused_add_scale(
 }
 
 /// Patched BatchNorm parameter: `p[o] + Σ alpha_i · dp_i[o]`, in signature order.
+/// (The running variance is patched multiplicatively instead, in `fold_channel_impl`.)
 #[inline(always)]
 fn patched<'a>(
     base: &[f32],
@@ -141,7 +142,14 @@ fn fold_channel_impl(
     let gamma = patched(base.gamma, deltas, o, |d| d.gamma);
     let beta = patched(base.beta, deltas, o, |d| d.beta);
     let mean = patched(base.mean, deltas, o, |d| d.mean);
-    let var = patched(base.var, deltas, o, |d| d.var);
+    // Running variance deltas are in log space, so no alpha can make it negative.
+    let mut log_scale = 0.0f32;
+    for d in deltas {
+        if let Some(dv) = d.var {
+            log_scale += d.alpha * dv.at(o);
+        }
+    }
+    let var = base.var[o] * log_scale.exp();
     let denom = var + base.eps;
     // NaN counts as negative: it cannot be folded either.
     if denom.is_nan() || denom <= 0.0 {
@@ -448,39 +456,51 @@ mod tests {
     #[test]
     fn negative_variance_is_reported_at_the_lowest_channel() {
         let mut rng = Rng::new(15);
-        let layer = Layer::random(&mut rng, 256, 64);
-        let mut dvar = vec![0.0f32; 256];
-        dvar[200] = 10.0;
-        dvar[37] = 10.0;
-        dvar[90] = 10.0;
-        let zeros = Delta::F32(vec![0.0; 256]);
-        let dvar = Delta::F32(dvar);
-        let delta = LayerDelta {
-            alpha: -1.0,
-            weight: None,
-            gamma: Some(zeros.view()),
-            beta: None,
-            mean: None,
-            var: Some(dvar.view()),
-        };
+        let mut layer = Layer::random(&mut rng, 256, 64);
+        for c in [200, 37, 90] {
+            layer.var[c] = -1.0;
+        }
         let mut w = vec![0.0; layer.weight.len()];
         let mut b = vec![0.0; 256];
         for _ in 0..5 {
-            let err = fused_add_scale(&layer.conv_bn(), &[delta], &mut w, &mut b).unwrap_err();
+            let err = fused_add_scale(&layer.conv_bn(), &[], &mut w, &mut b).unwrap_err();
             assert_eq!(
                 err,
                 KernelError::NegativeVariance {
                     channel: 37,
-                    var: layer.var[37] - 10.0
+                    var: -1.0
                 }
             );
         }
-        // A positive alpha on the same delta is fine.
-        let ok = LayerDelta {
-            alpha: 1.0,
-            ..delta
-        };
-        fused_add_scale(&layer.conv_bn(), &[ok], &mut w, &mut b).unwrap();
+    }
+
+    #[test]
+    fn log_space_variance_stays_positive_for_any_alpha() {
+        let mut rng = Rng::new(19);
+        let layer = Layer::random(&mut rng, 32, 9);
+        let dvar = Delta::F32(vec![-3.0; 32]);
+        let mut w = vec![0.0; layer.weight.len()];
+        let mut b = vec![0.0; 32];
+        for alpha in [-2.0, 0.5, 1.5, 4.0] {
+            let d = LayerDelta {
+                alpha,
+                weight: None,
+                gamma: None,
+                beta: None,
+                mean: None,
+                var: Some(dvar.view()),
+            };
+            fused_add_scale(&layer.conv_bn(), &[d], &mut w, &mut b).unwrap();
+            let (rw, _) = reference::fused_add_scale(&layer.conv_bn(), &[d], &Device::Cpu).unwrap();
+            let rw = rw.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let worst = w
+                .iter()
+                .zip(&rw)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = rw.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(worst <= 1e-6 * scale, "alpha {alpha}: {worst} vs {scale}");
+        }
     }
 
     #[test]

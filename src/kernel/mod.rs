@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! w[o,j]     = W[o,j] + Σ alpha_i · dq_i(D_i[o,j])
-//! g[o]       = gamma[o] + Σ alpha_i · dgamma_i[o]     (likewise beta, mean, var)
+//! g[o]       = gamma[o] + Σ alpha_i · dgamma_i[o]     (likewise beta, mean)
+//! var'[o]    = var[o] · exp(Σ alpha_i · dlogvar_i[o])
 //! s[o]       = g[o] / sqrt(var'[o] + eps)
 //! out_w[o,j] = s[o] · w[o,j]
 //! out_b[o]   = beta'[o] − s[o] · mean'[o]
@@ -13,6 +14,11 @@
 //! [`cpu`] is the production kernel (one read of every input, one write of the
 //! output, parallel over output channels); [`reference`] is the same math in plain
 //! candle ops, kept only to test the kernel against.
+//!
+//! Running-variance deltas are log ratios, not differences: a variance is a
+//! scale, so scaling it by `exp(alpha · d)` interpolates geometrically and stays
+//! positive for every alpha, where an additive delta could drive it negative
+//! (and it did: at alpha = 1 for a projected fog signature on MNIST).
 
 pub mod cpu;
 pub mod reference;

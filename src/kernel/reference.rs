@@ -9,7 +9,8 @@ use super::{ConvBn, DeltaView, LayerDelta};
 /// Returns `(out_w, out_b)` as `[O, cols]` and `[O]` f32 tensors:
 ///
 /// ```text
-/// w      = W + Σ alpha_i · dq(D_i)          (likewise gamma, beta, mean, var)
+/// w      = W + Σ alpha_i · dq(D_i)          (likewise gamma, beta, mean)
+/// var'   = var · exp(Σ alpha_i · dq(dvar_i))
 /// s      = gamma' / sqrt(var' + eps)
 /// out_w  = s[:, None] · w
 /// out_b  = beta' − s · mean'
@@ -28,7 +29,9 @@ pub fn fused_add_scale(
     let mut gamma = Tensor::from_slice(base.gamma, o, device)?;
     let mut beta = Tensor::from_slice(base.beta, o, device)?;
     let mut mean = Tensor::from_slice(base.mean, o, device)?;
-    let mut var = Tensor::from_slice(base.var, o, device)?;
+    let var = Tensor::from_slice(base.var, o, device)?;
+    // Running variance deltas are in log space: var' = var · exp(Σ alpha_i · dvar_i).
+    let mut log_var_scale = Tensor::zeros(o, candle_core::DType::F32, device)?;
 
     // p' = p + alpha · dq(dp), one signature at a time, in order.
     let add = |p: Tensor, d: Option<DeltaView>, alpha: f32| -> Result<Tensor> {
@@ -46,8 +49,9 @@ pub fn fused_add_scale(
         gamma = add(gamma, d.gamma, d.alpha)?;
         beta = add(beta, d.beta, d.alpha)?;
         mean = add(mean, d.mean, d.alpha)?;
-        var = add(var, d.var, d.alpha)?;
+        log_var_scale = add(log_var_scale, d.var, d.alpha)?;
     }
+    let var = (var * log_var_scale.exp()?)?;
 
     let eps = Tensor::new(base.eps, device)?;
     let s = (gamma / var.broadcast_add(&eps)?.sqrt()?)?;

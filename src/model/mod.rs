@@ -164,6 +164,12 @@ impl Model {
             if values.iter().any(|v| !v.is_finite()) {
                 bail!(InvalidArgument, "base tensor {name} contains NaN or Inf");
             }
+            if name.ends_with("running_var") && values.iter().any(|v| *v < 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "base tensor {name} holds a negative variance"
+                );
+            }
             hasher.update((name.len() as u64).to_le_bytes());
             hasher.update(name.as_bytes());
             for d in &shape {
