@@ -202,8 +202,20 @@ pub struct Quantization {
     pub forms: Vec<(String, usize, f64)>,
 }
 
+/// A fogged test digit the clean model gets wrong and the fog profile gets right.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Showcase {
+    pub label: u8,
+    pub clean_says: usize,
+    pub fog_says: usize,
+    pub severity: u8,
+    #[serde(skip)]
+    pub image: Option<image::GrayImage>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Results {
+    pub showcase: Option<Showcase>,
     pub test_digits: usize,
     pub blocks: usize,
     pub checkpoint_bytes: usize,
@@ -344,7 +356,12 @@ pub fn evaluate(run: &Run, test: &Digits, o: &EvalOptions) -> Result<Results> {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
+    let showcase = match sigs.get(&Corruption::Fog) {
+        Some(sig) => showcase(&std, sig, test, Corruption::Fog, 5, o.seed)?,
+        None => None,
+    };
     Ok(Results {
+        showcase,
         test_digits: test.len(),
         blocks: o.blocks,
         checkpoint_bytes,
@@ -412,6 +429,18 @@ impl Results {
             / rows.len().max(1) as f64
     }
 
+    /// Mean share of the robust model's gain that the shallow patch recovers.
+    pub fn recovery(&self, severity: u8) -> f64 {
+        mean(
+            self.per_corruption
+                .iter()
+                .filter(|r| r.severity == severity && r.rob_corrupted > r.std_corrupted)
+                .map(|r| {
+                    (r.patched_corrupted - r.std_corrupted) / (r.rob_corrupted - r.std_corrupted)
+                }),
+        )
+    }
+
     /// The report, in Markdown. `command` is how to regenerate it.
     pub fn markdown(&self, command: &str, analysis: &str) -> String {
         use std::fmt::Write as _;
@@ -440,6 +469,14 @@ impl Results {
             signed(self.mean_gain(3)),
             signed(self.mean_gain(5))
         );
+        let _ = writeln!(
+            s,
+            "- The shallow-only patch (conv1 + {} block, {:.1}% of the parameters) recovers **{:.0}%** of the accuracy gain of the fully fine-tuned robust model at severity 3 and {:.0}% at severity 5 (mean over corruptions of (patched − std) / (rob − std)).",
+            self.blocks,
+            100.0 * self.shallow_params as f64 / self.total_params as f64,
+            100.0 * self.recovery(3),
+            100.0 * self.recovery(5)
+        );
         let fails: Vec<String> = self
             .per_corruption
             .iter()
@@ -454,6 +491,22 @@ impl Results {
         } else {
             let _ = writeln!(s, "- The patch does **not** help on: {}.", fails.join(", "));
         }
+        let sev3: Vec<&PerCorruption> = self
+            .per_corruption
+            .iter()
+            .filter(|r| r.severity == 3)
+            .collect();
+        let (worst, drop) = sev3
+            .iter()
+            .map(|r| (r.kind.as_str(), r.std_clean - r.patched_clean))
+            .fold(("", f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+        let _ = writeln!(
+            s,
+            "- The price is clean accuracy while a patch is on: {} points on average, worst {} ({} points). This is why profiles are switched on for an event and off after it; alpha below 1 trades the two (sweep below).",
+            pct(mean(sev3.iter().map(|r| r.std_clean - r.patched_clean))),
+            worst,
+            pct(drop)
+        );
         let bitwise = self.per_corruption.iter().all(|r| r.removal_bitwise);
         let _ = writeln!(
             s,
@@ -737,17 +790,16 @@ impl Results {
     }
 }
 
-/// A test digit that the clean model gets wrong under `kind` and the patched
-/// model gets right, as the 8-bit image a client would send. Returns the image,
-/// its label and both predictions.
-pub fn showcase(
+/// The first test digit that the clean model gets wrong under `kind` and the
+/// patched model gets right, as the 8-bit image a client would send.
+fn showcase(
     served: &Served,
     sig: &Signature,
     test: &Digits,
     kind: Corruption,
     severity: u8,
     seed: u64,
-) -> Result<Option<(image::GrayImage, u8, usize, usize)>> {
+) -> Result<Option<Showcase>> {
     let cfg = &served.model.config;
     let clean = served.stem(&[])?;
     let patched = served.stem(&[(sig, 1.0)])?;
@@ -770,9 +822,16 @@ pub fn showcase(
                 .map(|(i, _)| i)
                 .unwrap_or(0))
         };
-        let (before, after) = (predict(&clean)?, predict(&patched)?);
-        if before != test.labels[i] as usize && after == test.labels[i] as usize {
-            return Ok(Some((img, test.labels[i], before, after)));
+        let (clean_says, fog_says) = (predict(&clean)?, predict(&patched)?);
+        let label = test.labels[i];
+        if clean_says != label as usize && fog_says == label as usize {
+            return Ok(Some(Showcase {
+                label,
+                clean_says,
+                fog_says,
+                severity,
+                image: Some(img),
+            }));
         }
     }
     Ok(None)

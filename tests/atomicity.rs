@@ -41,6 +41,10 @@ async fn default_switch_storm_is_atomic() {
     }
     assert_ne!(reference["a"].0, reference["b"].0);
     let reference = Arc::new(reference);
+    admin
+        .set_default_profile(pb::SetDefaultProfileRequest { name: "b".into() })
+        .await
+        .unwrap();
 
     let done = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();

@@ -51,18 +51,24 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
             .expect("address line")
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let png = dir.path().join("digit.png");
-    image::GrayImage::from_fn(28, 28, |x, y| {
-        image::Luma([if (x as i32 - 14).abs() < 3 || y == 5 {
-            255
-        } else {
-            0
-        }])
-    })
-    .save(&png)
-    .unwrap();
-    let png = png.to_str().unwrap();
+    // The fogged digit the README shows: the clean model gets it wrong, the fog profile right.
+    let showcase: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("docs/results.json").unwrap()).unwrap();
+    let label = showcase["showcase"]["label"].as_u64().unwrap().to_string();
+    let png = "docs/fog-digit.png";
+    let top = |out: &str| {
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let clean = rws(&["classify", png, "--profile", "clean", "--addr", &addr]);
+    assert_ne!(top(&clean), label, "{clean}");
+    let fog = rws(&["classify", png, "--profile", "fog", "--addr", &addr]);
+    assert_eq!(top(&fog), label, "{fog}");
 
     let out = rws(&["classify", png, "--addr", &addr]);
     assert!(out.starts_with("profile clean (generation 0)"), "{out}");
@@ -70,15 +76,15 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
 
     let out = rws(&["signature", "ls", "--addr", &addr]);
     assert!(
-        out.contains("synthetic-fog") && out.contains("synthetic"),
+        out.contains("fog") && out.contains("int8") && !out.contains("synthetic"),
         "{out}"
     );
     let out = rws(&[
         "profile",
         "put",
         "storm",
-        "synthetic-fog@0.5",
-        "synthetic-noise@0.5",
+        "fog@0.5",
+        "gaussian_noise@0.5",
         "--addr",
         &addr,
     ]);
@@ -92,12 +98,12 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
 
     let err = rws_err(&["profile", "rm", "storm", "--addr", &addr]);
     assert!(err.contains("default profile"), "{err}");
-    let err = rws_err(&["profile", "put", "x", "synthetic-fog", "--addr", &addr]);
+    let err = rws_err(&["profile", "put", "x", "fog", "--addr", &addr]);
     assert!(err.contains("SIGNATURE@ALPHA"), "{err}");
 
     let out = rws(&[
         "inspect",
-        "models/tiny-resnet/signatures/synthetic-fog.rws.safetensors",
+        "models/mnist-resnet/signatures/fog.rws.safetensors",
     ]);
     assert!(
         out.contains("conv1.weight") && out.contains("int8") && out.contains("fingerprint"),

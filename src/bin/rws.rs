@@ -441,17 +441,20 @@ async fn main() -> Result<()> {
                 out.join("RESULTS.md"),
                 results.markdown(&command, &analysis),
             )?;
-            if run.robust.contains_key(&Corruption::Fog) {
-                let served = rws::eval::Served::new(&run.cfg, &run.std)?;
-                let sig = run.signature(Corruption::Fog, units, Quant::Int8, true)?;
-                if let Some((img, label, before, after)) =
-                    rws::eval::showcase(&served, &sig, &digits, Corruption::Fog, 5, 1)?
-                {
+            // Every corruption at every severity, on the first test 7.
+            let seven = (0..digits.len())
+                .find(|&i| digits.labels[i] == 7)
+                .unwrap_or(0);
+            rws::corrupt::contact_sheet(&digits.gray(seven), 4, 1)
+                .save(out.join("corruptions.png"))?;
+            if let Some(sc) = &results.showcase {
+                if let Some(img) = &sc.image {
                     img.save(out.join("fog-digit.png"))?;
-                    println!(
-                        "fog-digit.png: a {label}, clean model says {before}, fog profile says {after}"
-                    );
                 }
+                println!(
+                    "fog-digit.png: a {}, the clean model says {}, the fog profile says {}",
+                    sc.label, sc.clean_says, sc.fog_says
+                );
             }
             println!(
                 "wrote {}: mean gain {:+.1} points at severity 3, {:+.1} at severity 5",

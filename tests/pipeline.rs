@@ -1,0 +1,80 @@
+//! The robustness pipeline end to end, reduced to seconds: train, extract,
+//! serve the signature, evaluate and write the report. The training digits are
+//! a few of the committed test digits (no network in `cargo test`); the real run
+//! is `scripts/reproduce.sh`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rws::corrupt::Corruption;
+use rws::data::Digits;
+use rws::eval::{self, EvalOptions, Run};
+use rws::train::PipelineOptions;
+
+#[test]
+fn reduced_pipeline_trains_extracts_serves_and_reports() {
+    let digits = Digits::load(Path::new("data/mnist/test.safetensors"))
+        .unwrap()
+        .take_per_class(12);
+    let out = tempfile::tempdir().unwrap();
+    let run_dir = out.path().join("run");
+    let opts = PipelineOptions {
+        kinds: vec![Corruption::Fog, Corruption::GaussianNoise],
+        pre_steps: 12,
+        finetune_steps: 4,
+        batch: 16,
+        seed: 3,
+    };
+    rws::train::run_pipeline(&digits, &opts, &run_dir).unwrap();
+    for role in ["pre", "std", "std_v2", "rob-fog", "rob-gaussian_noise"] {
+        assert!(
+            run_dir.join(format!("{role}.safetensors")).is_file(),
+            "{role}"
+        );
+    }
+
+    // The extracted signature round-trips through the file format and loads into a server registry.
+    let run = Run::load(&run_dir).unwrap();
+    let sig = run
+        .signature(Corruption::Fog, 1, rws::quant::Quant::Int4, true)
+        .unwrap();
+    let path = out.path().join("fog.rws.safetensors");
+    sig.save(&path).unwrap();
+    let loaded = rws::signature::Signature::load(&path).unwrap();
+    assert_eq!(loaded, sig);
+    let served = eval::Served::new(&run.cfg, &run.std).unwrap();
+    let registry = rws::profile::Registry::new(Arc::clone(&served.model), 2).unwrap();
+    registry.load_signature("fog", loaded, false).unwrap();
+    let fog = rws::profile::SignatureRef {
+        name: "fog".into(),
+        alpha: 1.0,
+    };
+    registry.put_profile("fog", vec![fog], false).unwrap();
+
+    let test = digits.take_per_class(3);
+    let opts = EvalOptions {
+        blocks: 1,
+        pairs: eval::default_pairs(),
+        seed: 1,
+    };
+    let results = eval::evaluate(&run, &test, &opts).unwrap();
+    assert_eq!(results.per_corruption.len(), 4, "2 kinds x 2 severities");
+    assert!(results.per_corruption.iter().all(|r| r.removal_bitwise));
+    assert_eq!(results.sweeps.len(), 2);
+    assert_eq!(
+        results.compositions.len(),
+        1,
+        "only fog + gaussian_noise were trained"
+    );
+    let report = results.markdown("scripts/reproduce.sh --quick", &run.analyze(1).unwrap());
+    assert!(report.contains("| fog | weather | 3 |"));
+    results.plots(&out.path().join("plots")).unwrap();
+    for png in [
+        "alpha_corrupted.png",
+        "alpha_clean.png",
+        "per_corruption.png",
+        "quantization.png",
+    ] {
+        image::open(out.path().join("plots").join(png)).unwrap();
+    }
+}
