@@ -2,9 +2,12 @@
 //! classification. The gRPC layer is a thin translation of this.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::Device;
+use tokio::sync::oneshot;
 
+use crate::batch::{BatchConfig, Batcher, Job};
 use crate::model::Model;
 use crate::preprocess::{self, Input};
 use crate::profile::{LoadedSignature, Registry, SignatureRef};
@@ -35,6 +38,7 @@ pub struct Classification {
 
 pub struct EngineOptions {
     pub max_resident_profiles: usize,
+    pub batch: BatchConfig,
     /// Load every file in `signatures/` and define a profile of the same name
     /// (`name = [name@default_alpha]`) for each.
     pub auto_profiles: bool,
@@ -44,6 +48,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             max_resident_profiles: 16,
+            batch: BatchConfig::default(),
             auto_profiles: true,
         }
     }
@@ -51,14 +56,20 @@ impl Default for EngineOptions {
 
 pub struct Engine {
     dir: ModelDir,
-    registry: Registry,
+    registry: Arc<Registry>,
+    batcher: Batcher,
 }
 
 impl Engine {
     pub fn open(dir: ModelDir, device: &Device, opts: &EngineOptions) -> Result<Self> {
         let model = Model::load(dir.config.clone(), &dir.base_path(), device)?;
-        let registry = Registry::new(Arc::new(model), opts.max_resident_profiles)?;
-        let engine = Engine { dir, registry };
+        let registry = Arc::new(Registry::new(Arc::new(model), opts.max_resident_profiles)?);
+        let batcher = Batcher::start(registry.clone(), opts.batch)?;
+        let engine = Engine {
+            dir,
+            registry,
+            batcher,
+        };
         if opts.auto_profiles {
             for path in engine.dir.signature_files()? {
                 let name = repo::signature_name(&path);
@@ -142,27 +153,42 @@ impl Engine {
             .load_signature(name, Signature::from_bytes(bytes)?, allow_transfer)
     }
 
-    /// Classifies one input with the named profile (the default when `None` or empty).
-    pub fn classify(
-        &self,
-        input: &Input,
-        profile: Option<&str>,
+    /// Requests waiting for a compute worker.
+    pub fn queue_depth(&self) -> usize {
+        self.batcher.queue_depth()
+    }
+
+    /// Classifies one input with the named profile (empty: the default). The
+    /// input is decoded on tokio's blocking pool, then batched with other
+    /// requests on the compute workers; it is dropped uncomputed if `deadline`
+    /// passes while it waits.
+    pub async fn classify(
+        self: &Arc<Self>,
+        input: Input,
+        profile: String,
         top_k: usize,
         with_logits: bool,
+        deadline: Option<Instant>,
     ) -> Result<Classification> {
-        let model = self.model();
-        let chw = preprocess::to_chw(input, &model.config)?;
-        let table = self.registry.snapshot();
-        let profile = table.profile(profile)?;
-        let stem = self.registry.stem(&table, profile)?;
-        let x = preprocess::batch(&[&chw], &model.config, model.device())?;
-        let logits = model.forward(&stem, &x)?.squeeze(0)?.to_vec1::<f32>()?;
-        Ok(Classification {
-            top_k: top_k_of(&logits, &model.config.labels, top_k),
-            profile: profile.name.clone(),
-            generation: profile.generation,
-            logits: if with_logits { logits } else { Vec::new() },
+        let engine = self.clone();
+        let input = tokio::task::spawn_blocking(move || {
+            let _s = tracing::debug_span!("decode").entered();
+            preprocess::to_chw(&input, &engine.model().config)
         })
+        .await
+        .map_err(|e| crate::Error::Internal(format!("decoder failed: {e}")))??;
+        let (reply, answer) = oneshot::channel();
+        self.batcher.submit(Job {
+            input,
+            profile,
+            top_k,
+            with_logits,
+            deadline,
+            reply,
+        })?;
+        answer
+            .await
+            .map_err(|_| crate::Error::Internal("compute worker dropped the request".into()))?
     }
 }
 

@@ -17,6 +17,8 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

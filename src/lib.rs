@@ -4,6 +4,7 @@
 //! The library holds everything; the `rws` binary and the gRPC layer in
 //! [`server`] are thin wrappers over [`engine::Engine`].
 
+pub mod batch;
 pub mod corrupt;
 pub mod data;
 pub mod engine;

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -33,6 +33,7 @@ pub fn status(e: Error) -> Status {
         Error::AlreadyExists(_) => Status::already_exists(msg),
         Error::FailedPrecondition(_) => Status::failed_precondition(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+        Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
         Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
@@ -50,6 +51,23 @@ async fn blocking<T: Send + 'static>(
         .map_err(status)
 }
 
+/// The instant a client's `grpc-timeout` header runs out (e.g. `250m`, `5S`).
+fn grpc_deadline(md: &tonic::metadata::MetadataMap) -> Option<Instant> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(Instant::now() + d)
+}
+
 #[derive(Clone)]
 pub struct InferenceService {
     engine: Arc<Engine>,
@@ -61,6 +79,7 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let deadline = grpc_deadline(req.metadata());
         let r = req.into_inner();
         let input = match r.input {
             Some(pb::classify_request::Input::Image(bytes)) => Input::Image(bytes),
@@ -70,11 +89,17 @@ impl Inference for InferenceService {
             },
             None => return Err(Status::invalid_argument("set either image or tensor")),
         };
-        let engine = self.engine.clone();
-        let c = blocking(move || {
-            engine.classify(&input, Some(&r.profile), r.top_k as usize, r.return_logits)
-        })
-        .await?;
+        let c = self
+            .engine
+            .classify(
+                input,
+                r.profile,
+                r.top_k as usize,
+                r.return_logits,
+                deadline,
+            )
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::ClassifyResponse {
             top_k: c
                 .top_k

@@ -184,7 +184,7 @@ async fn evicted_profiles_come_back_bit_identical() {
     let repo = tiny_repo();
     let opts = EngineOptions {
         max_resident_profiles: 2,
-        auto_profiles: true,
+        ..Default::default()
     };
     let server = TestServer::start(repo.path(), opts).await;
     let mut inf = server.inference();

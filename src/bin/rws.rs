@@ -52,6 +52,18 @@ enum Cmd {
         /// Do not load signatures/ at start-up nor define a profile per signature.
         #[arg(long)]
         no_auto_profiles: bool,
+        /// Largest batch a compute worker forms.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// How long the first request of a batch waits for company, in microseconds.
+        #[arg(long, default_value_t = 2000)]
+        max_delay_us: u64,
+        /// Requests that may wait; beyond it they get RESOURCE_EXHAUSTED.
+        #[arg(long, default_value_t = 256)]
+        queue_capacity: usize,
+        /// Compute threads (each parallelizes its tensor ops already).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
     /// Classify an image with a running server.
     Classify {
@@ -259,10 +271,21 @@ async fn main() -> Result<()> {
             addr,
             max_resident_profiles,
             no_auto_profiles,
+            max_batch,
+            max_delay_us,
+            queue_capacity,
+            workers,
         } => {
             let dir = ModelDir::open(&repo, model.as_deref())?;
+            let batch = rws::batch::BatchConfig {
+                max_batch,
+                max_delay: std::time::Duration::from_micros(max_delay_us),
+                queue_capacity,
+                workers,
+            };
             let opts = EngineOptions {
                 max_resident_profiles,
+                batch,
                 auto_profiles: !no_auto_profiles,
             };
             let name = dir.name.clone();

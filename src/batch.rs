@@ -1,0 +1,213 @@
+//! Dynamic batching with mixed profiles.
+//!
+//! Requests wait in one bounded queue. A compute worker (a plain OS thread, off
+//! tokio's reactor) takes the first waiting request, then keeps taking until the
+//! batch is full or `max_delay` has passed since that first one. It loads the
+//! profile table **once** for the batch, runs the stem once per profile group,
+//! concatenates the activations and runs the shared trunk once: mixed traffic
+//! keeps the efficiency of batching because only the stem is per profile.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use crate::engine::{Classification, top_k_of};
+use crate::preprocess;
+use crate::profile::Registry;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    /// How long the first request of a batch may wait for company.
+    pub max_delay: Duration,
+    /// Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Compute threads. Each already parallelizes its tensor ops, so one is
+    /// usually right for a CPU; more overlap batches.
+    pub workers: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_batch: 8,
+            max_delay: Duration::from_millis(2),
+            queue_capacity: 256,
+            workers: 1,
+        }
+    }
+}
+
+/// One request, preprocessed.
+pub struct Job {
+    /// `[C, H, W]` model input.
+    pub input: Vec<f32>,
+    /// Empty: the default profile.
+    pub profile: String,
+    pub top_k: usize,
+    pub with_logits: bool,
+    /// Dropped without computing once passed.
+    pub deadline: Option<Instant>,
+    pub reply: oneshot::Sender<Result<Classification>>,
+}
+
+pub struct Batcher {
+    tx: Sender<Job>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl Batcher {
+    pub fn start(registry: Arc<Registry>, cfg: BatchConfig) -> Result<Batcher> {
+        if cfg.max_batch == 0 || cfg.queue_capacity == 0 || cfg.workers == 0 {
+            return Err(Error::InvalidArgument(
+                "max batch, queue capacity and workers must be at least 1".into(),
+            ));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
+        let depth = Arc::new(AtomicUsize::new(0));
+        for i in 0..cfg.workers {
+            let (rx, registry, depth) = (rx.clone(), registry.clone(), depth.clone());
+            std::thread::Builder::new()
+                .name(format!("rws-compute-{i}"))
+                .spawn(move || worker(&registry, &rx, cfg, &depth))
+                .map_err(|e| Error::Internal(format!("cannot start compute thread: {e}")))?;
+        }
+        Ok(Batcher { tx, depth })
+    }
+
+    /// Queues a job; refuses at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<()> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.depth.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(Error::ResourceExhausted(
+                "the request queue is full; retry with backoff or add replicas".into(),
+            )),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(Error::Internal("compute workers have stopped".into()))
+            }
+        }
+    }
+
+    /// Requests waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+fn worker(registry: &Registry, rx: &Receiver<Job>, cfg: BatchConfig, depth: &AtomicUsize) {
+    // Ends when every sender (the Batcher) is dropped.
+    while let Ok(first) = rx.recv() {
+        let until = Instant::now() + cfg.max_delay;
+        let mut jobs = vec![first];
+        while jobs.len() < cfg.max_batch {
+            match rx.recv_deadline(until) {
+                Ok(j) => jobs.push(j),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        depth.fetch_sub(jobs.len(), Ordering::Relaxed);
+        run_batch(registry, jobs);
+    }
+}
+
+/// Computes one batch and answers every job in it.
+pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
+    let now = Instant::now();
+    let (live, expired): (Vec<Job>, Vec<Job>) = jobs
+        .into_iter()
+        .partition(|j| j.deadline.is_none_or(|d| d > now));
+    for j in expired {
+        let _ = j.reply.send(Err(Error::DeadlineExceeded(
+            "the request's deadline passed while it was queued".into(),
+        )));
+    }
+    if live.is_empty() {
+        return;
+    }
+    let _span = tracing::debug_span!("batch", size = live.len()).entered();
+    // One snapshot for the whole batch: every job in it sees the same table.
+    let table = registry.snapshot();
+    let mut groups: Vec<(Arc<crate::profile::Profile>, Vec<Job>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for job in live {
+        match table.profile(Some(&job.profile)) {
+            Ok(p) => {
+                let slot = *index.entry(p.name.clone()).or_insert_with(|| {
+                    groups.push((p.clone(), Vec::new()));
+                    groups.len() - 1
+                });
+                groups[slot].1.push(job);
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    let model = registry.model();
+    let mut activations = Vec::with_capacity(groups.len());
+    let mut answered = Vec::with_capacity(groups.len());
+    for (profile, jobs) in groups {
+        let stem = {
+            let _s =
+                tracing::debug_span!("stem", profile = %profile.name, n = jobs.len()).entered();
+            registry.stem(&table, &profile).and_then(|stem| {
+                let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.as_slice()).collect();
+                let x = preprocess::batch(&inputs, &model.config, model.device())?;
+                model.forward_stem(&stem, &x)
+            })
+        };
+        match stem {
+            Ok(h) => {
+                activations.push(h);
+                answered.push((profile, jobs));
+            }
+            Err(e) => fail(jobs, &e),
+        }
+    }
+    if activations.is_empty() {
+        return;
+    }
+    let logits = {
+        let _s = tracing::debug_span!("trunk", n = activations.len()).entered();
+        Tensor::cat(&activations, 0)
+            .map_err(Error::from)
+            .and_then(|h| model.forward_trunk(&h))
+            .and_then(|l| Ok(l.to_vec2::<f32>()?))
+    };
+    let rows = match logits {
+        Ok(rows) => rows,
+        Err(e) => {
+            for (_, jobs) in answered {
+                fail(jobs, &e);
+            }
+            return;
+        }
+    };
+    let mut rows = rows.into_iter();
+    for (profile, jobs) in answered {
+        for job in jobs {
+            let logits = rows.next().unwrap_or_default();
+            let _ = job.reply.send(Ok(Classification {
+                top_k: top_k_of(&logits, &model.config.labels, job.top_k),
+                profile: profile.name.clone(),
+                generation: profile.generation,
+                logits: if job.with_logits { logits } else { Vec::new() },
+            }));
+        }
+    }
+}
+
+fn fail(jobs: Vec<Job>, e: &Error) {
+    for j in jobs {
+        let _ = j.reply.send(Err(Error::Internal(e.to_string())));
+    }
+}

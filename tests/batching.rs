@@ -1,0 +1,93 @@
+//! Dynamic batching over loopback gRPC: batches that mix profiles answer every
+//! request exactly as if it had been computed alone, and a full queue refuses
+//! with RESOURCE_EXHAUSTED instead of queueing without bound.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rws::batch::BatchConfig;
+use rws::engine::EngineOptions;
+use tonic::Code;
+
+fn opts(batch: BatchConfig) -> EngineOptions {
+    EngineOptions {
+        batch,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_profile_batches_match_requests_computed_alone() {
+    let repo = tiny_repo();
+    let profiles = ["clean", "fog", "noise", "rain"];
+    // Alone: one request at a time, so every batch holds one request.
+    let server = TestServer::start(repo.path(), EngineOptions::default()).await;
+    let mut inf = server.inference();
+    let mut alone = Vec::new();
+    for i in 0..16u64 {
+        alone.push(logits(&mut inf, tensor_request(i, profiles[i as usize % 4])).await);
+    }
+    server.stop().await;
+
+    // Together: a long delay so that concurrent requests share batches across profiles.
+    let batch = BatchConfig {
+        max_batch: 16,
+        max_delay: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let server = TestServer::start(repo.path(), opts(batch)).await;
+    let tasks: Vec<_> = (0..16u64)
+        .map(|i| {
+            let mut inf = server.inference();
+            tokio::spawn(async move {
+                logits(&mut inf, tensor_request(i, profiles[i as usize % 4])).await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(
+            t.await.unwrap(),
+            alone[i],
+            "request {i} ({})",
+            profiles[i % 4]
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_queue_refuses_with_resource_exhausted() {
+    let repo = tiny_repo();
+    // One worker that holds each batch open 200 ms, and room for one waiting request.
+    let batch = BatchConfig {
+        max_batch: 2,
+        max_delay: Duration::from_millis(200),
+        queue_capacity: 1,
+        workers: 1,
+    };
+    let server = TestServer::start(repo.path(), opts(batch)).await;
+    let tasks: Vec<_> = (0..24u64)
+        .map(|i| {
+            let mut inf = server.inference();
+            tokio::spawn(async move { inf.classify(tensor_request(i, "")).await.map(|_| ()) })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+            Err(s) => panic!("unexpected error: {s}"),
+        }
+    }
+    assert!(ok >= 2 && refused >= 1, "ok {ok}, refused {refused}");
+    // Once the storm passes, the server answers normally.
+    server
+        .inference()
+        .classify(tensor_request(0, ""))
+        .await
+        .unwrap();
+    server.stop().await;
+}
