@@ -54,6 +54,8 @@ pub struct Job {
     pub with_logits: bool,
     /// Dropped without computing once passed.
     pub deadline: Option<Instant>,
+    /// When the job entered the queue.
+    pub queued: Instant,
     pub reply: oneshot::Sender<Result<Classification>>,
 }
 
@@ -133,7 +135,12 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     if live.is_empty() {
         return;
     }
-    let _span = tracing::debug_span!("batch", size = live.len()).entered();
+    let queue_us = live
+        .iter()
+        .map(|j| now.duration_since(j.queued).as_micros() as u64)
+        .max()
+        .unwrap_or(0);
+    let _span = tracing::debug_span!("batch", size = live.len(), queue_us).entered();
     // One snapshot for the whole batch: every job in it sees the same table.
     let table = registry.snapshot();
     let mut groups: Vec<(Arc<crate::profile::Profile>, Vec<Job>)> = Vec::new();

@@ -184,6 +184,7 @@ impl Engine {
             top_k,
             with_logits,
             deadline,
+            queued: Instant::now(),
             reply,
         })?;
         answer

@@ -5,6 +5,7 @@
 //! [`server`] are thin wrappers over [`engine::Engine`].
 
 pub mod batch;
+pub mod bench;
 pub mod corrupt;
 pub mod data;
 pub mod engine;

@@ -82,6 +82,7 @@ impl Profile {
     }
 
     fn materialize(&self, model: &Model) -> Result<Stem> {
+        let _s = tracing::debug_span!("patch_apply", profile = %self.name, signatures = self.signatures.len()).entered();
         let patches: Vec<(&Signature, f32)> = self
             .resolved
             .iter()

@@ -172,6 +172,9 @@ enum Cmd {
         #[arg(long, default_value = "scripts/reproduce.sh")]
         command: String,
     },
+    /// Measure: load a running server, time profile switches, measure memory.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Generate a model directory with random (synthetic) weights and signatures.
     Synth {
         /// resnet18, resnet34, resnet50, resnet101 or resnet-small.
@@ -192,6 +195,61 @@ enum Cmd {
         quant: Quant,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Drive a running server (loopback only) with concurrent clients.
+    Load {
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Stop after this many requests, if sooner.
+        #[arg(long)]
+        requests: Option<usize>,
+        /// Profiles to name, round robin (default: none, i.e. the server default).
+        #[arg(long, value_delimiter = ',')]
+        profiles: Vec<String>,
+        /// Toggle the default profile between two profiles, e.g. `clean,fog`.
+        #[arg(long, value_delimiter = ',')]
+        toggle: Vec<String>,
+        /// Milliseconds between toggles.
+        #[arg(long, default_value_t = 10)]
+        toggle_ms: u64,
+        /// Image to send (default: a generated 28x28 digit-like PNG).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Time profile applies against model reloads on a synthetic model, in-process.
+    Switch {
+        #[arg(long, default_value = "resnet18")]
+        arch: String,
+        #[arg(long, default_value_t = 2)]
+        patchable_blocks: usize,
+        #[arg(long, default_value_t = 1000)]
+        applies: usize,
+        #[arg(long, default_value_t = 5)]
+        reloads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resident memory with N resident profiles against one, on a synthetic model.
+    Memory {
+        #[arg(long, default_value = "resnet18")]
+        arch: String,
+        #[arg(long, default_value_t = 2)]
+        patchable_blocks: usize,
+        #[arg(long, default_value_t = 16)]
+        profiles: usize,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -486,6 +544,7 @@ async fn main() -> Result<()> {
                 results.mean_gain(5)
             );
         }
+        Cmd::Bench(cmd) => bench(cmd).await?,
         Cmd::Synth {
             arch,
             out,
@@ -495,6 +554,119 @@ async fn main() -> Result<()> {
             seed,
         } => {
             synth(&arch, &out, patchable_blocks, &signatures, quant, seed)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_report<T: serde::Serialize + std::fmt::Debug>(
+    json: bool,
+    report: &T,
+    text: impl FnOnce(&T),
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        text(report);
+    }
+    Ok(())
+}
+
+async fn bench(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Load {
+            clients,
+            duration,
+            requests,
+            profiles,
+            toggle,
+            toggle_ms,
+            image,
+            json,
+            client,
+        } => {
+            let toggle = match toggle.as_slice() {
+                [] => None,
+                [a, b] => Some((
+                    a.clone(),
+                    b.clone(),
+                    std::time::Duration::from_millis(toggle_ms),
+                )),
+                _ => bail!("--toggle takes two profiles, e.g. clean,fog"),
+            };
+            let image = match image {
+                Some(p) => {
+                    std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?
+                }
+                None => {
+                    let img = image::GrayImage::from_fn(28, 28, |x, y| {
+                        image::Luma([((x * 9 + y * 5) % 256) as u8])
+                    });
+                    let mut out = std::io::Cursor::new(Vec::new());
+                    img.write_to(&mut out, image::ImageFormat::Png)?;
+                    out.into_inner()
+                }
+            };
+            let opts = rws::bench::LoadOptions {
+                addr: client.addr,
+                clients,
+                duration: std::time::Duration::from_secs_f64(duration),
+                max_requests: requests,
+                profiles,
+                toggle,
+                image,
+            };
+            let r = rws::bench::load(&opts).await?;
+            print_report(json, &r, |r| {
+                println!(
+                    "{} requests in {:.1} s: {:.1} req/s, {} errors",
+                    r.requests, r.seconds, r.throughput_rps, r.errors
+                );
+                println!("latency      {}", r.latency);
+                if r.switches > 0 {
+                    println!("switches     {} ({} errors)", r.switches, r.switch_errors);
+                    println!("patch apply  {}", r.patch_apply);
+                }
+            })?;
+        }
+        BenchCmd::Switch {
+            arch,
+            patchable_blocks,
+            applies,
+            reloads,
+            json,
+        } => {
+            let r = tokio::task::spawn_blocking(move || {
+                rws::bench::switch(&arch, patchable_blocks, applies, reloads)
+            })
+            .await??;
+            print_report(json, &r, |r| {
+                println!("{}: apply  {}", r.arch, r.apply);
+                println!("{}: reload {}", r.arch, r.reload);
+                println!("reload p50 / apply p99 = {:.0}x", r.reload_over_apply_p99);
+            })?;
+        }
+        BenchCmd::Memory {
+            arch,
+            patchable_blocks,
+            profiles,
+            json,
+        } => {
+            let r = tokio::task::spawn_blocking(move || {
+                rws::bench::memory(&arch, patchable_blocks, profiles)
+            })
+            .await??;
+            print_report(json, &r, |r| {
+                println!(
+                    "{}: RSS {:.1} MiB with 1 profile, {:.1} MiB with {} resident: {:.3}x (full copies would be {:.1}x)",
+                    r.arch,
+                    r.rss_one_profile_bytes as f64 / 1048576.0,
+                    r.rss_all_profiles_bytes as f64 / 1048576.0,
+                    r.profiles,
+                    r.ratio,
+                    r.full_copies_ratio
+                );
+            })?;
         }
     }
     Ok(())

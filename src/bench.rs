@@ -1,0 +1,336 @@
+//! `rws bench`: measurements an engineer runs against rws. `load` drives a
+//! running server over loopback gRPC; `switch` and `memory` measure the library
+//! in-process on a synthetic model.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::server::pb;
+use crate::{Error, Result, bail};
+
+/// Percentiles of a set of durations, in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut v: Vec<Duration>) -> Percentiles {
+        if v.is_empty() {
+            return Percentiles::default();
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+        Percentiles {
+            count: v.len(),
+            p50_us: at(0.5),
+            p90_us: at(0.9),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "n={} p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            self.count, self.p50_us, self.p90_us, self.p99_us, self.max_us
+        )
+    }
+}
+
+pub struct LoadOptions {
+    pub addr: String,
+    pub clients: usize,
+    pub duration: Duration,
+    /// Stop after this many requests in total, if sooner.
+    pub max_requests: Option<usize>,
+    /// Profiles the requests name, round robin; empty names the default.
+    pub profiles: Vec<String>,
+    /// Switch the default profile between these two every `toggle_every`.
+    pub toggle: Option<(String, String, Duration)>,
+    /// Encoded image sent with every request.
+    pub image: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub requests: usize,
+    pub errors: usize,
+    pub seconds: f64,
+    pub throughput_rps: f64,
+    pub latency: Percentiles,
+    pub switches: usize,
+    pub switch_errors: usize,
+    /// Server-side apply time reported by each switch.
+    pub patch_apply: Percentiles,
+}
+
+/// Refuses any target that is not this machine.
+fn check_loopback(addr: &str) -> Result<()> {
+    let uri: tonic::codegen::http::Uri = addr.parse().map_err(|_| {
+        Error::InvalidArgument(format!("{addr:?} is not a URI like http://127.0.0.1:50051"))
+    })?;
+    let host = uri
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!(
+            InvalidArgument,
+            "the load generator only targets loopback addresses, not {host:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `clients` concurrent clients for the duration (or request budget), with
+/// an optional toggle storm of the default profile.
+pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
+    check_loopback(&o.addr)?;
+    let channel = Channel::from_shared(o.addr.clone())
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Error::NotFound(format!("cannot reach {}: {e}", o.addr)))?;
+    let stop_at = Instant::now() + o.duration;
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
+        o.max_requests.unwrap_or(usize::MAX),
+    ));
+    let toggler = o.toggle.clone().map(|(a, b, every)| {
+        let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+        tokio::spawn(async move {
+            let (mut applies, mut errors, mut i) = (Vec::new(), 0usize, 0usize);
+            let mut tick = tokio::time::interval(every);
+            while Instant::now() < stop_at {
+                tick.tick().await;
+                let name = if i % 2 == 0 { a.clone() } else { b.clone() };
+                i += 1;
+                match admin
+                    .set_default_profile(pb::SetDefaultProfileRequest { name })
+                    .await
+                {
+                    Ok(r) => {
+                        applies.push(Duration::from_secs_f64(r.into_inner().apply_micros / 1e6))
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (applies, errors)
+        })
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..o.clients.max(1) {
+        let mut client = pb::inference_client::InferenceClient::new(channel.clone());
+        let (budget, image) = (budget.clone(), o.image.clone());
+        let profiles = o.profiles.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors, mut i) = (Vec::new(), 0usize, c);
+            while Instant::now() < stop_at
+                && budget
+                    .fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |b| b.checked_sub(1),
+                    )
+                    .is_ok()
+            {
+                let profile = if profiles.is_empty() {
+                    String::new()
+                } else {
+                    profiles[i % profiles.len()].clone()
+                };
+                i += 1;
+                let req = pb::ClassifyRequest {
+                    input: Some(pb::classify_request::Input::Image(image.clone())),
+                    profile,
+                    top_k: 1,
+                    return_logits: false,
+                };
+                let t = Instant::now();
+                match client.classify(req).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| Error::Internal(e.to_string()))?;
+        lat.extend(l);
+        errors += e;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let (applies, switch_errors) = match toggler {
+        Some(t) => t.await.map_err(|e| Error::Internal(e.to_string()))?,
+        None => (Vec::new(), 0),
+    };
+    Ok(LoadReport {
+        requests: lat.len() + errors,
+        errors,
+        seconds,
+        throughput_rps: lat.len() as f64 / seconds,
+        latency: Percentiles::of(lat),
+        switches: applies.len() + switch_errors,
+        switch_errors,
+        patch_apply: Percentiles::of(applies),
+    })
+}
+
+/// A synthetic model of `arch` loaded in-process, with one int8 signature.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub model_dir: crate::repo::ModelDir,
+    pub registry: crate::profile::Registry,
+}
+
+impl Fixture {
+    pub fn new(arch: &str, blocks: usize) -> Result<Fixture> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let arch = crate::synth::arch_by_name(arch)?;
+        let path = dir.path().join("m");
+        crate::synth::write_repo_model(
+            &path,
+            arch,
+            blocks,
+            &["sig".into()],
+            crate::quant::Quant::Int8,
+            3,
+        )?;
+        let model_dir = crate::repo::ModelDir::open(dir.path(), Some("m"))?;
+        let model = crate::model::Model::load(
+            model_dir.config.clone(),
+            &model_dir.base_path(),
+            &candle_core::Device::Cpu,
+        )?;
+        let registry = crate::profile::Registry::new(Arc::new(model), 64)?;
+        let sig = crate::signature::Signature::load(&path.join("signatures/sig.rws.safetensors"))?;
+        registry.load_signature("sig", sig, false)?;
+        Ok(Fixture {
+            _dir: dir,
+            model_dir,
+            registry,
+        })
+    }
+
+    fn reload(&self) -> Result<crate::model::Model> {
+        crate::model::Model::load(
+            self.model_dir.config.clone(),
+            &self.model_dir.base_path(),
+            &candle_core::Device::Cpu,
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchReport {
+    pub arch: String,
+    /// Build the patched stem and publish it, as `PutProfile` does.
+    pub apply: Percentiles,
+    /// Rebuild the model from its safetensors file.
+    pub reload: Percentiles,
+    pub reload_over_apply_p99: f64,
+}
+
+/// Times `n` profile applies against `reloads` full model reloads.
+pub fn switch(arch: &str, blocks: usize, n: usize, reloads: usize) -> Result<SwitchReport> {
+    let f = Fixture::new(arch, blocks)?;
+    let sig = vec![crate::profile::SignatureRef {
+        name: "sig".into(),
+        alpha: 0.8,
+    }];
+    let mut apply = Vec::with_capacity(n);
+    for _ in 0..n {
+        apply.push(f.registry.put_profile("p", sig.clone(), true)?.apply);
+    }
+    let mut reload = Vec::with_capacity(reloads);
+    for _ in 0..reloads {
+        let t = Instant::now();
+        f.reload()?;
+        reload.push(t.elapsed());
+    }
+    let (apply, reload) = (Percentiles::of(apply), Percentiles::of(reload));
+    Ok(SwitchReport {
+        arch: arch.into(),
+        reload_over_apply_p99: reload.p50_us / apply.p99_us,
+        apply,
+        reload,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    pub arch: String,
+    pub profiles: usize,
+    pub rss_one_profile_bytes: u64,
+    pub rss_all_profiles_bytes: u64,
+    pub ratio: f64,
+    /// What full model copies would cost instead, as a ratio.
+    pub full_copies_ratio: f64,
+}
+
+/// Resident set size of this process.
+pub fn rss_bytes() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| Error::io("/proc/self/status", e))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| Error::Internal("no VmRSS in /proc/self/status".into()))
+}
+
+/// RSS with the clean profile only, then with `profiles` distinct resident profiles.
+pub fn memory(arch: &str, blocks: usize, profiles: usize) -> Result<MemoryReport> {
+    let f = Fixture::new(arch, blocks)?;
+    let before = rss_bytes()?;
+    for i in 0..profiles.saturating_sub(1) {
+        let alpha = 0.1 + i as f32 * 0.05;
+        f.registry.put_profile(
+            &format!("p{i}"),
+            vec![crate::profile::SignatureRef {
+                name: "sig".into(),
+                alpha,
+            }],
+            false,
+        )?;
+    }
+    let after = rss_bytes()?;
+    let table = f.registry.snapshot();
+    let resident = table.profiles.values().filter(|p| p.is_resident()).count();
+    if resident != profiles {
+        bail!(
+            Internal,
+            "expected {profiles} resident profiles, found {resident}"
+        );
+    }
+    let model_bytes: u64 = std::fs::metadata(f.model_dir.base_path())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(MemoryReport {
+        arch: arch.into(),
+        profiles,
+        rss_one_profile_bytes: before,
+        rss_all_profiles_bytes: after,
+        ratio: after as f64 / before as f64,
+        full_copies_ratio: (before + model_bytes * (profiles as u64 - 1)) as f64 / before as f64,
+    })
+}
