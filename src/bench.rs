@@ -282,6 +282,10 @@ pub struct MemoryReport {
     pub rss_one_profile_bytes: u64,
     pub rss_all_profiles_bytes: u64,
     pub ratio: f64,
+    /// Weights held, by account: the folded model plus every resident stem.
+    pub weight_bytes_one_profile: u64,
+    pub weight_bytes_all_profiles: u64,
+    pub weight_ratio: f64,
     /// What full model copies would cost instead, as a ratio.
     pub full_copies_ratio: f64,
 }
@@ -325,12 +329,75 @@ pub fn memory(arch: &str, blocks: usize, profiles: usize) -> Result<MemoryReport
     let model_bytes: u64 = std::fs::metadata(f.model_dir.base_path())
         .map(|m| m.len())
         .unwrap_or(0);
+    let stems: Vec<u64> = table
+        .profiles
+        .values()
+        .map(|p| f.registry.stem(&table, p).map(|s| s.bytes() as u64))
+        .collect::<Result<_>>()?;
+    let stem_bytes = stems.first().copied().unwrap_or(0);
+    let one = model_bytes + stem_bytes;
+    let all = model_bytes + stems.iter().sum::<u64>();
     Ok(MemoryReport {
         arch: arch.into(),
         profiles,
         rss_one_profile_bytes: before,
         rss_all_profiles_bytes: after,
         ratio: after as f64 / before as f64,
-        full_copies_ratio: (before + model_bytes * (profiles as u64 - 1)) as f64 / before as f64,
+        weight_bytes_one_profile: one,
+        weight_bytes_all_profiles: all,
+        weight_ratio: all as f64 / one as f64,
+        full_copies_ratio: profiles as f64,
     })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InferReport {
+    pub model: String,
+    pub batch: usize,
+    pub iterations: usize,
+    pub batch_latency: Percentiles,
+    /// Images per second at the median batch latency.
+    pub images_per_second: f64,
+}
+
+/// Forward passes of the clean model in `repo/model` at each batch size, in-process.
+pub fn infer(
+    repo: &std::path::Path,
+    model: Option<&str>,
+    batches: &[usize],
+    iterations: usize,
+) -> Result<Vec<InferReport>> {
+    let dir = crate::repo::ModelDir::open(repo, model)?;
+    let m = crate::model::Model::load(
+        dir.config.clone(),
+        &dir.base_path(),
+        &candle_core::Device::Cpu,
+    )?;
+    let stem = m.materialize(&[])?;
+    let [h, w] = dir.config.input_size;
+    let mut rng = crate::rng::Rng::new(1);
+    let mut out = Vec::new();
+    for &b in batches {
+        let x = candle_core::Tensor::from_vec(
+            rng.vec(b * dir.config.channels * h * w, -1.0, 1.0),
+            (b, dir.config.channels, h, w),
+            m.device(),
+        )?;
+        m.forward(&stem, &x)?; // warm-up
+        let mut times = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let t = Instant::now();
+            m.forward(&stem, &x)?.to_vec2::<f32>()?;
+            times.push(t.elapsed());
+        }
+        let p = Percentiles::of(times);
+        out.push(InferReport {
+            model: dir.name.clone(),
+            batch: b,
+            iterations,
+            images_per_second: b as f64 / (p.p50_us / 1e6),
+            batch_latency: p,
+        });
+    }
+    Ok(out)
 }

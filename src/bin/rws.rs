@@ -240,6 +240,19 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Clean-model inference speed in-process, images/s at each batch size.
+    Infer {
+        #[arg(long, default_value = "models")]
+        repo: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Resident memory with N resident profiles against one, on a synthetic model.
     Memory {
         #[arg(long, default_value = "resnet18")]
@@ -646,6 +659,26 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
                 println!("reload p50 / apply p99 = {:.0}x", r.reload_over_apply_p99);
             })?;
         }
+        BenchCmd::Infer {
+            repo,
+            model,
+            batch,
+            iterations,
+            json,
+        } => {
+            let r = tokio::task::spawn_blocking(move || {
+                rws::bench::infer(&repo, model.as_deref(), &batch, iterations)
+            })
+            .await??;
+            print_report(json, &r, |r| {
+                for b in r {
+                    println!(
+                        "{} batch {}: {:.1} images/s ({})",
+                        b.model, b.batch, b.images_per_second, b.batch_latency
+                    );
+                }
+            })?;
+        }
         BenchCmd::Memory {
             arch,
             patchable_blocks,
@@ -658,12 +691,15 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
             .await??;
             print_report(json, &r, |r| {
                 println!(
-                    "{}: RSS {:.1} MiB with 1 profile, {:.1} MiB with {} resident: {:.3}x (full copies would be {:.1}x)",
+                    "{}: RSS {:.1} MiB with 1 profile, {:.1} MiB with {} resident: {:.3}x; weights held {:.1} -> {:.1} MiB: {:.3}x (full copies: {}x)",
                     r.arch,
                     r.rss_one_profile_bytes as f64 / 1048576.0,
                     r.rss_all_profiles_bytes as f64 / 1048576.0,
                     r.profiles,
                     r.ratio,
+                    r.weight_bytes_one_profile as f64 / 1048576.0,
+                    r.weight_bytes_all_profiles as f64 / 1048576.0,
+                    r.weight_ratio,
                     r.full_copies_ratio
                 );
             })?;
