@@ -83,12 +83,12 @@ fn bench(c: &mut Criterion) {
     let resnet = synthetic("resnet18");
     let cases: [(&str, &Registry, [usize; 3]); 2] = [
         ("mnist", &shipped(), [1, 28, 28]),
-        ("resnet18-112px", &resnet.registry, [3, 112, 112]),
+        ("resnet18", &resnet.registry, [3, 224, 224]),
     ];
     let mut g = c.benchmark_group("batch8");
     g.warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
-        .sample_size(20);
+        .sample_size(10);
     g.throughput(Throughput::Elements(8));
     for (name, registry, shape) in cases {
         let mut rng = Rng::new(1);

@@ -285,10 +285,17 @@ pub async fn serve(
     let admin =
         AdminServer::new(AdminService { engine }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
-        .tcp_keepalive(Some(Duration::from_secs(60)))
         .add_service(inference)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        // Socket options must be set on the incoming stream (the builder's are
+        // ignored here). Without TCP_NODELAY, 1% of requests waited 40 ms for a
+        // delayed ACK under load.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::Internal(format!("server failed: {e}")))
 }
