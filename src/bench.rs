@@ -401,3 +401,38 @@ pub fn infer(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_generator_targets_loopback_only() {
+        for ok in [
+            "http://127.0.0.1:50051",
+            "http://localhost:1",
+            "http://[::1]:50051",
+            "http://127.8.0.1:9",
+        ] {
+            check_loopback(ok).unwrap();
+        }
+        for bad in [
+            "http://10.0.0.1:50051",
+            "http://192.168.1.2:1",
+            "http://example.com:80",
+            "not a uri",
+        ] {
+            assert!(check_loopback(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let p = Percentiles::of((1..=100).map(Duration::from_micros).collect());
+        assert_eq!(
+            (p.count, p.p50_us.round(), p.p99_us.round(), p.max_us),
+            (100, 51.0, 99.0, 100.0)
+        );
+        assert_eq!(Percentiles::of(vec![]).count, 0);
+    }
+}

@@ -91,3 +91,37 @@ async fn full_queue_refuses_with_resource_exhausted() {
         .unwrap();
     server.stop().await;
 }
+
+#[test]
+fn expired_requests_are_dropped_uncomputed() {
+    let repo = tiny_repo();
+    let dir = rws::repo::ModelDir::open(repo.path(), Some(MODEL)).unwrap();
+    let model = rws::model::Model::load(
+        dir.config.clone(),
+        &dir.base_path(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let registry = rws::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap();
+    let job = |deadline| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let input = input(1).data;
+        let job = rws::batch::Job {
+            input,
+            profile: String::new(),
+            top_k: 1,
+            with_logits: false,
+            deadline,
+            queued: std::time::Instant::now(),
+            reply,
+        };
+        (job, rx)
+    };
+    let past = std::time::Instant::now() - Duration::from_millis(1);
+    let (expired, mut expired_rx) = job(Some(past));
+    let (live, mut live_rx) = job(Some(std::time::Instant::now() + Duration::from_secs(60)));
+    rws::batch::run_batch(&registry, vec![expired, live]);
+    let err = expired_rx.try_recv().unwrap().unwrap_err();
+    assert!(matches!(err, rws::Error::DeadlineExceeded(_)), "{err}");
+    assert_eq!(live_rx.try_recv().unwrap().unwrap().profile, "clean");
+}
