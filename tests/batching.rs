@@ -68,7 +68,7 @@ async fn full_queue_refuses_with_resource_exhausted() {
         workers: 1,
     };
     let server = TestServer::start(repo.path(), opts(batch)).await;
-    let tasks: Vec<_> = (0..24u64)
+    let tasks: Vec<_> = (0..200u64)
         .map(|i| {
             let mut inf = server.inference();
             tokio::spawn(async move { inf.classify(tensor_request(i, "")).await.map(|_| ()) })
@@ -124,4 +124,48 @@ fn expired_requests_are_dropped_uncomputed() {
     let err = expired_rx.try_recv().unwrap().unwrap_err();
     assert!(matches!(err, rws::Error::DeadlineExceeded(_)), "{err}");
     assert_eq!(live_rx.try_recv().unwrap().unwrap().profile, "clean");
+}
+
+#[test]
+fn a_burst_beyond_the_queue_is_refused_at_once() {
+    let repo = tiny_repo();
+    let dir = rws::repo::ModelDir::open(repo.path(), Some(MODEL)).unwrap();
+    let model = rws::model::Model::load(
+        dir.config.clone(),
+        &dir.base_path(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let registry =
+        std::sync::Arc::new(rws::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap());
+    let cfg = BatchConfig {
+        max_batch: 1,
+        max_delay: Duration::ZERO,
+        queue_capacity: 2,
+        workers: 1,
+    };
+    let batcher = rws::batch::Batcher::start(registry, cfg).unwrap();
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    // Submitting never blocks: 50 submissions take microseconds, one forward pass far longer.
+    for i in 0..50 {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = rws::batch::Job {
+            input: input(i).data,
+            profile: String::new(),
+            top_k: 1,
+            with_logits: false,
+            deadline: None,
+            queued: std::time::Instant::now(),
+            reply,
+        };
+        match batcher.submit(job) {
+            Ok(()) => accepted.push(rx),
+            Err(rws::Error::ResourceExhausted(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 40, "refused {refused}");
+    for rx in accepted {
+        rx.blocking_recv().unwrap().unwrap();
+    }
 }

@@ -3,6 +3,7 @@
 //! add-scale kernel, and a shared **trunk** folded once at load time.
 
 pub mod arch;
+pub mod conv;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,8 +40,17 @@ impl FoldedConv {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.bias)
+        if x.device().is_cpu() {
+            let op = conv::Conv2dBias {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            x.contiguous()?
+                .apply_op3_no_bwd(&self.weight, &self.bias, &op)
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+                .broadcast_add(&self.bias)
+        }
     }
 }
 
