@@ -158,9 +158,10 @@ impl Net {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (unit, convs) in &self.units {
-            h = forward_unit(unit, convs, &h, |(conv, bn), x| {
+            h = forward_unit(unit, convs, &h, |(conv, bn), x, relu| {
                 use candle_core::Module;
-                bn.forward_t(&conv.forward(x)?, train)
+                let y = bn.forward_t(&conv.forward(x)?, train)?;
+                if relu { y.relu() } else { Ok(y) }
             })?;
         }
         let fc_t = self.fc.weight().t()?;

@@ -10,6 +10,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, bail};
 pub struct Conv2dBias {
     pub stride: usize,
     pub padding: usize,
+    /// Apply ReLU to the output while it is still in cache, instead of a
+    /// separate pass over a new tensor.
+    pub relu: bool,
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -101,6 +104,11 @@ impl CustomOp3 for Conv2dBias {
                     },
                 );
             }
+            if self.relu {
+                for v in dst.iter_mut() {
+                    *v = v.max(0.0);
+                }
+            }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, o, ho, wo))))
     }
@@ -176,41 +184,38 @@ mod tests {
             )
             .unwrap();
             let b = Tensor::from_vec(rng.vec(o, -1.0, 1.0), (1, o, 1, 1), &Device::Cpu).unwrap();
-            let want = x
+            let conv = x
                 .conv2d(&wt, p, s, 1, 1)
                 .unwrap()
                 .broadcast_add(&b)
                 .unwrap();
-            let got = x
-                .apply_op3_no_bwd(
-                    &wt,
-                    &b,
-                    &Conv2dBias {
-                        stride: s,
-                        padding: p,
-                    },
-                )
-                .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                diff <= 1e-5 * scale,
-                "{n}x{c}x{h}x{w} k{k} s{s} p{p}: {diff} vs {scale}"
-            );
+            for relu in [false, true] {
+                let want = if relu {
+                    conv.relu().unwrap()
+                } else {
+                    conv.clone()
+                };
+                let op = Conv2dBias {
+                    stride: s,
+                    padding: p,
+                    relu,
+                };
+                let got = x.apply_op3_no_bwd(&wt, &b, &op).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let max = |t: Tensor| {
+                    t.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
+                let (diff, scale) = (max((got - &want).unwrap()), max(want));
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{n}x{c}x{h}x{w} k{k} s{s} p{p} relu {relu}: {diff} vs {scale}"
+                );
+            }
         }
     }
 
@@ -229,6 +234,7 @@ mod tests {
         let op = Conv2dBias {
             stride: 1,
             padding: 1,
+            relu: true,
         };
         let all = x.apply_op3_no_bwd(&w, &b, &op).unwrap();
         let one = x

@@ -39,17 +39,20 @@ impl FoldedConv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
         if x.device().is_cpu() {
             let op = conv::Conv2dBias {
                 stride: self.stride,
                 padding: self.padding,
+                relu,
             };
             x.contiguous()?
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-                .broadcast_add(&self.bias)
+            let y = x
+                .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+                .broadcast_add(&self.bias)?;
+            if relu { y.relu() } else { Ok(y) }
         }
     }
 }
@@ -307,17 +310,18 @@ impl Model {
     }
 }
 
-/// Runs one unit, given how to apply one of its convs (conv + BatchNorm): the
-/// served model passes folded convs, training passes conv and BatchNorm modules.
+/// Runs one unit, given how to apply one of its convs (conv + BatchNorm, then
+/// ReLU when the flag says so): the served model passes folded convs with the
+/// ReLU fused in, training passes conv and BatchNorm modules.
 pub(crate) fn forward_unit<C>(
     unit: &UnitSpec,
     convs: &[C],
     x: &Tensor,
-    conv: impl Fn(&C, &Tensor) -> candle_core::Result<Tensor>,
+    conv: impl Fn(&C, &Tensor, bool) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
     match unit.kind {
         UnitKind::Stem { maxpool } => {
-            let h = conv(&convs[0], x)?.relu()?;
+            let h = conv(&convs[0], x, true)?;
             if maxpool {
                 // Zero padding equals -inf padding here: the input is post-ReLU.
                 let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
@@ -334,13 +338,10 @@ pub(crate) fn forward_unit<C>(
             };
             let mut h = x.clone();
             for (i, c) in main.iter().enumerate() {
-                h = conv(c, &h)?;
-                if i + 1 < main.len() {
-                    h = h.relu()?;
-                }
+                h = conv(c, &h, i + 1 < main.len())?;
             }
             let identity = if unit.downsample {
-                conv(&convs[convs.len() - 1], x)?
+                conv(&convs[convs.len() - 1], x, false)?
             } else {
                 x.clone()
             };
