@@ -92,34 +92,42 @@ async fn full_queue_refuses_with_resource_exhausted() {
     server.stop().await;
 }
 
-#[test]
-fn expired_requests_are_dropped_uncomputed() {
-    let repo = tiny_repo();
-    let dir = rws::repo::ModelDir::open(repo.path(), Some(MODEL)).unwrap();
+/// The tiny model's profile registry, in-process, for driving the batcher directly.
+fn tiny_registry(repo: &std::path::Path) -> std::sync::Arc<rws::profile::Registry> {
+    let dir = rws::repo::ModelDir::open(repo, Some(MODEL)).unwrap();
     let model = rws::model::Model::load(
         dir.config.clone(),
         &dir.base_path(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let registry = rws::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap();
-    let job = |deadline| {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let input = input(1).data;
-        let job = rws::batch::Job {
-            input,
-            profile: String::new(),
-            top_k: 1,
-            with_logits: false,
-            deadline,
-            queued: std::time::Instant::now(),
-            reply,
-        };
-        (job, rx)
+    std::sync::Arc::new(rws::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap())
+}
+
+type Answer = tokio::sync::oneshot::Receiver<rws::Result<rws::engine::Classification>>;
+
+/// A request for the default profile, and where its answer arrives.
+fn job(seed: u64, deadline: Option<std::time::Instant>) -> (rws::batch::Job, Answer) {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let job = rws::batch::Job {
+        input: input(seed).data,
+        profile: String::new(),
+        top_k: 1,
+        with_logits: false,
+        deadline,
+        queued: std::time::Instant::now(),
+        reply,
     };
+    (job, rx)
+}
+
+#[test]
+fn expired_requests_are_dropped_uncomputed() {
+    let repo = tiny_repo();
+    let registry = tiny_registry(repo.path());
     let past = std::time::Instant::now() - Duration::from_millis(1);
-    let (expired, mut expired_rx) = job(Some(past));
-    let (live, mut live_rx) = job(Some(std::time::Instant::now() + Duration::from_secs(60)));
+    let (expired, mut expired_rx) = job(1, Some(past));
+    let (live, mut live_rx) = job(1, Some(std::time::Instant::now() + Duration::from_secs(60)));
     rws::batch::run_batch(&registry, vec![expired, live]);
     let err = expired_rx.try_recv().unwrap().unwrap_err();
     assert!(matches!(err, rws::Error::DeadlineExceeded(_)), "{err}");
@@ -129,15 +137,7 @@ fn expired_requests_are_dropped_uncomputed() {
 #[test]
 fn a_burst_beyond_the_queue_is_refused_at_once() {
     let repo = tiny_repo();
-    let dir = rws::repo::ModelDir::open(repo.path(), Some(MODEL)).unwrap();
-    let model = rws::model::Model::load(
-        dir.config.clone(),
-        &dir.base_path(),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let registry =
-        std::sync::Arc::new(rws::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap());
+    let registry = tiny_registry(repo.path());
     let cfg = BatchConfig {
         max_batch: 1,
         max_delay: Duration::ZERO,
@@ -148,16 +148,7 @@ fn a_burst_beyond_the_queue_is_refused_at_once() {
     let (mut accepted, mut refused) = (Vec::new(), 0);
     // Submitting never blocks: 50 submissions take microseconds, one forward pass far longer.
     for i in 0..50 {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let job = rws::batch::Job {
-            input: input(i).data,
-            profile: String::new(),
-            top_k: 1,
-            with_logits: false,
-            deadline: None,
-            queued: std::time::Instant::now(),
-            reply,
-        };
+        let (job, rx) = job(i, None);
         match batcher.submit(job) {
             Ok(()) => accepted.push(rx),
             Err(rws::Error::ResourceExhausted(_)) => refused += 1,
