@@ -158,10 +158,9 @@ impl Net {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (unit, convs) in &self.units {
-            h = forward_unit(unit, convs, &h, |(conv, bn), x, relu| {
+            h = forward_unit(unit, convs, &h, |(conv, bn), x, then| {
                 use candle_core::Module;
-                let y = bn.forward_t(&conv.forward(x)?, train)?;
-                if relu { y.relu() } else { Ok(y) }
+                then.apply(bn.forward_t(&conv.forward(x)?, train)?)
             })?;
         }
         let fc_t = self.fc.weight().t()?;

@@ -5,11 +5,15 @@
 //! separate bias pass. Each image is its own gemm, so an image's output does not
 //! depend on what else is in the batch.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, bail};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, bail};
 
-pub struct Conv2dBias {
+pub struct Conv2dBias<'a> {
     pub stride: usize,
     pub padding: usize,
+    /// Added to the output before the ReLU (a residual block's shortcut): it
+    /// seeds the gemm's accumulator together with the bias, so the add costs
+    /// no pass of its own.
+    pub residual: Option<&'a Tensor>,
     /// Apply ReLU to the output while it is still in cache, instead of a
     /// separate pass over a new tensor.
     pub relu: bool,
@@ -25,7 +29,7 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
     }
 }
 
-impl CustomOp3 for Conv2dBias {
+impl CustomOp3 for Conv2dBias<'_> {
     fn name(&self) -> &'static str {
         "conv2d-bias"
     }
@@ -58,22 +62,55 @@ impl CustomOp3 for Conv2dBias {
         let (ho, wo) = ((h + 2 * p - kh) / s + 1, (wd + 2 * p - kw) / s + 1);
         let (k, m) = (c * kh * kw, ho * wo);
         let pointwise = kh == 1 && kw == 1 && s == 1 && p == 0;
-        let mut col = if pointwise {
-            Vec::new()
-        } else {
-            vec![0f32; k * m]
-        };
         let mut out = vec![0f32; n * o * m];
-        let threads = rayon::current_num_threads();
-        for (img, dst) in x.chunks_exact(c * h * wd).zip(out.chunks_exact_mut(o * m)) {
+        let residual = self.residual.map(|r| r.storage_and_layout());
+        let residual = match &residual {
+            None => None,
+            Some((storage, layout)) => {
+                let Storage::Cpu(storage) = &**storage else {
+                    bail!("conv2d_bias: residual must be on the CPU")
+                };
+                let r = contiguous(storage, layout, "residual")?;
+                if r.len() != out.len() {
+                    bail!(
+                        "conv2d_bias: residual {:?} does not fit the output",
+                        layout.dims()
+                    );
+                }
+                Some(r)
+            }
+        };
+        let new_col = || {
+            if pointwise {
+                Vec::new()
+            } else {
+                vec![0f32; k * m]
+            }
+        };
+        // One image: im2col, seed the accumulator with bias (+ residual), gemm, ReLU.
+        let image = |i: usize, dst: &mut [f32], col: &mut Vec<f32>, par: gemm::Parallelism| {
+            let img = &x[i * c * h * wd..][..c * h * wd];
             let rhs: &[f32] = if pointwise {
                 img
             } else {
-                im2col(img, (c, h, wd), (kh, kw), s, p, (ho, wo), &mut col);
-                &col
+                im2col(img, (c, h, wd), (kh, kw), s, p, (ho, wo), col);
+                col
             };
-            for (row, b) in dst.chunks_exact_mut(m).zip(bias) {
-                row.fill(*b);
+            match residual {
+                Some(r) => {
+                    let r = &r[i * o * m..][..o * m];
+                    for ((row, src), b) in dst.chunks_exact_mut(m).zip(r.chunks_exact(m)).zip(bias)
+                    {
+                        for (d, s) in row.iter_mut().zip(src) {
+                            *d = s + b;
+                        }
+                    }
+                }
+                None => {
+                    for (row, b) in dst.chunks_exact_mut(m).zip(bias) {
+                        row.fill(*b);
+                    }
+                }
             }
             // dst[O, M] = bias + W[O, K] · rhs[K, M], all row-major.
             // SAFETY: the pointers cover o·m, o·k and k·m elements with the strides given.
@@ -97,17 +134,35 @@ impl CustomOp3 for Conv2dBias {
                     false,
                     false,
                     false,
-                    if threads > 1 && o * m * k > 1 << 16 {
-                        gemm::Parallelism::Rayon(threads)
-                    } else {
-                        gemm::Parallelism::None
-                    },
+                    par,
                 );
             }
             if self.relu {
                 for v in dst.iter_mut() {
                     *v = v.max(0.0);
                 }
+            }
+        };
+        // With at least an image per thread, images run in parallel and each gemm
+        // on one thread (no fork-join per gemm); otherwise the gemm itself splits.
+        // gemm splits output tiles, never the K sum, so either way gives the same bits.
+        let threads = rayon::current_num_threads();
+        if threads > 1 && n >= threads {
+            use rayon::prelude::*;
+            out.par_chunks_exact_mut(o * m)
+                .enumerate()
+                .for_each_init(new_col, |col, (i, dst)| {
+                    image(i, dst, col, gemm::Parallelism::None)
+                });
+        } else {
+            let par = if threads > 1 && o * m * k > 1 << 16 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            let mut col = new_col();
+            for (i, dst) in out.chunks_exact_mut(o * m).enumerate() {
+                image(i, dst, &mut col, par);
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, o, ho, wo))))
@@ -138,13 +193,21 @@ fn im2col(
                         continue;
                     }
                     let src = &plane[iy as usize * w..][..w];
-                    for (ox, v) in row.iter_mut().enumerate() {
-                        let ix = (ox * s + kx) as isize - p as isize;
-                        *v = if ix < 0 || ix >= w as isize {
-                            0.0
-                        } else {
-                            src[ix as usize]
-                        };
+                    // Output columns whose tap lands inside the row: ix = ox·s + kx - p in [0, w).
+                    let lo = p.saturating_sub(kx).div_ceil(s).min(wo);
+                    let hi = ((w + p).saturating_sub(kx).div_ceil(s)).clamp(lo, wo);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    if lo == hi {
+                        continue;
+                    }
+                    let first = lo * s + kx - p;
+                    if s == 1 {
+                        row[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else {
+                        for (v, x) in row[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                            *v = *x;
+                        }
                     }
                 }
             }
@@ -170,6 +233,8 @@ mod tests {
             (2, 32, 9, 9, 64, 1, 2, 0),
             (2, 32, 9, 9, 16, 1, 1, 0),
             (1, 1, 5, 5, 4, 3, 1, 0),
+            (1, 2, 4, 3, 3, 5, 3, 2),
+            (1, 2, 2, 2, 3, 3, 2, 2),
         ] {
             let x = Tensor::from_vec(
                 rng.vec(n * c * h * w, -1.0, 1.0),
@@ -189,15 +254,24 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&b)
                 .unwrap();
-            for relu in [false, true] {
-                let want = if relu {
-                    conv.relu().unwrap()
-                } else {
-                    conv.clone()
-                };
+            let r = Tensor::from_vec(
+                rng.vec(conv.elem_count(), -1.0, 1.0),
+                conv.dims(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (relu, residual) in [
+                (false, None),
+                (true, None),
+                (false, Some(&r)),
+                (true, Some(&r)),
+            ] {
+                let then = crate::model::Epilogue { residual, relu };
+                let want = then.apply(conv.clone()).unwrap();
                 let op = Conv2dBias {
                     stride: s,
                     padding: p,
+                    residual,
                     relu,
                 };
                 let got = x.apply_op3_no_bwd(&wt, &b, &op).unwrap();
@@ -213,7 +287,8 @@ mod tests {
                 let (diff, scale) = (max((got - &want).unwrap()), max(want));
                 assert!(
                     diff <= 1e-5 * scale,
-                    "{n}x{c}x{h}x{w} k{k} s{s} p{p} relu {relu}: {diff} vs {scale}"
+                    "{n}x{c}x{h}x{w} k{k} s{s} p{p} relu {relu} residual {}: {diff} vs {scale}",
+                    residual.is_some()
                 );
             }
         }
@@ -234,6 +309,7 @@ mod tests {
         let op = Conv2dBias {
             stride: 1,
             padding: 1,
+            residual: None,
             relu: true,
         };
         let all = x.apply_op3_no_bwd(&w, &b, &op).unwrap();

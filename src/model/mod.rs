@@ -39,12 +39,13 @@ impl FoldedConv {
         })
     }
 
-    fn forward(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, then: Epilogue) -> candle_core::Result<Tensor> {
         if x.device().is_cpu() {
             let op = conv::Conv2dBias {
                 stride: self.stride,
                 padding: self.padding,
-                relu,
+                residual: then.residual,
+                relu: then.relu,
             };
             x.contiguous()?
                 .apply_op3_no_bwd(&self.weight, &self.bias, &op)
@@ -52,8 +53,26 @@ impl FoldedConv {
             let y = x
                 .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
                 .broadcast_add(&self.bias)?;
-            if relu { y.relu() } else { Ok(y) }
+            then.apply(y)
         }
+    }
+}
+
+/// What follows a conv inside a unit: a residual block's shortcut added, then
+/// ReLU. The served CPU path fuses both into the conv; this is the plain form.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    pub(crate) fn apply(self, y: Tensor) -> candle_core::Result<Tensor> {
+        let y = match self.residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if self.relu { y.relu() } else { Ok(y) }
     }
 }
 
@@ -311,17 +330,21 @@ impl Model {
 }
 
 /// Runs one unit, given how to apply one of its convs (conv + BatchNorm, then
-/// ReLU when the flag says so): the served model passes folded convs with the
-/// ReLU fused in, training passes conv and BatchNorm modules.
+/// the epilogue): the served model passes folded convs with the epilogue fused
+/// in, training passes conv and BatchNorm modules.
 pub(crate) fn forward_unit<C>(
     unit: &UnitSpec,
     convs: &[C],
     x: &Tensor,
-    conv: impl Fn(&C, &Tensor, bool) -> candle_core::Result<Tensor>,
+    conv: impl Fn(&C, &Tensor, Epilogue) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let relu = Epilogue {
+        residual: None,
+        relu: true,
+    };
     match unit.kind {
         UnitKind::Stem { maxpool } => {
-            let h = conv(&convs[0], x, true)?;
+            let h = conv(&convs[0], x, relu)?;
             if maxpool {
                 // Zero padding equals -inf padding here: the input is post-ReLU.
                 let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
@@ -331,21 +354,35 @@ pub(crate) fn forward_unit<C>(
             }
         }
         UnitKind::Basic | UnitKind::Bottleneck => {
-            let main = if unit.downsample {
-                &convs[..convs.len() - 1]
+            let (main, shortcut) = if unit.downsample {
+                convs.split_at(convs.len() - 1)
             } else {
-                convs
+                (convs, &[][..])
             };
+            let identity = match shortcut.first() {
+                Some(c) => conv(
+                    c,
+                    x,
+                    Epilogue {
+                        residual: None,
+                        relu: false,
+                    },
+                )?,
+                None => x.clone(),
+            };
+            let (last, inner) = main.split_last().expect("a block has convs");
             let mut h = x.clone();
-            for (i, c) in main.iter().enumerate() {
-                h = conv(c, &h, i + 1 < main.len())?;
+            for c in inner {
+                h = conv(c, &h, relu)?;
             }
-            let identity = if unit.downsample {
-                conv(&convs[convs.len() - 1], x, false)?
-            } else {
-                x.clone()
-            };
-            (h + identity)?.relu()
+            conv(
+                last,
+                &h,
+                Epilogue {
+                    residual: Some(&identity),
+                    relu: true,
+                },
+            )
         }
     }
 }
