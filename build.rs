@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("rws_descriptor.bin"))
         .compile_protos(
-            &["proto/rws/v1/inference.proto", "proto/rws/v1/admin.proto"],
+            &[
+                "proto/rws/v1/inference.proto",
+                "proto/rws/v1/admin.proto",
+                "proto/inference/grpc_service.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::engine::{Classification, top_k_of};
+use crate::metrics as m;
 use crate::preprocess;
 use crate::profile::Registry;
 use crate::{Error, Result};
@@ -85,9 +86,15 @@ impl Batcher {
 
     /// Queues a job; refuses at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<()> {
-        match self.tx.try_send(job) {
+        // Counted before it is sent, so a worker never takes it off the count first.
+        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        let sent = self.tx.try_send(job);
+        if sent.is_err() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {
-                self.depth.fetch_add(1, Ordering::Relaxed);
+                metrics::gauge!(m::QUEUE_DEPTH).set(depth as f64);
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(Error::ResourceExhausted(
@@ -116,7 +123,8 @@ fn worker(registry: &Registry, rx: &Receiver<Job>, cfg: BatchConfig, depth: &Ato
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        depth.fetch_sub(jobs.len(), Ordering::Relaxed);
+        let left = depth.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
+        metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
         run_batch(registry, jobs);
     }
 }
@@ -135,11 +143,13 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     if live.is_empty() {
         return;
     }
-    let queue_us = live
-        .iter()
-        .map(|j| now.duration_since(j.queued).as_micros() as u64)
-        .max()
-        .unwrap_or(0);
+    let mut queue_us = 0;
+    for j in &live {
+        let waited = now.duration_since(j.queued);
+        metrics::histogram!(m::QUEUE_SECONDS).record(waited.as_secs_f64());
+        queue_us = queue_us.max(waited.as_micros() as u64);
+    }
+    metrics::histogram!(m::BATCH_SIZE).record(live.len() as f64);
     let _span = tracing::debug_span!("batch", size = live.len(), queue_us).entered();
     // One snapshot for the whole batch: every job in it sees the same table.
     let table = registry.snapshot();

@@ -60,6 +60,8 @@ pub struct LoadOptions {
     pub toggle: Option<(String, String, Duration)>,
     /// Encoded image sent with every request.
     pub image: Vec<u8>,
+    /// Token for the Admin calls of a toggle storm.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,8 +113,9 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
     let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
         o.max_requests.unwrap_or(usize::MAX),
     ));
+    let admin = crate::server::admin_client(channel.clone(), o.admin_token.as_deref())?;
     let toggler = o.toggle.clone().map(|(a, b, every)| {
-        let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+        let mut admin = admin.clone();
         tokio::spawn(async move {
             let (mut applies, mut errors, mut i) = (Vec::new(), 0usize, 0usize);
             let mut tick = tokio::time::interval(every);

@@ -2,18 +2,21 @@
 //! classification. The gRPC layer is a thin translation of this.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::Device;
 use tokio::sync::oneshot;
 
 use crate::batch::{BatchConfig, Batcher, Job};
+use crate::metrics as m;
 use crate::model::Model;
 use crate::preprocess::{self, Input};
 use crate::profile::{LoadedSignature, Registry, SignatureRef};
 use crate::repo::{self, ModelDir};
 use crate::signature::Signature;
-use crate::{Result, bail};
+use crate::state::{self, Origin, Source, State, StateDir};
+use crate::{Error, Result, bail};
 
 /// Default number of classes returned.
 pub const DEFAULT_TOP_K: usize = 5;
@@ -40,8 +43,10 @@ pub struct EngineOptions {
     pub max_resident_profiles: usize,
     pub batch: BatchConfig,
     /// Load every file in `signatures/` and define a profile of the same name
-    /// (`name = [name@default_alpha]`) for each.
+    /// (`name = [name@default_alpha]`) for each. Skipped when a saved state is restored.
     pub auto_profiles: bool,
+    /// Persist signatures, profiles and the default here, and restore them at start.
+    pub state: Option<StateDir>,
 }
 
 impl Default for EngineOptions {
@@ -50,14 +55,20 @@ impl Default for EngineOptions {
             max_resident_profiles: 16,
             batch: BatchConfig::default(),
             auto_profiles: true,
+            state: None,
         }
     }
 }
 
 pub struct Engine {
     dir: ModelDir,
+    state: Option<StateDir>,
     registry: Arc<Registry>,
     batcher: Batcher,
+    /// Set by [`Engine::warm_up`]: the default profile has served one request.
+    ready: AtomicBool,
+    /// Set by [`Engine::drain`]: new requests are refused.
+    draining: AtomicBool,
 }
 
 impl Engine {
@@ -67,27 +78,107 @@ impl Engine {
         let batcher = Batcher::start(registry.clone(), opts.batch)?;
         let engine = Engine {
             dir,
+            state: opts.state.clone(),
             registry,
             batcher,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         };
-        if opts.auto_profiles {
-            for path in engine.dir.signature_files()? {
-                let name = repo::signature_name(&path);
-                let sig = engine.read_signature(&path)?;
-                let alpha = sig.meta.default_alpha;
-                engine.registry.load_signature(&name, sig, false)?;
-                engine.registry.put_profile(
-                    &name,
-                    vec![SignatureRef {
-                        name: name.clone(),
-                        alpha,
-                    }],
-                    false,
-                )?;
-                tracing::info!(signature = %name, alpha, "loaded signature and defined its profile");
-            }
+        let saved = match &opts.state {
+            Some(dir) => dir.read()?,
+            None => None,
+        };
+        match saved {
+            Some(state) => engine.restore(&state)?,
+            None if opts.auto_profiles => engine.auto_profiles()?,
+            None => {}
+        }
+        if let Some(dir) = opts.state.clone() {
+            engine
+                .registry
+                .persist_with(move |table| dir.write(&State::of(table)?))?;
         }
         Ok(engine)
+    }
+
+    /// One signature and one profile of the same name per file in `signatures/`.
+    fn auto_profiles(&self) -> Result<()> {
+        for path in self.dir.signature_files()? {
+            let name = repo::signature_name(&path);
+            let rel = path
+                .strip_prefix(&self.dir.dir)
+                .map_err(|_| Error::Internal(format!("{} is outside the model", path.display())))?
+                .to_string_lossy()
+                .into_owned();
+            let loaded = self.load_signature_path(Some(&name), &rel, false)?;
+            let alpha = loaded.signature.meta.default_alpha;
+            self.registry.put_profile(
+                &name,
+                vec![SignatureRef {
+                    name: name.clone(),
+                    alpha,
+                }],
+                false,
+            )?;
+            tracing::info!(signature = %name, alpha, "loaded signature and defined its profile");
+        }
+        Ok(())
+    }
+
+    /// Loads a saved state: every signature re-read and checked against its
+    /// recorded hash, then the profiles and the default.
+    fn restore(&self, state: &State) -> Result<()> {
+        for s in &state.signatures {
+            let (path, bytes) = match &s.origin.source {
+                Source::Repo { path } => {
+                    let full = self.dir.confine(path)?;
+                    let bytes = read_limited(&full)?;
+                    (full, bytes)
+                }
+                Source::Upload { file } => {
+                    let dir = self.state_dir()?;
+                    let full = dir.upload_path(file)?;
+                    let bytes = read_limited(&full)?;
+                    (full, bytes)
+                }
+                Source::Memory => bail!(
+                    InvalidArgument,
+                    "the saved state names in-memory signature {:?}, which cannot be restored",
+                    s.name
+                ),
+            };
+            let sha = state::sha256(&bytes);
+            if sha != s.origin.sha256 {
+                bail!(
+                    FailedPrecondition,
+                    "signature {:?}: {} changed since it was loaded ({sha}, the state recorded {}); put the original back or remove it from the state file",
+                    s.name,
+                    path.display(),
+                    s.origin.sha256
+                );
+            }
+            let sig = Signature::from_bytes(&bytes)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+            self.registry
+                .load_signature_from(&s.name, sig, s.origin.clone())?;
+        }
+        for p in &state.profiles {
+            self.registry.put_profile(&p.name, State::refs(p), false)?;
+        }
+        self.registry.set_default(&state.default_profile)?;
+        tracing::info!(
+            signatures = state.signatures.len(),
+            profiles = state.profiles.len(),
+            default = %state.default_profile,
+            "restored the saved state"
+        );
+        Ok(())
+    }
+
+    fn state_dir(&self) -> Result<&StateDir> {
+        self.state
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no state directory is configured".into()))
     }
 
     pub fn registry(&self) -> &Registry {
@@ -102,20 +193,6 @@ impl Engine {
         &self.dir
     }
 
-    fn read_signature(&self, path: &std::path::Path) -> Result<Signature> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| crate::Error::io(path, e))?
-            .len();
-        if len > MAX_SIGNATURE_BYTES as u64 {
-            bail!(
-                ResourceExhausted,
-                "{} is {len} bytes; signatures are limited to {MAX_SIGNATURE_BYTES}",
-                path.display()
-            );
-        }
-        Signature::load(path)
-    }
-
     /// Loads a signature from a path relative to the model directory.
     pub fn load_signature_path(
         &self,
@@ -128,11 +205,21 @@ impl Engine {
             .filter(|n| !n.is_empty())
             .map(str::to_string)
             .unwrap_or_else(|| repo::signature_name(&path));
-        let sig = self.read_signature(&path)?;
-        self.registry.load_signature(&name, sig, allow_transfer)
+        let bytes = read_limited(&path)?;
+        let sig = Signature::from_bytes(&bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let origin = Origin {
+            source: Source::Repo {
+                path: rel.to_string(),
+            },
+            sha256: state::sha256(&bytes),
+            allow_transfer,
+        };
+        self.registry.load_signature_from(&name, sig, origin)
     }
 
-    /// Loads an uploaded signature.
+    /// Loads an uploaded signature; with a state directory, its bytes are kept
+    /// there so that it survives a restart.
     pub fn load_signature_bytes(
         &self,
         name: &str,
@@ -142,15 +229,45 @@ impl Engine {
         if name.is_empty() {
             bail!(InvalidArgument, "an uploaded signature needs a name");
         }
-        if bytes.len() > MAX_SIGNATURE_BYTES {
-            bail!(
-                ResourceExhausted,
-                "signature is {} bytes; the limit is {MAX_SIGNATURE_BYTES}",
-                bytes.len()
-            );
-        }
-        self.registry
-            .load_signature(name, Signature::from_bytes(bytes)?, allow_transfer)
+        check_size(bytes.len() as u64, "the uploaded signature")?;
+        let sig = Signature::from_bytes(bytes)?;
+        let sha = state::sha256(bytes);
+        let source = match &self.state {
+            Some(dir) => Source::Upload {
+                file: dir.store_upload(bytes, &sha)?,
+            },
+            None => Source::Memory,
+        };
+        let origin = Origin {
+            source,
+            sha256: sha,
+            allow_transfer,
+        };
+        self.registry.load_signature_from(name, sig, origin)
+    }
+
+    /// Runs one request through the default profile, so its stem is
+    /// materialized and the compute path touched before traffic arrives.
+    pub async fn warm_up(self: &Arc<Self>) -> Result<()> {
+        let cfg = &self.model().config;
+        let [h, w] = cfg.input_size;
+        let input = Input::Tensor {
+            shape: vec![cfg.channels, h, w],
+            data: vec![0.0; cfg.channels * h * w],
+        };
+        self.classify(input, String::new(), 1, false, None).await?;
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Warmed up and not draining: what health and readiness report.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Refuses new requests from now on (UNAVAILABLE); those already queued still run.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Requests waiting for a compute worker.
@@ -170,6 +287,44 @@ impl Engine {
         with_logits: bool,
         deadline: Option<Instant>,
     ) -> Result<Classification> {
+        let start = Instant::now();
+        let requested = profile.clone();
+        let result = self
+            .classify_inner(input, profile, top_k, with_logits, deadline)
+            .await;
+        // Label by profile name only when it is a defined one (or the default),
+        // so clients cannot grow the label set with made-up names.
+        let label = match &result {
+            Ok(c) => c.profile.clone(),
+            Err(_) => {
+                let table = self.registry.snapshot();
+                match table.profile(Some(&requested)) {
+                    Ok(p) => p.name.clone(),
+                    Err(_) => "unknown".into(),
+                }
+            }
+        };
+        let status = result.as_ref().map_or_else(|e| e.kind(), |_| "ok");
+        metrics::counter!(m::REQUESTS, "profile" => label.clone(), "status" => status).increment(1);
+        metrics::histogram!(m::REQUEST_SECONDS, "profile" => label)
+            .record(start.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn classify_inner(
+        self: &Arc<Self>,
+        input: Input,
+        profile: String,
+        top_k: usize,
+        with_logits: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Classification> {
+        if self.draining.load(Ordering::Acquire) {
+            bail!(
+                Unavailable,
+                "the server is shutting down; send the request to another replica"
+            );
+        }
         let engine = self.clone();
         let input = tokio::task::spawn_blocking(move || {
             let _s = tracing::debug_span!("decode").entered();
@@ -210,4 +365,23 @@ pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> 
             score: exp[i] / sum,
         })
         .collect()
+}
+
+fn check_size(len: u64, what: &str) -> Result<()> {
+    if len > MAX_SIGNATURE_BYTES as u64 {
+        bail!(
+            ResourceExhausted,
+            "{what} is {len} bytes; signatures are limited to {MAX_SIGNATURE_BYTES}"
+        );
+    }
+    Ok(())
+}
+
+/// Reads a signature file, refusing oversized ones before reading them.
+fn read_limited(path: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    check_size(len, &path.display().to_string())?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }

@@ -19,6 +19,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The server cannot take the request now (it is draining); retry elsewhere.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -33,6 +36,20 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The category as a short label (the gRPC status it maps to), for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::NotFound(_) => "not_found",
+            Error::AlreadyExists(_) => "already_exists",
+            Error::FailedPrecondition(_) => "failed_precondition",
+            Error::ResourceExhausted(_) => "resource_exhausted",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
+            Error::Unavailable(_) => "unavailable",
+            Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => "internal",
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

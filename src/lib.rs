@@ -14,6 +14,7 @@ pub mod eval;
 pub mod extract;
 pub mod fsutil;
 pub mod kernel;
+pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod preprocess;
@@ -23,6 +24,7 @@ pub mod repo;
 pub mod rng;
 pub mod server;
 pub mod signature;
+pub mod state;
 pub mod synth;
 pub mod train;
 

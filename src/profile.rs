@@ -10,13 +10,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+use crate::metrics as m;
 use crate::model::{Model, Stem};
 use crate::signature::Signature;
+use crate::state::Origin;
 use crate::{Error, Result, bail};
 
 /// The built-in profile with no signatures. It always exists and is never evicted.
@@ -32,6 +34,7 @@ pub struct LoadedSignature {
     pub signature: Signature,
     /// Made against other base weights and accepted with `allow_transfer`.
     pub transferred: bool,
+    pub origin: Origin,
 }
 
 /// One entry of a profile.
@@ -83,13 +86,16 @@ impl Profile {
 
     fn materialize(&self, model: &Model) -> Result<Stem> {
         let _s = tracing::debug_span!("patch_apply", profile = %self.name, signatures = self.signatures.len()).entered();
+        let start = Instant::now();
         let patches: Vec<(&Signature, f32)> = self
             .resolved
             .iter()
             .zip(&self.signatures)
             .map(|(s, r)| (&s.signature, r.alpha))
             .collect();
-        model.materialize(&patches)
+        let stem = model.materialize(&patches)?;
+        metrics::histogram!(m::PATCH_APPLY_SECONDS).record(start.elapsed().as_secs_f64());
+        Ok(stem)
     }
 }
 
@@ -125,6 +131,25 @@ pub struct Change {
     pub apply: Duration,
 }
 
+/// Updates the gauges that describe a table about to be published.
+fn record(table: &Table) {
+    metrics::gauge!(m::PROFILES).set(table.profiles.len() as f64);
+    metrics::gauge!(m::SIGNATURES).set(table.signatures.len() as f64);
+    let bytes: usize = table
+        .signatures
+        .values()
+        .map(|s| s.signature.stored_bytes())
+        .sum();
+    metrics::gauge!(m::SIGNATURE_BYTES).set(bytes as f64);
+    metrics::gauge!(m::GENERATION).set(table.generation as f64);
+    record_resident(table);
+}
+
+fn record_resident(table: &Table) {
+    let resident = table.profiles.values().filter(|p| p.is_resident()).count();
+    metrics::gauge!(m::RESIDENT_PROFILES).set(resident as f64);
+}
+
 pub struct Registry {
     model: Arc<Model>,
     table: ArcSwap<Table>,
@@ -134,7 +159,11 @@ pub struct Registry {
     residency: Mutex<()>,
     max_resident: usize,
     clock: AtomicU64,
+    /// Called with each new table before it is published; an error refuses the change.
+    persist: OnceLock<Persist>,
 }
+
+type Persist = Box<dyn Fn(&Table) -> Result<()> + Send + Sync>;
 
 /// Names of profiles and signatures: short, printable, safe in paths and metrics.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
@@ -181,6 +210,7 @@ impl Registry {
             residency: Mutex::new(()),
             max_resident,
             clock: AtomicU64::new(1),
+            persist: OnceLock::new(),
         })
     }
 
@@ -209,6 +239,7 @@ impl Registry {
         let stem = Arc::new(profile.materialize(&self.model)?);
         profile.stem.store(Some(stem.clone()));
         self.evict(table, profile);
+        record_resident(table);
         Ok(stem)
     }
 
@@ -236,27 +267,55 @@ impl Registry {
         }
     }
 
-    /// Publishes `next` as the new table, with a bumped generation.
-    fn publish(&self, mut next: Table) -> u64 {
+    /// From now on, every change is handed to `persist` before it is
+    /// published, and refused if that fails. Set once, after a restore.
+    pub fn persist_with(
+        &self,
+        persist: impl Fn(&Table) -> Result<()> + Send + Sync + 'static,
+    ) -> Result<()> {
+        let _w = self.lock_writer();
+        persist(&self.snapshot())?;
+        self.persist
+            .set(Box::new(persist))
+            .map_err(|_| Error::Internal("persistence is already set up".into()))
+    }
+
+    /// Publishes `next` as the new table, with a bumped generation, once it is persisted.
+    fn publish(&self, mut next: Table, op: &'static str) -> Result<u64> {
         next.generation += 1;
         let generation = next.generation;
+        if let Some(persist) = self.persist.get() {
+            persist(&next)?;
+        }
+        record(&next);
         self.table.store(Arc::new(next));
-        generation
+        metrics::counter!(m::PROFILE_CHANGES, "op" => op).increment(1);
+        Ok(generation)
     }
 
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a signature after checking it against the served model.
+    /// Registers a signature handed over in memory (not persisted).
     pub fn load_signature(
         &self,
         name: &str,
         signature: Signature,
         allow_transfer: bool,
     ) -> Result<Arc<LoadedSignature>> {
+        self.load_signature_from(name, signature, Origin::memory(allow_transfer))
+    }
+
+    /// Registers a signature after checking it against the served model.
+    pub fn load_signature_from(
+        &self,
+        name: &str,
+        signature: Signature,
+        origin: Origin,
+    ) -> Result<Arc<LoadedSignature>> {
         validate_name("signature", name)?;
-        let transferred = signature.check_against(&self.model, allow_transfer)?;
+        let transferred = signature.check_against(&self.model, origin.allow_transfer)?;
         let _w = self.lock_writer();
         let mut next = (*self.snapshot()).clone();
         if next.signatures.contains_key(name) {
@@ -269,9 +328,10 @@ impl Registry {
             name: name.into(),
             signature,
             transferred,
+            origin,
         });
         next.signatures.insert(name.into(), loaded.clone());
-        self.publish(next);
+        self.publish(next, "load_signature")?;
         Ok(loaded)
     }
 
@@ -294,7 +354,7 @@ impl Registry {
                 users.join(", ")
             );
         }
-        self.publish(next);
+        self.publish(next, "unload_signature")?;
         Ok(())
     }
 
@@ -367,7 +427,7 @@ impl Registry {
             .stem
             .store(Some(Arc::new(profile.materialize(&self.model)?)));
         next.profiles.insert(name.into(), profile.clone());
-        let generation = self.publish(next);
+        let generation = self.publish(next, "put_profile")?;
         let apply = start.elapsed();
         self.evict(&self.snapshot(), &profile);
         Ok(Change {
@@ -397,7 +457,7 @@ impl Registry {
             .profiles
             .remove(name)
             .ok_or_else(|| Error::NotFound(format!("no profile named {name:?}")))?;
-        let generation = self.publish(next);
+        let generation = self.publish(next, "delete_profile")?;
         Ok(Change {
             profile,
             generation,
@@ -418,7 +478,7 @@ impl Registry {
         self.stem(&current, &profile)?;
         let mut next = (*current).clone();
         next.default_profile = name.into();
-        let generation = self.publish(next);
+        let generation = self.publish(next, "set_default")?;
         Ok(Change {
             profile,
             generation,

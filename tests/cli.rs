@@ -1,19 +1,12 @@
 //! The `rws` binary end to end: serve the shipped model, then drive it with the
 //! client subcommands, as the README shows.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+mod common;
+use common::RwsProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rws");
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn rws(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
@@ -33,23 +26,8 @@ fn rws_err(args: &[&str]) -> String {
 
 #[test]
 fn serve_shipped_model_and_drive_it_with_the_cli() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--repo", "models", "--addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let addr = format!(
-        "http://{}",
-        line.trim()
-            .strip_prefix("rws listening on ")
-            .expect("address line")
-    );
+    let server = RwsProcess::start(&["--repo", "models"]);
+    let addr = server.addr.clone();
 
     // The fogged digit the README shows: the clean model gets it wrong, the fog profile right.
     let showcase: serde_json::Value =

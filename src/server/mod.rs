@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
@@ -15,8 +17,12 @@ use crate::engine::Engine;
 use crate::preprocess::Input;
 use crate::profile::{self, Change, LoadedSignature, Profile};
 
+pub mod kserve;
+
 pub mod pb {
     tonic::include_proto!("rws.v1");
+    /// The encoded descriptors of rws.v1, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rws_descriptor");
 }
 
 use pb::admin_server::{Admin, AdminServer};
@@ -34,6 +40,7 @@ pub fn status(e: Error) -> Status {
         Error::FailedPrecondition(_) => Status::failed_precondition(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+        Error::Unavailable(_) => Status::unavailable(msg),
         Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
@@ -272,20 +279,166 @@ impl Admin for AdminService {
     }
 }
 
-/// Serves Inference and Admin on `listener` until `shutdown` completes.
+/// How the server is exposed; the engine holds everything about the model.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Bearer token every Admin call must carry. Without one, Admin answers
+    /// loopback clients only.
+    pub admin_token: Option<String>,
+    /// Serve TLS (rustls) with this certificate and key.
+    pub tls: Option<tonic::transport::Identity>,
+    pub max_message_bytes: usize,
+    /// After the shutdown signal: how long health says NOT_SERVING (and new
+    /// requests are refused) before the listener closes, so load balancers
+    /// move traffic away first. In-flight requests then drain.
+    pub drain_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            admin_token: None,
+            tls: None,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            drain_grace: Duration::ZERO,
+        }
+    }
+}
+
+/// Health names reported: the whole server ("") and each service.
+const HEALTH_SERVICES: [&str; 3] = ["", "rws.v1.Inference", "rws.v1.Admin"];
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in HEALTH_SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Admin access: a bearer token compared in constant time, or, with no token
+/// configured, loopback peers only.
+fn admin_guard(token: Option<String>) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| match &token {
+        Some(token) => {
+            let given = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match given {
+                Some(g) if constant_time_eq::constant_time_eq(g.as_bytes(), token.as_bytes()) => {
+                    Ok(req)
+                }
+                Some(_) => Err(Status::unauthenticated("wrong admin token")),
+                None => Err(Status::unauthenticated(
+                    "Admin calls need an `authorization: Bearer <token>` header",
+                )),
+            }
+        }
+        None if req.remote_addr().is_some_and(|a| a.ip().is_loopback()) => Ok(req),
+        None => Err(Status::permission_denied(
+            "Admin accepts loopback clients only; start the server with --admin-token-file to allow remote admin",
+        )),
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to each call: the client's side of [`admin_guard`].
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type AdminClient = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// An Admin client that presents `token`, if any.
+pub fn admin_client(channel: Channel, token: Option<&str>) -> crate::Result<AdminClient> {
+    let header = token
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| Error::InvalidArgument("the admin token must be printable ASCII".into()))?;
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        Bearer(header),
+    ))
+}
+
+/// Serves rws.v1 (Inference, Admin), health and reflection on `listener`
+/// until `shutdown` completes, then drains: health goes NOT_SERVING, new
+/// requests are refused, and in-flight ones finish before this returns.
 pub async fn serve(
     engine: Arc<Engine>,
     listener: TcpListener,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> crate::Result<()> {
+    let max = opts.max_message_bytes;
     let inference = InferenceServer::new(InferenceService {
         engine: engine.clone(),
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin =
-        AdminServer::new(AdminService { engine }).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let admin = InterceptedService::new(
+        AdminServer::new(AdminService {
+            engine: engine.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+        admin_guard(opts.admin_token.clone()),
+    );
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, false).await;
+    let warm = {
+        let (engine, reporter) = (engine.clone(), reporter.clone());
+        tokio::spawn(async move {
+            match engine.warm_up().await {
+                Ok(()) => {
+                    set_health(&reporter, true).await;
+                    tracing::info!("warmed up; health is SERVING");
+                }
+                Err(e) => tracing::error!(error = %e, "warm-up failed; health stays NOT_SERVING"),
+            }
+        })
+    };
+    let drain = {
+        let engine = engine.clone();
+        async move {
+            shutdown.await;
+            warm.abort();
+            engine.drain();
+            set_health(&reporter, false).await;
+            tracing::info!(grace = ?opts.drain_grace, "shutting down: NOT_SERVING, refusing new requests");
+            tokio::time::sleep(opts.drain_grace).await;
+            tracing::info!("closing the listener; in-flight requests drain");
+        }
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = opts.tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
+    }
+    builder
+        .add_service(health)
+        .add_service(reflection)
         .add_service(inference)
+        .add_service(kserve::service(engine.clone(), max))
         .add_service(admin)
         // Socket options must be set on the incoming stream (the builder's are
         // ignored here). Without TCP_NODELAY, 1% of requests waited 40 ms for a
@@ -294,7 +447,7 @@ pub async fn serve(
             TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .with_keepalive(Some(Duration::from_secs(60))),
-            shutdown,
+            drain,
         )
         .await
         .map_err(|e| Error::Internal(format!("server failed: {e}")))

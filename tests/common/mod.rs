@@ -62,7 +62,7 @@ impl TestServer {
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            rws::server::serve(Arc::new(engine), listener, async {
+            rws::server::serve(Arc::new(engine), listener, Default::default(), async {
                 let _ = rx.await;
             })
             .await
@@ -161,4 +161,93 @@ pub fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     out.extend(&ihdr);
     out.extend(crc32fast::hash(&ihdr).to_be_bytes());
     out
+}
+
+/// The `rws` binary serving in a child process (killed on drop), for what only
+/// a real process shows: signals, restarts, metrics, the CLI.
+pub struct RwsProcess {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub addr: String,
+    /// `http://127.0.0.1:PORT/metrics`
+    pub metrics: String,
+    /// The rest of stdout, for tests that read what comes after start-up.
+    pub stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl RwsProcess {
+    /// `rws serve ARGS` on free loopback ports; returns once it listens.
+    pub fn start(args: &[&str]) -> RwsProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
+            .arg("serve")
+            .args(["--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (mut addr, mut metrics) = (String::new(), String::new());
+        while addr.is_empty() {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("rws serve {args:?} exited before listening: {status}");
+            }
+            if let Some(a) = line.trim().strip_prefix("rws listening on ") {
+                addr = format!("http://{a}");
+            } else if let Some(m) = line.trim().strip_prefix("rws metrics on ") {
+                metrics = m.to_string();
+            }
+        }
+        RwsProcess {
+            child,
+            addr,
+            metrics,
+            stdout,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Sends a signal (`"TERM"`, `"KILL"`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for RwsProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the server says it is ready over the Open Inference Protocol
+/// (warm-up runs after start-up); fails the test after 10 s.
+pub async fn wait_ready(channel: &Channel) {
+    use rws::server::kserve::pb::{
+        ServerReadyRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    };
+    let mut client = GrpcInferenceServiceClient::new(channel.clone());
+    for _ in 0..200 {
+        let r = client.server_ready(ServerReadyRequest {}).await.unwrap();
+        if r.into_inner().ready {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the server did not become ready within 10 s");
 }

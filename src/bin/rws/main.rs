@@ -1,17 +1,17 @@
 //! The `rws` command: a thin wrapper over the library and the gRPC clients.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use rws::corrupt::Corruption;
-use rws::engine::{Engine, EngineOptions};
 use rws::quant::Quant;
-use rws::repo::ModelDir;
 use rws::server::pb;
 use rws::signature::Signature;
 use tonic::transport::Channel;
+
+mod config;
+mod serve;
 
 /// Corruptions the pipeline trains signatures for: 4 weather, 4 sensor.
 const DEFAULT_KINDS: &str =
@@ -21,50 +21,40 @@ const DEFAULT_KINDS: &str =
 #[command(
     name = "rws",
     version,
-    about = "Robust Weight Signatures inference server"
+    about = "Robust Weight Signatures inference server",
+    args_override_self = true
 )]
 struct Cli {
+    /// Log lines as text or as JSON objects, one per line (level from RUST_LOG).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(clap::Args)]
 struct Client {
-    /// Server address.
+    /// Server address (https://... for a TLS server).
     #[arg(long, default_value = "http://127.0.0.1:50051", env = "RWS_ADDR")]
     addr: String,
+    /// File holding the server's admin token, for Admin calls.
+    #[arg(long, env = "RWS_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM certificate authority that signed a TLS server's certificate.
+    #[arg(long, env = "RWS_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a model from the repository over gRPC.
-    Serve {
-        #[arg(long, default_value = "models")]
-        repo: PathBuf,
-        /// Model directory name; optional when the repository holds one model.
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        addr: String,
-        /// Patched stems kept in memory at once (least recently used are dropped).
-        #[arg(long, default_value_t = 16)]
-        max_resident_profiles: usize,
-        /// Do not load signatures/ at start-up nor define a profile per signature.
-        #[arg(long)]
-        no_auto_profiles: bool,
-        /// Largest batch a compute worker forms.
-        #[arg(long, default_value_t = 8)]
-        max_batch: usize,
-        /// How long the first request of a batch waits for company, in microseconds.
-        #[arg(long, default_value_t = 2000)]
-        max_delay_us: u64,
-        /// Requests that may wait; beyond it they get RESOURCE_EXHAUSTED.
-        #[arg(long, default_value_t = 256)]
-        queue_capacity: usize,
-        /// Compute threads (each parallelizes its tensor ops already).
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-    },
+    Serve(Box<serve::ServeArgs>),
     /// Classify an image with a running server.
     Classify {
         image: PathBuf,
@@ -329,59 +319,18 @@ enum SignatureCmd {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse_from(config::expand(std::env::args_os().collect())?);
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().cmd {
-        Cmd::Serve {
-            repo,
-            model,
-            addr,
-            max_resident_profiles,
-            no_auto_profiles,
-            max_batch,
-            max_delay_us,
-            queue_capacity,
-            workers,
-        } => {
-            let dir = ModelDir::open(&repo, model.as_deref())?;
-            let batch = rws::batch::BatchConfig {
-                max_batch,
-                max_delay: std::time::Duration::from_micros(max_delay_us),
-                queue_capacity,
-                workers,
-            };
-            let opts = EngineOptions {
-                max_resident_profiles,
-                batch,
-                auto_profiles: !no_auto_profiles,
-            };
-            let name = dir.name.clone();
-            let engine = tokio::task::spawn_blocking(move || {
-                Engine::open(dir, &candle_core::Device::Cpu, &opts)
-            })
-            .await??;
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            // On stdout so scripts (and tests) can learn the port chosen for :0.
-            println!("rws listening on {}", listener.local_addr()?);
-            let table = engine.registry().snapshot();
-            tracing::info!(
-                model = %name,
-                addr = %listener.local_addr()?,
-                profiles = ?table.profiles.keys().collect::<Vec<_>>(),
-                default = %table.default_profile,
-                "serving"
-            );
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
-            rws::server::serve(Arc::new(engine), listener, shutdown).await?;
-        }
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    match cli.cmd {
+        Cmd::Serve(args) => serve::run(*args).await?,
         Cmd::Classify {
             image,
             profile,
@@ -628,6 +577,11 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
                 profiles,
                 toggle,
                 image,
+                admin_token: client
+                    .token_file
+                    .as_deref()
+                    .map(serve::read_token)
+                    .transpose()?,
             };
             let r = rws::bench::load(&opts).await?;
             print_report(json, &r, |r| {
@@ -709,20 +663,32 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
 }
 
 async fn connect(client: &Client) -> Result<Channel> {
-    Channel::from_shared(client.addr.clone())?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach an rws server at {} (is `rws serve` running?)",
-                client.addr
-            )
-        })
+    let mut endpoint = Channel::from_shared(client.addr.clone())?;
+    if let Some(ca) = &client.ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    endpoint.connect().await.with_context(|| {
+        format!(
+            "cannot reach an rws server at {} (is `rws serve` running?)",
+            client.addr
+        )
+    })
 }
 
-async fn admin(client: &Client) -> Result<pb::admin_client::AdminClient<Channel>> {
-    Ok(pb::admin_client::AdminClient::new(connect(client).await?)
-        .max_encoding_message_size(rws::server::MAX_MESSAGE_BYTES))
+async fn admin(client: &Client) -> Result<rws::server::AdminClient> {
+    let token = client
+        .token_file
+        .as_deref()
+        .map(serve::read_token)
+        .transpose()?;
+    Ok(
+        rws::server::admin_client(connect(client).await?, token.as_deref())?
+            .max_encoding_message_size(rws::server::MAX_MESSAGE_BYTES),
+    )
 }
 
 fn print_change(c: pb::ProfileChange) {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The full test suite: `cargo test` with the Python clients that tests/python.rs
+# drives against the server (tritonclient, grpcio reflection, the rws.v1 example).
+# Installs tests/python/requirements.txt into .venv first; arguments go to
+# cargo test, e.g. `scripts/test.sh --test python`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# Pinned versions already present: pip checks and returns without downloading.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+export RWS_PYTHON="$PWD/.venv/bin/python"
+# Without the clients tests/python.rs skips; here a missing one is a failure.
+export RWS_REQUIRE_PYTHON=1
+exec cargo test "$@"

@@ -1,0 +1,189 @@
+//! `rws serve`: flags (or a config file) to a running server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rws::engine::{Engine, EngineOptions};
+use rws::repo::ModelDir;
+use rws::server::ServeOptions;
+use rws::state::StateDir;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// TOML file whose keys are these flags' names (`max_batch = 16`); flags given here win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value = "models")]
+    repo: PathBuf,
+    /// Model directory name; optional when the repository holds one model.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Where Prometheus scrapes `/metrics`; `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
+    /// Keep signatures, profiles and the default profile here across restarts
+    /// (written atomically on every change). Without it, changes last until exit.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// File holding the bearer token Admin calls must present. Without it, Admin
+    /// accepts loopback clients only.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, default_value_t = rws::server::MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// On SIGTERM: milliseconds of NOT_SERVING (new requests refused) before the
+    /// listener closes and in-flight requests drain.
+    #[arg(long, default_value_t = 1000)]
+    drain_grace_ms: u64,
+    /// Patched stems kept in memory at once (least recently used are dropped).
+    #[arg(long, default_value_t = 16)]
+    max_resident_profiles: usize,
+    /// Do not load signatures/ at start-up nor define a profile per signature.
+    #[arg(long)]
+    no_auto_profiles: bool,
+    /// Largest batch a compute worker forms.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// How long the first request of a batch waits for company, in microseconds.
+    #[arg(long, default_value_t = 2000)]
+    max_delay_us: u64,
+    /// Requests that may wait; beyond it they get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    queue_capacity: usize,
+    /// Compute threads (each parallelizes its tensor ops already).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+}
+
+/// A token file's content, without surrounding whitespace.
+pub fn read_token(path: &Path) -> Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the admin token file {}", path.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        bail!("the admin token file {} is empty", path.display());
+    }
+    Ok(token)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub async fn run(a: ServeArgs) -> Result<()> {
+    let admin_token = a.admin_token_file.as_deref().map(read_token).transpose()?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            Some(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ))
+        }
+        _ => None,
+    };
+    let dir = ModelDir::open(&a.repo, a.model.as_deref())?;
+    let opts = EngineOptions {
+        max_resident_profiles: a.max_resident_profiles,
+        batch: rws::batch::BatchConfig {
+            max_batch: a.max_batch,
+            max_delay: Duration::from_micros(a.max_delay_us),
+            queue_capacity: a.queue_capacity,
+            workers: a.workers,
+        },
+        auto_profiles: !a.no_auto_profiles,
+        state: a.state_dir.clone().map(StateDir::new),
+    };
+    let name = dir.name.clone();
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::open(dir, &candle_core::Device::Cpu, &opts))
+            .await??;
+    let listener = tokio::net::TcpListener::bind(&a.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.addr))?;
+    let addr = listener.local_addr()?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if a.metrics_addr != "off" {
+        let handle = rws::metrics::install()?;
+        let ml = tokio::net::TcpListener::bind(&a.metrics_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for metrics", a.metrics_addr))?;
+        // On stdout, like the gRPC address, so scripts can learn ports chosen for :0.
+        println!("rws metrics on http://{}/metrics", ml.local_addr()?);
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = rws::metrics::serve(ml, handle, stopped).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    println!("rws listening on {addr}");
+    let table = engine.registry().snapshot();
+    tracing::info!(
+        model = %name,
+        %addr,
+        tls = tls.is_some(),
+        profiles = ?table.profiles.keys().collect::<Vec<_>>(),
+        default = %table.default_profile,
+        state_dir = ?a.state_dir,
+        "serving"
+    );
+    if admin_token.is_none() {
+        let note = if is_loopback(&addr) {
+            ""
+        } else {
+            "; remote clients are refused"
+        };
+        tracing::warn!(
+            "no --admin-token-file: the Admin service accepts loopback clients only{note}"
+        );
+    }
+    let opts = ServeOptions {
+        admin_token,
+        tls,
+        max_message_bytes: a.max_message_bytes,
+        drain_grace: Duration::from_millis(a.drain_grace_ms),
+    };
+    rws::server::serve(Arc::new(engine), listener, opts, shutdown_signal()).await?;
+    let _ = stop_metrics.send(());
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

@@ -1,0 +1,113 @@
+//! Prometheus metrics. The library records through the `metrics` facade (a
+//! no-op until a recorder is installed, so tests and tools pay nothing); the
+//! server installs the Prometheus recorder and serves it at `/metrics`.
+
+use std::future::Future;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::{Error, Result};
+
+pub const REQUESTS: &str = "rws_requests_total";
+pub const REQUEST_SECONDS: &str = "rws_request_duration_seconds";
+pub const QUEUE_SECONDS: &str = "rws_queue_wait_seconds";
+pub const BATCH_SIZE: &str = "rws_batch_size";
+pub const QUEUE_DEPTH: &str = "rws_queue_depth";
+pub const PROFILES: &str = "rws_profiles";
+pub const RESIDENT_PROFILES: &str = "rws_resident_profiles";
+pub const PATCH_APPLY_SECONDS: &str = "rws_patch_apply_seconds";
+pub const PROFILE_CHANGES: &str = "rws_profile_changes_total";
+pub const SIGNATURES: &str = "rws_signatures";
+pub const SIGNATURE_BYTES: &str = "rws_signature_bytes";
+pub const GENERATION: &str = "rws_generation";
+
+/// Installs the process-wide Prometheus recorder once; later calls return the same handle.
+pub fn install() -> Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let seconds = [
+        50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+        500e-3, 1.0, 2.5, 5.0,
+    ];
+    let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &batch))
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
+    describe();
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        REQUESTS,
+        "Classification requests by profile and gRPC status."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time from request to answer, decode included, by profile."
+    );
+    describe_histogram!(
+        QUEUE_SECONDS,
+        Unit::Seconds,
+        "Time a request waited for a compute worker."
+    );
+    describe_histogram!(BATCH_SIZE, "Requests per batch run by a compute worker.");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting for a compute worker.");
+    describe_gauge!(PROFILES, "Profiles defined.");
+    describe_gauge!(
+        RESIDENT_PROFILES,
+        "Profiles whose patched stem is in memory."
+    );
+    describe_histogram!(
+        PATCH_APPLY_SECONDS,
+        Unit::Seconds,
+        "Time to materialize one profile's patched stem with the fused add-scale kernel."
+    );
+    describe_counter!(
+        PROFILE_CHANGES,
+        "Published changes to profiles and signatures, by operation."
+    );
+    describe_gauge!(SIGNATURES, "Signatures loaded.");
+    describe_gauge!(
+        SIGNATURE_BYTES,
+        Unit::Bytes,
+        "Bytes of signature deltas held in memory."
+    );
+    describe_gauge!(
+        GENERATION,
+        "Generation of the profile table, bumped by every change."
+    );
+}
+
+/// Serves the recorder's text format at `/metrics` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("metrics server failed: {e}")))
+}

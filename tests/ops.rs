@@ -1,0 +1,453 @@
+//! Operating the server as a process: health through start-up and SIGTERM
+//! drain, Prometheus metrics, admin tokens, TLS, the config file, JSON logs,
+//! and state that survives restarts and SIGKILL.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RwsProcess, tensor_request, tiny_repo};
+use rws::server::{admin_client, pb};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn health(channel: &Channel) -> ServingStatus {
+    let r = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "rws.v1.Inference".into(),
+        })
+        .await
+        .unwrap();
+    r.into_inner().status()
+}
+
+async fn wait_serving(channel: &Channel) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while health(channel).await != ServingStatus::Serving {
+        assert!(Instant::now() < until, "never became SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn repo_args(repo: &std::path::Path) -> Vec<String> {
+    vec![
+        "--repo".into(),
+        repo.display().to_string(),
+        "--model".into(),
+        common::MODEL.into(),
+    ]
+}
+
+fn start(repo: &std::path::Path, extra: &[&str]) -> RwsProcess {
+    let mut args = repo_args(repo);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    RwsProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[tokio::test]
+async fn health_goes_serving_after_warm_up_and_sigterm_drains() {
+    let repo = tiny_repo();
+    // Batches wait 1.5 s for company: warm-up is slow and requests stay in flight.
+    let mut p = start(
+        repo.path(),
+        &[
+            "--max-batch",
+            "64",
+            "--max-delay-us",
+            "1500000",
+            "--drain-grace-ms",
+            "400",
+        ],
+    );
+    let channel = p.channel().await;
+    assert_eq!(
+        health(&channel).await,
+        ServingStatus::NotServing,
+        "before warm-up"
+    );
+    wait_serving(&channel).await;
+
+    let in_flight: Vec<_> = (0..4)
+        .map(|i| {
+            let mut c = common::InferenceClient::new(channel.clone());
+            tokio::spawn(async move { c.classify(tensor_request(i, "")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        health(&channel).await,
+        ServingStatus::NotServing,
+        "while draining"
+    );
+    let refused = common::InferenceClient::new(channel.clone())
+        .classify(tensor_request(9, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    for r in in_flight {
+        let r = r
+            .await
+            .unwrap()
+            .expect("an in-flight request must complete");
+        assert_eq!(r.into_inner().logits.len(), 10);
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+/// `name{labels} value` lines of a Prometheus text exposition.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("sample line");
+            (name.to_string(), value.parse().expect("sample value"))
+        })
+        .collect()
+}
+
+fn sample(all: &[(String, f64)], name: &str) -> f64 {
+    all.iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no sample {name}"))
+        .1
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_and_parsed() {
+    let repo = tiny_repo();
+    let p = start(repo.path(), &[]);
+    let channel = p.channel().await;
+    wait_serving(&channel).await;
+    let mut c = common::InferenceClient::new(channel.clone());
+    for i in 0..3 {
+        c.classify(tensor_request(i, "fog")).await.unwrap();
+    }
+    let err = c.classify(tensor_request(0, "nope")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut admin = admin_client(channel.clone(), None).unwrap();
+    admin
+        .put_profile(pb::PutProfileRequest {
+            name: "storm".into(),
+            signatures: common::refs(&[("fog", 0.5), ("rain", 0.5)]),
+            replace: false,
+        })
+        .await
+        .unwrap();
+
+    let text = http_get(&p.metrics).await;
+    let all = samples(&text);
+    assert_eq!(
+        sample(&all, r#"rws_requests_total{profile="fog",status="ok"}"#),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &all,
+            r#"rws_requests_total{profile="unknown",status="not_found"}"#
+        ),
+        1.0
+    );
+    assert!(sample(&all, r#"rws_request_duration_seconds_count{profile="fog"}"#) >= 3.0);
+    assert!(sample(&all, "rws_batch_size_count") >= 1.0);
+    assert!(sample(&all, "rws_patch_apply_seconds_count") >= 1.0);
+    assert_eq!(sample(&all, "rws_queue_depth"), 0.0);
+    // clean + fog + noise + rain + storm
+    assert_eq!(sample(&all, "rws_profiles"), 5.0);
+    assert!(sample(&all, "rws_resident_profiles") >= 2.0);
+    assert_eq!(sample(&all, "rws_signatures"), 3.0);
+    assert!(sample(&all, "rws_signature_bytes") > 0.0);
+    assert!(
+        text.contains("# TYPE rws_patch_apply_seconds histogram"),
+        "{text}"
+    );
+}
+
+/// A plain HTTP/1 GET over loopback, to check what Prometheus would scrape.
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+#[tokio::test]
+async fn admin_requires_the_token_when_one_is_set() {
+    let repo = tiny_repo();
+    let token = repo.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let p = start(
+        repo.path(),
+        &["--admin-token-file", token.to_str().unwrap()],
+    );
+    let channel = p.channel().await;
+    let list = |t: Option<&'static str>| {
+        let channel = channel.clone();
+        async move {
+            admin_client(channel, t)
+                .unwrap()
+                .list_profiles(pb::ListProfilesRequest {})
+                .await
+        }
+    };
+    assert_eq!(list(None).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        list(Some("wrong")).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        list(Some("s3cret-tok")).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let ok = list(Some("s3cret-token")).await.unwrap().into_inner();
+    assert_eq!(ok.default_profile, "clean");
+    // A refused write changed nothing.
+    let err = admin_client(channel.clone(), Some("wrong"))
+        .unwrap()
+        .set_default_profile(pb::SetDefaultProfileRequest { name: "fog".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let after = list(Some("s3cret-token")).await.unwrap().into_inner();
+    assert_eq!(
+        (after.default_profile, after.generation),
+        ("clean".into(), ok.generation)
+    );
+    // Inference needs no token.
+    common::InferenceClient::new(channel)
+        .classify(tensor_request(1, "fog"))
+        .await
+        .unwrap();
+}
+
+async fn profiles(channel: &Channel) -> (Vec<(String, Vec<(String, f32)>)>, String) {
+    let r = admin_client(channel.clone(), None)
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ps: Vec<_> = r
+        .profiles
+        .into_iter()
+        .map(|p| {
+            let refs = p
+                .signatures
+                .into_iter()
+                .map(|s| (s.name, s.alpha))
+                .collect();
+            (p.name, refs)
+        })
+        .collect();
+    ps.sort_by(|a, b| a.0.cmp(&b.0));
+    (ps, r.default_profile)
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let repo = tiny_repo();
+    let state = repo.path().join("state");
+    let state_arg = state.to_str().unwrap();
+    let p = start(repo.path(), &["--state-dir", state_arg]);
+    let channel = p.channel().await;
+    let mut admin = admin_client(channel.clone(), None).unwrap();
+    // An uploaded copy of fog under another name, a mixed profile, a new default.
+    let bytes = std::fs::read(repo.path().join("tiny/signatures/fog.rws.safetensors")).unwrap();
+    admin
+        .load_signature(pb::LoadSignatureRequest {
+            name: "fog2".into(),
+            source: Some(pb::load_signature_request::Source::Data(bytes)),
+            allow_transfer: false,
+        })
+        .await
+        .unwrap();
+    admin
+        .put_profile(pb::PutProfileRequest {
+            name: "storm".into(),
+            signatures: common::refs(&[("fog2", 0.7), ("rain", 0.4)]),
+            replace: false,
+        })
+        .await
+        .unwrap();
+    admin
+        .delete_profile(pb::DeleteProfileRequest {
+            name: "noise".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: "storm".into(),
+        })
+        .await
+        .unwrap();
+    let before = profiles(&channel).await;
+    let mut c = common::InferenceClient::new(channel.clone());
+    let logits = common::logits(&mut c, tensor_request(3, "")).await;
+    drop(p);
+
+    let p = start(repo.path(), &["--state-dir", state_arg]);
+    let channel = p.channel().await;
+    assert_eq!(profiles(&channel).await, before);
+    let mut c = common::InferenceClient::new(channel);
+    assert_eq!(common::logits(&mut c, tensor_request(3, "")).await, logits);
+}
+
+#[tokio::test]
+async fn sigkill_during_a_storm_of_changes_loses_no_acknowledged_change() {
+    let repo = tiny_repo();
+    let state = repo.path().join("state");
+    let state_arg = state.to_str().unwrap().to_string();
+    let p = start(repo.path(), &["--state-dir", &state_arg]);
+    let channel = p.channel().await;
+    let storm = {
+        let mut admin = admin_client(channel.clone(), None).unwrap();
+        tokio::spawn(async move {
+            // (profiles acknowledged, default acknowledged)
+            let mut acked: Vec<String> = Vec::new();
+            let mut default = "clean".to_string();
+            for i in 0.. {
+                let name = format!("p{i}");
+                let put = admin
+                    .put_profile(pb::PutProfileRequest {
+                        name: name.clone(),
+                        signatures: common::refs(&[("fog", 0.01 * (i % 100) as f32)]),
+                        replace: false,
+                    })
+                    .await;
+                if put.is_err() {
+                    break;
+                }
+                acked.push(name.clone());
+                if admin
+                    .set_default_profile(pb::SetDefaultProfileRequest { name: name.clone() })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                default = name;
+            }
+            (acked, default)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    p.signal("KILL");
+    let (acked, default) = storm.await.unwrap();
+    assert!(acked.len() > 5, "the storm barely ran: {}", acked.len());
+    drop(p);
+
+    let p = start(repo.path(), &["--state-dir", &state_arg]);
+    let channel = p.channel().await;
+    let (restored, restored_default) = profiles(&channel).await;
+    let names: Vec<&str> = restored.iter().map(|(n, _)| n.as_str()).collect();
+    for a in &acked {
+        assert!(names.contains(&a.as_str()), "acknowledged {a} was lost");
+    }
+    // At most the one change in flight at the kill went through unacknowledged.
+    let next = format!("p{}", acked.len());
+    let extra: Vec<&&str> = names
+        .iter()
+        .filter(|n| n.starts_with('p') && !acked.iter().any(|a| a == *n))
+        .collect();
+    assert!(extra.is_empty() || extra == [&next.as_str()], "{extra:?}");
+    let last = acked.last().unwrap();
+    assert!(
+        restored_default == default || restored_default == *last || restored_default == next,
+        "default {restored_default}, acknowledged {default}"
+    );
+}
+
+#[tokio::test]
+async fn config_file_sets_flags_and_the_command_line_wins() {
+    let repo = tiny_repo();
+    let token = repo.path().join("token");
+    std::fs::write(&token, "t0ken").unwrap();
+    let config = repo.path().join("rws.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin_token_file = {:?}\nmax_resident_profiles = 0\nno_auto_profiles = true\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    // The file's max_resident_profiles = 0 is invalid; the command line overrides it.
+    let p = start(
+        repo.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--max-resident-profiles",
+            "4",
+        ],
+    );
+    let channel = p.channel().await;
+    let err = admin_client(channel.clone(), None)
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "token from the file");
+    let r = admin_client(channel, Some("t0ken"))
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.profiles.len(), 1, "no_auto_profiles from the file");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    let repo = tiny_repo();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "off",
+        ])
+        .args(repo_args(repo.path()))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert!(v["fields"]["message"].is_string(), "{line}");
+}

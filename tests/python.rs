@@ -1,0 +1,182 @@
+//! Real third-party Python clients against the server: Triton's `tritonclient`
+//! over the Open Inference Protocol, grpcio's reflection client, and the rws.v1
+//! example in examples/python. They need the pinned clients that scripts/test.sh
+//! installs into .venv; without them each test says so and passes, unless
+//! RWS_REQUIRE_PYTHON=1 (which scripts/test.sh sets).
+
+mod common;
+
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rws::engine::EngineOptions;
+
+/// What the scripts import; a Python without them cannot run the tests.
+const IMPORTS: &str = "import tritonclient.grpc, grpc_tools.protoc, grpc_reflection.v1alpha";
+/// Longest a script may run.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The interpreter with the test clients: `RWS_PYTHON`, else `.venv/bin/python`.
+fn python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("RWS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let usable = Command::new(&candidate)
+        .args(["-c", IMPORTS])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if usable {
+        return Some(candidate);
+    }
+    let why = format!(
+        "{} cannot `{IMPORTS}`; run scripts/test.sh, which installs tests/python/requirements.txt into .venv",
+        candidate.display()
+    );
+    assert!(
+        std::env::var("RWS_REQUIRE_PYTHON").as_deref() != Ok("1"),
+        "{why}"
+    );
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// Runs `cmd` to completion (killed after [`TIMEOUT`]): success, stdout, stderr.
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let (mut out, mut err) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+    let mut child = cmd
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let start = Instant::now();
+    let ok = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.success();
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |f: &mut std::fs::File| {
+        let mut s = String::new();
+        f.rewind().unwrap();
+        f.read_to_string(&mut s).unwrap();
+        s
+    };
+    (ok, read(&mut out), read(&mut err))
+}
+
+/// Runs `cmd`, failing the test with its output unless it succeeds; its stdout.
+fn ok(cmd: &mut Command) -> String {
+    let (ok, out, err) = run(cmd);
+    assert!(ok, "{cmd:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// Runs a blocking script off the reactor that serves the in-process server.
+async fn ok_off_reactor(mut cmd: Command) -> String {
+    tokio::task::spawn_blocking(move || ok(&mut cmd))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_classifies_over_the_open_inference_protocol() {
+    let Some(py) = python() else { return };
+    let repo = tiny_repo();
+    let server = TestServer::start(repo.path(), EngineOptions::default()).await;
+    wait_ready(&server.channel).await;
+    let mut inf = server.inference();
+    let image = png(28, 28);
+    let png_path = repo.path().join("digit.png");
+    std::fs::write(&png_path, &image).unwrap();
+    let case = serde_json::json!({
+        "url": server.addr.strip_prefix("http://").unwrap(),
+        "model": MODEL,
+        "shape": [1, 1, 28, 28],
+        "input_bits": bits(&input(1).data),
+        "clean_bits": logits(&mut inf, tensor_request(1, "")).await,
+        "fog_bits": logits(&mut inf, tensor_request(1, "fog")).await,
+        "png": png_path,
+        "png_bits": logits(&mut inf, image_request(image, "")).await,
+    });
+    let case_path = repo.path().join("case.json");
+    std::fs::write(&case_path, case.to_string()).unwrap();
+
+    let mut cmd = Command::new(py);
+    cmd.arg("tests/python/kserve_tritonclient.py")
+        .arg(&case_path);
+    let out = ok_off_reactor(cmd).await;
+    assert!(out.contains("all checks passed"), "{out}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_every_service() {
+    let Some(py) = python() else { return };
+    let repo = tiny_repo();
+    let server = TestServer::start(repo.path(), EngineOptions::default()).await;
+    let mut cmd = Command::new(py);
+    cmd.arg("tests/python/reflection.py")
+        .arg(server.addr.strip_prefix("http://").unwrap());
+    let out = ok_off_reactor(cmd).await;
+    assert!(out.contains("inference.GRPCInferenceService"), "{out}");
+    server.stop().await;
+}
+
+#[test]
+fn python_example_classifies_and_switches_profiles() {
+    let Some(py) = python() else { return };
+    let stubs = tempfile::tempdir().unwrap();
+    ok(Command::new("bash")
+        .arg("examples/python/generate.sh")
+        .arg(stubs.path())
+        .env("PYTHON", &py));
+    let server = RwsProcess::start(&["--repo", "models"]);
+    let addr = server.addr.strip_prefix("http://").unwrap().to_string();
+    let example = |args: &[&str]| {
+        let mut cmd = Command::new(&py);
+        cmd.arg("examples/python/classify.py")
+            .args(["--addr", &addr])
+            .args(args)
+            .env("PYTHONPATH", stubs.path());
+        cmd
+    };
+    // The README's fogged digit: wrong with the clean model, right with the fog profile.
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("docs/results.json").unwrap()).unwrap();
+    let label = results["showcase"]["label"].as_u64().unwrap().to_string();
+    let top = |out: &str| {
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let png = "docs/fog-digit.png";
+    let clean = ok(&mut example(&["classify", png, "--profile", "clean"]));
+    assert!(clean.starts_with("profile clean (generation 0)"), "{clean}");
+    assert_ne!(top(&clean), label, "{clean}");
+    let fog = ok(&mut example(&["classify", png, "--profile", "fog"]));
+    assert_eq!(top(&fog), label, "{fog}");
+
+    let profiles = ok(&mut example(&["profiles"]));
+    assert!(profiles.contains("clean: -  (default)"), "{profiles}");
+    assert!(profiles.contains("fog: fog@"), "{profiles}");
+    let out = ok(&mut example(&["default", "fog"]));
+    assert!(out.starts_with("default profile is now fog"), "{out}");
+    let out = ok(&mut example(&["classify", png, "--top-k", "2"]));
+    assert!(out.starts_with("profile fog "), "{out}");
+    assert_eq!(out.lines().count(), 3, "profile line + top 2: {out}");
+
+    let (success, _, err) = run(&mut example(&["classify", png, "--profile", "nope"]));
+    assert!(!success && err.contains("NOT_FOUND"), "{err}");
+}
