@@ -451,3 +451,61 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(v["level"], "INFO", "{line}");
     assert!(v["fields"]["message"].is_string(), "{line}");
 }
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    let repo = tiny_repo();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (repo.path().join("cert.pem"), repo.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let p = start(
+        repo.path(),
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    let https = p.addr.replace("http://", "https://");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(https)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    common::InferenceClient::new(channel)
+        .classify(tensor_request(1, "fog"))
+        .await
+        .unwrap();
+    // Plaintext gRPC to the TLS port fails.
+    let plain = Channel::from_shared(p.addr.clone())
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match plain {
+        Err(_) => true,
+        Ok(ch) => common::InferenceClient::new(ch)
+            .classify(tensor_request(1, "fog"))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext must not be served on a TLS port");
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused() {
+    let repo = tiny_repo();
+    let p = start(repo.path(), &["--max-message-bytes", "2000"]);
+    let mut c = common::InferenceClient::new(p.channel().await);
+    // 784 floats fit in ~3.2 kB: over the limit.
+    let err = c.classify(tensor_request(1, "fog")).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let small = common::image_request(common::png(8, 8), "fog");
+    c.classify(small).await.unwrap();
+}

@@ -452,3 +452,44 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Internal(format!("server failed: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::service::Interceptor;
+    use tonic::transport::server::TcpConnectInfo;
+
+    use super::*;
+
+    fn from(peer: &str, token: Option<&str>) -> Request<()> {
+        let mut req = Request::new(());
+        req.extensions_mut().insert(TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some(peer.parse().unwrap()),
+        });
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        req
+    }
+
+    #[test]
+    fn without_a_token_admin_is_loopback_only() {
+        let mut guard = admin_guard(None);
+        assert!(guard.call(from("127.0.0.1:5000", None)).is_ok());
+        assert!(guard.call(from("[::1]:5000", None)).is_ok());
+        let err = guard.call(from("10.1.2.3:5000", None)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("--admin-token-file"));
+    }
+
+    #[test]
+    fn with_a_token_any_peer_that_presents_it_is_admitted() {
+        let mut guard = admin_guard(Some("tok".into()));
+        assert!(guard.call(from("10.1.2.3:5000", Some("tok"))).is_ok());
+        for bad in [None, Some("tok2"), Some("to"), Some("")] {
+            let err = guard.call(from("127.0.0.1:5000", bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+    }
+}
