@@ -189,7 +189,7 @@ async fn infer_matches_rws_v1_bitwise_and_follows_the_profile() {
     );
 
     // FP32, three images in one request, with and without a profile.
-    for profile in [None, Some("clean"), Some("fog"), Some("noise")] {
+    for profile in [None, Some(""), Some("clean"), Some("fog"), Some("noise")] {
         let r = infer(&mut client, fp32_request(&[1, 2, 3], profile)).await;
         assert_eq!(r.id, "req-7");
         assert_eq!(r.model_name, MODEL);
@@ -204,7 +204,7 @@ async fn infer_matches_rws_v1_bitwise_and_follows_the_profile() {
             assert_eq!(class[i], top);
             generation = g;
         }
-        let name = profile.unwrap_or("clean");
+        let name = profile.filter(|p| !p.is_empty()).unwrap_or("clean");
         assert_eq!(
             param_of(&r, "profile"),
             &ParameterChoice::StringParam(name.into())
@@ -382,10 +382,16 @@ async fn malformed_requests_are_refused_with_a_reason() {
             "negative",
         ),
         (
-            "overflowing shape",
+            "huge batch",
             request("FP32", vec![i64::MAX, 1, 28, 28], Vec::new(), None),
             Code::InvalidArgument,
-            "too large",
+            "at most 64",
+        ),
+        (
+            "huge BYTES batch",
+            request("BYTES", vec![65], bytes_raw(&[&b"x"[..]; 65]), None),
+            Code::InvalidArgument,
+            "at most 64",
         ),
         ("non-finite value", nan, Code::InvalidArgument, "finite"),
         (

@@ -35,6 +35,9 @@ const VERSION: &str = "1";
 const INPUT: &str = "input";
 const LOGITS: &str = "logits";
 const CLASS: &str = "class";
+/// Images per request: each is queued as one engine request at once, so a
+/// batch far beyond the queue's capacity could only fail.
+const MAX_IMAGES: usize = 64;
 /// Every output, in the order returned when a request names none.
 const OUTPUTS: [&str; 2] = [LOGITS, CLASS];
 
@@ -112,67 +115,70 @@ fn images(
             "input parameter '{key}' is not supported (no shared memory): send the data in the request"
         )));
     }
-    let data = match (raw.pop(), raw.len(), t.contents) {
-        (Some(bytes), 0, None) => Data::Raw(bytes),
-        (None, _, Some(c)) => Data::Typed(c),
-        (None, _, None) => {
+    if raw.len() > 1 {
+        return Err(invalid(format!(
+            "raw_input_contents has {} entries for 1 input",
+            raw.len()
+        )));
+    }
+    let data = match (raw.pop(), t.contents) {
+        (Some(bytes), None) => Data::Raw(bytes),
+        (None, Some(c)) => Data::Typed(c),
+        (None, None) => {
             return Err(invalid(
                 "input has no data: set raw_input_contents or the input's contents".into(),
             ));
         }
-        (Some(_), 0, Some(_)) => {
+        (Some(_), Some(_)) => {
             return Err(invalid(
                 "input has both raw_input_contents and contents; send one".into(),
             ));
         }
-        (Some(_), extra, _) => {
-            return Err(invalid(format!(
-                "raw_input_contents has {} entries for 1 input",
-                extra + 1
-            )));
-        }
     };
     let shape = dims(&t.shape)?;
     match t.datatype.as_str() {
-        "FP32" => tensors(&t.shape, &shape, data, cfg),
-        "BYTES" => encoded(&t.shape, &shape, data),
+        "FP32" => tensors(&shape, data, cfg),
+        "BYTES" => encoded(&shape, data),
         other => Err(invalid(format!(
             "input datatype '{other}' is not supported: send FP32 [N, C, H, W] (the normalized model input) or BYTES [N] (encoded PNG or JPEG images)"
         ))),
     }
 }
 
+/// N of `[N, ...]`: at least one image, and few enough to queue at once.
+fn check_batch(n: usize) -> Result<(), Status> {
+    if n == 0 {
+        return Err(invalid("the batch is empty: N must be at least 1".into()));
+    }
+    if n > MAX_IMAGES {
+        return Err(invalid(format!(
+            "the batch has {n} images; send at most {MAX_IMAGES} per request"
+        )));
+    }
+    Ok(())
+}
+
 /// FP32 `[N, C, H, W]`: N model inputs, checked by the engine like rws.v1 tensors.
-fn tensors(
-    wire: &[i64],
-    shape: &[usize],
-    data: Data,
-    cfg: &ModelConfig,
-) -> Result<Vec<Input>, Status> {
+fn tensors(shape: &[usize], data: Data, cfg: &ModelConfig) -> Result<Vec<Input>, Status> {
     let [h, w] = cfg.input_size;
     let image = [cfg.channels, h, w];
     let n = match *shape {
         [n, c, hh, ww] if [c, hh, ww] == image => n,
         _ => {
             return Err(invalid(format!(
-                "FP32 input shape {wire:?} does not match the model input [N, {}, {h}, {w}]",
+                "FP32 input shape {shape:?} does not match the model input [N, {}, {h}, {w}]",
                 cfg.channels
             )));
         }
     };
-    if n == 0 {
-        return Err(invalid("the batch is empty: N must be at least 1".into()));
-    }
+    check_batch(n)?;
     let per = image.iter().product::<usize>();
-    let want = n
-        .checked_mul(per)
-        .ok_or_else(|| invalid(format!("FP32 input shape {wire:?} is too large")))?;
+    let want = n * per;
     let values: Vec<f32> = match data {
         Data::Raw(bytes) => {
             if bytes.len() % 4 != 0 || bytes.len() / 4 != want {
                 return Err(invalid(format!(
-                    "FP32 input of shape {wire:?} needs {want} values ({} bytes per value); raw_input_contents has {} bytes",
-                    4,
+                    "FP32 input of shape {shape:?} needs {want} values (4 bytes each); raw_input_contents has {} bytes",
                     bytes.len()
                 )));
             }
@@ -184,7 +190,7 @@ fn tensors(
         Data::Typed(c) => {
             if c.fp32_contents.len() != want {
                 return Err(invalid(format!(
-                    "FP32 input of shape {wire:?} needs {want} values; contents.fp32_contents has {}",
+                    "FP32 input of shape {shape:?} needs {want} values; contents.fp32_contents has {}",
                     c.fp32_contents.len()
                 )));
             }
@@ -201,25 +207,23 @@ fn tensors(
 }
 
 /// BYTES `[N]` or `[N, 1]`: N encoded images, decoded by the engine.
-fn encoded(wire: &[i64], shape: &[usize], data: Data) -> Result<Vec<Input>, Status> {
+fn encoded(shape: &[usize], data: Data) -> Result<Vec<Input>, Status> {
     let n = match *shape {
         [n] | [n, 1] => n,
         _ => {
             return Err(invalid(format!(
-                "BYTES input shape {wire:?} must be [N] or [N, 1]: N encoded PNG or JPEG images"
+                "BYTES input shape {shape:?} must be [N] or [N, 1]: N encoded PNG or JPEG images"
             )));
         }
     };
-    if n == 0 {
-        return Err(invalid("the batch is empty: N must be at least 1".into()));
-    }
+    check_batch(n)?;
     let elements = match data {
         Data::Raw(bytes) => split_bytes(&bytes)?,
         Data::Typed(c) => c.bytes_contents,
     };
     if elements.len() != n {
         return Err(invalid(format!(
-            "BYTES input of shape {wire:?} needs {n} elements; the data holds {}",
+            "BYTES input of shape {shape:?} needs {n} elements; the data holds {}",
             elements.len()
         )));
     }
@@ -258,7 +262,7 @@ fn requested(outputs: Vec<InferRequestedOutputTensor>) -> Result<Vec<&'static st
     if outputs.is_empty() {
         return Ok(OUTPUTS.to_vec());
     }
-    let mut names = Vec::with_capacity(outputs.len().min(OUTPUTS.len()));
+    let mut names = Vec::new();
     for o in outputs {
         let Some(&name) = OUTPUTS.iter().find(|&&n| n == o.name) else {
             return Err(invalid(format!(
@@ -279,7 +283,8 @@ fn requested(outputs: Vec<InferRequestedOutputTensor>) -> Result<Vec<&'static st
     Ok(names)
 }
 
-/// The profile a request names in `parameters["profile"]`; `None` when absent.
+/// The profile a request names in `parameters["profile"]`; `None` when absent
+/// (an empty name, as in rws.v1, also means the default).
 fn profile_param(params: &HashMap<String, pb::InferParameter>) -> Result<Option<String>, Status> {
     match params.get("profile").map(|p| &p.parameter_choice) {
         None => Ok(None),
@@ -400,8 +405,8 @@ impl GrpcInferenceService for KServeService {
         // Resolved once, so every image of the request uses the same profile even
         // if the default changes meanwhile.
         let profile = match profile_param(&r.parameters)? {
-            Some(p) => p,
-            None => self.engine.registry().snapshot().default_profile.clone(),
+            Some(p) if !p.is_empty() => p,
+            _ => self.engine.registry().snapshot().default_profile.clone(),
         };
         // One engine request per image, all queued at once so the batcher groups
         // them; dropping the set (an error, a cancelled call) aborts the rest.

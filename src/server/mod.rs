@@ -21,7 +21,7 @@ pub mod kserve;
 
 pub mod pb {
     tonic::include_proto!("rws.v1");
-    /// The encoded descriptors of rws.v1, for reflection.
+    /// The encoded descriptors of rws.v1 and of the Open Inference Protocol, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rws_descriptor");
 }
 
@@ -306,7 +306,12 @@ impl Default for ServeOptions {
 }
 
 /// Health names reported: the whole server ("") and each service.
-const HEALTH_SERVICES: [&str; 3] = ["", "rws.v1.Inference", "rws.v1.Admin"];
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    "rws.v1.Inference",
+    "rws.v1.Admin",
+    "inference.GRPCInferenceService",
+];
 
 async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
     use tonic_health::ServingStatus;
@@ -397,11 +402,15 @@ pub async fn serve(
         .max_encoding_message_size(max),
         admin_guard(opts.admin_token.clone()),
     );
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    // Both reflection versions: grpcurl asks for v1, many clients still for v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e| Error::Internal(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
     let warm = {
@@ -436,7 +445,8 @@ pub async fn serve(
     }
     builder
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(inference)
         .add_service(kserve::service(engine.clone(), max))
         .add_service(admin)
