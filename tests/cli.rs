@@ -29,24 +29,11 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
     let server = RwsProcess::start(&["--repo", "models"]);
     let addr = server.addr.clone();
 
-    // The fogged digit the README shows: the clean model gets it wrong, the fog profile right.
-    let showcase: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("docs/results.json").unwrap()).unwrap();
-    let label = showcase["showcase"]["label"].as_u64().unwrap().to_string();
-    let png = "docs/fog-digit.png";
-    let top = |out: &str| {
-        out.lines()
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    };
+    let (label, png) = (common::showcase_label(), common::SHOWCASE_PNG);
     let clean = rws(&["classify", png, "--profile", "clean", "--addr", &addr]);
-    assert_ne!(top(&clean), label, "{clean}");
+    assert_ne!(common::top_label(&clean), label, "{clean}");
     let fog = rws(&["classify", png, "--profile", "fog", "--addr", &addr]);
-    assert_eq!(top(&fog), label, "{fog}");
+    assert_eq!(common::top_label(&fog), label, "{fog}");
 
     let out = rws(&["classify", png, "--addr", &addr]);
     assert!(out.starts_with("profile clean (generation 0)"), "{out}");

@@ -149,25 +149,12 @@ fn python_example_classifies_and_switches_profiles() {
             .env("PYTHONPATH", stubs.path());
         cmd
     };
-    // The README's fogged digit: wrong with the clean model, right with the fog profile.
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("docs/results.json").unwrap()).unwrap();
-    let label = results["showcase"]["label"].as_u64().unwrap().to_string();
-    let top = |out: &str| {
-        out.lines()
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    };
-    let png = "docs/fog-digit.png";
+    let (label, png) = (common::showcase_label(), common::SHOWCASE_PNG);
     let clean = ok(&mut example(&["classify", png, "--profile", "clean"]));
     assert!(clean.starts_with("profile clean (generation 0)"), "{clean}");
-    assert_ne!(top(&clean), label, "{clean}");
+    assert_ne!(common::top_label(&clean), label, "{clean}");
     let fog = ok(&mut example(&["classify", png, "--profile", "fog"]));
-    assert_eq!(top(&fog), label, "{fog}");
+    assert_eq!(common::top_label(&fog), label, "{fog}");
 
     let profiles = ok(&mut example(&["profiles"]));
     assert!(profiles.contains("clean: -  (default)"), "{profiles}");

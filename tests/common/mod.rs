@@ -251,3 +251,23 @@ pub async fn wait_ready(channel: &Channel) {
     }
     panic!("the server did not become ready within 10 s");
 }
+
+/// The README's fogged digit (`docs/fog-digit.png`) and its true label: the clean
+/// model gets it wrong, the fog profile right.
+pub const SHOWCASE_PNG: &str = "docs/fog-digit.png";
+
+pub fn showcase_label() -> String {
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("docs/results.json").unwrap()).unwrap();
+    results["showcase"]["label"].as_u64().unwrap().to_string()
+}
+
+/// The label of the first prediction in a client's printed output (second line,
+/// second column: `  94.60%  0 (class 0)`).
+pub fn top_label(out: &str) -> String {
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no prediction line in {out:?}"))
+        .to_string()
+}
