@@ -15,6 +15,10 @@ WORKDIR /src
 # and its protos, the sources, and the benches (Cargo.toml declares them, and
 # cargo refuses a manifest whose declared targets are missing).
 COPY Cargo.toml Cargo.lock build.rs ./
+# etcd-client's build script needs protoc: .cargo/config.toml points it at
+# scripts/protoc, which runs the one from the protoc-bin-vendored crate.
+COPY .cargo .cargo
+COPY scripts/protoc scripts/protoc
 COPY proto proto
 COPY benches benches
 COPY src src
@@ -47,6 +51,7 @@ COPY --from=builder /usr/local/bin/rws /usr/local/bin/rws
 # The shipped model, read-only to the server (owned by root).
 COPY models /srv/rws/models
 COPY deploy/rws.toml /etc/rws/rws.toml
+COPY deploy/rws-fleet.toml /etc/rws/fleet.toml
 
 # --state-dir: signatures and profiles changed through Admin survive restarts.
 # A new named volume starts as a copy of this directory, owner included.

@@ -43,7 +43,7 @@ fn shipped() -> Registry {
 }
 
 fn synthetic(arch: &str) -> rws::bench::Fixture {
-    let f = rws::bench::Fixture::new(arch, 2).unwrap();
+    let f = rws::bench::Fixture::new(arch, 2, &candle_core::Device::Cpu).unwrap();
     for (i, name) in ["fog", "snow", "gaussian_noise"].iter().enumerate() {
         let r = SignatureRef {
             name: "sig".into(),

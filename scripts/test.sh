@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full test suite: `cargo test` with the Python clients that tests/python.rs
-# drives against the server (tritonclient, grpcio reflection, the rws.v1 example).
+# drives against the server (tritonclient, grpcio reflection, the rws.v1 example)
+# and etcd for tests/fleet.rs.
 # Installs tests/python/requirements.txt into .venv first; arguments go to
 # cargo test, e.g. `scripts/test.sh --test python`.
 set -euo pipefail
@@ -9,6 +10,16 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # Pinned versions already present: pip checks and returns without downloading.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+# etcd for the fleet tests (tests/fleet.rs starts its own instances on loopback
+# ports), from Debian's packages.
+if ! command -v etcd >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null ||
+        { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null; }
+fi
+# Here a missing etcd is a failure; plain `cargo test` skips those tests and says so.
+export RWS_REQUIRE_ETCD=1
 
 export RWS_PYTHON="$PWD/.venv/bin/python"
 # Without the clients tests/python.rs skips; here a missing one is a failure.

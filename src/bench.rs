@@ -1,10 +1,15 @@
 //! `rws bench`: measurements an engineer runs against rws. `load` drives a
 //! running server over loopback gRPC; `switch` and `memory` measure the library
-//! in-process on a synthetic model.
+//! in-process on a synthetic model; [`gpu`] (the `cuda` feature) validates and
+//! times the CUDA path.
+
+#[cfg(feature = "cuda")]
+pub mod gpu;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -124,7 +129,10 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
                 let name = if i % 2 == 0 { a.clone() } else { b.clone() };
                 i += 1;
                 match admin
-                    .set_default_profile(pb::SetDefaultProfileRequest { name })
+                    .set_default_profile(pb::SetDefaultProfileRequest {
+                        name,
+                        wait_fleet: false,
+                    })
                     .await
                 {
                     Ok(r) => {
@@ -197,48 +205,74 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
     })
 }
 
-/// A synthetic model of `arch` loaded in-process, with one int8 signature.
+/// A synthetic model of `arch` loaded in-process on `device`, with one int8 signature.
 pub struct Fixture {
     _dir: tempfile::TempDir,
+    pub arch: String,
+    pub device: Device,
     pub model_dir: crate::repo::ModelDir,
     pub registry: crate::profile::Registry,
 }
 
 impl Fixture {
-    pub fn new(arch: &str, blocks: usize) -> Result<Fixture> {
+    pub fn new(arch: &str, blocks: usize, device: &Device) -> Result<Fixture> {
         let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        let arch = crate::synth::arch_by_name(arch)?;
         let path = dir.path().join("m");
         crate::synth::write_repo_model(
             &path,
-            arch,
+            crate::synth::arch_by_name(arch)?,
             blocks,
             &["sig".into()],
             crate::quant::Quant::Int8,
             3,
         )?;
         let model_dir = crate::repo::ModelDir::open(dir.path(), Some("m"))?;
-        let model = crate::model::Model::load(
-            model_dir.config.clone(),
-            &model_dir.base_path(),
-            &candle_core::Device::Cpu,
-        )?;
+        let model =
+            crate::model::Model::load(model_dir.config.clone(), &model_dir.base_path(), device)?;
         let registry = crate::profile::Registry::new(Arc::new(model), 64)?;
         let sig = crate::signature::Signature::load(&path.join("signatures/sig.rws.safetensors"))?;
         registry.load_signature("sig", sig, false)?;
         Ok(Fixture {
             _dir: dir,
+            arch: arch.into(),
+            device: device.clone(),
             model_dir,
             registry,
         })
     }
 
-    fn reload(&self) -> Result<crate::model::Model> {
+    /// The model loaded again from its file, on `device`.
+    pub fn reload(&self, device: &Device) -> Result<crate::model::Model> {
         crate::model::Model::load(
             self.model_dir.config.clone(),
             &self.model_dir.base_path(),
-            &candle_core::Device::Cpu,
+            device,
         )
+    }
+
+    /// Times `n` profile applies against `reloads` full model reloads.
+    pub fn switch(&self, n: usize, reloads: usize) -> Result<SwitchReport> {
+        let sig = vec![crate::profile::SignatureRef {
+            name: "sig".into(),
+            alpha: 0.8,
+        }];
+        let mut apply = Vec::with_capacity(n);
+        for _ in 0..n {
+            apply.push(self.registry.put_profile("p", sig.clone(), true)?.apply);
+        }
+        let mut reload = Vec::with_capacity(reloads);
+        for _ in 0..reloads {
+            let t = Instant::now();
+            self.reload(&self.device)?;
+            reload.push(t.elapsed());
+        }
+        let (apply, reload) = (Percentiles::of(apply), Percentiles::of(reload));
+        Ok(SwitchReport {
+            arch: self.arch.clone(),
+            reload_over_apply_p99: reload.p50_us / apply.p99_us,
+            apply,
+            reload,
+        })
     }
 }
 
@@ -252,30 +286,15 @@ pub struct SwitchReport {
     pub reload_over_apply_p99: f64,
 }
 
-/// Times `n` profile applies against `reloads` full model reloads.
-pub fn switch(arch: &str, blocks: usize, n: usize, reloads: usize) -> Result<SwitchReport> {
-    let f = Fixture::new(arch, blocks)?;
-    let sig = vec![crate::profile::SignatureRef {
-        name: "sig".into(),
-        alpha: 0.8,
-    }];
-    let mut apply = Vec::with_capacity(n);
-    for _ in 0..n {
-        apply.push(f.registry.put_profile("p", sig.clone(), true)?.apply);
-    }
-    let mut reload = Vec::with_capacity(reloads);
-    for _ in 0..reloads {
-        let t = Instant::now();
-        f.reload()?;
-        reload.push(t.elapsed());
-    }
-    let (apply, reload) = (Percentiles::of(apply), Percentiles::of(reload));
-    Ok(SwitchReport {
-        arch: arch.into(),
-        reload_over_apply_p99: reload.p50_us / apply.p99_us,
-        apply,
-        reload,
-    })
+/// Times `n` profile applies against `reloads` full model reloads, on `device`.
+pub fn switch(
+    arch: &str,
+    blocks: usize,
+    n: usize,
+    reloads: usize,
+    device: &Device,
+) -> Result<SwitchReport> {
+    Fixture::new(arch, blocks, device)?.switch(n, reloads)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -307,7 +326,7 @@ pub fn rss_bytes() -> Result<u64> {
 
 /// RSS with the clean profile only, then with `profiles` distinct resident profiles.
 pub fn memory(arch: &str, blocks: usize, profiles: usize) -> Result<MemoryReport> {
-    let f = Fixture::new(arch, blocks)?;
+    let f = Fixture::new(arch, blocks, &Device::Cpu)?;
     let before = rss_bytes()?;
     for i in 0..profiles.saturating_sub(1) {
         let alpha = 0.1 + i as f32 * 0.05;
@@ -369,33 +388,42 @@ pub fn infer(
     model: Option<&str>,
     batches: &[usize],
     iterations: usize,
+    device: &Device,
 ) -> Result<Vec<InferReport>> {
     let dir = crate::repo::ModelDir::open(repo, model)?;
-    let m = crate::model::Model::load(
-        dir.config.clone(),
-        &dir.base_path(),
-        &candle_core::Device::Cpu,
-    )?;
-    let stem = m.materialize(&[])?;
-    let [h, w] = dir.config.input_size;
+    let m = crate::model::Model::load(dir.config.clone(), &dir.base_path(), device)?;
+    time_forward(&dir.name, &m, &m.materialize(&[])?, batches, iterations)
+}
+
+/// Times `iterations` forward passes of `m` with `stem` at each batch size, logits
+/// read back to the host included.
+pub fn time_forward(
+    name: &str,
+    m: &crate::model::Model,
+    stem: &crate::model::Stem,
+    batches: &[usize],
+    iterations: usize,
+) -> Result<Vec<InferReport>> {
+    let [h, w] = m.config.input_size;
+    let channels = m.config.channels;
     let mut rng = crate::rng::Rng::new(1);
     let mut out = Vec::new();
     for &b in batches {
         let x = candle_core::Tensor::from_vec(
-            rng.vec(b * dir.config.channels * h * w, -1.0, 1.0),
-            (b, dir.config.channels, h, w),
+            rng.vec(b * channels * h * w, -1.0, 1.0),
+            (b, channels, h, w),
             m.device(),
         )?;
-        m.forward(&stem, &x)?; // warm-up
+        m.forward(stem, &x)?.to_vec2::<f32>()?; // warm-up (and, on a GPU, kernel loading)
         let mut times = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let t = Instant::now();
-            m.forward(&stem, &x)?.to_vec2::<f32>()?;
+            m.forward(stem, &x)?.to_vec2::<f32>()?;
             times.push(t.elapsed());
         }
         let p = Percentiles::of(times);
         out.push(InferReport {
-            model: dir.name.clone(),
+            model: name.to_string(),
             batch: b,
             iterations,
             images_per_second: b as f64 / (p.p50_us / 1e6),

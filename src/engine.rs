@@ -2,6 +2,7 @@
 //! classification. The gRPC layer is a thin translation of this.
 
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -9,10 +10,11 @@ use candle_core::Device;
 use tokio::sync::oneshot;
 
 use crate::batch::{BatchConfig, Batcher, Job};
+use crate::fleet::{EtcdUrl, Fleet};
 use crate::metrics as m;
 use crate::model::Model;
 use crate::preprocess::{self, Input};
-use crate::profile::{LoadedSignature, Registry, SignatureRef};
+use crate::profile::{Change, LoadedSignature, Registry, SignatureRef};
 use crate::repo::{self, ModelDir};
 use crate::signature::Signature;
 use crate::state::{self, Origin, Source, State, StateDir};
@@ -69,6 +71,15 @@ pub struct Engine {
     ready: AtomicBool,
     /// Set by [`Engine::drain`]: new requests are refused.
     draining: AtomicBool,
+    /// Set by [`Engine::join_fleet`]: admin changes go through etcd.
+    fleet: OnceLock<Arc<Fleet>>,
+}
+
+/// Where a signature to load comes from.
+pub enum SignatureSource {
+    /// Relative to the model directory.
+    Path(String),
+    Bytes(Vec<u8>),
 }
 
 impl Engine {
@@ -83,6 +94,7 @@ impl Engine {
             batcher,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            fleet: OnceLock::new(),
         };
         let saved = match &opts.state {
             Some(dir) => dir.read()?,
@@ -126,59 +138,115 @@ impl Engine {
     }
 
     /// Loads a saved state: every signature re-read and checked against its
-    /// recorded hash, then the profiles and the default.
-    fn restore(&self, state: &State) -> Result<()> {
-        for s in &state.signatures {
-            let (path, bytes) = match &s.origin.source {
-                Source::Repo { path } => {
-                    let full = self.dir.confine(path)?;
-                    let bytes = read_limited(&full)?;
-                    (full, bytes)
-                }
-                Source::Upload { file } => {
-                    let dir = self.state_dir()?;
-                    let full = dir.upload_path(file)?;
-                    let bytes = read_limited(&full)?;
-                    (full, bytes)
-                }
-                Source::Memory => bail!(
-                    InvalidArgument,
-                    "the saved state names in-memory signature {:?}, which cannot be restored",
-                    s.name
-                ),
-            };
-            let sha = state::sha256(&bytes);
-            if sha != s.origin.sha256 {
-                bail!(
-                    FailedPrecondition,
-                    "signature {:?}: {} changed since it was loaded ({sha}, the state recorded {}); put the original back or remove it from the state file",
-                    s.name,
-                    path.display(),
-                    s.origin.sha256
-                );
-            }
-            let sig = Signature::from_bytes(&bytes)
-                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-            self.registry
-                .load_signature_from(&s.name, sig, s.origin.clone())?;
+    /// recorded hash, then the profiles and the default. Any failure stops start-up.
+    fn restore(&self, saved: &State) -> Result<()> {
+        let errors = state::reconcile(&self.registry, saved, |e| {
+            state::read_entry(&self.dir, self.state.as_ref(), e)
+        });
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
         }
-        for p in &state.profiles {
-            self.registry.put_profile(&p.name, State::refs(p), false)?;
-        }
-        self.registry.set_default(&state.default_profile)?;
         tracing::info!(
-            signatures = state.signatures.len(),
-            profiles = state.profiles.len(),
-            default = %state.default_profile,
+            signatures = saved.signatures.len(),
+            profiles = saved.profiles.len(),
+            default = %saved.default_profile,
             "restored the saved state"
         );
         Ok(())
     }
 
-    fn state_dir(&self) -> Result<&StateDir> {
-        self.state
-            .as_ref()
-            .ok_or_else(|| Error::Internal("no state directory is configured".into()))
+    /// Keeps the profile state in etcd from now on, shared with the other
+    /// replicas under the same prefix; `addr` is what this replica publishes.
+    pub async fn join_fleet(&self, url: EtcdUrl, id: String, addr: String) -> Result<Arc<Fleet>> {
+        let fleet = Fleet::join(url, id, addr, self.registry.clone(), self.dir.clone()).await?;
+        self.fleet
+            .set(fleet.clone())
+            .map_err(|_| Error::Internal("already in a fleet".into()))?;
+        Ok(fleet)
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
+    }
+
+    // The admin changes: through etcd in fleet mode, else straight to the
+    // registry on the blocking pool (they materialize weights).
+
+    pub async fn put_profile(
+        self: &Arc<Self>,
+        name: String,
+        signatures: Vec<SignatureRef>,
+        replace: bool,
+        wait_fleet: bool,
+    ) -> Result<Change> {
+        if let Some(f) = self.fleet() {
+            return f.put_profile(&name, signatures, replace, wait_fleet).await;
+        }
+        let this = self.clone();
+        blocking(move || this.registry.put_profile(&name, signatures, replace)).await
+    }
+
+    pub async fn delete_profile(
+        self: &Arc<Self>,
+        name: String,
+        wait_fleet: bool,
+    ) -> Result<Change> {
+        if let Some(f) = self.fleet() {
+            return f.delete_profile(&name, wait_fleet).await;
+        }
+        let this = self.clone();
+        blocking(move || this.registry.delete_profile(&name)).await
+    }
+
+    pub async fn set_default(self: &Arc<Self>, name: String, wait_fleet: bool) -> Result<Change> {
+        if let Some(f) = self.fleet() {
+            return f.set_default(&name, wait_fleet).await;
+        }
+        let this = self.clone();
+        blocking(move || this.registry.set_default(&name)).await
+    }
+
+    pub async fn load_signature(
+        self: &Arc<Self>,
+        name: String,
+        source: SignatureSource,
+        allow_transfer: bool,
+        wait_fleet: bool,
+    ) -> Result<Arc<LoadedSignature>> {
+        if let Some(f) = self.fleet() {
+            let SignatureSource::Path(rel) = source else {
+                bail!(
+                    FailedPrecondition,
+                    "in fleet mode signatures are loaded by repository path, which every replica reads; uploads would reach one replica only"
+                );
+            };
+            let name = if name.is_empty() {
+                repo::signature_name(std::path::Path::new(&rel))
+            } else {
+                name
+            };
+            return f
+                .load_signature(&name, &rel, allow_transfer, wait_fleet)
+                .await;
+        }
+        let this = self.clone();
+        blocking(move || match source {
+            SignatureSource::Path(rel) => {
+                this.load_signature_path(Some(&name), &rel, allow_transfer)
+            }
+            SignatureSource::Bytes(bytes) => {
+                this.load_signature_bytes(&name, &bytes, allow_transfer)
+            }
+        })
+        .await
+    }
+
+    pub async fn unload_signature(self: &Arc<Self>, name: String, wait_fleet: bool) -> Result<()> {
+        if let Some(f) = self.fleet() {
+            return f.unload_signature(&name, wait_fleet).await;
+        }
+        let this = self.clone();
+        blocking(move || this.registry.unload_signature(&name)).await
     }
 
     pub fn registry(&self) -> &Registry {
@@ -367,7 +435,14 @@ pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> 
         .collect()
 }
 
-fn check_size(len: u64, what: &str) -> Result<()> {
+/// Runs registry work on tokio's blocking pool, keeping reactor threads free.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("worker failed: {e}")))?
+}
+
+pub(crate) fn check_size(len: u64, what: &str) -> Result<()> {
     if len > MAX_SIGNATURE_BYTES as u64 {
         bail!(
             ResourceExhausted,
@@ -378,7 +453,7 @@ fn check_size(len: u64, what: &str) -> Result<()> {
 }
 
 /// Reads a signature file, refusing oversized ones before reading them.
-fn read_limited(path: &std::path::Path) -> Result<Vec<u8>> {
+pub(crate) fn read_limited(path: &std::path::Path) -> Result<Vec<u8>> {
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();

@@ -19,9 +19,12 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("{0}")]
     DeadlineExceeded(String),
-    /// The server cannot take the request now (it is draining); retry elsewhere.
+    /// The server cannot take the request now (draining, or etcd unreachable); retry.
     #[error("{0}")]
     Unavailable(String),
+    /// Another writer changed the same state first; re-read and retry.
+    #[error("{0}")]
+    Aborted(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -46,6 +49,7 @@ impl Error {
             Error::ResourceExhausted(_) => "resource_exhausted",
             Error::DeadlineExceeded(_) => "deadline_exceeded",
             Error::Unavailable(_) => "unavailable",
+            Error::Aborted(_) => "aborted",
             Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => "internal",
         }
     }

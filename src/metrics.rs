@@ -22,6 +22,8 @@ pub const PROFILE_CHANGES: &str = "rws_profile_changes_total";
 pub const SIGNATURES: &str = "rws_signatures";
 pub const SIGNATURE_BYTES: &str = "rws_signature_bytes";
 pub const GENERATION: &str = "rws_generation";
+pub const FLEET_CONNECTED: &str = "rws_fleet_connected";
+pub const FLEET_APPLIED_REVISION: &str = "rws_fleet_applied_revision";
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
 pub fn install() -> Result<PrometheusHandle> {

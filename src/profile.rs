@@ -129,6 +129,8 @@ pub struct Change {
     pub generation: u64,
     /// Materializing the stem plus publishing the table.
     pub apply: Duration,
+    /// The etcd revision of the change in fleet mode; 0 for a local change.
+    pub revision: i64,
 }
 
 /// Updates the gauges that describe a table about to be published.
@@ -164,6 +166,24 @@ pub struct Registry {
 }
 
 type Persist = Box<dyn Fn(&Table) -> Result<()> + Send + Sync>;
+
+/// The checks on a profile definition that need no state.
+fn check_definition(name: &str, signatures: &[SignatureRef]) -> Result<()> {
+    validate_name("profile", name)?;
+    if name == CLEAN {
+        bail!(
+            InvalidArgument,
+            "{CLEAN:?} is built in and cannot be redefined"
+        );
+    }
+    if signatures.len() > MAX_SIGNATURES_PER_PROFILE {
+        bail!(
+            InvalidArgument,
+            "a profile holds at most {MAX_SIGNATURES_PER_PROFILE} signatures"
+        );
+    }
+    Ok(())
+}
 
 /// Names of profiles and signatures: short, printable, safe in paths and metrics.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
@@ -358,35 +378,14 @@ impl Registry {
         Ok(())
     }
 
-    /// Defines a profile (or redefines it, with `replace`). Its stem is built
-    /// before anything is published; on any error nothing changes.
-    pub fn put_profile(
+    /// Validates a profile definition against `current` and materializes its stem.
+    fn build_profile(
         &self,
+        current: &Table,
         name: &str,
         signatures: Vec<SignatureRef>,
-        replace: bool,
-    ) -> Result<Change> {
-        validate_name("profile", name)?;
-        if name == CLEAN {
-            bail!(
-                InvalidArgument,
-                "{CLEAN:?} is built in and cannot be redefined"
-            );
-        }
-        if signatures.len() > MAX_SIGNATURES_PER_PROFILE {
-            bail!(
-                InvalidArgument,
-                "a profile holds at most {MAX_SIGNATURES_PER_PROFILE} signatures"
-            );
-        }
-        let _w = self.lock_writer();
-        let current = self.snapshot();
-        if current.profiles.contains_key(name) && !replace {
-            bail!(
-                AlreadyExists,
-                "profile {name:?} already exists; set replace to change it"
-            );
-        }
+    ) -> Result<Arc<Profile>> {
+        check_definition(name, &signatures)?;
         let mut resolved = Vec::with_capacity(signatures.len());
         for (i, r) in signatures.iter().enumerate() {
             if !r.alpha.is_finite() {
@@ -412,12 +411,10 @@ impl Registry {
             })?;
             resolved.push(sig.clone());
         }
-        let start = Instant::now();
-        let mut next = (*current).clone();
         let profile = Arc::new(Profile {
             name: name.into(),
             signatures,
-            generation: next.generation + 1,
+            generation: current.generation + 1,
             resolved,
             stem: ArcSwapOption::empty(),
             last_used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
@@ -426,6 +423,36 @@ impl Registry {
         profile
             .stem
             .store(Some(Arc::new(profile.materialize(&self.model)?)));
+        Ok(profile)
+    }
+
+    /// Everything [`Registry::put_profile`] checks, without publishing: for
+    /// writers that publish elsewhere first (etcd).
+    pub fn check_profile(&self, name: &str, signatures: Vec<SignatureRef>) -> Result<()> {
+        self.build_profile(&self.snapshot(), name, signatures)
+            .map(|_| ())
+    }
+
+    /// Defines a profile (or redefines it, with `replace`). Its stem is built
+    /// before anything is published; on any error nothing changes.
+    pub fn put_profile(
+        &self,
+        name: &str,
+        signatures: Vec<SignatureRef>,
+        replace: bool,
+    ) -> Result<Change> {
+        check_definition(name, &signatures)?;
+        let _w = self.lock_writer();
+        let current = self.snapshot();
+        if current.profiles.contains_key(name) && !replace {
+            bail!(
+                AlreadyExists,
+                "profile {name:?} already exists; set replace to change it"
+            );
+        }
+        let start = Instant::now();
+        let profile = self.build_profile(&current, name, signatures)?;
+        let mut next = (*current).clone();
         next.profiles.insert(name.into(), profile.clone());
         let generation = self.publish(next, "put_profile")?;
         let apply = start.elapsed();
@@ -434,6 +461,7 @@ impl Registry {
             profile,
             generation,
             apply,
+            revision: 0,
         })
     }
 
@@ -462,6 +490,7 @@ impl Registry {
             profile,
             generation,
             apply: start.elapsed(),
+            revision: 0,
         })
     }
 
@@ -483,6 +512,7 @@ impl Registry {
             profile,
             generation,
             apply: start.elapsed(),
+            revision: 0,
         })
     }
 }

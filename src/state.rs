@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::profile::{CLEAN, SignatureRef, Table};
+use crate::engine::read_limited;
+use crate::profile::{CLEAN, Registry, SignatureRef, Table};
+use crate::repo::ModelDir;
+use crate::signature::Signature;
 use crate::{Error, Result, bail};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -194,4 +197,97 @@ impl StateDir {
         }
         Ok(self.dir.join("uploads").join(name))
     }
+}
+
+/// Reads a recorded signature again and checks it is the same file.
+pub fn read_entry(
+    model: &ModelDir,
+    state: Option<&StateDir>,
+    e: &SignatureEntry,
+) -> Result<Signature> {
+    let path = match &e.origin.source {
+        Source::Repo { path } => model.confine(path)?,
+        Source::Upload { file } => state
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "signature {:?} was uploaded to another server's state directory",
+                    e.name
+                ))
+            })?
+            .upload_path(file)?,
+        Source::Memory => bail!(
+            InvalidArgument,
+            "signature {:?} was handed over in memory and cannot be loaded again",
+            e.name
+        ),
+    };
+    let bytes = read_limited(&path)?;
+    let sha = sha256(&bytes);
+    if sha != e.origin.sha256 {
+        bail!(
+            FailedPrecondition,
+            "signature {:?}: {} is not the file that was loaded ({sha}, recorded {}); put the original back",
+            e.name,
+            path.display(),
+            e.origin.sha256
+        );
+    }
+    Signature::from_bytes(&bytes)
+        .map_err(|err| Error::InvalidArgument(format!("{}: {err}", path.display())))
+}
+
+/// Brings `registry` to `desired` through its ordinary validated changes: new
+/// signatures first, then profiles and the default, removals last, so every
+/// table published on the way is consistent. What cannot be applied (a
+/// signature that does not load or verify, and the profiles that need it) is
+/// skipped and returned; the rest is applied.
+pub fn reconcile(
+    registry: &Registry,
+    desired: &State,
+    load: impl Fn(&SignatureEntry) -> Result<Signature>,
+) -> Vec<Error> {
+    let mut errors = Vec::new();
+    let table = registry.snapshot();
+    for e in &desired.signatures {
+        match table.signatures.get(&e.name) {
+            Some(s) if s.origin.sha256 == e.origin.sha256 => continue,
+            Some(_) => {
+                errors.push(Error::FailedPrecondition(format!(
+                    "signature {:?} is loaded with other content; unload it before loading the new one",
+                    e.name
+                )));
+                continue;
+            }
+            None => {}
+        }
+        let loaded =
+            load(e).and_then(|sig| registry.load_signature_from(&e.name, sig, e.origin.clone()));
+        errors.extend(loaded.err());
+    }
+    let table = registry.snapshot();
+    for p in &desired.profiles {
+        let refs = State::refs(p);
+        let same = table
+            .profiles
+            .get(&p.name)
+            .is_some_and(|cur| cur.signatures == refs);
+        if !same {
+            errors.extend(registry.put_profile(&p.name, refs, true).err());
+        }
+    }
+    if registry.snapshot().default_profile != desired.default_profile {
+        errors.extend(registry.set_default(&desired.default_profile).err());
+    }
+    let table = registry.snapshot();
+    for name in table.profiles.keys() {
+        if name != CLEAN && !desired.profiles.iter().any(|p| &p.name == name) {
+            errors.extend(registry.delete_profile(name).err());
+        }
+    }
+    for name in registry.snapshot().signatures.keys() {
+        if !desired.signatures.iter().any(|s| &s.name == name) {
+            errors.extend(registry.unload_signature(name).err());
+        }
+    }
+    errors
 }

@@ -25,6 +25,7 @@ async fn default_switch_storm_is_atomic() {
                 name: name.into(),
                 signatures: refs(&[(sig, 0.8)]),
                 replace: false,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -42,7 +43,10 @@ async fn default_switch_storm_is_atomic() {
     assert_ne!(reference["a"].0, reference["b"].0);
     let reference = Arc::new(reference);
     admin
-        .set_default_profile(pb::SetDefaultProfileRequest { name: "b".into() })
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: "b".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
 
@@ -77,7 +81,10 @@ async fn default_switch_storm_is_atomic() {
     for i in 0..1000 {
         let name = if i % 2 == 0 { "a" } else { "b" };
         admin
-            .set_default_profile(pb::SetDefaultProfileRequest { name: name.into() })
+            .set_default_profile(pb::SetDefaultProfileRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .unwrap();
     }

@@ -87,6 +87,7 @@ async fn setup() -> (tempfile::TempDir, TestServer) {
             name: "storm".into(),
             signatures: refs(&[("rain", 0.7), ("fog", 0.5)]),
             replace: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -178,6 +179,7 @@ async fn bad_profiles() {
         name: name.into(),
         signatures: refs(pairs),
         replace,
+        ..Default::default()
     };
 
     let r = p.inf.classify(tensor_request(5, "nope")).await;
@@ -232,6 +234,7 @@ async fn bad_profiles() {
         .admin
         .delete_profile(pb::DeleteProfileRequest {
             name: "nope".into(),
+            ..Default::default()
         })
         .await;
     p.refused("delete unknown", r, Code::NotFound).await;
@@ -239,6 +242,7 @@ async fn bad_profiles() {
         .admin
         .delete_profile(pb::DeleteProfileRequest {
             name: "clean".into(),
+            ..Default::default()
         })
         .await;
     p.refused("delete clean", r, Code::FailedPrecondition).await;
@@ -246,6 +250,7 @@ async fn bad_profiles() {
         .admin
         .set_default_profile(pb::SetDefaultProfileRequest {
             name: "nope".into(),
+            ..Default::default()
         })
         .await;
     p.refused("default unknown", r, Code::NotFound).await;
@@ -253,12 +258,16 @@ async fn bad_profiles() {
         .admin
         .set_default_profile(pb::SetDefaultProfileRequest {
             name: String::new(),
+            ..Default::default()
         })
         .await;
     p.refused("default empty", r, Code::InvalidArgument).await;
     let r = p
         .admin
-        .unload_signature(pb::UnloadSignatureRequest { name: "fog".into() })
+        .unload_signature(pb::UnloadSignatureRequest {
+            name: "fog".into(),
+            ..Default::default()
+        })
         .await;
     p.refused("unload in use", r, Code::FailedPrecondition)
         .await;
@@ -266,6 +275,7 @@ async fn bad_profiles() {
         .admin
         .unload_signature(pb::UnloadSignatureRequest {
             name: "hail".into(),
+            ..Default::default()
         })
         .await;
     p.refused("unload unknown", r, Code::NotFound).await;
@@ -274,6 +284,7 @@ async fn bad_profiles() {
     p.admin
         .set_default_profile(pb::SetDefaultProfileRequest {
             name: "storm".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -281,6 +292,7 @@ async fn bad_profiles() {
         .admin
         .delete_profile(pb::DeleteProfileRequest {
             name: "storm".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(r.unwrap_err().code(), Code::FailedPrecondition);
@@ -292,6 +304,7 @@ fn upload(name: &str, data: Vec<u8>) -> pb::LoadSignatureRequest {
         name: name.into(),
         source: Some(pb::load_signature_request::Source::Data(data)),
         allow_transfer: false,
+        ..Default::default()
     }
 }
 
@@ -300,6 +313,7 @@ fn path(rel: &str) -> pb::LoadSignatureRequest {
         name: "x".into(),
         source: Some(pb::load_signature_request::Source::Path(rel.into())),
         allow_transfer: false,
+        ..Default::default()
     }
 }
 

@@ -1116,6 +1116,7 @@ async fn traffic(channel: &tonic::transport::Channel, token: &str) {
                     name: "storm".into(),
                     signatures: common::refs(&[("fog", 0.5), ("rain", 0.5)]),
                     replace: false,
+                    ..Default::default()
                 })
                 .await
         }
@@ -1309,4 +1310,58 @@ fn dockerignore_rules_match_like_docker() {
     assert!(ignored(&rules, "data/x"));
     assert!(!ignored(&rules, "data/keep"));
     assert!(!ignored(&rules, "src/main.rs"));
+}
+
+/// `rws ARGS --help` exits 0 only if every flag before `--help` (the config
+/// file's entries included) is known and its value parses.
+fn assert_flags_parse(args: &[String], what: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: rws {args:?} does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn fleet_replicas_and_kubernetes_config_parse() {
+    let c = compose();
+    let df = dockerfile();
+    let mut checked = 0;
+    for (name, s) in services(&c) {
+        let is_rws = s["image"].as_str().is_some_and(|i| i.starts_with("rws"));
+        let Some(mut args) = argv(&s["command"]).filter(|_| is_rws) else {
+            continue;
+        };
+        // The image's config paths, read from where the Dockerfile copies them.
+        for a in &mut args {
+            if let Some(src) = image_source(&df, a) {
+                *a = root().join(src).display().to_string();
+            }
+        }
+        assert_flags_parse(&args, &format!("{COMPOSE} service {name}"));
+        checked += 1;
+    }
+    assert!(checked >= 2, "{COMPOSE}: the fleet replicas");
+
+    let k8s = read("deploy/k8s/rws.yaml");
+    let config = k8s
+        .split("\n---")
+        .map(|doc| serde_norway::from_str::<Yaml>(doc).unwrap())
+        .find(|d| d["kind"].as_str() == Some("ConfigMap"))
+        .expect("deploy/k8s/rws.yaml: a ConfigMap");
+    let toml = str_of(&config["data"]["rws.toml"], "rws.toml").to_string();
+    assert!(
+        toml.contains("etcd://"),
+        "the etcd address lives in the ConfigMap"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rws.toml");
+    std::fs::write(&file, toml).unwrap();
+    let args = ["serve", "--config", file.to_str().unwrap()].map(String::from);
+    assert_flags_parse(&args, "deploy/k8s/rws.yaml");
 }

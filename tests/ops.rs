@@ -143,6 +143,7 @@ async fn metrics_are_scraped_and_parsed() {
             name: "storm".into(),
             signatures: common::refs(&[("fog", 0.5), ("rain", 0.5)]),
             replace: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -226,7 +227,10 @@ async fn admin_requires_the_token_when_one_is_set() {
     // A refused write changed nothing.
     let err = admin_client(channel.clone(), Some("wrong"))
         .unwrap()
-        .set_default_profile(pb::SetDefaultProfileRequest { name: "fog".into() })
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: "fog".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -280,6 +284,7 @@ async fn state_survives_a_restart() {
             name: "fog2".into(),
             source: Some(pb::load_signature_request::Source::Data(bytes)),
             allow_transfer: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -288,18 +293,21 @@ async fn state_survives_a_restart() {
             name: "storm".into(),
             signatures: common::refs(&[("fog2", 0.7), ("rain", 0.4)]),
             replace: false,
+            ..Default::default()
         })
         .await
         .unwrap();
     admin
         .delete_profile(pb::DeleteProfileRequest {
             name: "noise".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     admin
         .set_default_profile(pb::SetDefaultProfileRequest {
             name: "storm".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -335,6 +343,7 @@ async fn sigkill_during_a_storm_of_changes_loses_no_acknowledged_change() {
                         name: name.clone(),
                         signatures: common::refs(&[("fog", 0.01 * (i % 100) as f32)]),
                         replace: false,
+                        ..Default::default()
                     })
                     .await;
                 if put.is_err() {
@@ -342,7 +351,10 @@ async fn sigkill_during_a_storm_of_changes_loses_no_acknowledged_change() {
                 }
                 acked.push(name.clone());
                 if admin
-                    .set_default_profile(pb::SetDefaultProfileRequest { name: name.clone() })
+                    .set_default_profile(pb::SetDefaultProfileRequest {
+                        name: name.clone(),
+                        ..Default::default()
+                    })
                     .await
                     .is_err()
                 {

@@ -30,6 +30,7 @@ async fn patch_then_remove_restores_logits_bitwise() {
                 "signatures/fog.rws.safetensors".into(),
             )),
             allow_transfer: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -45,6 +46,7 @@ async fn patch_then_remove_restores_logits_bitwise() {
             name: "foggy".into(),
             signatures: refs(&[("fog", 1.0)]),
             replace: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -67,6 +69,7 @@ async fn patch_then_remove_restores_logits_bitwise() {
     admin
         .set_default_profile(pb::SetDefaultProfileRequest {
             name: "foggy".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -77,17 +80,22 @@ async fn patch_then_remove_restores_logits_bitwise() {
     admin
         .set_default_profile(pb::SetDefaultProfileRequest {
             name: "clean".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     admin
         .delete_profile(pb::DeleteProfileRequest {
             name: "foggy".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     admin
-        .unload_signature(pb::UnloadSignatureRequest { name: "fog".into() })
+        .unload_signature(pb::UnloadSignatureRequest {
+            name: "fog".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
 
@@ -132,6 +140,7 @@ async fn auto_profiles_compose_and_scale() {
         name: name.into(),
         signatures: refs(pairs),
         replace: false,
+        ..Default::default()
     };
     admin
         .put_profile(put("zero", &[("fog", 0.0)]))
@@ -164,6 +173,7 @@ async fn auto_profiles_compose_and_scale() {
             name: "half".into(),
             signatures: refs(&[("fog", 1.0)]),
             replace: true,
+            ..Default::default()
         })
         .await
         .unwrap()

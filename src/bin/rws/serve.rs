@@ -28,8 +28,19 @@ pub struct ServeArgs {
     metrics_addr: String,
     /// Keep signatures, profiles and the default profile here across restarts
     /// (written atomically on every change). Without it, changes last until exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "state")]
     state_dir: Option<PathBuf>,
+    /// Keep the profile state in etcd, shared by every replica under the same
+    /// prefix: etcd://HOST:PORT/PREFIX. An empty prefix is seeded with this
+    /// replica's profiles.
+    #[arg(long)]
+    state: Option<rws::fleet::EtcdUrl>,
+    /// This replica's name in the fleet (default: host name and process id).
+    #[arg(long)]
+    replica_id: Option<String>,
+    /// The address this replica publishes in the fleet (default: the one it listens on).
+    #[arg(long)]
+    advertise_addr: Option<String>,
     /// File holding the bearer token Admin calls must present. Without it, Admin
     /// accepts loopback clients only.
     #[arg(long)]
@@ -65,6 +76,11 @@ pub struct ServeArgs {
     /// Compute threads (each parallelizes its tensor ops already).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Where the model runs: auto (GPU 0 if this build has CUDA and a GPU opens, else
+    /// the CPU, with a warning on a CUDA build), cpu, or cuda:N (an error if it cannot
+    /// be opened).
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 /// A token file's content, without surrounding whitespace.
@@ -127,13 +143,26 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         state: a.state_dir.clone().map(StateDir::new),
     };
     let name = dir.name.clone();
-    let engine =
-        tokio::task::spawn_blocking(move || Engine::open(dir, &candle_core::Device::Cpu, &opts))
-            .await??;
+    let device = a.device.clone();
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            Engine::open(dir, &rws::device::select(&device)?, &opts)
+        })
+        .await??,
+    );
     let listener = tokio::net::TcpListener::bind(&a.addr)
         .await
         .with_context(|| format!("cannot listen on {}", a.addr))?;
     let addr = listener.local_addr()?;
+    if let Some(url) = a.state.clone() {
+        let id = a.replica_id.clone().unwrap_or_else(default_replica_id);
+        let advertise = a.advertise_addr.clone().unwrap_or_else(|| addr.to_string());
+        engine
+            .join_fleet(url.clone(), id.clone(), advertise)
+            .await
+            .with_context(|| format!("cannot join the fleet at {}{}", url.endpoint, url.prefix))?;
+        tracing::info!(replica = %id, etcd = %url.endpoint, prefix = %url.prefix, "joined the fleet");
+    }
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if a.metrics_addr != "off" {
         let handle = rws::metrics::install()?;
@@ -157,6 +186,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         model = %name,
         %addr,
         tls = tls.is_some(),
+        device = ?engine.model().device().location(),
         profiles = ?table.profiles.keys().collect::<Vec<_>>(),
         default = %table.default_profile,
         state_dir = ?a.state_dir,
@@ -178,10 +208,19 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         max_message_bytes: a.max_message_bytes,
         drain_grace: Duration::from_millis(a.drain_grace_ms),
     };
-    rws::server::serve(Arc::new(engine), listener, opts, shutdown_signal()).await?;
+    rws::server::serve(engine, listener, opts, shutdown_signal()).await?;
     let _ = stop_metrics.send(());
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "rws".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn is_loopback(addr: &SocketAddr) -> bool {

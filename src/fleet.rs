@@ -1,0 +1,808 @@
+//! Fleet mode: many replicas, one profile state, kept in etcd (v3 API).
+//!
+//! Under the prefix:
+//! - `state/signatures/<name>`, `state/profiles/<name>`, `state/default`: the
+//!   same records as the local state file ([`crate::state`]); signatures by
+//!   repository path and content hash, since every replica reads its own copy;
+//! - `state/last`: rewritten by every change, so the newest mod revision in
+//!   `state/` is the state's revision, deletions included;
+//! - `replicas/<id>`: each replica's applied revision and last error, bound
+//!   to a lease so that the key disappears when the replica dies.
+//!
+//! A replica loads one consistent snapshot at one revision, then watches
+//! `state/` from the next revision, so no event is missed or applied twice;
+//! each change reaches the registry through [`state::reconcile`], i.e. the same
+//! validate-then-publish path as a local admin call. Admin writes are etcd
+//! transactions that compare mod revisions against what this replica has
+//! applied: two admins never silently overwrite each other, the loser gets
+//! ABORTED. When etcd is unreachable the replica keeps serving its last state,
+//! reports it, and resyncs from a fresh snapshot when etcd returns.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::profile::{CLEAN, Change, LoadedSignature, Registry, SignatureRef, validate_name};
+use crate::repo::ModelDir;
+use crate::state::{self, Origin, ProfileEntry, RefEntry, SignatureEntry, Source, State};
+use crate::{Error, Result, bail};
+
+/// Seconds a replica's key outlives its last keep-alive.
+const LEASE_TTL: i64 = 5;
+/// How long a write waits for this replica (or the fleet) to apply it.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `etcd://HOST:PORT/PREFIX`
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdUrl {
+    pub endpoint: String,
+    /// Always ends with `/`.
+    pub prefix: String,
+}
+
+impl std::str::FromStr for EtcdUrl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let rest = s.strip_prefix("etcd://").ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{s:?} is not an etcd URL like etcd://127.0.0.1:2379/rws"
+            ))
+        })?;
+        let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        if host.is_empty() || prefix.is_empty() {
+            bail!(
+                InvalidArgument,
+                "{s:?} needs a host and a key prefix, e.g. etcd://127.0.0.1:2379/rws"
+            );
+        }
+        Ok(EtcdUrl {
+            endpoint: format!("http://{host}"),
+            prefix: format!("/{prefix}/"),
+        })
+    }
+}
+
+/// What a replica publishes about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub id: String,
+    pub addr: String,
+    pub applied_revision: i64,
+    /// What it could not apply at that revision, if anything.
+    pub error: Option<String>,
+}
+
+/// One key of `state/`, as this replica last saw it.
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Vec<u8>,
+    mod_revision: i64,
+}
+
+#[derive(Debug, Default)]
+struct Mirror {
+    /// Keys relative to `<prefix>state/`.
+    keys: BTreeMap<String, Entry>,
+    revision: i64,
+}
+
+impl Mirror {
+    fn mod_revision(&self, key: &str) -> i64 {
+        self.keys.get(key).map_or(0, |e| e.mod_revision)
+    }
+
+    /// The state these keys describe. Unreadable records are reported, not applied.
+    fn state(&self) -> (State, Vec<Error>) {
+        let mut errors = Vec::new();
+        let (mut signatures, mut profiles) = (Vec::new(), Vec::new());
+        for (k, e) in &self.keys {
+            let bad =
+                |err: serde_json::Error| Error::InvalidArgument(format!("etcd key {k}: {err}"));
+            if k.starts_with("signatures/") {
+                match serde_json::from_slice(&e.value) {
+                    Ok(v) => signatures.push(v),
+                    Err(err) => errors.push(bad(err)),
+                }
+            } else if k.starts_with("profiles/") {
+                match serde_json::from_slice(&e.value) {
+                    Ok(v) => profiles.push(v),
+                    Err(err) => errors.push(bad(err)),
+                }
+            }
+        }
+        let default_profile = self
+            .keys
+            .get("default")
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+            .unwrap_or_else(|| CLEAN.into());
+        let state = State {
+            version: state::FORMAT_VERSION,
+            signatures,
+            profiles,
+            default_profile,
+        };
+        (state, errors)
+    }
+}
+
+/// Connection state, for health and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Link {
+    pub connected: bool,
+    pub applied_revision: i64,
+    pub error: Option<String>,
+}
+
+pub struct Fleet {
+    client: Client,
+    url: EtcdUrl,
+    id: String,
+    addr: String,
+    registry: Arc<Registry>,
+    model: ModelDir,
+    mirror: Mutex<Mirror>,
+    link: watch::Sender<Link>,
+}
+
+fn etcd_error(e: etcd_client::Error) -> Error {
+    Error::Unavailable(format!(
+        "etcd is unreachable ({e}); the replica serves its last state"
+    ))
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+impl Fleet {
+    /// Connects, seeds an empty fleet state with this replica's profiles (one
+    /// transaction; another replica may win), loads the snapshot, and keeps
+    /// following etcd in the background.
+    pub async fn join(
+        url: EtcdUrl,
+        id: String,
+        addr: String,
+        registry: Arc<Registry>,
+        model: ModelDir,
+    ) -> Result<Arc<Fleet>> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect([url.endpoint.as_str()], Some(opts))
+            .await
+            .map_err(etcd_error)?;
+        let fleet = Arc::new(Fleet {
+            client,
+            url,
+            id,
+            addr,
+            registry,
+            model,
+            mirror: Mutex::new(Mirror::default()),
+            link: watch::channel(Link {
+                connected: false,
+                applied_revision: 0,
+                error: None,
+            })
+            .0,
+        });
+        fleet.seed().await?;
+        let revision = fleet.sync().await?;
+        tokio::spawn(fleet.clone().follow(revision));
+        tokio::spawn(fleet.clone().heartbeat());
+        Ok(fleet)
+    }
+
+    fn key(&self, rel: &str) -> String {
+        format!("{}state/{rel}", self.url.prefix)
+    }
+
+    /// Connection state as it changes.
+    pub fn link(&self) -> watch::Receiver<Link> {
+        self.link.subscribe()
+    }
+
+    async fn seed(&self) -> Result<()> {
+        let state = State::of(&self.registry.snapshot())?;
+        let mut ops = Vec::new();
+        for s in &state.signatures {
+            ops.push(TxnOp::put(
+                self.key(&format!("signatures/{}", s.name)),
+                json(s)?,
+                None,
+            ));
+        }
+        for p in &state.profiles {
+            ops.push(TxnOp::put(
+                self.key(&format!("profiles/{}", p.name)),
+                json(p)?,
+                None,
+            ));
+        }
+        ops.push(TxnOp::put(self.key("default"), state.default_profile, None));
+        ops.push(TxnOp::put(
+            self.key("last"),
+            format!("seed by {}", self.id),
+            None,
+        ));
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.key("last"),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(ops);
+        let r = self.client.clone().txn(txn).await.map_err(etcd_error)?;
+        if r.succeeded() {
+            tracing::info!(prefix = %self.url.prefix, "seeded the empty fleet state with this replica's profiles");
+        }
+        Ok(())
+    }
+
+    /// Loads the whole state at one revision and applies it; returns the revision.
+    async fn sync(self: &Arc<Self>) -> Result<i64> {
+        let r = self
+            .client
+            .clone()
+            .get(self.key(""), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd_error)?;
+        let revision = r.header().map_or(0, |h| h.revision());
+        let base = self.key("");
+        let mut mirror = Mirror {
+            keys: BTreeMap::new(),
+            revision,
+        };
+        for kv in r.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Some(rel) = key.strip_prefix(&base) {
+                mirror.keys.insert(
+                    rel.to_string(),
+                    Entry {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                );
+            }
+        }
+        *self.mirror.lock().unwrap_or_else(|e| e.into_inner()) = mirror;
+        self.apply().await;
+        Ok(revision)
+    }
+
+    /// Reconciles the registry with the mirror, off the async threads, and
+    /// publishes the revision now applied.
+    async fn apply(self: &Arc<Self>) {
+        let this = self.clone();
+        let (revision, errors) = tokio::task::spawn_blocking(move || {
+            let (desired, mut errors, revision) = {
+                let m = this.mirror.lock().unwrap_or_else(|e| e.into_inner());
+                let (state, errors) = m.state();
+                (state, errors, m.revision)
+            };
+            let model = this.model.clone();
+            errors.extend(state::reconcile(&this.registry, &desired, |e| {
+                state::read_entry(&model, None, e)
+            }));
+            (revision, errors)
+        })
+        .await
+        .unwrap_or_else(|e| (0, vec![Error::Internal(format!("reconcile failed: {e}"))]));
+        let error = (!errors.is_empty()).then(|| {
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        if let Some(e) = &error {
+            tracing::error!(revision, error = %e, "could not apply all of the fleet state");
+        }
+        metrics::gauge!(crate::metrics::FLEET_APPLIED_REVISION).set(revision as f64);
+        self.link.send_modify(|l| {
+            l.connected = true;
+            l.applied_revision = revision.max(l.applied_revision);
+            l.error = error;
+        });
+    }
+
+    fn disconnected(&self, e: &Error) {
+        tracing::warn!(error = %e, "lost etcd; serving the last state and retrying");
+        metrics::gauge!(crate::metrics::FLEET_CONNECTED).set(0.0);
+        self.link.send_modify(|l| {
+            l.connected = false;
+            l.error = Some(e.to_string());
+        });
+    }
+
+    /// Watches `state/` from `revision + 1`; on any failure, resyncs from a
+    /// fresh snapshot (events missed meanwhile are in it) and watches again.
+    async fn follow(self: Arc<Self>, mut revision: i64) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            metrics::gauge!(crate::metrics::FLEET_CONNECTED).set(1.0);
+            let e = self.watch_from(revision).await;
+            self.disconnected(&e);
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                match self.sync().await {
+                    Ok(r) => {
+                        revision = r;
+                        backoff = Duration::from_millis(100);
+                        tracing::info!(revision, "resynced with etcd");
+                        break;
+                    }
+                    Err(e) => self.disconnected(&e),
+                }
+            }
+        }
+    }
+
+    async fn watch_from(self: &Arc<Self>, revision: i64) -> Error {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = match self.client.clone().watch(self.key(""), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => return etcd_error(e),
+        };
+        let base = self.key("");
+        loop {
+            let r = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Error::Unavailable("the etcd watch ended".into()),
+                Err(e) => return etcd_error(e),
+            };
+            if r.canceled() {
+                return Error::Unavailable(format!(
+                    "etcd cancelled the watch (compacted at {}); resyncing",
+                    r.compact_revision()
+                ));
+            }
+            if r.events().is_empty() {
+                continue;
+            }
+            {
+                let mut m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+                for ev in r.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key());
+                    let Some(rel) = key.strip_prefix(&base) else {
+                        continue;
+                    };
+                    match ev.event_type() {
+                        etcd_client::EventType::Put => {
+                            m.keys.insert(
+                                rel.to_string(),
+                                Entry {
+                                    value: kv.value().to_vec(),
+                                    mod_revision: kv.mod_revision(),
+                                },
+                            );
+                        }
+                        etcd_client::EventType::Delete => {
+                            m.keys.remove(rel);
+                        }
+                    }
+                    m.revision = m.revision.max(kv.mod_revision());
+                }
+            }
+            self.apply().await;
+        }
+    }
+
+    /// Keeps `replicas/<id>` alive under a lease and rewrites it whenever the
+    /// applied revision or error changes.
+    async fn heartbeat(self: Arc<Self>) {
+        let mut link = self.link.subscribe();
+        loop {
+            if let Err(e) = self.heartbeat_once(&mut link).await {
+                tracing::debug!(error = %e, "replica key lost; re-registering");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn heartbeat_once(&self, link: &mut watch::Receiver<Link>) -> Result<()> {
+        let mut client = self.client.clone();
+        let lease = client
+            .lease_grant(LEASE_TTL, None)
+            .await
+            .map_err(etcd_error)?
+            .id();
+        let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
+        let key = format!("{}replicas/{}", self.url.prefix, self.id);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let l = link.borrow_and_update().clone();
+            let status = ReplicaStatus {
+                id: self.id.clone(),
+                addr: self.addr.clone(),
+                applied_revision: l.applied_revision,
+                error: l.error.clone(),
+            };
+            client
+                .put(
+                    key.clone(),
+                    json(&status)?,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
+                .map_err(etcd_error)?;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        keeper.keep_alive().await.map_err(etcd_error)?;
+                        match acks.message().await.map_err(etcd_error)? {
+                            Some(a) if a.ttl() > 0 => {}
+                            _ => bail!(Unavailable, "lease {lease} expired"),
+                        }
+                    }
+                    changed = link.changed() => {
+                        changed.map_err(|_| Error::Internal("fleet stopped".into()))?;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a write transaction guarded by `guards`, then waits until this
+    /// replica (and with `wait_fleet`, every live replica) has applied it.
+    async fn write(
+        self: &Arc<Self>,
+        what: &str,
+        guards: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        wait_fleet: bool,
+    ) -> Result<i64> {
+        if !self.link.borrow().connected {
+            bail!(
+                Unavailable,
+                "etcd is unreachable, so the fleet state cannot change now; retry when it is back"
+            );
+        }
+        let mut ops = ops;
+        ops.push(TxnOp::put(
+            self.key("last"),
+            format!("{what} by {} at {}", self.id, now_ms()),
+            None,
+        ));
+        let r = self
+            .client
+            .clone()
+            .txn(Txn::new().when(guards).and_then(ops))
+            .await
+            .map_err(etcd_error)?;
+        if !r.succeeded() {
+            bail!(
+                Aborted,
+                "{what}: another admin changed the same state first; re-read it and retry"
+            );
+        }
+        let revision = r.header().map_or(0, |h| h.revision());
+        self.wait_applied(revision).await?;
+        if wait_fleet {
+            self.wait_fleet(revision).await?;
+        }
+        Ok(revision)
+    }
+
+    async fn wait_applied(&self, revision: i64) -> Result<()> {
+        let mut link = self.link.subscribe();
+        let reached = tokio::time::timeout(
+            APPLY_TIMEOUT,
+            link.wait_for(|l| l.applied_revision >= revision),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => bail!(
+                Unavailable,
+                "the change is in etcd at revision {revision} but this replica has not applied it yet"
+            ),
+        }
+    }
+
+    /// Waits until every replica registered now has applied `revision`.
+    pub async fn wait_fleet(&self, revision: i64) -> Result<()> {
+        let until = Instant::now() + APPLY_TIMEOUT;
+        loop {
+            let lagging: Vec<String> = replicas(&mut self.client.clone(), &self.url)
+                .await?
+                .into_iter()
+                .filter(|r| r.applied_revision < revision)
+                .map(|r| r.id)
+                .collect();
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!(
+                    Unavailable,
+                    "replicas {} have not applied revision {revision} yet",
+                    lagging.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn guard_unchanged(&self, m: &Mirror, rel: &str) -> Compare {
+        Compare::mod_revision(self.key(rel), CompareOp::Equal, m.mod_revision(rel))
+    }
+
+    fn change_for(&self, name: &str, revision: i64) -> Result<Change> {
+        let table = self.registry.snapshot();
+        let profile = table.profile(Some(name))?.clone();
+        Ok(Change {
+            profile,
+            generation: table.generation,
+            apply: Duration::ZERO,
+            revision,
+        })
+    }
+
+    pub async fn put_profile(
+        self: &Arc<Self>,
+        name: &str,
+        signatures: Vec<SignatureRef>,
+        replace: bool,
+        wait_fleet: bool,
+    ) -> Result<Change> {
+        let start = Instant::now();
+        self.registry.check_profile(name, signatures.clone())?;
+        let rel = format!("profiles/{name}");
+        let guards = {
+            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            if m.keys.contains_key(&rel) && !replace {
+                bail!(
+                    AlreadyExists,
+                    "profile {name:?} already exists; set replace to change it"
+                );
+            }
+            let mut g = vec![if replace {
+                self.guard_unchanged(&m, &rel)
+            } else {
+                Compare::create_revision(self.key(&rel), CompareOp::Equal, 0)
+            }];
+            for s in &signatures {
+                g.push(self.guard_unchanged(&m, &format!("signatures/{}", s.name)));
+            }
+            g
+        };
+        let entry = ProfileEntry {
+            name: name.into(),
+            signatures: signatures
+                .iter()
+                .map(|s| RefEntry {
+                    name: s.name.clone(),
+                    alpha: s.alpha,
+                })
+                .collect(),
+        };
+        let put = TxnOp::put(self.key(&rel), json(&entry)?, None);
+        let revision = self
+            .write("put profile", guards, vec![put], wait_fleet)
+            .await?;
+        let mut change = self.change_for(name, revision)?;
+        if change.profile.signatures != signatures {
+            bail!(
+                FailedPrecondition,
+                "profile {name:?} is in etcd but this replica could not apply it: {}",
+                self.link.borrow().error.clone().unwrap_or_default()
+            );
+        }
+        change.apply = start.elapsed();
+        Ok(change)
+    }
+
+    pub async fn delete_profile(self: &Arc<Self>, name: &str, wait_fleet: bool) -> Result<Change> {
+        let start = Instant::now();
+        let rel = format!("profiles/{name}");
+        let (guards, profile) = {
+            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            let table = self.registry.snapshot();
+            let profile = table.profile(Some(name))?.clone();
+            if name == CLEAN || !m.keys.contains_key(&rel) {
+                bail!(NotFound, "no fleet profile named {name:?}");
+            }
+            if table.default_profile == name {
+                bail!(
+                    FailedPrecondition,
+                    "{name:?} is the default profile; set another default first"
+                );
+            }
+            let g = vec![
+                self.guard_unchanged(&m, &rel),
+                self.guard_unchanged(&m, "default"),
+            ];
+            (g, profile)
+        };
+        let del = TxnOp::delete(self.key(&rel), None);
+        let revision = self
+            .write("delete profile", guards, vec![del], wait_fleet)
+            .await?;
+        Ok(Change {
+            profile,
+            generation: self.registry.snapshot().generation,
+            apply: start.elapsed(),
+            revision,
+        })
+    }
+
+    pub async fn set_default(self: &Arc<Self>, name: &str, wait_fleet: bool) -> Result<Change> {
+        let start = Instant::now();
+        if name.is_empty() {
+            bail!(InvalidArgument, "name the profile to make the default");
+        }
+        let guards = {
+            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            self.registry.snapshot().profile(Some(name))?;
+            let mut g = vec![self.guard_unchanged(&m, "default")];
+            if name != CLEAN {
+                g.push(self.guard_unchanged(&m, &format!("profiles/{name}")));
+            }
+            g
+        };
+        let put = TxnOp::put(self.key("default"), name, None);
+        let revision = self
+            .write("set default", guards, vec![put], wait_fleet)
+            .await?;
+        let mut change = self.change_for(name, revision)?;
+        change.apply = start.elapsed();
+        Ok(change)
+    }
+
+    pub async fn load_signature(
+        self: &Arc<Self>,
+        name: &str,
+        rel_path: &str,
+        allow_transfer: bool,
+        wait_fleet: bool,
+    ) -> Result<Arc<LoadedSignature>> {
+        validate_name("signature", name)?;
+        let path = self.model.confine(rel_path)?;
+        let bytes = crate::engine::read_limited(&path)?;
+        let entry = SignatureEntry {
+            name: name.into(),
+            origin: Origin {
+                source: Source::Repo {
+                    path: rel_path.into(),
+                },
+                sha256: state::sha256(&bytes),
+                allow_transfer,
+            },
+        };
+        // Checked here as it will be on every replica: parses and fits the model.
+        crate::signature::Signature::from_bytes(&bytes)?
+            .check_against(self.registry.model(), allow_transfer)?;
+        let rel = format!("signatures/{name}");
+        let guard = Compare::create_revision(self.key(&rel), CompareOp::Equal, 0);
+        let put = TxnOp::put(self.key(&rel), json(&entry)?, None);
+        self.write("load signature", vec![guard], vec![put], wait_fleet)
+            .await
+            .map_err(|e| match e {
+                Error::Aborted(_) => Error::AlreadyExists(format!(
+                    "a signature named {name:?} is already loaded in the fleet; unload it first or pick another name"
+                )),
+                e => e,
+            })?;
+        self.registry
+            .snapshot()
+            .signatures
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "signature {name:?} is in etcd but this replica could not load it: {}",
+                    self.link.borrow().error.clone().unwrap_or_default()
+                ))
+            })
+    }
+
+    pub async fn unload_signature(self: &Arc<Self>, name: &str, wait_fleet: bool) -> Result<()> {
+        let rel = format!("signatures/{name}");
+        let guards = {
+            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            if !m.keys.contains_key(&rel) {
+                bail!(NotFound, "no fleet signature named {name:?}");
+            }
+            let (state, _) = m.state();
+            let users: Vec<&str> = state
+                .profiles
+                .iter()
+                .filter(|p| p.signatures.iter().any(|s| s.name == name))
+                .map(|p| p.name.as_str())
+                .collect();
+            if !users.is_empty() {
+                bail!(
+                    FailedPrecondition,
+                    "signature {name:?} is used by profile(s) {}; change or delete them first",
+                    users.join(", ")
+                );
+            }
+            // No profile may have started using it since.
+            vec![
+                self.guard_unchanged(&m, &rel),
+                Compare::mod_revision(self.key("profiles/"), CompareOp::Less, m.revision + 1)
+                    .with_prefix(),
+            ]
+        };
+        let del = TxnOp::delete(self.key(&rel), None);
+        self.write("unload signature", guards, vec![del], wait_fleet)
+            .await?;
+        Ok(())
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Internal(format!("cannot encode for etcd: {e}")))
+}
+
+/// The replicas registered under `url` now (dead ones drop out with their lease).
+pub async fn replicas(client: &mut Client, url: &EtcdUrl) -> Result<Vec<ReplicaStatus>> {
+    let r = client
+        .get(
+            format!("{}replicas/", url.prefix),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(etcd_error)?;
+    Ok(r.kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect())
+}
+
+/// Each replica with its lag behind the state's newest revision.
+pub async fn status(url: &EtcdUrl) -> Result<(i64, Vec<ReplicaStatus>)> {
+    let mut client = Client::connect([url.endpoint.as_str()], None)
+        .await
+        .map_err(etcd_error)?;
+    let r = client
+        .get(
+            format!("{}state/", url.prefix),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(etcd_error)?;
+    let latest = r
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    Ok((latest, replicas(&mut client, url).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u: EtcdUrl = "etcd://127.0.0.1:2379/rws/prod".parse().unwrap();
+        assert_eq!(u.endpoint, "http://127.0.0.1:2379");
+        assert_eq!(u.prefix, "/rws/prod/");
+        for bad in [
+            "http://x/y",
+            "etcd://127.0.0.1:2379",
+            "etcd:///p",
+            "etcd://h:1/",
+        ] {
+            assert!(bad.parse::<EtcdUrl>().is_err(), "{bad}");
+        }
+    }
+}

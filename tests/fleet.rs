@@ -1,0 +1,424 @@
+//! Fleet mode over a real etcd (Debian's etcd-server, started here on loopback
+//! ports): replicas converge, survive SIGKILL, ride out an etcd outage, and
+//! concurrent admins never lose an update silently.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{RwsProcess, refs, tensor_request, tiny_repo};
+use rws::fleet::EtcdUrl;
+use rws::server::{admin_client, pb};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// An etcd server on free loopback ports, killed on drop.
+struct Etcd {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    /// None when etcd is not installed (and RWS_REQUIRE_ETCD is not set).
+    fn start() -> Option<Etcd> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("RWS_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "etcd is not installed: apt-get install etcd-server"
+            );
+            eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+            return None;
+        }
+        let mut e = Etcd {
+            child: None,
+            data: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.run();
+        Some(e)
+    }
+
+    fn run(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.data.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+            assert!(Instant::now() < until, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.client_port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn replica(repo: &Path, url: &str, id: &str) -> RwsProcess {
+    RwsProcess::start(&[
+        "--repo",
+        repo.to_str().unwrap(),
+        "--model",
+        common::MODEL,
+        "--state",
+        url,
+        "--replica-id",
+        id,
+    ])
+}
+
+async fn profiles(ch: &Channel) -> (Vec<(String, Vec<(String, f32)>)>, String) {
+    let r = admin_client(ch.clone(), None)
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ps: Vec<_> = r
+        .profiles
+        .into_iter()
+        .map(|p| {
+            (
+                p.name,
+                p.signatures
+                    .into_iter()
+                    .map(|s| (s.name, s.alpha))
+                    .collect(),
+            )
+        })
+        .collect();
+    ps.sort_by(|a, b| a.0.cmp(&b.0));
+    (ps, r.default_profile)
+}
+
+fn put(name: &str, sigs: &[(&str, f32)], replace: bool, wait_fleet: bool) -> pb::PutProfileRequest {
+    pb::PutProfileRequest {
+        name: name.into(),
+        signatures: refs(sigs),
+        replace,
+        wait_fleet,
+    }
+}
+
+/// Waits until every replica lists the same profiles and default.
+async fn converged(channels: &[Channel]) -> (Vec<(String, Vec<(String, f32)>)>, String) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let first = profiles(&channels[0]).await;
+        let mut same = true;
+        for ch in &channels[1..] {
+            same &= profiles(ch).await == first;
+        }
+        if same {
+            return first;
+        }
+        assert!(Instant::now() < until, "replicas did not converge");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_change_on_one_replica_reaches_all_three() {
+    let Some(etcd) = Etcd::start() else { return };
+    let repo = tiny_repo();
+    let url = etcd.url("converge");
+    let rs: Vec<RwsProcess> = (0..3)
+        .map(|i| replica(repo.path(), &url, &format!("r{i}")))
+        .collect();
+    let mut chs = Vec::new();
+    for r in &rs {
+        chs.push(r.channel().await);
+    }
+    // The first replica seeded etcd with its auto-profiles; all agree on them.
+    let (seeded, default) = converged(&chs).await;
+    assert_eq!(default, "clean");
+    assert!(seeded.iter().any(|(n, _)| n == "fog"), "{seeded:?}");
+
+    let change = admin_client(chs[0].clone(), None)
+        .unwrap()
+        .put_profile(put("storm", &[("fog", 0.5), ("rain", 0.5)], false, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(change.revision > 0);
+    // wait_fleet: every replica has it when the call returns.
+    for ch in &chs {
+        let (ps, _) = profiles(ch).await;
+        assert!(ps.iter().any(|(n, _)| n == "storm"), "{ps:?}");
+    }
+    admin_client(chs[1].clone(), None)
+        .unwrap()
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: "storm".into(),
+            wait_fleet: true,
+        })
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for ch in &chs {
+        assert_eq!(profiles(ch).await.1, "storm");
+        let r = common::InferenceClient::new(ch.clone())
+            .classify(tensor_request(5, ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.profile, "storm");
+        answers.push(common::bits(&r.logits));
+    }
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "replicas disagree"
+    );
+
+    // Fleet status sees three live replicas at the latest revision.
+    let (latest, replicas) = rws::fleet::status(&url.parse::<EtcdUrl>().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(replicas.len(), 3);
+    assert!(
+        replicas
+            .iter()
+            .all(|r| r.applied_revision >= latest && r.error.is_none()),
+        "{replicas:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_killed_during_a_storm_converges_after_restart() {
+    let Some(etcd) = Etcd::start() else { return };
+    let repo = tiny_repo();
+    let url = etcd.url("storm");
+    let r0 = replica(repo.path(), &url, "r0");
+    let r1 = replica(repo.path(), &url, "r1");
+    let mut r2 = replica(repo.path(), &url, "r2");
+    let ch0 = r0.channel().await;
+    let storm = {
+        let mut admin = admin_client(ch0.clone(), None).unwrap();
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let alpha = 0.01 * (i % 50) as f32;
+                admin
+                    .put_profile(put(&format!("p{i}"), &[("fog", alpha)], false, false))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r2.signal("KILL");
+    let _ = r2.child.wait();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r2 = replica(repo.path(), &url, "r2");
+    storm.await.unwrap();
+    let chs = vec![ch0, r1.channel().await, r2.channel().await];
+    let (ps, _) = converged(&chs).await;
+    assert_eq!(ps.iter().filter(|(n, _)| n.starts_with('p')).count(), 60);
+    let parsed: EtcdUrl = url.parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (latest, replicas) = rws::fleet::status(&parsed).await.unwrap();
+        // The killed r2's lease may linger a few seconds; the restarted one counts.
+        let live: Vec<_> = replicas
+            .iter()
+            .filter(|r| r.applied_revision >= latest)
+            .collect();
+        if live.len() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "not converged: {replicas:?} at {latest}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_etcd_outage_fails_no_inference_and_resyncs() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let repo = tiny_repo();
+    let url = etcd.url("outage");
+    let rs: Vec<RwsProcess> = (0..2)
+        .map(|i| replica(repo.path(), &url, &format!("r{i}")))
+        .collect();
+    let mut chs = Vec::new();
+    for r in &rs {
+        chs.push(r.channel().await);
+    }
+    let before = converged(&chs).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic: Vec<_> = chs
+        .iter()
+        .map(|ch| {
+            let (mut c, stop) = (common::InferenceClient::new(ch.clone()), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match c.classify(tensor_request(ok, "fog")).await {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    etcd.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Changes are refused, not half-made; health says so; the state stands.
+    let err = admin_client(chs[0].clone(), None)
+        .unwrap()
+        .put_profile(put("storm", &[("fog", 0.5)], false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let fleet_health = tonic_health::pb::health_client::HealthClient::new(chs[0].clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "rws.fleet".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        fleet_health,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    for ch in &chs {
+        assert_eq!(profiles(ch).await, before);
+    }
+    etcd.run();
+    // Back: a change made now reaches both replicas.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = admin_client(chs[0].clone(), None)
+            .unwrap()
+            .put_profile(put("storm", &[("fog", 0.5)], false, true))
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("no resync: {e:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in traffic {
+        let (ok, failed) = t.await.unwrap();
+        assert!(ok > 100, "too little traffic: {ok}");
+        assert_eq!(failed, 0, "inference failed during the outage");
+    }
+    let (ps, _) = converged(&chs).await;
+    assert!(ps.iter().any(|(n, _)| n == "storm"));
+}
+
+#[tokio::test]
+async fn concurrent_admins_never_lose_an_update_silently() {
+    let Some(etcd) = Etcd::start() else { return };
+    let repo = tiny_repo();
+    let url = etcd.url("conflict");
+    let (ra, rb) = (
+        replica(repo.path(), &url, "a"),
+        replica(repo.path(), &url, "b"),
+    );
+    let (cha, chb) = (ra.channel().await, rb.channel().await);
+    converged(&[cha.clone(), chb.clone()]).await;
+    let (mut a, mut b) = (
+        admin_client(cha.clone(), None).unwrap(),
+        admin_client(chb.clone(), None).unwrap(),
+    );
+    for i in 0..10 {
+        let name = format!("c{i}");
+        // Both create the same profile with different definitions at once.
+        let (ra, rb) = tokio::join!(
+            a.put_profile(put(&name, &[("fog", 0.25)], false, false)),
+            b.put_profile(put(&name, &[("rain", 0.75)], false, false)),
+        );
+        let winner = match (&ra, &rb) {
+            (Ok(_), Err(e)) => {
+                assert!(
+                    matches!(e.code(), Code::AlreadyExists | Code::Aborted),
+                    "{e:?}"
+                );
+                ("fog".to_string(), 0.25)
+            }
+            (Err(e), Ok(_)) => {
+                assert!(
+                    matches!(e.code(), Code::AlreadyExists | Code::Aborted),
+                    "{e:?}"
+                );
+                ("rain".to_string(), 0.75)
+            }
+            other => panic!("exactly one must win: {other:?}"),
+        };
+        let (ps, _) = converged(&[cha.clone(), chb.clone()]).await;
+        let got = ps.iter().find(|(n, _)| *n == name).unwrap();
+        assert_eq!(
+            got.1,
+            vec![winner],
+            "the acknowledged definition must stand"
+        );
+    }
+    // Two replacements from the same starting point: one wins, the other is told.
+    let (ra, rb) = tokio::join!(
+        a.put_profile(put("c0", &[("noise", 0.1)], true, false)),
+        b.put_profile(put("c0", &[("noise", 0.2)], true, false)),
+    );
+    let outcomes = [ra.is_ok(), rb.is_ok()];
+    assert!(outcomes.contains(&true), "{ra:?} {rb:?}");
+    if let Some(e) = ra.as_ref().err().or(rb.as_ref().err()) {
+        assert_eq!(e.code(), Code::Aborted, "{e:?}");
+        assert!(e.message().contains("retry"), "{e:?}");
+    }
+}
