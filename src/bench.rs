@@ -433,6 +433,88 @@ pub fn time_forward(
     Ok(out)
 }
 
+/// How fast a fleet converges.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetReport {
+    pub replicas: usize,
+    pub changes: usize,
+    /// From the admin call until the replica that took it answered (applied locally).
+    pub acknowledged: Percentiles,
+    /// From the admin call until every live replica had applied it.
+    pub converged: Percentiles,
+}
+
+/// `changes` profile changes through the replica at `addr`, each timed until
+/// every live replica under `url` has applied it (read from their leased
+/// status keys in etcd). Redefines one profile, `bench-convergence`.
+pub async fn fleet(
+    addr: &str,
+    token: Option<&str>,
+    url: &crate::fleet::EtcdUrl,
+    changes: usize,
+) -> Result<FleetReport> {
+    check_loopback(addr)?;
+    let channel = Channel::from_shared(addr.to_string())
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Error::NotFound(format!("cannot reach {addr}: {e}")))?;
+    let mut admin = crate::server::admin_client(channel, token)?;
+    let signature = admin
+        .list_signatures(pb::ListSignaturesRequest {})
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .into_inner()
+        .signatures
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            Error::FailedPrecondition("the fleet has no signature to build a profile from".into())
+        })?
+        .name;
+    let mut etcd = etcd_client::Client::connect([url.endpoint.as_str()], None)
+        .await
+        .map_err(|e| Error::Unavailable(format!("etcd: {e}")))?;
+    let (mut acked, mut converged, mut replicas) = (Vec::new(), Vec::new(), 0);
+    for i in 0..changes {
+        let start = Instant::now();
+        let change = admin
+            .put_profile(pb::PutProfileRequest {
+                name: "bench-convergence".into(),
+                signatures: vec![pb::SignatureRef {
+                    name: signature.clone(),
+                    alpha: 0.1 + 0.001 * i as f32,
+                }],
+                replace: true,
+                wait_fleet: false,
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("change {i}: {e}")))?
+            .into_inner();
+        acked.push(start.elapsed());
+        loop {
+            let rs = crate::fleet::replicas(&mut etcd, url).await?;
+            if rs.iter().all(|r| r.applied_revision >= change.revision) {
+                replicas = rs.len();
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    Unavailable,
+                    "change {i} did not reach every replica in 30 s"
+                );
+            }
+        }
+        converged.push(start.elapsed());
+    }
+    Ok(FleetReport {
+        replicas,
+        changes,
+        acknowledged: Percentiles::of(acked),
+        converged: Percentiles::of(converged),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,6 +228,18 @@ enum BenchCmd {
         #[command(flatten)]
         client: Client,
     },
+    /// Convergence of a fleet: changes through one replica, timed until every replica applied each.
+    Fleet {
+        /// The fleet's state: etcd://HOST:PORT/PREFIX.
+        #[arg(long, env = "RWS_STATE")]
+        state: rws::fleet::EtcdUrl,
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
     /// Time profile applies against model reloads on a synthetic model, in-process.
     Switch {
         #[arg(long, default_value = "resnet18")]
@@ -617,6 +629,24 @@ fn print_report<T: serde::Serialize + std::fmt::Debug>(
 
 async fn bench(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Fleet {
+            state,
+            changes,
+            json,
+            client,
+        } => {
+            let token = client
+                .token_file
+                .as_deref()
+                .map(serve::read_token)
+                .transpose()?;
+            let r = rws::bench::fleet(&client.addr, token.as_deref(), &state, changes).await?;
+            print_report(json, &r, |r| {
+                println!("{} changes over {} replicas", r.changes, r.replicas);
+                println!("acknowledged {}", r.acknowledged);
+                println!("converged    {}", r.converged);
+            })?;
+        }
         BenchCmd::Load {
             clients,
             duration,
