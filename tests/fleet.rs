@@ -422,3 +422,64 @@ async fn concurrent_admins_never_lose_an_update_silently() {
         assert!(e.message().contains("retry"), "{e:?}");
     }
 }
+
+#[tokio::test]
+async fn a_replica_whose_copy_differs_does_not_serve_it_and_says_so() {
+    let Some(etcd) = Etcd::start() else { return };
+    let url = etcd.url("verify");
+    let (repo_a, repo_b) = (tiny_repo(), tiny_repo());
+    // The same path holds different bytes on the two replicas.
+    let sigs = |r: &tempfile::TempDir| r.path().join(common::MODEL).join("signatures");
+    std::fs::copy(
+        sigs(&repo_a).join("fog.rws.safetensors"),
+        sigs(&repo_a).join("extra.bin"),
+    )
+    .unwrap();
+    std::fs::copy(
+        sigs(&repo_b).join("rain.rws.safetensors"),
+        sigs(&repo_b).join("extra.bin"),
+    )
+    .unwrap();
+    let (ra, rb) = (
+        replica(repo_a.path(), &url, "a"),
+        replica(repo_b.path(), &url, "b"),
+    );
+    let (cha, chb) = (ra.channel().await, rb.channel().await);
+    converged(&[cha.clone(), chb.clone()]).await;
+    let mut admin = admin_client(cha.clone(), None).unwrap();
+    admin
+        .load_signature(pb::LoadSignatureRequest {
+            name: "extra".into(),
+            source: Some(pb::load_signature_request::Source::Path(
+                "signatures/extra.bin".into(),
+            )),
+            wait_fleet: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .put_profile(put("extra", &[("extra", 0.5)], false, true))
+        .await
+        .unwrap();
+    assert!(profiles(&cha).await.0.iter().any(|(n, _)| n == "extra"));
+    assert!(
+        !profiles(&chb).await.0.iter().any(|(n, _)| n == "extra"),
+        "b must not serve it"
+    );
+    let err = common::InferenceClient::new(chb)
+        .classify(tensor_request(1, "extra"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let (_, replicas) = rws::fleet::status(&url.parse::<EtcdUrl>().unwrap())
+        .await
+        .unwrap();
+    let b = replicas.iter().find(|r| r.id == "b").unwrap();
+    let a = replicas.iter().find(|r| r.id == "a").unwrap();
+    assert!(a.error.is_none(), "{a:?}");
+    assert!(
+        b.error.as_deref().is_some_and(|e| e.contains("extra")),
+        "{b:?}"
+    );
+}
