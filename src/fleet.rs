@@ -28,7 +28,9 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::profile::{CLEAN, Change, LoadedSignature, Registry, SignatureRef, validate_name};
+use crate::profile::{
+    CLEAN, Change, LoadedSignature, Registry, SignatureRef, ensure_unused, validate_name,
+};
 use crate::repo::ModelDir;
 use crate::state::{self, Origin, ProfileEntry, RefEntry, SignatureEntry, Source, State};
 use crate::{Error, Result, bail};
@@ -720,19 +722,13 @@ impl Fleet {
                 bail!(NotFound, "no fleet signature named {name:?}");
             }
             let (state, _) = m.state();
-            let users: Vec<&str> = state
-                .profiles
-                .iter()
-                .filter(|p| p.signatures.iter().any(|s| s.name == name))
-                .map(|p| p.name.as_str())
-                .collect();
-            if !users.is_empty() {
-                bail!(
-                    FailedPrecondition,
-                    "signature {name:?} is used by profile(s) {}; change or delete them first",
-                    users.join(", ")
-                );
-            }
+            ensure_unused(
+                name,
+                state.profiles.iter().map(|p| {
+                    let refs = p.signatures.iter().map(|s| s.name.as_str());
+                    (p.name.as_str(), refs.collect())
+                }),
+            )?;
             // No profile may have started using it since.
             vec![
                 self.guard_unchanged(&m, &rel),

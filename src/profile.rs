@@ -185,6 +185,26 @@ fn check_definition(name: &str, signatures: &[SignatureRef]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to drop signature `name` while a profile, given as (name, its
+/// signatures' names), uses it.
+pub(crate) fn ensure_unused<'a>(
+    name: &str,
+    profiles: impl Iterator<Item = (&'a str, Vec<&'a str>)>,
+) -> Result<()> {
+    let users: Vec<&str> = profiles
+        .filter(|(_, sigs)| sigs.contains(&name))
+        .map(|(p, _)| p)
+        .collect();
+    if !users.is_empty() {
+        bail!(
+            FailedPrecondition,
+            "signature {name:?} is used by profile(s) {}; change or delete them first",
+            users.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Names of profiles and signatures: short, printable, safe in paths and metrics.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -361,19 +381,13 @@ impl Registry {
         if next.signatures.remove(name).is_none() {
             bail!(NotFound, "no signature named {name:?} is loaded");
         }
-        let users: Vec<&str> = next
-            .profiles
-            .values()
-            .filter(|p| p.signatures.iter().any(|s| s.name == name))
-            .map(|p| p.name.as_str())
-            .collect();
-        if !users.is_empty() {
-            bail!(
-                FailedPrecondition,
-                "signature {name:?} is used by profile(s) {}; change or delete them first",
-                users.join(", ")
-            );
-        }
+        ensure_unused(
+            name,
+            next.profiles.values().map(|p| {
+                let refs = p.signatures.iter().map(|s| s.name.as_str());
+                (p.name.as_str(), refs.collect())
+            }),
+        )?;
         self.publish(next, "unload_signature")?;
         Ok(())
     }

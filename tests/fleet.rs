@@ -113,30 +113,6 @@ fn replica(repo: &Path, url: &str, id: &str) -> RwsProcess {
     ])
 }
 
-async fn profiles(ch: &Channel) -> (Vec<(String, Vec<(String, f32)>)>, String) {
-    let r = admin_client(ch.clone(), None)
-        .unwrap()
-        .list_profiles(pb::ListProfilesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let mut ps: Vec<_> = r
-        .profiles
-        .into_iter()
-        .map(|p| {
-            (
-                p.name,
-                p.signatures
-                    .into_iter()
-                    .map(|s| (s.name, s.alpha))
-                    .collect(),
-            )
-        })
-        .collect();
-    ps.sort_by(|a, b| a.0.cmp(&b.0));
-    (ps, r.default_profile)
-}
-
 fn put(name: &str, sigs: &[(&str, f32)], replace: bool, wait_fleet: bool) -> pb::PutProfileRequest {
     pb::PutProfileRequest {
         name: name.into(),
@@ -150,10 +126,10 @@ fn put(name: &str, sigs: &[(&str, f32)], replace: bool, wait_fleet: bool) -> pb:
 async fn converged(channels: &[Channel]) -> (Vec<(String, Vec<(String, f32)>)>, String) {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let first = profiles(&channels[0]).await;
+        let first = common::profile_table(&channels[0]).await;
         let mut same = true;
         for ch in &channels[1..] {
-            same &= profiles(ch).await == first;
+            same &= common::profile_table(ch).await == first;
         }
         if same {
             return first;
@@ -189,7 +165,7 @@ async fn a_change_on_one_replica_reaches_all_three() {
     assert!(change.revision > 0);
     // wait_fleet: every replica has it when the call returns.
     for ch in &chs {
-        let (ps, _) = profiles(ch).await;
+        let (ps, _) = common::profile_table(ch).await;
         assert!(ps.iter().any(|(n, _)| n == "storm"), "{ps:?}");
     }
     admin_client(chs[1].clone(), None)
@@ -202,7 +178,7 @@ async fn a_change_on_one_replica_reaches_all_three() {
         .unwrap();
     let mut answers = Vec::new();
     for ch in &chs {
-        assert_eq!(profiles(ch).await.1, "storm");
+        assert_eq!(common::profile_table(ch).await.1, "storm");
         let r = common::InferenceClient::new(ch.clone())
             .classify(tensor_request(5, ""))
             .await
@@ -335,7 +311,7 @@ async fn an_etcd_outage_fails_no_inference_and_resyncs() {
     );
     tokio::time::sleep(Duration::from_secs(7)).await;
     for ch in &chs {
-        assert_eq!(profiles(ch).await, before);
+        assert_eq!(common::profile_table(ch).await, before);
     }
     etcd.run();
     // Back: a change made now reaches both replicas.
@@ -462,9 +438,19 @@ async fn a_replica_whose_copy_differs_does_not_serve_it_and_says_so() {
         .put_profile(put("extra", &[("extra", 0.5)], false, true))
         .await
         .unwrap();
-    assert!(profiles(&cha).await.0.iter().any(|(n, _)| n == "extra"));
     assert!(
-        !profiles(&chb).await.0.iter().any(|(n, _)| n == "extra"),
+        common::profile_table(&cha)
+            .await
+            .0
+            .iter()
+            .any(|(n, _)| n == "extra")
+    );
+    assert!(
+        !common::profile_table(&chb)
+            .await
+            .0
+            .iter()
+            .any(|(n, _)| n == "extra"),
         "b must not serve it"
     );
     let err = common::InferenceClient::new(chb)

@@ -246,29 +246,6 @@ async fn admin_requires_the_token_when_one_is_set() {
         .unwrap();
 }
 
-async fn profiles(channel: &Channel) -> (Vec<(String, Vec<(String, f32)>)>, String) {
-    let r = admin_client(channel.clone(), None)
-        .unwrap()
-        .list_profiles(pb::ListProfilesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let mut ps: Vec<_> = r
-        .profiles
-        .into_iter()
-        .map(|p| {
-            let refs = p
-                .signatures
-                .into_iter()
-                .map(|s| (s.name, s.alpha))
-                .collect();
-            (p.name, refs)
-        })
-        .collect();
-    ps.sort_by(|a, b| a.0.cmp(&b.0));
-    (ps, r.default_profile)
-}
-
 #[tokio::test]
 async fn state_survives_a_restart() {
     let repo = tiny_repo();
@@ -311,14 +288,14 @@ async fn state_survives_a_restart() {
         })
         .await
         .unwrap();
-    let before = profiles(&channel).await;
+    let before = common::profile_table(&channel).await;
     let mut c = common::InferenceClient::new(channel.clone());
     let logits = common::logits(&mut c, tensor_request(3, "")).await;
     drop(p);
 
     let p = start(repo.path(), &["--state-dir", state_arg]);
     let channel = p.channel().await;
-    assert_eq!(profiles(&channel).await, before);
+    assert_eq!(common::profile_table(&channel).await, before);
     let mut c = common::InferenceClient::new(channel);
     assert_eq!(common::logits(&mut c, tensor_request(3, "")).await, logits);
 }
@@ -373,7 +350,7 @@ async fn sigkill_during_a_storm_of_changes_loses_no_acknowledged_change() {
 
     let p = start(repo.path(), &["--state-dir", &state_arg]);
     let channel = p.channel().await;
-    let (restored, restored_default) = profiles(&channel).await;
+    let (restored, restored_default) = common::profile_table(&channel).await;
     let names: Vec<&str> = restored.iter().map(|(n, _)| n.as_str()).collect();
     for a in &acked {
         assert!(names.contains(&a.as_str()), "acknowledged {a} was lost");

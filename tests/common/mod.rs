@@ -271,3 +271,28 @@ pub fn top_label(out: &str) -> String {
         .unwrap_or_else(|| panic!("no prediction line in {out:?}"))
         .to_string()
 }
+
+/// A server's profiles, each with its (signature, alpha) list, sorted by name,
+/// and the default: what must agree across restarts and replicas.
+pub async fn profile_table(channel: &Channel) -> (Vec<(String, Vec<(String, f32)>)>, String) {
+    let r = rws::server::admin_client(channel.clone(), None)
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ps: Vec<_> = r
+        .profiles
+        .into_iter()
+        .map(|p| {
+            let refs = p
+                .signatures
+                .into_iter()
+                .map(|s| (s.name, s.alpha))
+                .collect();
+            (p.name, refs)
+        })
+        .collect();
+    ps.sort_by(|a, b| a.0.cmp(&b.0));
+    (ps, r.default_profile)
+}
