@@ -14,7 +14,7 @@ use crate::fleet::{EtcdUrl, Fleet};
 use crate::metrics as m;
 use crate::model::Model;
 use crate::preprocess::{self, Input};
-use crate::profile::{Change, LoadedSignature, Registry, SignatureRef};
+use crate::profile::{Change, LoadedSignature, Registry, SignatureRef, validate_name};
 use crate::repo::{self, ModelDir};
 use crate::signature::Signature;
 use crate::state::{self, Origin, Source, State, StateDir};
@@ -299,6 +299,10 @@ impl Engine {
         }
         check_size(bytes.len() as u64, "the uploaded signature")?;
         let sig = Signature::from_bytes(bytes)?;
+        // Checked before the bytes are kept, so a refused upload leaves no file
+        // behind (the registry checks again under its lock).
+        validate_name("signature", name)?;
+        sig.check_against(self.model(), allow_transfer)?;
         let sha = state::sha256(bytes);
         let source = match &self.state {
             Some(dir) => Source::Upload {
