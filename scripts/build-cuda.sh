@@ -11,8 +11,12 @@
 # takes PTX 9.0; newer nvcc wheels emit PTX it may reject.
 #
 # Usage: scripts/build-cuda.sh                 # cargo build --release --features cuda
-#        scripts/build-cuda.sh clippy --all-targets -- -D warnings
-#        (any other arguments replace `build --release`; `--features cuda` is added)
+#        scripts/build-cuda.sh clippy --release --all-targets -- -D warnings
+#        (any other arguments replace `build --release`; `--features cuda` is added
+#        after the cargo subcommand)
+# A build also writes target/cuda/rws.gz: the stripped binary is ~61 MiB, and the
+# device runner carries at most 64 MiB with the working tree, so carry the .gz
+# (scripts/gpu-check.sh unpacks it).
 # Env:   CUDA_COMPUTE_CAP (default 90: H100/H200), CUDA_WHEEL_DIR (default .cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,9 +75,12 @@ if [ ! -f "$stub" ] || [ "$CUDARC_SYS" -nt "$stub" ]; then
             sed 's/.*/int &(void) { return 34; }/'
     } >"$PREFIX/lib/stubs/libcuda_stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$PREFIX/lib/stubs/libcuda_stub.c"
+    # With lib and lib/stubs on LD_LIBRARY_PATH a CUDA build also runs here: it finds
+    # no GPU (every call fails), which is how its tests and the CPU fallback run.
+    ln -sf libcuda.so "$PREFIX/lib/stubs/libcuda.so.1"
 fi
 
-# 4. Build. Stripping keeps the binary under the 64 MiB that can be carried to a GPU machine.
+# 4. Build, stripped (with symbols the binary is over 100 MiB).
 export CUDA_HOME="$PREFIX"
 export PATH="$PREFIX/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
@@ -84,9 +91,10 @@ if [ $# -eq 0 ]; then
     set -- build --release
 fi
 start=$(date +%s)
-cargo "$@" --features cuda
-echo "build-cuda: cargo $* --features cuda took $(($(date +%s) - start)) s" >&2
+cargo "$1" --features cuda "${@:2}"
+echo "build-cuda: cargo $1 --features cuda ${*:2} took $(($(date +%s) - start)) s" >&2
 bin="$CARGO_TARGET_DIR/release/rws"
 if [ "$1" = build ] && [ -f "$bin" ]; then
-    echo "build-cuda: $bin is $(stat -c %s "$bin") bytes" >&2
+    gzip -9 -c "$bin" >"$CARGO_TARGET_DIR/rws.gz"
+    echo "build-cuda: $bin is $(stat -c %s "$bin") bytes, $CARGO_TARGET_DIR/rws.gz $(stat -c %s "$CARGO_TARGET_DIR/rws.gz")" >&2
 fi

@@ -69,7 +69,7 @@ fn open(spec: DeviceSpec, cuda: impl Fn(usize) -> Result<Device, String>) -> Res
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Cuda(n) => cuda(n).map_err(|why| {
             Error::FailedPrecondition(format!(
-                "cannot open cuda:{n}: {why}; pass --device cpu (or auto) to serve on the CPU"
+                "cannot open cuda:{n}: {why}; pass --device cpu (or auto) to run on the CPU"
             ))
         }),
         DeviceSpec::Auto => match cuda(0) {
@@ -96,6 +96,11 @@ fn open_cuda(n: usize) -> Result<Device, String> {
         );
     }
     Device::new_cuda(n).map_err(|e| {
+        // With RUST_BACKTRACE set candle attaches a backtrace, which says nothing here.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
         format!(
             "{e} (is the NVIDIA driver loaded, does `nvidia-smi` list GPU {n}, and are the CUDA 13 \
              libraries on LD_LIBRARY_PATH?)"

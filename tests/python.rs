@@ -168,3 +168,17 @@ fn python_example_classifies_and_switches_profiles() {
     let (success, _, err) = run(&mut example(&["classify", png, "--profile", "nope"]));
     assert!(!success && err.contains("NOT_FOUND"), "{err}");
 }
+
+/// The CUDA kernel's source (src/kernel/add_scale.cu), compiled for the host with
+/// stand-ins for the CUDA built-ins, against an independent NumPy implementation of
+/// the formula: every storage form, several signatures and layers per launch, NaN-
+/// poisoned outputs, the error cases. Keeps the GPU kernel's logic tested where CI has
+/// no GPU (scripts/gpu-check.sh runs the same script on one, under CuPy).
+#[test]
+fn cuda_kernel_source_matches_numpy_when_emulated() {
+    let Some(py) = python() else { return };
+    let out = ok(Command::new(py)
+        .arg("scripts/gpu/check_kernel_cupy.py")
+        .arg("--emulate"));
+    assert!(out.contains("\"passed\": true"), "{out}");
+}

@@ -24,7 +24,7 @@ use super::{Fixture, InferReport, Percentiles, SwitchReport};
 use crate::kernel::cuda::{
     self, DeviceConvBn, DeviceDelta, DeviceLayerDelta, FoldError, LayerJob, OutputLayout,
 };
-use crate::kernel::{ConvBn, KernelError, LayerDelta, cpu};
+use crate::kernel::{ConvBn, LayerDelta, cpu};
 use crate::quant::{Delta, Quant};
 use crate::rng::Rng;
 use crate::{Result, bail};
@@ -480,7 +480,7 @@ fn check_kernel(dev: &CudaDevice) -> Result<CheckReport> {
     let stream = dev.cuda_stream();
     for case in cases() {
         // The CPU kernel, layer by layer (as the model folds them), outputs poisoned.
-        let cpu: Vec<std::result::Result<(Vec<f32>, Vec<f32>), KernelError>> = case
+        let cpu: Vec<_> = case
             .layers
             .iter()
             .zip(&case.sigs)

@@ -25,6 +25,9 @@
 #define KIND_INT8 2u
 #define KIND_INT4 3u
 
+// Elements of a row each thread has in flight at once (see the weight loop).
+#define ELEMS 4u
+
 // Which parameter of a layer a delta patches: the index into Signature::parts.
 #define PART_WEIGHT 0
 #define PART_GAMMA 1
@@ -92,12 +95,12 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h16) {
     return __uint_as_float(o | ((h & 0x8000u) << 16));
 }
 
-// Code of element c of an int row starting at byte `row`.
+// Code of element c of row r of an int delta with `cols` elements per row.
 __device__ __forceinline__ unsigned int code_at(const unsigned char* q, unsigned int kind,
-                                                unsigned long long row_start, unsigned int c,
+                                                unsigned long long r, unsigned int c,
                                                 unsigned int cols) {
-    if (kind == KIND_INT8) return q[row_start * cols + c];
-    unsigned char byte = q[row_start * ((cols + 1) / 2) + c / 2];
+    if (kind == KIND_INT8) return q[r * cols + c];
+    unsigned char byte = q[r * ((cols + 1) / 2) + c / 2];
     return (c & 1u) ? (byte >> 4) : (byte & 0x0fu);
 }
 
@@ -155,31 +158,60 @@ extern "C" __global__ void rws_fused_add_scale(const Layer* __restrict__ layers,
     }
     float s = gamma / sqrtf(denom);
 
-    const float* __restrict__ w = L.weight + (unsigned long long)o * cols;
-    float* __restrict__ row = out + L.out_w + (unsigned long long)o * cols;
+    const unsigned long long row_start = (unsigned long long)o * cols;
+    const float* __restrict__ w = L.weight + row_start;
+    float* __restrict__ row = out + L.out_w + row_start;
     bool bad = false;
-#pragma unroll 4
-    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) {
-        float acc = w[j];
+    // Each thread carries ELEMS elements a block-width apart, so it has ELEMS
+    // independent loads in flight per input (enough bytes in flight to run at memory
+    // speed) and reads each delta's descriptor once per ELEMS elements. Per element the
+    // operations are still: acc = W; acc += term_i in signature order; out = acc * s.
+    for (unsigned int base = threadIdx.x; base < cols; base += ELEMS * blockDim.x) {
+        float acc[ELEMS];
+#pragma unroll
+        for (unsigned int u = 0; u < ELEMS; ++u) {
+            unsigned int j = base + u * blockDim.x;
+            acc[u] = j < cols ? w[j] : 0.0f;
+        }
         for (unsigned int k = 0; k < n; ++k) {
             const Delta& d = sigs[k].parts[PART_WEIGHT];
             if (!d.data) continue;
             const float alpha = sigs[k].alpha;
-            float t;
             if (d.kind == KIND_F32) {
-                t = alpha * ((const float*)d.data)[(unsigned long long)o * cols + j];
+                const float* v = (const float*)d.data + row_start;
+#pragma unroll
+                for (unsigned int u = 0; u < ELEMS; ++u) {
+                    unsigned int j = base + u * blockDim.x;
+                    if (j < cols) acc[u] = acc[u] + alpha * v[j];
+                }
             } else if (d.kind == KIND_F16) {
-                t = alpha * f16_to_f32(((const unsigned short*)d.data)[(unsigned long long)o * cols + j]);
+                const unsigned short* v = (const unsigned short*)d.data + row_start;
+#pragma unroll
+                for (unsigned int u = 0; u < ELEMS; ++u) {
+                    unsigned int j = base + u * blockDim.x;
+                    if (j < cols) acc[u] = acc[u] + alpha * f16_to_f32(v[j]);
+                }
             } else {
-                float a = alpha * d.scale[o];
-                float b = alpha * d.offset[o];
-                t = (float)code_at((const unsigned char*)d.data, d.kind, o, j, cols) * a + b;
+                // alpha folded into the row's affine, as DeltaView::accumulate_row does.
+                const float a = alpha * d.scale[o];
+                const float b = alpha * d.offset[o];
+                const unsigned char* q = (const unsigned char*)d.data;
+#pragma unroll
+                for (unsigned int u = 0; u < ELEMS; ++u) {
+                    unsigned int j = base + u * blockDim.x;
+                    if (j < cols) acc[u] = acc[u] + ((float)code_at(q, d.kind, o, j, cols) * a + b);
+                }
             }
-            acc = acc + t;
         }
-        float x = acc * s;
-        row[j] = x;
-        bad |= !isfinite(x);
+#pragma unroll
+        for (unsigned int u = 0; u < ELEMS; ++u) {
+            unsigned int j = base + u * blockDim.x;
+            if (j < cols) {
+                float x = acc[u] * s;
+                row[j] = x;
+                bad |= !isfinite(x);
+            }
+        }
     }
     float bias = beta - s * mean;
     if (threadIdx.x == 0) {
