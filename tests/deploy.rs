@@ -659,24 +659,6 @@ fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
     out
 }
 
-/// A plain HTTP/1 GET over loopback, as Prometheus scrapes.
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
 #[derive(Debug, PartialEq)]
 enum Tok {
     Ident(String),
@@ -1173,7 +1155,7 @@ async fn the_image_command_serves_with_the_shipped_config_and_feeds_the_dashboar
         std::fs::read_dir(&here.state_dir).unwrap().next().is_some(),
         "state_dir holds nothing after a change"
     );
-    check_dashboard_queries(&http_get(&server.metrics).await);
+    check_dashboard_queries(&common::http_get(&server.metrics).await);
 
     // docker stop leaves room for the drain, and the server exits cleanly.
     let drain = Duration::from_millis(here.config["drain_grace_ms"].as_integer().unwrap() as u64);

@@ -148,7 +148,7 @@ async fn metrics_are_scraped_and_parsed() {
         .await
         .unwrap();
 
-    let text = http_get(&p.metrics).await;
+    let text = common::http_get(&p.metrics).await;
     let all = samples(&text);
     assert_eq!(
         sample(&all, r#"rws_requests_total{profile="fog",status="ok"}"#),
@@ -174,24 +174,6 @@ async fn metrics_are_scraped_and_parsed() {
         text.contains("# TYPE rws_patch_apply_seconds histogram"),
         "{text}"
     );
-}
-
-/// A plain HTTP/1 GET over loopback, to check what Prometheus would scrape.
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
 }
 
 #[tokio::test]
