@@ -122,7 +122,7 @@ impl Engine {
                 .map_err(|_| Error::Internal(format!("{} is outside the model", path.display())))?
                 .to_string_lossy()
                 .into_owned();
-            let loaded = self.load_signature_path(Some(&name), &rel, false)?;
+            let loaded = self.load_signature_path(&name, &rel, false)?;
             let alpha = loaded.signature.meta.default_alpha;
             self.registry.put_profile(
                 &name,
@@ -213,6 +213,13 @@ impl Engine {
         allow_transfer: bool,
         wait_fleet: bool,
     ) -> Result<Arc<LoadedSignature>> {
+        // A file loaded without a name is named after the file.
+        let name = match &source {
+            SignatureSource::Path(rel) if name.is_empty() => {
+                repo::signature_name(std::path::Path::new(rel))
+            }
+            _ => name,
+        };
         if let Some(f) = self.fleet() {
             let SignatureSource::Path(rel) = source else {
                 bail!(
@@ -220,20 +227,13 @@ impl Engine {
                     "in fleet mode signatures are loaded by repository path, which every replica reads; uploads would reach one replica only"
                 );
             };
-            let name = if name.is_empty() {
-                repo::signature_name(std::path::Path::new(&rel))
-            } else {
-                name
-            };
             return f
                 .load_signature(&name, &rel, allow_transfer, wait_fleet)
                 .await;
         }
         let this = self.clone();
         blocking(move || match source {
-            SignatureSource::Path(rel) => {
-                this.load_signature_path(Some(&name), &rel, allow_transfer)
-            }
+            SignatureSource::Path(rel) => this.load_signature_path(&name, &rel, allow_transfer),
             SignatureSource::Bytes(bytes) => {
                 this.load_signature_bytes(&name, &bytes, allow_transfer)
             }
@@ -264,26 +264,12 @@ impl Engine {
     /// Loads a signature from a path relative to the model directory.
     pub fn load_signature_path(
         &self,
-        name: Option<&str>,
+        name: &str,
         rel: &str,
         allow_transfer: bool,
     ) -> Result<Arc<LoadedSignature>> {
-        let path = self.dir.confine(rel)?;
-        let name = name
-            .filter(|n| !n.is_empty())
-            .map(str::to_string)
-            .unwrap_or_else(|| repo::signature_name(&path));
-        let bytes = read_limited(&path)?;
-        let sig = Signature::from_bytes(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-        let origin = Origin {
-            source: Source::Repo {
-                path: rel.to_string(),
-            },
-            sha256: state::sha256(&bytes),
-            allow_transfer,
-        };
-        self.registry.load_signature_from(&name, sig, origin)
+        let (sig, origin) = state::read_repo(&self.dir, rel, allow_transfer)?;
+        self.registry.load_signature_from(name, sig, origin)
     }
 
     /// Loads an uploaded signature; with a state directory, its bytes are kept
@@ -297,7 +283,7 @@ impl Engine {
         if name.is_empty() {
             bail!(InvalidArgument, "an uploaded signature needs a name");
         }
-        check_size(bytes.len() as u64, "the uploaded signature")?;
+        state::check_size(bytes.len() as u64, "the uploaded signature")?;
         let sig = Signature::from_bytes(bytes)?;
         // Checked before the bytes are kept, so a refused upload leaves no file
         // behind (the registry checks again under its lock).
@@ -444,23 +430,4 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("worker failed: {e}")))?
-}
-
-pub(crate) fn check_size(len: u64, what: &str) -> Result<()> {
-    if len > MAX_SIGNATURE_BYTES as u64 {
-        bail!(
-            ResourceExhausted,
-            "{what} is {len} bytes; signatures are limited to {MAX_SIGNATURE_BYTES}"
-        );
-    }
-    Ok(())
-}
-
-/// Reads a signature file, refusing oversized ones before reading them.
-pub(crate) fn read_limited(path: &std::path::Path) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
-    check_size(len, &path.display().to_string())?;
-    std::fs::read(path).map_err(|e| Error::io(path, e))
 }

@@ -32,7 +32,7 @@ use crate::profile::{
     CLEAN, Change, LoadedSignature, Registry, SignatureRef, ensure_unused, validate_name,
 };
 use crate::repo::ModelDir;
-use crate::state::{self, Origin, ProfileEntry, RefEntry, SignatureEntry, Source, State};
+use crate::state::{self, ProfileEntry, RefEntry, SignatureEntry, State};
 use crate::{Error, Result, bail};
 
 /// Seconds a replica's key outlives its last keep-alive.
@@ -675,21 +675,13 @@ impl Fleet {
         wait_fleet: bool,
     ) -> Result<Arc<LoadedSignature>> {
         validate_name("signature", name)?;
-        let path = self.model.confine(rel_path)?;
-        let bytes = crate::engine::read_limited(&path)?;
+        let (sig, origin) = state::read_repo(&self.model, rel_path, allow_transfer)?;
+        // Checked here as it will be on every replica: it fits the model.
+        sig.check_against(self.registry.model(), allow_transfer)?;
         let entry = SignatureEntry {
             name: name.into(),
-            origin: Origin {
-                source: Source::Repo {
-                    path: rel_path.into(),
-                },
-                sha256: state::sha256(&bytes),
-                allow_transfer,
-            },
+            origin,
         };
-        // Checked here as it will be on every replica: parses and fits the model.
-        crate::signature::Signature::from_bytes(&bytes)?
-            .check_against(self.registry.model(), allow_transfer)?;
         let rel = format!("signatures/{name}");
         let guard = Compare::create_revision(self.key(&rel), CompareOp::Equal, 0);
         let put = TxnOp::put(self.key(&rel), json(&entry)?, None);

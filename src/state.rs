@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engine::read_limited;
+use crate::engine::MAX_SIGNATURE_BYTES;
 use crate::profile::{CLEAN, Registry, SignatureRef, Table};
 use crate::repo::ModelDir;
 use crate::signature::Signature;
@@ -199,6 +199,21 @@ impl StateDir {
     }
 }
 
+/// Reads a signature file of the model directory: the parsed signature and the
+/// origin that lets it be loaded (and verified) again.
+pub fn read_repo(model: &ModelDir, rel: &str, allow_transfer: bool) -> Result<(Signature, Origin)> {
+    let path = model.confine(rel)?;
+    let bytes = read_limited(&path)?;
+    let sig = Signature::from_bytes(&bytes)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    let origin = Origin {
+        source: Source::Repo { path: rel.into() },
+        sha256: sha256(&bytes),
+        allow_transfer,
+    };
+    Ok((sig, origin))
+}
+
 /// Reads a recorded signature again and checks it is the same file.
 pub fn read_entry(
     model: &ModelDir,
@@ -290,4 +305,23 @@ pub fn reconcile(
         }
     }
     errors
+}
+
+pub(crate) fn check_size(len: u64, what: &str) -> Result<()> {
+    if len > MAX_SIGNATURE_BYTES as u64 {
+        bail!(
+            ResourceExhausted,
+            "{what} is {len} bytes; signatures are limited to {MAX_SIGNATURE_BYTES}"
+        );
+    }
+    Ok(())
+}
+
+/// Reads a signature file, refusing oversized ones before reading them.
+pub(crate) fn read_limited(path: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    check_size(len, &path.display().to_string())?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
