@@ -75,3 +75,44 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
         "{out}"
     );
 }
+
+/// `classify --json` carries every logit. Patching and then removing every signature
+/// of a profile refolds its stem from the untouched base weights: the logits come
+/// back bit for bit (the check scripts/gpu-check.sh repeats on a GPU).
+#[test]
+fn classify_json_logits_survive_patch_and_removal_bitwise() {
+    let server = RwsProcess::start(&["--repo", "models"]);
+    let addr = server.addr.as_str();
+    let png = common::SHOWCASE_PNG;
+    let logits = |profile: &str| -> Vec<f32> {
+        let out = rws(&[
+            "classify",
+            png,
+            "--json",
+            "--profile",
+            profile,
+            "--addr",
+            addr,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+        assert_eq!(v["profile"], profile, "{out}");
+        assert_eq!(v["top_k"].as_array().map(Vec::len), Some(5), "{out}");
+        let l: Vec<f32> = serde_json::from_value(v["logits"].clone()).expect(&out);
+        assert_eq!(l.len(), 10, "{out}");
+        l
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let clean = logits("clean");
+    rws(&[
+        "profile",
+        "put",
+        "p",
+        "fog@0.7",
+        "gaussian_noise@0.5",
+        "--addr",
+        addr,
+    ]);
+    assert_ne!(bits(&logits("p")), bits(&clean));
+    rws(&["profile", "put", "p", "--replace", "--addr", addr]);
+    assert_eq!(bits(&logits("p")), bits(&clean));
+}

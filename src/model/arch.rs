@@ -109,6 +109,11 @@ impl Arch {
         }
     }
 
+    /// Residual blocks in each stage (layer1, layer2, ...).
+    pub fn stage_depths(&self) -> Vec<usize> {
+        self.layout().1
+    }
+
     pub fn block_count(&self) -> usize {
         self.layout().1.iter().sum()
     }

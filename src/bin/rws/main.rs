@@ -70,6 +70,9 @@ enum Cmd {
         profile: Option<String>,
         #[arg(long, default_value_t = 5)]
         top_k: u32,
+        /// Print the reply as JSON, with every class's logit (for scripts and checks).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         client: Client,
     },
@@ -281,11 +284,12 @@ enum BenchCmd {
         device: String,
         #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet50")]
         archs: Vec<String>,
-        #[arg(long, default_value_t = 2)]
-        patchable_blocks: usize,
+        /// Blocks after conv1 that signatures patch (default: all of layer1).
+        #[arg(long)]
+        patchable_blocks: Option<usize>,
         #[arg(long, default_value_t = 1000)]
         applies: usize,
-        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         batch: Vec<usize>,
         #[arg(long, default_value_t = 50)]
         iterations: usize,
@@ -428,6 +432,7 @@ async fn main() -> Result<()> {
             image,
             profile,
             top_k,
+            json,
             client,
         } => {
             let bytes = std::fs::read(&image)
@@ -438,13 +443,28 @@ async fn main() -> Result<()> {
                     input: Some(pb::classify_request::Input::Image(bytes)),
                     profile: profile.unwrap_or_default(),
                     top_k,
-                    return_logits: false,
+                    return_logits: json,
                 })
                 .await?
                 .into_inner();
-            println!("profile {} (generation {})", r.profile, r.generation);
-            for p in r.top_k {
-                println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
+            if json {
+                let top: Vec<_> = r
+                    .top_k
+                    .iter()
+                    .map(|p| serde_json::json!({"index": p.index, "label": p.label, "score": p.score}))
+                    .collect();
+                let v = serde_json::json!({
+                    "profile": r.profile,
+                    "generation": r.generation,
+                    "top_k": top,
+                    "logits": r.logits,
+                });
+                println!("{v}");
+            } else {
+                println!("profile {} (generation {})", r.profile, r.generation);
+                for p in r.top_k {
+                    println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
+                }
             }
         }
         Cmd::Profile(cmd) => profile(cmd).await?,
@@ -832,14 +852,20 @@ fn print_gpu(r: &rws::bench::gpu::GpuReport) {
     }
     for m in &r.model {
         println!(
-            "{}: patched logits GPU vs CPU max rel err {:e} ({})",
+            "{}: patched logits GPU vs CPU max rel err {:e}, patch changes them: {}, \
+             removed: bitwise equal to clean: {} ({})",
             m.arch,
             m.max_rel_err_logits,
+            m.patch_changes_logits,
+            m.removal_bitwise_equal,
             if m.passed { "ok" } else { "FAIL" }
         );
     }
     for s in &r.switch {
-        println!("{}: switch {}", s.arch, s.apply);
+        println!(
+            "{}: switch {}; full reload p50 {:.0} µs = {:.0}x the switch p99",
+            s.arch, s.apply, s.reload.p50_us, s.reload_over_apply_p99
+        );
     }
     for i in &r.infer {
         println!(
