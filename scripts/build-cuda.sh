@@ -17,7 +17,9 @@
 # A build also writes target/cuda/rws.gz: the stripped binary is ~61 MiB, and the
 # device runner carries at most 64 MiB with the working tree, so carry the .gz
 # (scripts/gpu-check.sh unpacks it).
-# Env:   CUDA_COMPUTE_CAP (default 90: H100/H200), CUDA_WHEEL_DIR (default .cuda).
+# Env:   CUDA_COMPUTE_CAP (default 90: H100/H200), CUDA_WHEEL_DIR (default .cuda),
+#        RWS_CUDNN=1: also the cuDNN 9.19 wheel, and the `cudnn` feature (candle's
+#        convolutions on cuDNN); the binary is then written to target/cuda/rws-cudnn.gz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +34,11 @@ WHEELS=(
     nvidia-cublas==13.0.2.14
     nvidia-curand==10.4.0.35
 )
+# The cuDNN that PyTorch 2.11 (cu130) ships, so the GPU machines have it at run time.
+CUDNN_WHEEL=nvidia-cudnn-cu13==9.19.0.56
+if [ "${RWS_CUDNN:-0}" = 1 ]; then
+    WHEELS+=("$CUDNN_WHEEL")
+fi
 PREFIX="$CUDA_DIR/site/nvidia/cu13"
 
 # 1. Wheels (~675 MB, cuBLAS is 421 MB). pip skips files already in the folder.
@@ -42,24 +49,36 @@ if [ "$(ls "$CUDA_DIR"/wheels/*.whl 2>/dev/null | wc -l)" -lt "${#WHEELS[@]}" ];
         -d "$CUDA_DIR/wheels" "${WHEELS[@]}"
 fi
 
-# 2. Unpack once; the marker names the wheel set so a changed pin re-unpacks.
-marker="$CUDA_DIR/site/.unpacked"
-want="${WHEELS[*]}"
-if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$want" ]; then
-    echo "build-cuda: unpacking into $CUDA_DIR/site" >&2
-    rm -rf "$CUDA_DIR/site"
-    mkdir -p "$CUDA_DIR/site"
-    for w in "$CUDA_DIR"/wheels/*.whl; do
-        python3 -m zipfile -e "$w" "$CUDA_DIR/site"
-    done
-    # zipfile drops the mode bits.
-    chmod +x "$PREFIX"/bin/* "$PREFIX"/nvvm/bin/*
-    # Wheels ship only sonames (libfoo.so.13); the linker looks for libfoo.so.
-    for lib in cublas cublasLt cudart curand nvrtc; do
-        so=$(cd "$PREFIX/lib" && ls "lib$lib.so."* | sort | head -n1)
-        ln -sf "$so" "$PREFIX/lib/lib$lib.so"
-    done
-    echo "$want" >"$marker"
+# 2. Unpack each wheel once (a marker per wheel), so that switching RWS_CUDNN on and
+#    off unpacks nothing again; a wheel that is no longer pinned wipes the folder.
+pinned=("${WHEELS[@]}" "$CUDNN_WHEEL")
+for m in "$CUDA_DIR"/site/.unpacked-*; do
+    [ -e "$m" ] || continue
+    if [[ ! " ${pinned[*]} " == *" ${m##*/.unpacked-} "* ]]; then
+        echo "build-cuda: ${m##*/.unpacked-} is no longer pinned: unpacking afresh" >&2
+        rm -rf "$CUDA_DIR/site"
+        break
+    fi
+done
+mkdir -p "$CUDA_DIR/site"
+for pin in "${WHEELS[@]}"; do
+    [ -f "$CUDA_DIR/site/.unpacked-$pin" ] && continue
+    name=${pin%%==*}
+    whl=$(ls "$CUDA_DIR"/wheels/"${name//-/_}"-"${pin##*==}"-*.whl)
+    echo "build-cuda: unpacking $whl" >&2
+    python3 -m zipfile -e "$whl" "$CUDA_DIR/site"
+    touch "$CUDA_DIR/site/.unpacked-$pin"
+done
+# zipfile drops the mode bits.
+chmod +x "$PREFIX"/bin/* "$PREFIX"/nvvm/bin/*
+# Wheels ship only sonames (libfoo.so.13); the linker looks for libfoo.so.
+for lib in cublas cublasLt cudart curand nvrtc; do
+    so=$(cd "$PREFIX/lib" && ls "lib$lib.so."* | sort | head -n1)
+    ln -sf "$so" "$PREFIX/lib/lib$lib.so"
+done
+# cuDNN unpacks beside cu13 (nvidia/cudnn/lib); the linker finds it through cu13/lib.
+if [ -f "$CUDA_DIR/site/nvidia/cudnn/lib/libcudnn.so.9" ]; then
+    ln -sf ../../cudnn/lib/libcudnn.so.9 "$PREFIX/lib/libcudnn.so"
 fi
 
 # 3. libcuda stub, for linking only: on the GPU machine the driver's libcuda.so.1
@@ -90,11 +109,17 @@ export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 if [ $# -eq 0 ]; then
     set -- build --release
 fi
+feature=cuda
+gz="$CARGO_TARGET_DIR/rws.gz"
+if [ "${RWS_CUDNN:-0}" = 1 ]; then
+    feature=cudnn
+    gz="$CARGO_TARGET_DIR/rws-cudnn.gz"
+fi
 start=$(date +%s)
-cargo "$1" --features cuda "${@:2}"
-echo "build-cuda: cargo $1 --features cuda ${*:2} took $(($(date +%s) - start)) s" >&2
+cargo "$1" --features "$feature" "${@:2}"
+echo "build-cuda: cargo $1 --features $feature ${*:2} took $(($(date +%s) - start)) s" >&2
 bin="$CARGO_TARGET_DIR/release/rws"
 if [ "$1" = build ] && [ -f "$bin" ]; then
-    gzip -9 -c "$bin" >"$CARGO_TARGET_DIR/rws.gz"
-    echo "build-cuda: $bin is $(stat -c %s "$bin") bytes, $CARGO_TARGET_DIR/rws.gz $(stat -c %s "$CARGO_TARGET_DIR/rws.gz")" >&2
+    gzip -9 -c "$bin" >"$gz"
+    echo "build-cuda: $bin is $(stat -c %s "$bin") bytes, $gz $(stat -c %s "$gz")" >&2
 fi

@@ -30,25 +30,27 @@ cd "$(dirname "$0")/.."
 
 RESULTS="${RESULTS:-$PWD/gpu-out}"
 BIN="${RWS_BIN:-$PWD/target/cuda/release/rws}"
+GZ="${RWS_GZ:-target/cuda/rws.gz}"  # target/cuda/rws-cudnn.gz for the cudnn build
 PY="${TORCH_PYTHON:-$(command -v python3)}"
 [ -x /opt/torch/.venv/bin/python3 ] && [ -z "${TORCH_PYTHON:-}" ] && PY=/opt/torch/.venv/bin/python3
 DEVICE="${RWS_DEVICE:-cuda:0}"
 LOAD_SECONDS="${LOAD_SECONDS:-8}"
 mkdir -p "$RESULTS"
-if [ ! -x "$BIN" ] && [ -f target/cuda/rws.gz ]; then
+if [ ! -x "$BIN" ] && [ -f "$GZ" ]; then
     mkdir -p "$(dirname "$BIN")"
-    gzip -dc target/cuda/rws.gz >"$BIN" && chmod +x "$BIN"
+    gzip -dc "$GZ" >"$BIN" && chmod +x "$BIN"
 fi
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 failed=()
 
 step() { echo; echo "=== $* ($(date +%T))"; }
 
-# The CUDA 13 user-space libraries (cuBLAS, cuRAND, NVRTC, cudart) come from
-# PyTorch's wheels; the driver supplies libcuda.so.1.
-CU13="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia/cu13/lib"
+# The CUDA 13 user-space libraries (cuBLAS, cuRAND, NVRTC, cudart, and cuDNN for the
+# cudnn build) come from PyTorch's wheels; the driver supplies libcuda.so.1.
+NV="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia"
+CU13="$NV/cu13/lib"
 if [ -d "$CU13" ]; then
-    export LD_LIBRARY_PATH="$CU13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH="$CU13:$NV/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 else
     echo "warning: no $CU13; set TORCH_PYTHON to a python whose site-packages hold nvidia/cu13/lib" >&2
 fi
@@ -62,7 +64,7 @@ if [ -x "$BIN" ]; then
         echo "the binary misses shared libraries (above): steps 2, 4 and 5 will fail" >&2
         failed+=(libraries)
     fi
-    ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc'
+    ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc|cudnn'
 else
     echo "no binary at $BIN: build it with scripts/build-cuda.sh and carry it" >&2
     failed+=(binary)
@@ -90,8 +92,9 @@ for m in r["model"]:
     print(f"  {m['arch']} logits GPU vs CPU: {m['max_rel_err_logits']:.2e}, patch changes: "
           f"{m['patch_changes_logits']}, removal bitwise: {m['removal_bitwise_equal']}")
 for s in r["switch"]:
-    a, l = s["apply"], s["reload"]
-    print(f"  {s['arch']} switch p50 {a['p50_us']:.1f} us p99 {a['p99_us']:.1f} us; "
+    a, m, l = s["apply"], s["materialize"], s["reload"]
+    print(f"  {s['arch']} switch p50 {a['p50_us']:.1f} us p99 {a['p99_us']:.1f} us "
+          f"(stem alone p50 {m['p50_us']:.1f} us p99 {m['p99_us']:.1f} us); "
           f"reload p50 {l['p50_us'] / 1e3:.1f} ms ({s['reload_over_apply_p99']:.0f}x)")
 for i in r["infer"]:
     l = i["batch_latency"]

@@ -260,6 +260,15 @@ impl Fixture {
         for _ in 0..n {
             apply.push(self.registry.put_profile("p", sig.clone(), true)?.apply);
         }
+        let table = self.registry.snapshot();
+        let patches = [(&table.signatures["sig"].signature, 0.8f32)];
+        let model = self.registry.model();
+        let mut materialize = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            model.materialize(&patches)?;
+            materialize.push(t.elapsed());
+        }
         let mut reload = Vec::with_capacity(reloads);
         for _ in 0..reloads {
             let t = Instant::now();
@@ -271,6 +280,7 @@ impl Fixture {
             arch: self.arch.clone(),
             reload_over_apply_p99: reload.p50_us / apply.p99_us,
             apply,
+            materialize: Percentiles::of(materialize),
             reload,
         })
     }
@@ -281,6 +291,9 @@ pub struct SwitchReport {
     pub arch: String,
     /// Build the patched stem and publish it, as `PutProfile` does.
     pub apply: Percentiles,
+    /// Building the patched stem alone (on a GPU: descriptor upload, the kernel, the
+    /// status read), so that the rest of `apply` is the table's publication.
+    pub materialize: Percentiles,
     /// Rebuild the model from its safetensors file.
     pub reload: Percentiles,
     pub reload_over_apply_p99: f64,

@@ -173,6 +173,7 @@ static Dim blockIdx, threadIdx, blockDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __align__(n) alignas(n)
 using std::isfinite;
 static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }

@@ -15,7 +15,8 @@
 //     2 ulp), and only when a signature carries variance deltas.
 //
 // Grid: one block per (layer, output channel) row; the block's threads stride over the
-// row. Every input byte is read once, every output written once. Compiled at run time by
+// row, four elements at a time where the row's length and alignment allow (vec4_ok).
+// Every input byte is read once, every output written once. Compiled at run time by
 // NVRTC (src/kernel/cuda.rs), which also builds the descriptor table below; keep the two
 // layouts in step (the static_asserts pin the sizes).
 
@@ -127,45 +128,16 @@ __device__ __forceinline__ float patched(float p, const Signature* sigs, unsigne
     return p;
 }
 
-extern "C" __global__ void rws_fused_add_scale(const Layer* __restrict__ layers, unsigned int n_layers,
-                                               const Signature* __restrict__ all_sigs,
-                                               float* __restrict__ out,
-                                               unsigned long long* __restrict__ status) {
-    // A stem has a handful of layers: a linear scan beats a search.
-    unsigned int l = 0;
-    while (l + 1 < n_layers && blockIdx.x >= layers[l + 1].first_block) ++l;
-    const Layer& L = layers[l];
-    const unsigned int o = blockIdx.x - L.first_block;
-    const unsigned int cols = L.cols;
-    const Signature* sigs = all_sigs + L.first_sig;
-    const unsigned int n = L.n_sigs;
-
-    // The BatchNorm fold for channel o, computed by every thread (warp-uniform loads
-    // are broadcasts; this saves a shared-memory round trip and a barrier).
-    float gamma = patched(L.gamma[o], sigs, n, PART_GAMMA, o);
-    float beta = patched(L.beta[o], sigs, n, PART_BETA, o);
-    float mean = patched(L.mean[o], sigs, n, PART_MEAN, o);
-    float log_scale = 0.0f;
-    for (unsigned int k = 0; k < n; ++k) {
-        const Delta& d = sigs[k].parts[PART_VAR];
-        if (d.data) log_scale = log_scale + sigs[k].alpha * delta_at(d, o);
-    }
-    float var = L.var[o] * expf(log_scale);
-    float denom = var + L.eps;
-    if (!(denom > 0.0f)) {  // NaN counts as negative: it cannot be folded either
-        if (threadIdx.x == 0) report(status, l, o, 0u, var);
-        return;
-    }
-    float s = gamma / sqrtf(denom);
-
+// Row o of a layer's folded weight, one element at a time: any row length and alignment.
+// Each thread carries ELEMS elements a block-width apart, so it has ELEMS independent
+// loads in flight per input and reads each delta's descriptor once per ELEMS elements.
+// Per element the operations are: acc = W; acc += term_i in signature order;
+// out = acc * s. Returns whether an output is not finite.
+__device__ __forceinline__ bool fold_row(const float* __restrict__ w, float* __restrict__ row,
+                                         const Signature* sigs, unsigned int n, unsigned int o,
+                                         unsigned int cols, float s) {
     const unsigned long long row_start = (unsigned long long)o * cols;
-    const float* __restrict__ w = L.weight + row_start;
-    float* __restrict__ row = out + L.out_w + row_start;
     bool bad = false;
-    // Each thread carries ELEMS elements a block-width apart, so it has ELEMS
-    // independent loads in flight per input (enough bytes in flight to run at memory
-    // speed) and reads each delta's descriptor once per ELEMS elements. Per element the
-    // operations are still: acc = W; acc += term_i in signature order; out = acc * s.
     for (unsigned int base = threadIdx.x; base < cols; base += ELEMS * blockDim.x) {
         float acc[ELEMS];
 #pragma unroll
@@ -213,10 +185,166 @@ extern "C" __global__ void rws_fused_add_scale(const Layer* __restrict__ layers,
             }
         }
     }
+    return bad;
+}
+
+// Four consecutive elements, moved with one aligned load or store each: 16 bytes of
+// weights, 8 of f16, 4 of int8 codes, 2 of int4 codes. One-byte loads leave a warp
+// with 32 bytes per load instruction, too few in flight to reach memory speed.
+struct __align__(16) F32x4 { float v[4]; };
+struct __align__(8) F16x4 { unsigned short v[4]; };
+struct __align__(4) I8x4 { unsigned char v[4]; };
+struct __align__(2) I4x4 { unsigned char v[2]; };
+
+__device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes) {
+    return ((unsigned long long)p & (bytes - 1)) == 0;
+}
+
+// Whether row o can take the four-wide path: whole groups of four in every row, and
+// every weight input and the output aligned for its vector type.
+__device__ __forceinline__ bool vec4_ok(const float* w, const float* row, const Signature* sigs,
+                                        unsigned int n, unsigned int o, unsigned int cols) {
+    if (cols % 4u != 0u || !aligned(w, 16) || !aligned(row, 16)) return false;
+    const unsigned long long row_start = (unsigned long long)o * cols;
+    for (unsigned int k = 0; k < n; ++k) {
+        const Delta& d = sigs[k].parts[PART_WEIGHT];
+        if (!d.data) continue;
+        const unsigned char* q = (const unsigned char*)d.data;
+        bool ok = d.kind == KIND_F32    ? aligned(q + 4 * row_start, 16)
+                  : d.kind == KIND_F16  ? aligned(q + 2 * row_start, 8)
+                  : d.kind == KIND_INT8 ? aligned(q + row_start, 4)
+                                        : aligned(q + row_start / 2, 2);
+        if (!ok) return false;
+    }
+    return true;
+}
+
+// fold_row for rows vec4_ok accepts: the same operations on every element, in the same
+// order, four consecutive elements per thread and step.
+__device__ __forceinline__ bool fold_row_vec4(const float* __restrict__ w, float* __restrict__ row,
+                                              const Signature* sigs, unsigned int n, unsigned int o,
+                                              unsigned int cols, float s) {
+    const unsigned long long row_start = (unsigned long long)o * cols;
+    const unsigned int groups = cols / 4u;
+    bool bad = false;
+    for (unsigned int base = threadIdx.x; base < groups; base += ELEMS * blockDim.x) {
+        float acc[ELEMS][4];
+#pragma unroll
+        for (unsigned int u = 0; u < ELEMS; ++u) {
+            unsigned int g = base + u * blockDim.x;
+            if (g < groups) {
+                F32x4 x = ((const F32x4*)w)[g];
+#pragma unroll
+                for (unsigned int e = 0; e < 4; ++e) acc[u][e] = x.v[e];
+            }
+        }
+        for (unsigned int k = 0; k < n; ++k) {
+            const Delta& d = sigs[k].parts[PART_WEIGHT];
+            if (!d.data) continue;
+            const float alpha = sigs[k].alpha;
+            const unsigned char* q = (const unsigned char*)d.data;
+            if (d.kind == KIND_F32) {
+                const F32x4* v = (const F32x4*)(q + 4 * row_start);
+#pragma unroll
+                for (unsigned int u = 0; u < ELEMS; ++u) {
+                    unsigned int g = base + u * blockDim.x;
+                    if (g >= groups) continue;
+                    F32x4 x = v[g];
+#pragma unroll
+                    for (unsigned int e = 0; e < 4; ++e) acc[u][e] = acc[u][e] + alpha * x.v[e];
+                }
+            } else if (d.kind == KIND_F16) {
+                const F16x4* v = (const F16x4*)(q + 2 * row_start);
+#pragma unroll
+                for (unsigned int u = 0; u < ELEMS; ++u) {
+                    unsigned int g = base + u * blockDim.x;
+                    if (g >= groups) continue;
+                    F16x4 x = v[g];
+#pragma unroll
+                    for (unsigned int e = 0; e < 4; ++e)
+                        acc[u][e] = acc[u][e] + alpha * f16_to_f32(x.v[e]);
+                }
+            } else {
+                const float a = alpha * d.scale[o];
+                const float b = alpha * d.offset[o];
+#pragma unroll
+                for (unsigned int u = 0; u < ELEMS; ++u) {
+                    unsigned int g = base + u * blockDim.x;
+                    if (g >= groups) continue;
+                    unsigned int c[4];
+                    if (d.kind == KIND_INT8) {
+                        I8x4 x = ((const I8x4*)(q + row_start))[g];
+#pragma unroll
+                        for (unsigned int e = 0; e < 4; ++e) c[e] = x.v[e];
+                    } else {
+                        I4x4 x = ((const I4x4*)(q + row_start / 2))[g];
+                        c[0] = x.v[0] & 0x0fu;
+                        c[1] = x.v[0] >> 4;
+                        c[2] = x.v[1] & 0x0fu;
+                        c[3] = x.v[1] >> 4;
+                    }
+#pragma unroll
+                    for (unsigned int e = 0; e < 4; ++e) acc[u][e] = acc[u][e] + ((float)c[e] * a + b);
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned int u = 0; u < ELEMS; ++u) {
+            unsigned int g = base + u * blockDim.x;
+            if (g >= groups) continue;
+            F32x4 y;
+#pragma unroll
+            for (unsigned int e = 0; e < 4; ++e) {
+                y.v[e] = acc[u][e] * s;
+                bad |= !isfinite(y.v[e]);
+            }
+            ((F32x4*)row)[g] = y;
+        }
+    }
+    return bad;
+}
+
+extern "C" __global__ void rws_fused_add_scale(const Layer* __restrict__ layers, unsigned int n_layers,
+                                               const Signature* __restrict__ all_sigs,
+                                               float* __restrict__ out,
+                                               unsigned long long* __restrict__ status) {
+    // A stem has a handful of layers: a linear scan beats a search.
+    unsigned int l = 0;
+    while (l + 1 < n_layers && blockIdx.x >= layers[l + 1].first_block) ++l;
+    const Layer& L = layers[l];
+    const unsigned int o = blockIdx.x - L.first_block;
+    const unsigned int cols = L.cols;
+    const Signature* sigs = all_sigs + L.first_sig;
+    const unsigned int n = L.n_sigs;
+
+    // The BatchNorm fold for channel o, computed by every thread (warp-uniform loads
+    // are broadcasts; this saves a shared-memory round trip and a barrier).
+    float gamma = patched(L.gamma[o], sigs, n, PART_GAMMA, o);
+    float beta = patched(L.beta[o], sigs, n, PART_BETA, o);
+    float mean = patched(L.mean[o], sigs, n, PART_MEAN, o);
+    float log_scale = 0.0f;
+    for (unsigned int k = 0; k < n; ++k) {
+        const Delta& d = sigs[k].parts[PART_VAR];
+        if (d.data) log_scale = log_scale + sigs[k].alpha * delta_at(d, o);
+    }
+    float var = L.var[o] * expf(log_scale);
+    float denom = var + L.eps;
+    if (!(denom > 0.0f)) {  // NaN counts as negative: it cannot be folded either
+        if (threadIdx.x == 0) report(status, l, o, 0u, var);
+        return;
+    }
+    float s = gamma / sqrtf(denom);
+
+    const unsigned long long row_start = (unsigned long long)o * cols;
+    const float* __restrict__ w = L.weight + row_start;
+    float* __restrict__ row = out + L.out_w + row_start;
+    const bool bad = vec4_ok(w, row, sigs, n, o, cols) ? fold_row_vec4(w, row, sigs, n, o, cols, s)
+                                                       : fold_row(w, row, sigs, n, o, cols, s);
     float bias = beta - s * mean;
+    bool bias_bad = false;
     if (threadIdx.x == 0) {
         out[L.out_b + o] = bias;
-        bad |= !isfinite(bias);
+        bias_bad = !isfinite(bias);
     }
-    if (bad) report(status, l, o, 1u, 0.0f);
+    if (bad || bias_bad) report(status, l, o, 1u, 0.0f);
 }

@@ -742,6 +742,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
             .await??;
             print_report(json, &r, |r| {
                 println!("{}: apply  {}", r.arch, r.apply);
+                println!("{}: stem   {}", r.arch, r.materialize);
                 println!("{}: reload {}", r.arch, r.reload);
                 println!("reload p50 / apply p99 = {:.0}x", r.reload_over_apply_p99);
             })?;
@@ -863,8 +864,8 @@ fn print_gpu(r: &rws::bench::gpu::GpuReport) {
     }
     for s in &r.switch {
         println!(
-            "{}: switch {}; full reload p50 {:.0} µs = {:.0}x the switch p99",
-            s.arch, s.apply, s.reload.p50_us, s.reload_over_apply_p99
+            "{}: switch {}; of which the stem {}; full reload p50 {:.0} µs = {:.0}x the switch p99",
+            s.arch, s.apply, s.materialize, s.reload.p50_us, s.reload_over_apply_p99
         );
     }
     for i in &r.infer {
