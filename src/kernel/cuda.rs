@@ -39,17 +39,9 @@ use crate::{Error, Result};
 /// The kernel source, shared by the NVRTC build here and scripts/gpu/check_kernel_cupy.py.
 pub const SOURCE: &str = include_str!("add_scale.cu");
 const ENTRY: &str = "rws_fused_add_scale";
-/// Elements of a row one thread covers per pass: `ELEMS` groups of four in add_scale.cu.
-const ELEMS_PER_THREAD: usize = 16;
-
-/// Threads per block, i.e. per output channel: just enough to cover the widest row in
-/// one pass, so that no block runs a second, mostly idle pass (a 4608-wide row took
-/// 0.69x a copy's time with 256 threads, 1.25 passes); at least two warps, at most 1024.
-fn block_size(layers: &[LayerJob]) -> u32 {
-    let widest = layers.iter().map(|l| l.base.cols).max().unwrap_or(0);
-    let threads = widest.div_ceil(ELEMS_PER_THREAD).next_multiple_of(32);
-    threads.clamp(64, 1024) as u32
-}
+/// Threads per block, i.e. per output channel: enough bytes in flight per SM for the
+/// large layers, and tiny stem rows waste only idle threads.
+const BLOCK: u32 = 256;
 /// Both outputs of every layer start on a 256-byte boundary (cuBLAS's preferred alignment).
 const ALIGN: usize = 64;
 
@@ -427,7 +419,7 @@ fn run(
         let n_layers = layers.len() as u32;
         let cfg = LaunchConfig {
             grid_dim: (first_block, 1, 1),
-            block_dim: (block_size(layers), 1, 1),
+            block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = stream.launch_builder(&func);
