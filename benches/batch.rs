@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rws::batch::{Job, run_batch};
-use rws::profile::{Registry, SignatureRef};
 use rws::rng::Rng;
+use rws::serve::batch::{Job, run_batch};
+use rws::serve::profile::{Registry, SignatureRef};
 
 /// A registry with `clean` plus three one-signature profiles.
 fn shipped() -> Registry {
-    let dir = rws::repo::ModelDir::open(Path::new("models"), Some("mnist-resnet")).unwrap();
+    let dir = rws::model::repo::ModelDir::open(Path::new("models"), Some("mnist-resnet")).unwrap();
     let model = rws::model::Model::load(
         dir.config.clone(),
         &dir.base_path(),
@@ -23,7 +23,7 @@ fn shipped() -> Registry {
     .unwrap();
     let registry = Registry::new(Arc::new(model), 16).unwrap();
     for kind in ["fog", "snow", "gaussian_noise"] {
-        let sig = rws::signature::Signature::load(
+        let sig = rws::patch::signature::Signature::load(
             &dir.dir.join(format!("signatures/{kind}.rws.safetensors")),
         )
         .unwrap();

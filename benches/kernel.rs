@@ -13,8 +13,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use rws::kernel::{ConvBn, LayerDelta, cpu};
-use rws::quant::{Delta, Quant};
+use rws::patch::kernel::{ConvBn, LayerDelta, cpu};
+use rws::patch::quant::{Delta, Quant};
 
 /// Owned clean layer + one int8 signature, and the output buffers.
 struct Case {

@@ -9,9 +9,9 @@ use std::time::Duration;
 use candle_core::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rws::model::Model;
-use rws::profile::{Registry, SignatureRef};
-use rws::quant::Quant;
-use rws::repo::ModelDir;
+use rws::model::repo::ModelDir;
+use rws::patch::quant::Quant;
+use rws::serve::profile::{Registry, SignatureRef};
 
 struct Setup {
     name: &'static str,
@@ -23,8 +23,8 @@ struct Setup {
 /// A synthetic model with `blocks` patchable blocks and one int8 signature.
 fn setup(name: &'static str, arch: &str, blocks: usize) -> Setup {
     let repo = tempfile::tempdir().unwrap();
-    let arch = rws::synth::arch_by_name(arch).unwrap();
-    rws::synth::write_repo_model(
+    let arch = rws::lab::synth::arch_by_name(arch).unwrap();
+    rws::lab::synth::write_repo_model(
         &repo.path().join(name),
         arch,
         blocks,
@@ -37,7 +37,8 @@ fn setup(name: &'static str, arch: &str, blocks: usize) -> Setup {
     let model = Model::load(dir.config.clone(), &dir.base_path(), &Device::Cpu).unwrap();
     let registry = Registry::new(Arc::new(model), 4).unwrap();
     let sig =
-        rws::signature::Signature::load(&dir.dir.join("signatures/sig.rws.safetensors")).unwrap();
+        rws::patch::signature::Signature::load(&dir.dir.join("signatures/sig.rws.safetensors"))
+            .unwrap();
     registry.load_signature("sig", sig, false).unwrap();
     Setup {
         name,

@@ -38,6 +38,17 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A client's value quoted for an error message, cut to its first 64 characters: an
+/// echo must not grow with the input (gRPC's metadata, which carries the message,
+/// holds 16 KB, and logs should not either).
+pub fn clip(s: &str) -> String {
+    const KEEP: usize = 64;
+    match s.char_indices().nth(KEEP) {
+        Some((at, _)) => format!("{:?}…", &s[..at]),
+        None => format!("{s:?}"),
+    }
+}
+
 impl Error {
     /// The category as a short label (the gRPC status it maps to), for metrics.
     pub fn kind(&self) -> &'static str {

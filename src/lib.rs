@@ -1,33 +1,26 @@
 //! rws: an inference server for image classifiers that patches robustness in at
 //! runtime with Robust Weight Signatures (Cai, Zhang, Wang, ICML 2023).
 //!
-//! The library holds everything; the `rws` binary and the gRPC layer in
-//! [`server`] are thin wrappers over [`engine::Engine`].
+//! The house, with imports pointing down only (`tests/layout.rs` checks it):
+//!
+//! - [`server`]: the wire protocols (rws.v1, KServe v2, health, reflection) and the
+//!   client calls; the only module that knows them.
+//! - [`bench`]: the measurements behind `rws bench`.
+//! - [`serve`]: the serving core: engine, batching, profile table, state, fleet.
+//! - [`lab`]: the research pipeline that makes signatures; never used by `serve`.
+//! - [`model`]: architectures, the stem/trunk split, BatchNorm folding, conv ops,
+//!   model directories and devices.
+//! - [`patch`]: the signature format, quantized storage and the add-scale kernels.
+//! - [`error`], [`fsutil`], [`rng`]: small helpers everything may use.
 
-pub mod batch;
 pub mod bench;
-pub mod corrupt;
-pub mod data;
-pub mod device;
-pub mod engine;
 pub mod error;
-pub mod eval;
-pub mod extract;
-pub mod fleet;
 pub mod fsutil;
-pub mod kernel;
-pub mod metrics;
+pub mod lab;
 pub mod model;
-pub mod plot;
-pub mod preprocess;
-pub mod profile;
-pub mod quant;
-pub mod repo;
+pub mod patch;
 pub mod rng;
+pub mod serve;
 pub mod server;
-pub mod signature;
-pub mod state;
-pub mod synth;
-pub mod train;
 
 pub use error::{Error, Result};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use rws::engine::EngineOptions;
+use rws::serve::engine::EngineOptions;
 use rws::server::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

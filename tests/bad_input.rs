@@ -7,10 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use rws::engine::EngineOptions;
-use rws::quant::{Delta, Quant};
+use rws::patch::quant::{Delta, Quant};
+use rws::patch::signature::{Signature, TensorDelta};
+use rws::serve::engine::EngineOptions;
 use rws::server::pb;
-use rws::signature::{Signature, TensorDelta};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -155,6 +155,17 @@ async fn bad_images_and_tensors() {
     )
     .await;
     let mut req = tensor_request(5, "");
+    if let Some(pb::classify_request::Input::Tensor(t)) = &mut req.input {
+        t.data.iter_mut().for_each(|v| *v = 3e38);
+    }
+    let r = p.inf.clone().classify(req).await;
+    let msg = r
+        .as_ref()
+        .map_or_else(|s| s.message().to_string(), |_| String::new());
+    assert!(msg.contains("non-finite logits"), "{msg}");
+    p.refused("finite input that overflows", r, Code::InvalidArgument)
+        .await;
+    let mut req = tensor_request(5, "");
     req.input = None;
     p.refused(
         "no input",
@@ -185,6 +196,42 @@ async fn bad_profiles() {
     let r = p.inf.classify(tensor_request(5, "nope")).await;
     p.refused("classify with unknown profile", r, Code::NotFound)
         .await;
+    // A 100 KB name: refused as invalid before any lookup, with a short message (a
+    // full echo would overflow gRPC's 16 KB metadata and turn into RESOURCE_EXHAUSTED).
+    let long = "x".repeat(100_000);
+    let r = p.inf.classify(tensor_request(5, &long)).await;
+    let msg = r.as_ref().map_or_else(|s| s.message().len(), |_| 0);
+    assert!((1..300).contains(&msg), "message of {msg} bytes");
+    p.refused(
+        "classify with a 100 KB profile name",
+        r,
+        Code::InvalidArgument,
+    )
+    .await;
+    let r = p
+        .admin
+        .set_default_profile(pb::SetDefaultProfileRequest {
+            name: long.clone(),
+            wait_fleet: false,
+        })
+        .await;
+    p.refused("default with a 100 KB name", r, Code::InvalidArgument)
+        .await;
+    let r = p.admin.put_profile(put("ok", &[(&long, 1.0)], false)).await;
+    let msg = r.as_ref().map_or_else(|s| s.message().len(), |_| 0);
+    assert!((1..300).contains(&msg), "message of {msg} bytes");
+    p.refused("a 100 KB signature name", r, Code::InvalidArgument)
+        .await;
+
+    // An absurd grpc-timeout is no deadline: answered, and no worker panics.
+    let mut req = tonic::Request::new(tensor_request(5, ""));
+    req.metadata_mut()
+        .insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
+    p.inf.classify(req).await.unwrap();
+    let mut req = tonic::Request::new(tensor_request(5, ""));
+    req.metadata_mut()
+        .insert("grpc-timeout", "18446744073709551615H".parse().unwrap());
+    p.inf.classify(req).await.unwrap();
     let r = p
         .admin
         .put_profile(put("storm", &[("fog", 1.0)], false))

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rws::batch::BatchConfig;
-use rws::engine::EngineOptions;
+use rws::serve::batch::BatchConfig;
+use rws::serve::engine::EngineOptions;
 use tonic::Code;
 
 fn opts(batch: BatchConfig) -> EngineOptions {
@@ -93,23 +93,23 @@ async fn full_queue_refuses_with_resource_exhausted() {
 }
 
 /// The tiny model's profile registry, in-process, for driving the batcher directly.
-fn tiny_registry(repo: &std::path::Path) -> std::sync::Arc<rws::profile::Registry> {
-    let dir = rws::repo::ModelDir::open(repo, Some(MODEL)).unwrap();
+fn tiny_registry(repo: &std::path::Path) -> std::sync::Arc<rws::serve::profile::Registry> {
+    let dir = rws::model::repo::ModelDir::open(repo, Some(MODEL)).unwrap();
     let model = rws::model::Model::load(
         dir.config.clone(),
         &dir.base_path(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    std::sync::Arc::new(rws::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap())
+    std::sync::Arc::new(rws::serve::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap())
 }
 
-type Answer = tokio::sync::oneshot::Receiver<rws::Result<rws::engine::Classification>>;
+type Answer = tokio::sync::oneshot::Receiver<rws::Result<rws::serve::batch::Classification>>;
 
 /// A request for the default profile, and where its answer arrives.
-fn job(seed: u64, deadline: Option<std::time::Instant>) -> (rws::batch::Job, Answer) {
+fn job(seed: u64, deadline: Option<std::time::Instant>) -> (rws::serve::batch::Job, Answer) {
     let (reply, rx) = tokio::sync::oneshot::channel();
-    let job = rws::batch::Job {
+    let job = rws::serve::batch::Job {
         input: input(seed).data,
         profile: String::new(),
         top_k: 1,
@@ -128,7 +128,7 @@ fn expired_requests_are_dropped_uncomputed() {
     let past = std::time::Instant::now() - Duration::from_millis(1);
     let (expired, mut expired_rx) = job(1, Some(past));
     let (live, mut live_rx) = job(1, Some(std::time::Instant::now() + Duration::from_secs(60)));
-    rws::batch::run_batch(&registry, vec![expired, live]);
+    rws::serve::batch::run_batch(&registry, vec![expired, live]);
     let err = expired_rx.try_recv().unwrap().unwrap_err();
     assert!(matches!(err, rws::Error::DeadlineExceeded(_)), "{err}");
     assert_eq!(live_rx.try_recv().unwrap().unwrap().profile, "clean");
@@ -144,7 +144,7 @@ fn a_burst_beyond_the_queue_is_refused_at_once() {
         queue_capacity: 2,
         workers: 1,
     };
-    let batcher = rws::batch::Batcher::start(registry, cfg).unwrap();
+    let batcher = rws::serve::batch::Batcher::start(registry, cfg).unwrap();
     let (mut accepted, mut refused) = (Vec::new(), 0);
     // Submitting never blocks: 50 submissions take microseconds, one forward pass far longer.
     for i in 0..50 {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{RwsProcess, refs, tensor_request, tiny_repo};
-use rws::fleet::EtcdUrl;
+use rws::serve::fleet::EtcdUrl;
 use rws::server::{admin_client, pb};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -193,7 +193,7 @@ async fn a_change_on_one_replica_reaches_all_three() {
     );
 
     // Fleet status sees three live replicas at the latest revision.
-    let (latest, replicas) = rws::fleet::status(&url.parse::<EtcdUrl>().unwrap())
+    let (latest, replicas) = rws::serve::fleet::status(&url.parse::<EtcdUrl>().unwrap())
         .await
         .unwrap();
     assert_eq!(replicas.len(), 3);
@@ -238,7 +238,7 @@ async fn a_replica_killed_during_a_storm_converges_after_restart() {
     let parsed: EtcdUrl = url.parse().unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let (latest, replicas) = rws::fleet::status(&parsed).await.unwrap();
+        let (latest, replicas) = rws::serve::fleet::status(&parsed).await.unwrap();
         // The killed r2's lease may linger a few seconds; the restarted one counts.
         let live: Vec<_> = replicas
             .iter()
@@ -458,7 +458,7 @@ async fn a_replica_whose_copy_differs_does_not_serve_it_and_says_so() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let (_, replicas) = rws::fleet::status(&url.parse::<EtcdUrl>().unwrap())
+    let (_, replicas) = rws::serve::fleet::status(&url.parse::<EtcdUrl>().unwrap())
         .await
         .unwrap();
     let b = replicas.iter().find(|r| r.id == "b").unwrap();

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use rws::engine::EngineOptions;
+use rws::serve::engine::EngineOptions;
 use rws::server::kserve::pb;
 use rws::server::kserve::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use rws::server::kserve::pb::infer_parameter::ParameterChoice;

@@ -6,10 +6,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rws::corrupt::Corruption;
-use rws::data::Digits;
-use rws::eval::{self, EvalOptions, Run};
-use rws::train::PipelineOptions;
+use rws::lab::corrupt::Corruption;
+use rws::lab::data::Digits;
+use rws::lab::eval::{self, EvalOptions, Run};
+use rws::lab::train::PipelineOptions;
 
 #[test]
 fn reduced_pipeline_trains_extracts_serves_and_reports() {
@@ -25,7 +25,7 @@ fn reduced_pipeline_trains_extracts_serves_and_reports() {
         batch: 16,
         seed: 3,
     };
-    rws::train::run_pipeline(&digits, &opts, &run_dir).unwrap();
+    rws::lab::train::run_pipeline(&digits, &opts, &run_dir).unwrap();
     for role in ["pre", "std", "std_v2", "rob-fog", "rob-gaussian_noise"] {
         assert!(
             run_dir.join(format!("{role}.safetensors")).is_file(),
@@ -36,16 +36,16 @@ fn reduced_pipeline_trains_extracts_serves_and_reports() {
     // The extracted signature round-trips through the file format and loads into a server registry.
     let run = Run::load(&run_dir).unwrap();
     let sig = run
-        .signature(Corruption::Fog, 1, rws::quant::Quant::Int4, true)
+        .signature(Corruption::Fog, 1, rws::patch::quant::Quant::Int4, true)
         .unwrap();
     let path = out.path().join("fog.rws.safetensors");
     sig.save(&path).unwrap();
-    let loaded = rws::signature::Signature::load(&path).unwrap();
+    let loaded = rws::patch::signature::Signature::load(&path).unwrap();
     assert_eq!(loaded, sig);
     let served = eval::Served::new(&run.cfg, &run.std).unwrap();
-    let registry = rws::profile::Registry::new(Arc::clone(&served.model), 2).unwrap();
+    let registry = rws::serve::profile::Registry::new(Arc::clone(&served.model), 2).unwrap();
     registry.load_signature("fog", loaded, false).unwrap();
-    let fog = rws::profile::SignatureRef {
+    let fog = rws::serve::profile::SignatureRef {
         name: "fog".into(),
         alpha: 1.0,
     };

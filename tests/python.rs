@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rws::engine::EngineOptions;
+use rws::serve::engine::EngineOptions;
 
 /// What the scripts import; a Python without them cannot run the tests.
 const IMPORTS: &str = "import tritonclient.grpc, grpc_tools.protoc, grpc_reflection.v1alpha";

@@ -3,14 +3,14 @@
 
 use std::path::Path;
 
-use rws::corrupt::Corruption;
-use rws::data::Digits;
-use rws::eval::Served;
-use rws::extract;
-use rws::quant::Quant;
-use rws::repo::ModelDir;
-use rws::signature::Signature;
-use rws::train::{self, Severity};
+use rws::lab::corrupt::Corruption;
+use rws::lab::data::Digits;
+use rws::lab::eval::Served;
+use rws::lab::extract;
+use rws::lab::train::{self, Severity};
+use rws::model::repo::ModelDir;
+use rws::patch::quant::Quant;
+use rws::patch::signature::Signature;
 
 fn shipped() -> (ModelDir, Served, Digits, serde_json::Value) {
     let dir = ModelDir::open(Path::new("models"), Some("mnist-resnet")).unwrap();
@@ -36,9 +36,11 @@ fn every_shipped_signature_beats_the_clean_model_as_the_eval_reports() {
     assert!(files.len() >= 6, "at least 6 shipped signatures");
     let rows = results["per_corruption"].as_array().unwrap();
     for path in files {
-        let kind = rws::repo::signature_name(&path);
+        let kind = rws::model::repo::signature_name(&path);
         let sig = signature(&dir, &kind);
-        sig.check_against(&served.model, false)
+        served
+            .model
+            .check_signature(&sig, false)
             .expect("made against the shipped base");
         let corruption: Corruption = kind.parse().unwrap();
         let data = train::prepare(&test, &dir.config, &[corruption], Severity::Fixed(3), 1);
@@ -75,8 +77,8 @@ fn removing_a_shipped_signature_restores_outputs_bitwise() {
         Severity::Fixed(1),
         1,
     );
-    let registry = rws::profile::Registry::new(served.model.clone(), 4).unwrap();
-    let bits = |registry: &rws::profile::Registry| -> Vec<u32> {
+    let registry = rws::serve::profile::Registry::new(served.model.clone(), 4).unwrap();
+    let bits = |registry: &rws::serve::profile::Registry| -> Vec<u32> {
         let table = registry.snapshot();
         let stem = registry.stem(&table, table.profile(None).unwrap()).unwrap();
         served
@@ -88,7 +90,7 @@ fn removing_a_shipped_signature_restores_outputs_bitwise() {
     };
     let before = bits(&registry);
     registry.load_signature("fog", sig, false).unwrap();
-    let fog = rws::profile::SignatureRef {
+    let fog = rws::serve::profile::SignatureRef {
         name: "fog".into(),
         alpha: 1.0,
     };

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use rws::engine::EngineOptions;
+use rws::serve::engine::EngineOptions;
 use rws::server::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,11 +23,11 @@ use candle_core::{CudaDevice, Device, Tensor};
 use serde::Serialize;
 
 use super::{Fixture, InferReport, Percentiles, SwitchReport};
-use crate::kernel::cuda::{
+use crate::patch::kernel::cuda::{
     self, DeviceConvBn, DeviceDelta, DeviceLayerDelta, FoldError, LayerJob, OutputLayout,
 };
-use crate::kernel::{ConvBn, LayerDelta, cpu};
-use crate::quant::{Delta, Quant};
+use crate::patch::kernel::{ConvBn, LayerDelta, cpu};
+use crate::patch::quant::{Delta, Quant};
 use crate::rng::Rng;
 use crate::{Result, bail};
 
@@ -125,7 +125,7 @@ pub struct Target {
 
 /// Runs the whole check on `opts.device`, which must open a GPU.
 pub fn run(opts: &GpuOptions) -> Result<GpuReport> {
-    let device = crate::device::select(&opts.device)?;
+    let device = crate::model::device::select(&opts.device)?;
     let Device::Cuda(dev) = &device else {
         bail!(
             FailedPrecondition,
@@ -144,7 +144,7 @@ pub fn run(opts: &GpuOptions) -> Result<GpuReport> {
     for arch in &opts.archs {
         let blocks = match opts.patchable_blocks {
             Some(n) => n,
-            None => crate::synth::arch_by_name(arch)?.stage_depths()[0],
+            None => crate::lab::synth::arch_by_name(arch)?.stage_depths()[0],
         };
         tracing::info!(%arch, blocks, "checking and timing the served path");
         let f = Fixture::new(arch, blocks, &device)?;
@@ -259,7 +259,7 @@ struct HostSig {
 
 impl HostSig {
     /// Random deltas: the weight stored as `weight`, the BatchNorm ones as `bn` (int
-    /// forms as one row, which exercises [`crate::quant::DeltaView::at`]'s general path).
+    /// forms as one row, which exercises [`crate::patch::quant::DeltaView::at`]'s general path).
     fn random(
         rng: &mut Rng,
         layer: &HostLayer,
@@ -668,8 +668,8 @@ fn check_model(f: &Fixture) -> Result<ModelCheck> {
         let stem = f.registry.stem(&table, profile)?;
         logits(gpu, &stem)
     };
-    let clean = served(crate::profile::CLEAN)?;
-    let sig_ref = |alpha| crate::profile::SignatureRef {
+    let clean = served(crate::serve::profile::CLEAN)?;
+    let sig_ref = |alpha| crate::serve::profile::SignatureRef {
         name: "sig".into(),
         alpha,
     };

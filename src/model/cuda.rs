@@ -6,10 +6,10 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
 
 use super::{FoldedConv, Model, PatchLayer, Stem};
-use crate::kernel::cuda::{
+use crate::patch::kernel::cuda::{
     self, DeviceConvBn, DeviceLayerDelta, FoldError, LayerJob, OutputLayout,
 };
-use crate::signature::Signature;
+use crate::patch::signature::Signature;
 use crate::{Error, Result};
 
 /// The clean stem layers on the device, in [`Model`]'s stem order.

@@ -6,6 +6,9 @@ pub mod arch;
 pub mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod device;
+mod fit;
+pub mod repo;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,9 +18,9 @@ use sha2::{Digest, Sha256};
 
 pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
 
-use crate::kernel::{self, ConvBn, LayerDelta};
-use crate::repo::ModelConfig;
-use crate::signature::Signature;
+use crate::model::repo::ModelConfig;
+use crate::patch::kernel::{self, ConvBn, LayerDelta};
+use crate::patch::signature::Signature;
 use crate::{Error, Result, bail};
 
 /// A conv with BatchNorm folded in: `conv(x, weight) + bias`.

@@ -16,9 +16,10 @@ use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
 
 use super::{grpc_deadline, status};
-use crate::engine::{Classification, Engine};
-use crate::preprocess::Input;
-use crate::repo::ModelConfig;
+use crate::model::repo::ModelConfig;
+use crate::serve::batch::Classification;
+use crate::serve::engine::Engine;
+use crate::serve::preprocess::Input;
 
 pub mod pb {
     tonic::include_proto!("inference");

@@ -13,9 +13,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
-use crate::engine::{Engine, SignatureSource};
-use crate::preprocess::Input;
-use crate::profile::{self, Change, LoadedSignature, Profile};
+use crate::serve::engine::{Engine, SignatureSource};
+use crate::serve::preprocess::Input;
+use crate::serve::profile::{self, Change, LoadedSignature, Profile};
 
 pub mod kserve;
 
@@ -51,19 +51,25 @@ pub fn status(e: Error) -> Status {
 
 /// The instant a client's `grpc-timeout` header runs out (e.g. `250m`, `5S`).
 fn grpc_deadline(md: &tonic::metadata::MetadataMap) -> Option<Instant> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
+        .and_then(|d| Instant::now().checked_add(d))
+}
+
+/// A `grpc-timeout` value (at most 8 digits and a unit, by the gRPC spec) as a
+/// duration. Malformed or absurd values (whose deadline would overflow the clock)
+/// mean no deadline rather than a failure: the header is the client's hint.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = n.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
-    };
-    Some(Instant::now() + d)
+    })
 }
 
 #[derive(Clone)]
@@ -525,5 +531,28 @@ mod tests {
             let err = guard.call(from("127.0.0.1:5000", bad)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_and_absurd_ones_mean_none() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "5", "5x", "-1S", "1.5S", "18446744073709551616S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        // Overflows in the multiplication: no deadline, no panic.
+        assert_eq!(parse_grpc_timeout("18446744073709551615H"), None);
+        assert_eq!(parse_grpc_timeout("18446744073709551615M"), None);
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
+        assert_eq!(
+            grpc_deadline(&md),
+            None,
+            "a deadline past the clock's end is none"
+        );
+        md.insert("grpc-timeout", "3S".parse().unwrap());
+        assert!(grpc_deadline(&md).is_some());
     }
 }

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rws::engine::{Engine, EngineOptions};
-use rws::quant::Quant;
-use rws::repo::ModelDir;
+use rws::model::repo::ModelDir;
+use rws::patch::quant::Quant;
+use rws::serve::engine::{Engine, EngineOptions};
 use rws::server::pb;
 use tonic::transport::Channel;
 
@@ -20,9 +20,9 @@ pub const MODEL: &str = "tiny";
 /// `noise` (int4) and `rain` (f16).
 pub fn tiny_repo() -> tempfile::TempDir {
     let repo = tempfile::tempdir().unwrap();
-    let arch = rws::synth::arch_by_name("resnet-small").unwrap();
+    let arch = rws::lab::synth::arch_by_name("resnet-small").unwrap();
     let dir = repo.path().join(MODEL);
-    rws::synth::write_repo_model(&dir, arch, 1, &["fog".into()], Quant::Int8, 11).unwrap();
+    rws::lab::synth::write_repo_model(&dir, arch, 1, &["fog".into()], Quant::Int8, 11).unwrap();
     let model = rws::model::Model::load(
         ModelDir::open(repo.path(), Some(MODEL)).unwrap().config,
         &dir.join("base.safetensors"),
@@ -30,7 +30,7 @@ pub fn tiny_repo() -> tempfile::TempDir {
     )
     .unwrap();
     for (name, seed, q) in [("noise", 21, Quant::Int4), ("rain", 31, Quant::F16)] {
-        let sig = rws::synth::signature(&model, name, seed, 0.3, q).unwrap();
+        let sig = rws::lab::synth::signature(&model, name, seed, 0.3, q).unwrap();
         sig.save(
             &dir.join("signatures")
                 .join(format!("{name}.rws.safetensors")),

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use rws::corrupt::Corruption;
-use rws::quant::Quant;
+use rws::lab::corrupt::Corruption;
+use rws::patch::quant::Quant;
+use rws::patch::signature::Signature;
 use rws::server::pb;
-use rws::signature::Signature;
 use tonic::transport::Channel;
 
 mod config;
@@ -235,7 +235,7 @@ enum BenchCmd {
     Fleet {
         /// The fleet's state: etcd://HOST:PORT/PREFIX.
         #[arg(long, env = "RWS_STATE")]
-        state: rws::fleet::EtcdUrl,
+        state: rws::serve::fleet::EtcdUrl,
         #[arg(long, default_value_t = 100)]
         changes: usize,
         #[arg(long)]
@@ -315,7 +315,7 @@ enum FleetCmd {
     Status {
         /// The fleet's state: etcd://HOST:PORT/PREFIX.
         #[arg(long, env = "RWS_STATE")]
-        state: rws::fleet::EtcdUrl,
+        state: rws::serve::fleet::EtcdUrl,
         #[arg(long)]
         json: bool,
     },
@@ -407,7 +407,7 @@ async fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => serve::run(*args).await?,
         Cmd::Fleet(FleetCmd::Status { state, json }) => {
-            let (latest, replicas) = rws::fleet::status(&state).await?;
+            let (latest, replicas) = rws::serve::fleet::status(&state).await?;
             if json {
                 let v = serde_json::json!({ "state_revision": latest, "replicas": replicas });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -474,7 +474,7 @@ async fn main() -> Result<()> {
             print!("{}", sig.describe());
         }
         Cmd::Data { npm, out } => {
-            let split = rws::data::load_npm_package(&npm)?;
+            let split = rws::lab::data::load_npm_package(&npm)?;
             split.train.save(&out, "train")?;
             println!("wrote {} ({} digits)", out.display(), split.train.len());
         }
@@ -485,11 +485,11 @@ async fn main() -> Result<()> {
             input,
             output,
         } => {
-            rws::corrupt::corrupt_file(
+            rws::lab::corrupt::corrupt_file(
                 &input,
                 &output,
                 kind,
-                rws::corrupt::parse_severity(severity)?,
+                rws::lab::corrupt::parse_severity(severity)?,
                 seed,
             )?;
         }
@@ -503,11 +503,11 @@ async fn main() -> Result<()> {
             per_class,
             seed,
         } => {
-            let mut digits = rws::data::Digits::load(&data)?;
+            let mut digits = rws::lab::data::Digits::load(&data)?;
             if let Some(n) = per_class {
                 digits = digits.take_per_class(n);
             }
-            let opts = rws::train::PipelineOptions {
+            let opts = rws::lab::train::PipelineOptions {
                 kinds,
                 pre_steps,
                 finetune_steps,
@@ -515,7 +515,7 @@ async fn main() -> Result<()> {
                 seed,
             };
             let start = std::time::Instant::now();
-            rws::train::run_pipeline(&digits, &opts, &out)?;
+            rws::lab::train::run_pipeline(&digits, &opts, &out)?;
             println!(
                 "trained {} in {:.0} s",
                 out.display(),
@@ -535,7 +535,7 @@ async fn main() -> Result<()> {
             out,
         } => {
             let config = config.unwrap_or_else(|| std.with_file_name("model.toml"));
-            let cfg = rws::repo::ModelConfig::load(&config)?;
+            let cfg = rws::model::repo::ModelConfig::load(&config)?;
             let corruption = corruption.unwrap_or_else(|| {
                 let stem = robust
                     .file_stem()
@@ -543,9 +543,9 @@ async fn main() -> Result<()> {
                     .unwrap_or_default();
                 stem.strip_prefix("rob-").unwrap_or(&stem).to_string()
             });
-            let load = |p: &PathBuf| rws::extract::load_checkpoint(p);
+            let load = |p: &PathBuf| rws::lab::extract::load_checkpoint(p);
             let (pre, std, rob) = (load(&pre)?, load(&std)?, load(&robust)?);
-            let sig = rws::extract::extract(&rws::extract::Extraction {
+            let sig = rws::lab::extract::extract(&rws::lab::extract::Extraction {
                 cfg: &cfg,
                 pre: &pre,
                 std: &std,
@@ -565,7 +565,7 @@ async fn main() -> Result<()> {
             );
         }
         Cmd::Analyze { run, units } => {
-            print!("{}", rws::eval::Run::load(&run)?.analyze(units)?);
+            print!("{}", rws::lab::eval::Run::load(&run)?.analyze(units)?);
         }
         Cmd::Eval {
             run,
@@ -575,17 +575,17 @@ async fn main() -> Result<()> {
             per_class,
             command,
         } => {
-            let mut digits = rws::data::Digits::load(&test)?;
+            let mut digits = rws::lab::data::Digits::load(&test)?;
             if let Some(n) = per_class {
                 digits = digits.take_per_class(n);
             }
-            let run = rws::eval::Run::load(&run)?;
-            let opts = rws::eval::EvalOptions {
+            let run = rws::lab::eval::Run::load(&run)?;
+            let opts = rws::lab::eval::EvalOptions {
                 blocks: units,
-                pairs: rws::eval::default_pairs(),
+                pairs: rws::lab::eval::default_pairs(),
                 seed: 1,
             };
-            let results = rws::eval::evaluate(&run, &digits, &opts)?;
+            let results = rws::lab::eval::evaluate(&run, &digits, &opts)?;
             let analysis = run.analyze(units)?;
             std::fs::create_dir_all(out.join("plots"))?;
             results.plots(&out.join("plots"))?;
@@ -601,7 +601,7 @@ async fn main() -> Result<()> {
             let seven = (0..digits.len())
                 .find(|&i| digits.labels[i] == 7)
                 .unwrap_or(0);
-            rws::corrupt::contact_sheet(&digits.gray(seven), 4, 1)
+            rws::lab::corrupt::contact_sheet(&digits.gray(seven), 4, 1)
                 .save(out.join("corruptions.png"))?;
             if let Some(sc) = &results.showcase {
                 if let Some(img) = &sc.image {
@@ -736,7 +736,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
             json,
         } => {
             let r = tokio::task::spawn_blocking(move || {
-                let device = rws::device::select(&device)?;
+                let device = rws::model::device::select(&device)?;
                 rws::bench::switch(&arch, patchable_blocks, applies, reloads, &device)
             })
             .await??;
@@ -756,7 +756,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
             json,
         } => {
             let r = tokio::task::spawn_blocking(move || {
-                let device = rws::device::select(&device)?;
+                let device = rws::model::device::select(&device)?;
                 rws::bench::infer(&repo, model.as_deref(), &batch, iterations, &device)
             })
             .await??;
@@ -940,7 +940,7 @@ async fn profile(cmd: ProfileCmd) -> Result<()> {
             let sigs = signatures
                 .iter()
                 .map(|s| {
-                    let r: rws::profile::SignatureRef = s.parse()?;
+                    let r: rws::serve::profile::SignatureRef = s.parse()?;
                     Ok(pb::SignatureRef {
                         name: r.name,
                         alpha: r.alpha,
@@ -1042,7 +1042,7 @@ async fn signature(cmd: SignatureCmd) -> Result<()> {
             };
             let name = match (name, upload) {
                 (Some(n), _) => n,
-                (None, true) => rws::repo::signature_name(std::path::Path::new(&path)),
+                (None, true) => rws::model::repo::signature_name(std::path::Path::new(&path)),
                 (None, false) => String::new(),
             };
             let r = admin(&client)
@@ -1090,8 +1090,8 @@ fn synth(
     if signatures.is_empty() {
         bail!("name at least one signature to generate");
     }
-    let arch = rws::synth::arch_by_name(arch)?;
-    let model = rws::synth::write_repo_model(out, arch, blocks, signatures, quant, seed)?;
+    let arch = rws::lab::synth::arch_by_name(arch)?;
+    let model = rws::lab::synth::write_repo_model(out, arch, blocks, signatures, quant, seed)?;
     println!(
         "wrote {} (fingerprint {})",
         out.display(),

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use rws::engine::{Engine, EngineOptions};
-use rws::repo::ModelDir;
+use rws::model::repo::ModelDir;
+use rws::serve::engine::{Engine, EngineOptions};
+use rws::serve::state::StateDir;
 use rws::server::ServeOptions;
-use rws::state::StateDir;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// prefix: etcd://HOST:PORT/PREFIX. An empty prefix is seeded with this
     /// replica's profiles.
     #[arg(long)]
-    state: Option<rws::fleet::EtcdUrl>,
+    state: Option<rws::serve::fleet::EtcdUrl>,
     /// This replica's name in the fleet (default: host name and process id).
     #[arg(long)]
     replica_id: Option<String>,
@@ -133,7 +133,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     let dir = ModelDir::open(&a.repo, a.model.as_deref())?;
     let opts = EngineOptions {
         max_resident_profiles: a.max_resident_profiles,
-        batch: rws::batch::BatchConfig {
+        batch: rws::serve::batch::BatchConfig {
             max_batch: a.max_batch,
             max_delay: Duration::from_micros(a.max_delay_us),
             queue_capacity: a.queue_capacity,
@@ -146,7 +146,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     let device = a.device.clone();
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
-            Engine::open(dir, &rws::device::select(&device)?, &opts)
+            Engine::open(dir, &rws::model::device::select(&device)?, &opts)
         })
         .await??,
     );
@@ -165,7 +165,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     }
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if a.metrics_addr != "off" {
-        let handle = rws::metrics::install()?;
+        let handle = rws::serve::metrics::install()?;
         let ml = tokio::net::TcpListener::bind(&a.metrics_addr)
             .await
             .with_context(|| format!("cannot listen on {} for metrics", a.metrics_addr))?;
@@ -175,7 +175,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             let stopped = async {
                 let _ = metrics_stopped.await;
             };
-            if let Err(e) = rws::metrics::serve(ml, handle, stopped).await {
+            if let Err(e) = rws::serve::metrics::serve(ml, handle, stopped).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });

@@ -18,8 +18,7 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use crate::model::Model;
-use crate::quant::{Delta, DeltaView, Quant};
+use crate::patch::quant::{Delta, DeltaView, Quant};
 use crate::{Error, Result, bail};
 
 pub const FORMAT_VERSION: &str = "1";
@@ -59,7 +58,7 @@ pub struct Signature {
     /// The deltas on each GPU that has used them, uploaded once so that a profile
     /// switch copies no weights to the device.
     #[cfg(feature = "cuda")]
-    device: crate::kernel::cuda::DeviceCache,
+    device: crate::patch::kernel::cuda::DeviceCache,
 }
 
 impl Signature {
@@ -88,7 +87,7 @@ impl Signature {
     pub fn device_deltas(
         &self,
         dev: &candle_core::CudaDevice,
-    ) -> Result<std::sync::Arc<crate::kernel::cuda::DeviceDeltas>> {
+    ) -> Result<std::sync::Arc<crate::patch::kernel::cuda::DeviceDeltas>> {
         self.device.get_or_upload(
             dev,
             self.deltas
@@ -168,46 +167,6 @@ impl Signature {
             }
         }
         Ok(())
-    }
-
-    /// Checks that this signature fits `model`: same architecture, every delta
-    /// targets a patchable tensor of the same shape, and (unless `allow_transfer`)
-    /// it was made against these exact base weights. Returns whether it is a transfer.
-    pub fn check_against(&self, model: &Model, allow_transfer: bool) -> Result<bool> {
-        let arch = model.config.arch.name();
-        if self.meta.arch != arch {
-            bail!(
-                InvalidArgument,
-                "signature was made for architecture {:?}, but the served model is {arch:?}",
-                self.meta.arch
-            );
-        }
-        let targets: HashMap<String, Vec<usize>> = model.patchable_tensors().collect();
-        for (name, d) in &self.deltas {
-            match targets.get(name) {
-                None => bail!(
-                    InvalidArgument,
-                    "signature patches {name}, which is not a tensor of the patchable stem (conv1 + {} blocks)",
-                    model.config.patchable_blocks
-                ),
-                Some(shape) if shape != &d.shape => bail!(
-                    InvalidArgument,
-                    "signature delta {name} has shape {:?}, but the base tensor has shape {shape:?}",
-                    d.shape
-                ),
-                Some(_) => {}
-            }
-        }
-        let transferred = self.meta.base_fingerprint != model.fingerprint();
-        if transferred && !allow_transfer {
-            bail!(
-                FailedPrecondition,
-                "signature was made against base weights {} but the served base is {}; load it with allow_transfer to apply it to an updated backbone",
-                self.meta.base_fingerprint,
-                model.fingerprint()
-            );
-        }
-        Ok(transferred)
     }
 
     /// Parses and checks a signature file's bytes.

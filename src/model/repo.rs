@@ -147,19 +147,20 @@ impl ModelDir {
     /// arbitrary files; symlinks are resolved before the check.
     pub fn confine(&self, rel: &str) -> Result<PathBuf> {
         let p = Path::new(rel);
+        let quoted = crate::error::clip(rel);
         if rel.is_empty()
             || p.is_absolute()
             || p.components().any(|c| !matches!(c, Component::Normal(_)))
         {
             bail!(
                 InvalidArgument,
-                "signature path {rel:?} must be relative to the model directory, without '..' (e.g. signatures/fog.rws.safetensors)"
+                "signature path {quoted} must be relative to the model directory, without '..' (e.g. signatures/fog.rws.safetensors)"
             );
         }
         let joined = self.dir.join(p);
         let real = joined.canonicalize().map_err(|_| {
             Error::NotFound(format!(
-                "no signature file at {rel:?} in model {}",
+                "no signature file at {quoted} in model {}",
                 self.name
             ))
         })?;
@@ -170,7 +171,7 @@ impl ModelDir {
         if !real.starts_with(&root) {
             bail!(
                 InvalidArgument,
-                "signature path {rel:?} leads outside the model directory"
+                "signature path {quoted} leads outside the model directory"
             );
         }
         Ok(real)

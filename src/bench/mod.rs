@@ -210,27 +210,28 @@ pub struct Fixture {
     _dir: tempfile::TempDir,
     pub arch: String,
     pub device: Device,
-    pub model_dir: crate::repo::ModelDir,
-    pub registry: crate::profile::Registry,
+    pub model_dir: crate::model::repo::ModelDir,
+    pub registry: crate::serve::profile::Registry,
 }
 
 impl Fixture {
     pub fn new(arch: &str, blocks: usize, device: &Device) -> Result<Fixture> {
         let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
         let path = dir.path().join("m");
-        crate::synth::write_repo_model(
+        crate::lab::synth::write_repo_model(
             &path,
-            crate::synth::arch_by_name(arch)?,
+            crate::lab::synth::arch_by_name(arch)?,
             blocks,
             &["sig".into()],
-            crate::quant::Quant::Int8,
+            crate::patch::quant::Quant::Int8,
             3,
         )?;
-        let model_dir = crate::repo::ModelDir::open(dir.path(), Some("m"))?;
+        let model_dir = crate::model::repo::ModelDir::open(dir.path(), Some("m"))?;
         let model =
             crate::model::Model::load(model_dir.config.clone(), &model_dir.base_path(), device)?;
-        let registry = crate::profile::Registry::new(Arc::new(model), 64)?;
-        let sig = crate::signature::Signature::load(&path.join("signatures/sig.rws.safetensors"))?;
+        let registry = crate::serve::profile::Registry::new(Arc::new(model), 64)?;
+        let sig =
+            crate::patch::signature::Signature::load(&path.join("signatures/sig.rws.safetensors"))?;
         registry.load_signature("sig", sig, false)?;
         Ok(Fixture {
             _dir: dir,
@@ -252,7 +253,7 @@ impl Fixture {
 
     /// Times `n` profile applies against `reloads` full model reloads.
     pub fn switch(&self, n: usize, reloads: usize) -> Result<SwitchReport> {
-        let sig = vec![crate::profile::SignatureRef {
+        let sig = vec![crate::serve::profile::SignatureRef {
             name: "sig".into(),
             alpha: 0.8,
         }];
@@ -345,7 +346,7 @@ pub fn memory(arch: &str, blocks: usize, profiles: usize) -> Result<MemoryReport
         let alpha = 0.1 + i as f32 * 0.05;
         f.registry.put_profile(
             &format!("p{i}"),
-            vec![crate::profile::SignatureRef {
+            vec![crate::serve::profile::SignatureRef {
                 name: "sig".into(),
                 alpha,
             }],
@@ -403,7 +404,7 @@ pub fn infer(
     iterations: usize,
     device: &Device,
 ) -> Result<Vec<InferReport>> {
-    let dir = crate::repo::ModelDir::open(repo, model)?;
+    let dir = crate::model::repo::ModelDir::open(repo, model)?;
     let m = crate::model::Model::load(dir.config.clone(), &dir.base_path(), device)?;
     time_forward(&dir.name, &m, &m.materialize(&[])?, batches, iterations)
 }
@@ -463,7 +464,7 @@ pub struct FleetReport {
 pub async fn fleet(
     addr: &str,
     token: Option<&str>,
-    url: &crate::fleet::EtcdUrl,
+    url: &crate::serve::fleet::EtcdUrl,
     changes: usize,
 ) -> Result<FleetReport> {
     check_loopback(addr)?;
@@ -506,7 +507,7 @@ pub async fn fleet(
             .into_inner();
         acked.push(start.elapsed());
         loop {
-            let rs = crate::fleet::replicas(&mut etcd, url).await?;
+            let rs = crate::serve::fleet::replicas(&mut etcd, url).await?;
             if rs.iter().all(|r| r.applied_revision >= change.revision) {
                 replicas = rs.len();
                 break;

@@ -17,7 +17,7 @@ use super::{ConvBn, DeltaView, KernelError, LayerDelta};
 const MIN_TASK_ELEMS: usize = 128 * 1024;
 
 /// Writes the served weights of one patched conv layer (see the formula in
-/// [`crate::kernel`]): `out_w` is `[out_channels, per_channel]` like `base.weight`,
+/// [`crate::patch::kernel`]): `out_w` is `[out_channels, per_channel]` like `base.weight`,
 /// `out_b` is the folded bias `[out_channels]`.
 ///
 /// On error the outputs hold partial results and must not be served. The reported
@@ -25,7 +25,7 @@ const MIN_TASK_ELEMS: usize = 128 * 1024;
 ///
 /// # Panics
 /// If the output lengths do not match `base`, or a delta is smaller than the layer (the
-/// loader validates deltas with [`crate::quant::DeltaView::check_layout`]).
+/// loader validates deltas with [`crate::patch::quant::DeltaView::check_layout`]).
 pub fn fused_add_scale(
     base: &ConvBn,
     deltas: &[LayerDelta],
@@ -200,8 +200,8 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::kernel::reference;
-    use crate::quant::{Delta, Quant};
+    use crate::patch::kernel::reference;
+    use crate::patch::quant::{Delta, Quant};
     use crate::rng::Rng;
 
     /// Owned storage for a clean conv + BatchNorm.

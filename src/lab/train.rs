@@ -13,10 +13,10 @@ use candle_nn::{
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::corrupt::Corruption;
-use crate::data::{self, Digits};
+use crate::lab::corrupt::Corruption;
+use crate::lab::data::{self, Digits};
+use crate::model::repo::ModelConfig;
 use crate::model::{Arch, UnitSpec, classify_head, forward_unit};
-use crate::repo::ModelConfig;
 use crate::rng::Rng;
 use crate::{Result, bail};
 

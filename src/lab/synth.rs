@@ -7,11 +7,11 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::model::repo::ModelConfig;
 use crate::model::{Arch, Model};
-use crate::quant::{Delta, Quant};
-use crate::repo::ModelConfig;
+use crate::patch::quant::{Delta, Quant};
+use crate::patch::signature::{Signature, SignatureMeta, TensorDelta};
 use crate::rng::Rng;
-use crate::signature::{Signature, SignatureMeta, TensorDelta};
 use crate::{Error, Result};
 
 /// A config for `arch` with digit labels for small models and numbered classes otherwise.
@@ -160,7 +160,7 @@ pub fn write_repo_model(
         let sig = signature(&model, name, seed + 1 + i as u64, 0.3, quant)?;
         sig.save(
             &dir.join("signatures")
-                .join(format!("{name}{}", crate::repo::SIGNATURE_SUFFIX)),
+                .join(format!("{name}{}", crate::model::repo::SIGNATURE_SUFFIX)),
         )?;
     }
     Ok(model)

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::{Deserialize, Serialize};
 
-use crate::metrics as m;
 use crate::model::{Model, Stem};
-use crate::signature::Signature;
-use crate::state::Origin;
+use crate::patch::signature::Signature;
+use crate::serve::metrics as m;
 use crate::{Error, Result, bail};
 
 /// The built-in profile with no signatures. It always exists and is never evicted.
@@ -26,6 +26,37 @@ pub const CLEAN: &str = "clean";
 
 /// At most this many signatures in one profile.
 pub const MAX_SIGNATURES_PER_PROFILE: usize = 16;
+
+/// Where a loaded signature's bytes came from, so it can be loaded again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// A file in the model directory, by its path relative to it.
+    Repo { path: String },
+    /// Uploaded bytes, kept in the state directory under this file name.
+    Upload { file: String },
+    /// Handed over in-process (tools, tests); not persisted.
+    Memory,
+}
+
+/// How a signature was loaded: enough to load and verify it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Origin {
+    pub source: Source,
+    /// `sha256:<hex>` of the file's bytes.
+    pub sha256: String,
+    pub allow_transfer: bool,
+}
+
+impl Origin {
+    pub fn memory(allow_transfer: bool) -> Self {
+        Origin {
+            source: Source::Memory,
+            sha256: String::new(),
+            allow_transfer,
+        }
+    }
+}
 
 /// A signature registered under a name.
 #[derive(Debug)]
@@ -53,10 +84,17 @@ impl std::str::FromStr for SignatureRef {
             .split_once('@')
             .or_else(|| s.split_once('='))
             .ok_or_else(|| {
-                Error::InvalidArgument(format!("{s:?}: expected SIGNATURE@ALPHA, e.g. fog@0.8"))
+                Error::InvalidArgument(format!(
+                    "{}: expected SIGNATURE@ALPHA, e.g. fog@0.8",
+                    crate::error::clip(s)
+                ))
             })?;
         let alpha = alpha.trim().parse().map_err(|_| {
-            Error::InvalidArgument(format!("{s:?}: alpha {alpha:?} is not a number"))
+            Error::InvalidArgument(format!(
+                "{}: alpha {} is not a number",
+                crate::error::clip(s),
+                crate::error::clip(alpha)
+            ))
         })?;
         Ok(SignatureRef {
             name: name.trim().to_string(),
@@ -113,6 +151,7 @@ impl Table {
         let name = name
             .filter(|n| !n.is_empty())
             .unwrap_or(&self.default_profile);
+        validate_name("profile", name)?;
         self.profiles.get(name).ok_or_else(|| {
             Error::NotFound(format!(
                 "no profile named {name:?} (known: {})",
@@ -182,6 +221,9 @@ fn check_definition(name: &str, signatures: &[SignatureRef]) -> Result<()> {
             "a profile holds at most {MAX_SIGNATURES_PER_PROFILE} signatures"
         );
     }
+    for r in signatures {
+        validate_name("signature", &r.name)?;
+    }
     Ok(())
 }
 
@@ -215,7 +257,8 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     if !ok {
         bail!(
             InvalidArgument,
-            "{kind} name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+            "{kind} name {} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            crate::error::clip(name)
         );
     }
     Ok(())
@@ -355,7 +398,9 @@ impl Registry {
         origin: Origin,
     ) -> Result<Arc<LoadedSignature>> {
         validate_name("signature", name)?;
-        let transferred = signature.check_against(&self.model, origin.allow_transfer)?;
+        let transferred = self
+            .model
+            .check_signature(&signature, origin.allow_transfer)?;
         let _w = self.lock_writer();
         let mut next = (*self.snapshot()).clone();
         if next.signatures.contains_key(name) {

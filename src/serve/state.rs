@@ -9,44 +9,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engine::MAX_SIGNATURE_BYTES;
-use crate::profile::{CLEAN, Registry, SignatureRef, Table};
-use crate::repo::ModelDir;
-use crate::signature::Signature;
+use crate::model::repo::ModelDir;
+use crate::patch::signature::Signature;
+use crate::serve::profile::{CLEAN, Origin, Registry, SignatureRef, Source, Table};
 use crate::{Error, Result, bail};
 
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Where a loaded signature's bytes came from, so it can be loaded again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Source {
-    /// A file in the model directory, by its path relative to it.
-    Repo { path: String },
-    /// Uploaded bytes, kept in the state directory under this file name.
-    Upload { file: String },
-    /// Handed over in-process (tools, tests); not persisted.
-    Memory,
-}
-
-/// How a signature was loaded: enough to load and verify it again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Origin {
-    pub source: Source,
-    /// `sha256:<hex>` of the file's bytes.
-    pub sha256: String,
-    pub allow_transfer: bool,
-}
-
-impl Origin {
-    pub fn memory(allow_transfer: bool) -> Self {
-        Origin {
-            source: Source::Memory,
-            sha256: String::new(),
-            allow_transfer,
-        }
-    }
-}
+/// Largest signature accepted, from disk or uploaded.
+pub const MAX_SIGNATURE_BYTES: usize = 256 << 20;
 
 pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(bytes))

@@ -16,11 +16,26 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::engine::{Classification, top_k_of};
-use crate::metrics as m;
-use crate::preprocess;
-use crate::profile::Registry;
+use crate::serve::metrics as m;
+use crate::serve::preprocess;
+use crate::serve::profile::Registry;
 use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub index: usize,
+    pub label: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    pub top_k: Vec<Prediction>,
+    pub profile: String,
+    pub generation: u64,
+    /// Empty unless asked for.
+    pub logits: Vec<f32>,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -153,7 +168,7 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     let _span = tracing::debug_span!("batch", size = live.len(), queue_us).entered();
     // One snapshot for the whole batch: every job in it sees the same table.
     let table = registry.snapshot();
-    let mut groups: Vec<(Arc<crate::profile::Profile>, Vec<Job>)> = Vec::new();
+    let mut groups: Vec<(Arc<crate::serve::profile::Profile>, Vec<Job>)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for job in live {
         match table.profile(Some(&job.profile)) {
@@ -213,6 +228,16 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     for (profile, jobs) in answered {
         for job in jobs {
             let logits = rows.next().unwrap_or_default();
+            // A finite input can still overflow inside the network; its "prediction"
+            // would be noise, so it is refused rather than answered.
+            if logits.iter().any(|v| !v.is_finite()) {
+                let _ = job.reply.send(Err(Error::InvalidArgument(
+                    "the input drives the model to non-finite logits (inf or NaN); send an \
+                     image, or a tensor normalized like the model's input (values near [-10, 10])"
+                        .into(),
+                )));
+                continue;
+            }
             let _ = job.reply.send(Ok(Classification {
                 top_k: top_k_of(&logits, &model.config.labels, job.top_k),
                 profile: profile.name.clone(),
@@ -227,4 +252,26 @@ fn fail(jobs: Vec<Job>, e: &Error) {
     for j in jobs {
         let _ = j.reply.send(Err(Error::Internal(e.to_string())));
     }
+}
+
+/// Default number of classes returned.
+pub const DEFAULT_TOP_K: usize = 5;
+
+/// Softmax scores of the `k` largest logits (0 means [`DEFAULT_TOP_K`]).
+pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
+    let k = if k == 0 { DEFAULT_TOP_K } else { k }.min(logits.len());
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| Prediction {
+            index: i,
+            label: labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
+            score: exp[i] / sum,
+        })
+        .collect()
 }

@@ -27,7 +27,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod reference;
 
-pub use crate::quant::DeltaView;
+pub use crate::patch::quant::DeltaView;
 
 /// The clean weights of one conv layer and the BatchNorm that follows it.
 #[derive(Debug, Clone, Copy)]

@@ -19,7 +19,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::corrupt::Gray;
+use crate::lab::corrupt::Gray;
 use crate::{Error, Result, bail};
 
 /// Side of an MNIST digit, in pixels.
@@ -141,7 +141,7 @@ impl Digits {
         })?;
         Self::from_bytes(&bytes).map_err(|e| match e {
             Error::InvalidArgument(msg) => Error::InvalidArgument(format!(
-                "{}: {msg} (expected a digits file written by rws::data::Digits::save; \
+                "{}: {msg} (expected a digits file written by rws::lab::data::Digits::save; \
                  regenerate it from the npm package)",
                 path.display()
             )),

@@ -9,37 +9,18 @@ use std::time::Instant;
 use candle_core::Device;
 use tokio::sync::oneshot;
 
-use crate::batch::{BatchConfig, Batcher, Job};
-use crate::fleet::{EtcdUrl, Fleet};
-use crate::metrics as m;
 use crate::model::Model;
-use crate::preprocess::{self, Input};
-use crate::profile::{Change, LoadedSignature, Registry, SignatureRef, validate_name};
-use crate::repo::{self, ModelDir};
-use crate::signature::Signature;
-use crate::state::{self, Origin, Source, State, StateDir};
+use crate::model::repo::{self, ModelDir};
+use crate::patch::signature::Signature;
+use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
+use crate::serve::fleet::{EtcdUrl, Fleet};
+use crate::serve::metrics as m;
+use crate::serve::preprocess::{self, Input};
+use crate::serve::profile::{
+    Change, LoadedSignature, Origin, Registry, SignatureRef, Source, validate_name,
+};
+use crate::serve::state::{self, State, StateDir};
 use crate::{Error, Result, bail};
-
-/// Default number of classes returned.
-pub const DEFAULT_TOP_K: usize = 5;
-/// Largest signature accepted, from disk or uploaded.
-pub const MAX_SIGNATURE_BYTES: usize = 256 << 20;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Prediction {
-    pub index: usize,
-    pub label: String,
-    pub score: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Classification {
-    pub top_k: Vec<Prediction>,
-    pub profile: String,
-    pub generation: u64,
-    /// Empty unless asked for.
-    pub logits: Vec<f32>,
-}
 
 pub struct EngineOptions {
     pub max_resident_profiles: usize,
@@ -179,6 +160,7 @@ impl Engine {
         replace: bool,
         wait_fleet: bool,
     ) -> Result<Change> {
+        validate_name("profile", &name)?;
         if let Some(f) = self.fleet() {
             return f.put_profile(&name, signatures, replace, wait_fleet).await;
         }
@@ -191,6 +173,7 @@ impl Engine {
         name: String,
         wait_fleet: bool,
     ) -> Result<Change> {
+        validate_name("profile", &name)?;
         if let Some(f) = self.fleet() {
             return f.delete_profile(&name, wait_fleet).await;
         }
@@ -199,6 +182,7 @@ impl Engine {
     }
 
     pub async fn set_default(self: &Arc<Self>, name: String, wait_fleet: bool) -> Result<Change> {
+        validate_name("profile", &name)?;
         if let Some(f) = self.fleet() {
             return f.set_default(&name, wait_fleet).await;
         }
@@ -220,6 +204,7 @@ impl Engine {
             }
             _ => name,
         };
+        validate_name("signature", &name)?;
         if let Some(f) = self.fleet() {
             let SignatureSource::Path(rel) = source else {
                 bail!(
@@ -242,6 +227,7 @@ impl Engine {
     }
 
     pub async fn unload_signature(self: &Arc<Self>, name: String, wait_fleet: bool) -> Result<()> {
+        validate_name("signature", &name)?;
         if let Some(f) = self.fleet() {
             return f.unload_signature(&name, wait_fleet).await;
         }
@@ -288,7 +274,7 @@ impl Engine {
         // Checked before the bytes are kept, so a refused upload leaves no file
         // behind (the registry checks again under its lock).
         validate_name("signature", name)?;
-        sig.check_against(self.model(), allow_transfer)?;
+        self.model().check_signature(&sig, allow_transfer)?;
         let sha = state::sha256(bytes);
         let source = match &self.state {
             Some(dir) => Source::Upload {
@@ -383,6 +369,10 @@ impl Engine {
                 "the server is shutting down; send the request to another replica"
             );
         }
+        // Before any lookup: the name is refused without echoing more than its start.
+        if !profile.is_empty() {
+            validate_name("profile", &profile)?;
+        }
         let engine = self.clone();
         let input = tokio::task::spawn_blocking(move || {
             let _s = tracing::debug_span!("decode").entered();
@@ -404,25 +394,6 @@ impl Engine {
             .await
             .map_err(|_| crate::Error::Internal("compute worker dropped the request".into()))?
     }
-}
-
-/// Softmax scores of the `k` largest logits (0 means [`DEFAULT_TOP_K`]).
-pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
-    let k = if k == 0 { DEFAULT_TOP_K } else { k }.min(logits.len());
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    order
-        .into_iter()
-        .take(k)
-        .map(|i| Prediction {
-            index: i,
-            label: labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
-            score: exp[i] / sum,
-        })
-        .collect()
 }
 
 /// Runs registry work on tokio's blocking pool, keeping reactor threads free.

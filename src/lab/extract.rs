@@ -23,9 +23,9 @@ use std::fmt::Write as _;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::Model;
-use crate::quant::{Delta, Quant};
-use crate::repo::ModelConfig;
-use crate::signature::{Signature, SignatureMeta, TensorDelta};
+use crate::model::repo::ModelConfig;
+use crate::patch::quant::{Delta, Quant};
+use crate::patch::signature::{Signature, SignatureMeta, TensorDelta};
 use crate::{Error, Result, bail};
 
 /// Named checkpoint tensors (torchvision names).

@@ -6,7 +6,7 @@ use std::io::Cursor;
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageReader, Limits, imageops::FilterType};
 
-use crate::repo::ModelConfig;
+use crate::model::repo::ModelConfig;
 use crate::{Error, Result, bail};
 
 /// Largest image side accepted; the header is checked before decoding.

@@ -1,5 +1,5 @@
 //! The fused add-scale on a CUDA device (the `cuda` feature): the same formula as
-//! [`super::cpu`] (see [`crate::kernel`]), for every layer of a stem in one launch.
+//! [`super::cpu`] (see [`crate::patch::kernel`]), for every layer of a stem in one launch.
 //!
 //! The kernel is the CUDA C in `add_scale.cu`, compiled at run time by NVRTC into a
 //! cubin for the device's exact architecture, once per device. A cubin rather than
@@ -33,7 +33,7 @@ use candle_core::cuda_backend::{DeviceId, WrapErr};
 use half::f16;
 
 use super::{ConvBn, DeltaView, KernelError};
-use crate::quant::Quant;
+use crate::patch::quant::Quant;
 use crate::{Error, Result};
 
 /// The kernel source, shared by the NVRTC build here and scripts/gpu/check_kernel_cupy.py.

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::corrupt::Corruption;
-use crate::data::Digits;
-use crate::extract::{self, Checkpoint, Extraction};
+use crate::lab::corrupt::Corruption;
+use crate::lab::data::Digits;
+use crate::lab::extract::{self, Checkpoint, Extraction};
+use crate::lab::train::{self, Batchable, Severity};
+use crate::model::repo::ModelConfig;
 use crate::model::{Model, Stem};
-use crate::profile::{Registry, SignatureRef};
-use crate::quant::Quant;
-use crate::repo::ModelConfig;
-use crate::signature::Signature;
-use crate::train::{self, Batchable, Severity};
+use crate::patch::quant::Quant;
+use crate::patch::signature::Signature;
+use crate::serve::profile::{Registry, SignatureRef};
 use crate::{Error, Result};
 
 /// Alphas of the sweep.
@@ -401,7 +401,7 @@ fn removal_is_bitwise(served: &Served, sig: &Signature, data: &Batchable) -> Res
     )?;
     registry.set_default("p")?;
     let patched = logits(&registry)?;
-    registry.set_default(crate::profile::CLEAN)?;
+    registry.set_default(crate::serve::profile::CLEAN)?;
     registry.delete_profile("p")?;
     registry.unload_signature("s")?;
     Ok(before == logits(&registry)? && patched != before)
@@ -709,7 +709,7 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
 impl Results {
     /// Writes the report's charts into `dir`.
     pub fn plots(&self, dir: &Path) -> Result<()> {
-        use crate::plot::{Series, bar_chart, line_chart};
+        use crate::lab::plot::{Series, bar_chart, line_chart};
         let sweep = |pick: fn(&Sweep) -> &Vec<f64>| -> Vec<Series> {
             self.sweeps
                 .iter()
@@ -812,7 +812,7 @@ fn showcase(
         let one = Batchable {
             x,
             y: vec![u32::from(test.labels[i])],
-            size: crate::data::PIXELS,
+            size: crate::lab::data::PIXELS,
         };
         let predict = |stem: &Stem| -> Result<usize> {
             let l = served.logits(stem, &one)?;

@@ -2,7 +2,7 @@
 //!
 //! Under the prefix:
 //! - `state/signatures/<name>`, `state/profiles/<name>`, `state/default`: the
-//!   same records as the local state file ([`crate::state`]); signatures by
+//!   same records as the local state file ([`crate::serve::state`]); signatures by
 //!   repository path and content hash, since every replica reads its own copy;
 //! - `state/last`: rewritten by every change, so the newest mod revision in
 //!   `state/` is the state's revision, deletions included;
@@ -28,11 +28,11 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::profile::{
+use crate::model::repo::ModelDir;
+use crate::serve::profile::{
     CLEAN, Change, LoadedSignature, Registry, SignatureRef, ensure_unused, validate_name,
 };
-use crate::repo::ModelDir;
-use crate::state::{self, ProfileEntry, RefEntry, SignatureEntry, State};
+use crate::serve::state::{self, ProfileEntry, RefEntry, SignatureEntry, State};
 use crate::{Error, Result, bail};
 
 /// Seconds a replica's key outlives its last keep-alive.
@@ -310,7 +310,7 @@ impl Fleet {
         if let Some(e) = &error {
             tracing::error!(revision, error = %e, "could not apply all of the fleet state");
         }
-        metrics::gauge!(crate::metrics::FLEET_APPLIED_REVISION).set(revision as f64);
+        metrics::gauge!(crate::serve::metrics::FLEET_APPLIED_REVISION).set(revision as f64);
         self.link.send_modify(|l| {
             l.connected = true;
             l.applied_revision = revision.max(l.applied_revision);
@@ -320,7 +320,7 @@ impl Fleet {
 
     fn disconnected(&self, e: &Error) {
         tracing::warn!(error = %e, "lost etcd; serving the last state and retrying");
-        metrics::gauge!(crate::metrics::FLEET_CONNECTED).set(0.0);
+        metrics::gauge!(crate::serve::metrics::FLEET_CONNECTED).set(0.0);
         self.link.send_modify(|l| {
             l.connected = false;
             l.error = Some(e.to_string());
@@ -332,7 +332,7 @@ impl Fleet {
     async fn follow(self: Arc<Self>, mut revision: i64) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            metrics::gauge!(crate::metrics::FLEET_CONNECTED).set(1.0);
+            metrics::gauge!(crate::serve::metrics::FLEET_CONNECTED).set(1.0);
             let e = self.watch_from(revision).await;
             self.disconnected(&e);
             loop {
@@ -677,7 +677,9 @@ impl Fleet {
         validate_name("signature", name)?;
         let (sig, origin) = state::read_repo(&self.model, rel_path, allow_transfer)?;
         // Checked here as it will be on every replica: it fits the model.
-        sig.check_against(self.registry.model(), allow_transfer)?;
+        self.registry
+            .model()
+            .check_signature(&sig, allow_transfer)?;
         let entry = SignatureEntry {
             name: name.into(),
             origin,

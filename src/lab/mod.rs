@@ -1,0 +1,13 @@
+//! The research pipeline that makes signatures, apart from the server: corruptions
+//! ([`corrupt`]), MNIST ([`data`]), training ([`train`]), signature extraction
+//! ([`extract`]), evaluation and plots ([`eval`], [`plot`]), and synthetic models for
+//! tests and benchmarks ([`synth`]). It uses the model and patching code; the
+//! serving core never uses it.
+
+pub mod corrupt;
+pub mod data;
+pub mod eval;
+pub mod extract;
+pub mod plot;
+pub mod synth;
+pub mod train;

@@ -1,0 +1,17 @@
+//! The serving core: everything between a decoded request and its answer, and
+//! every admin change on the way.
+//!
+//! [`engine::Engine`] is the library's serving API. It turns inputs into tensors
+//! ([`preprocess`]), queues them for the compute workers ([`batch`]), which read one
+//! snapshot of the profile table ([`profile`]) per batch. Admin changes go to the
+//! table directly or, in fleet mode, through etcd ([`fleet`]); [`state`] persists
+//! and restores the table. [`metrics`] names what is exported. Nothing here knows a
+//! wire protocol (that is [`crate::server`]) or the research pipeline ([`crate::lab`]).
+
+pub mod batch;
+pub mod engine;
+pub mod fleet;
+pub mod metrics;
+pub mod preprocess;
+pub mod profile;
+pub mod state;
