@@ -9,12 +9,10 @@ pub mod gpu;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::server::client::{RwsClient, applied_in};
+use crate::{Error, Result, bail};
 use candle_core::Device;
 use serde::Serialize;
-use tonic::transport::Channel;
-
-use crate::server::pb;
-use crate::{Error, Result, bail};
 
 /// Percentiles of a set of durations, in microseconds.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -84,9 +82,7 @@ pub struct LoadReport {
 
 /// Refuses any target that is not this machine.
 fn check_loopback(addr: &str) -> Result<()> {
-    let uri: tonic::codegen::http::Uri = addr.parse().map_err(|_| {
-        Error::InvalidArgument(format!("{addr:?} is not a URI like http://127.0.0.1:50051"))
-    })?;
+    let uri = crate::server::client::server_uri(addr)?;
     let host = uri
         .host()
         .unwrap_or("")
@@ -109,35 +105,22 @@ fn check_loopback(addr: &str) -> Result<()> {
 /// an optional toggle storm of the default profile.
 pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
     check_loopback(&o.addr)?;
-    let channel = Channel::from_shared(o.addr.clone())
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| Error::NotFound(format!("cannot reach {}: {e}", o.addr)))?;
+    let client = RwsClient::connect(&o.addr, None, o.admin_token.as_deref()).await?;
     let stop_at = Instant::now() + o.duration;
     let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
         o.max_requests.unwrap_or(usize::MAX),
     ));
-    let admin = crate::server::admin_client(channel.clone(), o.admin_token.as_deref())?;
     let toggler = o.toggle.clone().map(|(a, b, every)| {
-        let mut admin = admin.clone();
+        let mut admin = client.clone();
         tokio::spawn(async move {
             let (mut applies, mut errors, mut i) = (Vec::new(), 0usize, 0usize);
             let mut tick = tokio::time::interval(every);
             while Instant::now() < stop_at {
                 tick.tick().await;
-                let name = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let name = if i % 2 == 0 { &a } else { &b };
                 i += 1;
-                match admin
-                    .set_default_profile(pb::SetDefaultProfileRequest {
-                        name,
-                        wait_fleet: false,
-                    })
-                    .await
-                {
-                    Ok(r) => {
-                        applies.push(Duration::from_secs_f64(r.into_inner().apply_micros / 1e6))
-                    }
+                match admin.set_default(name, false).await {
+                    Ok(r) => applies.push(applied_in(&r)),
                     Err(_) => errors += 1,
                 }
             }
@@ -147,7 +130,7 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..o.clients.max(1) {
-        let mut client = pb::inference_client::InferenceClient::new(channel.clone());
+        let mut client = client.clone();
         let (budget, image) = (budget.clone(), o.image.clone());
         let profiles = o.profiles.clone();
         tasks.push(tokio::spawn(async move {
@@ -162,19 +145,13 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
                     .is_ok()
             {
                 let profile = if profiles.is_empty() {
-                    String::new()
+                    ""
                 } else {
-                    profiles[i % profiles.len()].clone()
+                    profiles[i % profiles.len()].as_str()
                 };
                 i += 1;
-                let req = pb::ClassifyRequest {
-                    input: Some(pb::classify_request::Input::Image(image.clone())),
-                    profile,
-                    top_k: 1,
-                    return_logits: false,
-                };
                 let t = Instant::now();
-                match client.classify(req).await {
+                match client.classify(image.clone(), profile, 1, false).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -468,17 +445,10 @@ pub async fn fleet(
     changes: usize,
 ) -> Result<FleetReport> {
     check_loopback(addr)?;
-    let channel = Channel::from_shared(addr.to_string())
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| Error::NotFound(format!("cannot reach {addr}: {e}")))?;
-    let mut admin = crate::server::admin_client(channel, token)?;
+    let mut admin = RwsClient::connect(addr, None, token).await?;
     let signature = admin
-        .list_signatures(pb::ListSignaturesRequest {})
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .into_inner()
+        .list_signatures()
+        .await?
         .signatures
         .into_iter()
         .next()
@@ -492,19 +462,13 @@ pub async fn fleet(
     let (mut acked, mut converged, mut replicas) = (Vec::new(), Vec::new(), 0);
     for i in 0..changes {
         let start = Instant::now();
+        let refs = [crate::serve::profile::SignatureRef {
+            name: signature.clone(),
+            alpha: 0.1 + 0.001 * i as f32,
+        }];
         let change = admin
-            .put_profile(pb::PutProfileRequest {
-                name: "bench-convergence".into(),
-                signatures: vec![pb::SignatureRef {
-                    name: signature.clone(),
-                    alpha: 0.1 + 0.001 * i as f32,
-                }],
-                replace: true,
-                wait_fleet: false,
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("change {i}: {e}")))?
-            .into_inner();
+            .put_profile("bench-convergence", &refs, true, false)
+            .await?;
         acked.push(start.elapsed());
         loop {
             let rs = crate::serve::fleet::replicas(&mut etcd, url).await?;

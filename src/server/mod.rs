@@ -17,6 +17,7 @@ use crate::serve::engine::{Engine, SignatureSource};
 use crate::serve::preprocess::Input;
 use crate::serve::profile::{self, Change, LoadedSignature, Profile};
 
+pub mod client;
 pub mod kserve;
 
 pub mod pb {

