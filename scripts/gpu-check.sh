@@ -15,7 +15,7 @@
 #      every storage form, 1-3 signatures, the error cases), its speed against a device
 #      copy, patched logits GPU vs CPU, patch-then-remove bitwise, profile switch
 #      against a full reload (conv1 + layer1 patchable) on synthetic ResNet-18/50;
-#   3. scripts/gpu/check_kernel_cupy.py: src/kernel/add_scale.cu compiled by CuPy and
+#   3. scripts/gpu/check_kernel_cupy.py: src/patch/kernel/add_scale.cu compiled by CuPy and
 #      checked against an independent NumPy float64 implementation;
 #   4. `rws serve --device cuda:0` on a synthetic ResNet-50 with four signatures, over
 #      loopback gRPC: served logits patched, then every signature removed (bitwise

@@ -169,7 +169,7 @@ fn python_example_classifies_and_switches_profiles() {
     assert!(!success && err.contains("NOT_FOUND"), "{err}");
 }
 
-/// The CUDA kernel's source (src/kernel/add_scale.cu), compiled for the host with
+/// The CUDA kernel's source (src/patch/kernel/add_scale.cu), compiled for the host with
 /// stand-ins for the CUDA built-ins, against an independent NumPy implementation of
 /// the formula: every storage form, several signatures and layers per launch, NaN-
 /// poisoned outputs, the error cases. Keeps the GPU kernel's logic tested where CI has

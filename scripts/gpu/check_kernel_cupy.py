@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Checks src/kernel/add_scale.cu without the Rust binary: CuPy compiles it with NVRTC
-(the same options as src/kernel/cuda.rs), this script packs the descriptor table the
+"""Checks src/patch/kernel/add_scale.cu without the Rust binary: CuPy compiles it with NVRTC
+(the same options as src/patch/kernel/cuda.rs), this script packs the descriptor table the
 kernel reads, launches it on random layers, and compares with an independent NumPy
-implementation of the formula in src/kernel/mod.rs, computed in float64:
+implementation of the formula in src/patch/kernel/mod.rs, computed in float64:
 
     w[o,j]  = (W[o,j] + sum_i alpha_i * dq_i(D_i)[o,j]) * s[o]
     p'[o]   = p[o] + sum_i alpha_i * dq_i(dp_i)[o]        for gamma, beta, mean
@@ -38,7 +38,7 @@ import tempfile
 
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).resolve().parents[2] / "src" / "kernel" / "add_scale.cu"
+SOURCE = pathlib.Path(__file__).resolve().parents[2] / "src" / "patch" / "kernel" / "add_scale.cu"
 OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false")
 BLOCK = 256
 TOLERANCE = 2e-6

@@ -1,6 +1,6 @@
 // The fused add-scale on the GPU: the served weights of every patched conv layer of a
-// stem, in one launch. The math is the formula in src/kernel/mod.rs; this file mirrors
-// src/kernel/cpu.rs operation for operation so the two agree to a few ulps:
+// stem, in one launch. The math is the formula in src/patch/kernel/mod.rs; this file mirrors
+// src/patch/kernel/cpu.rs operation for operation so the two agree to a few ulps:
 //
 //   * compiled with --fmad=false (Rust never contracts a * b + c into an FMA either),
 //     --prec-div=true --prec-sqrt=true --ftz=false, so every +, *, / and sqrt is the
@@ -17,7 +17,7 @@
 // Grid: one block per (layer, output channel) row; the block's threads stride over the
 // row, four elements at a time where the row's length and alignment allow (vec4_ok).
 // Every input byte is read once, every output written once. Compiled at run time by
-// NVRTC (src/kernel/cuda.rs), which also builds the descriptor table below; keep the two
+// NVRTC (src/patch/kernel/cuda.rs), which also builds the descriptor table below; keep the two
 // layouts in step (the static_asserts pin the sizes).
 
 // How a delta is stored (quant::Quant).

@@ -90,7 +90,7 @@ fn compile(arch: &str) -> Result<Vec<u8>> {
                     .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
                     .unwrap_or_default();
                 Err(Error::Internal(format!(
-                    "NVRTC cannot compile src/kernel/add_scale.cu for {arch} ({e}): {log}; \
+                    "NVRTC cannot compile src/patch/kernel/add_scale.cu for {arch} ({e}): {log}; \
                      the NVRTC library on LD_LIBRARY_PATH may be too old for this GPU"
                 )))
             }
