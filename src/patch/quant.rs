@@ -101,29 +101,6 @@ pub enum DeltaView<'a> {
     },
 }
 
-/// Exact f16 -> f32 conversion in branch-free integer arithmetic (F. Giesen's
-/// `half_to_float_fast`), so the f16 loop in [`DeltaView::accumulate_row`] vectorizes;
-/// `f16::to_f32` checks for F16C at run time on every call, which stops that.
-#[inline(always)]
-fn f16_to_f32(h: f16) -> f32 {
-    const SHIFTED_EXP: u32 = 0x7c00 << 13;
-    let h = h.to_bits() as u32;
-    let o = ((h & 0x7fff) << 13) + ((127 - 15) << 23);
-    let exp = (h << 13) & SHIFTED_EXP;
-    // Inf/NaN: move the exponent to all ones. Zero/subnormal: renormalize through a float
-    // subtraction of 2^-14.
-    let inf_nan = o + ((128 - 16) << 23);
-    let sub = (f32::from_bits(o + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
-    let o = if exp == SHIFTED_EXP {
-        inf_nan
-    } else if exp == 0 {
-        sub
-    } else {
-        o
-    };
-    f32::from_bits(o | ((h & 0x8000) << 16))
-}
-
 /// Quantizes each row of `values` to `0..=levels` over its own `[min, max]`.
 /// Returns the codes (one per element, row-major), the scales and the offsets.
 fn quantize_rows(values: &[f32], rows: usize, levels: f32) -> (usize, Vec<u8>, Vec<f32>, Vec<f32>) {
@@ -344,134 +321,6 @@ impl<'a> DeltaView<'a> {
         }
     }
 
-    /// `out[j] += alpha · value(row, j)` for `j in 0..cols`: the kernel's hot loop.
-    ///
-    /// Every form works on exact-length subslices so the loops carry no bounds checks
-    /// and vectorize; the int forms fold `alpha` into the row's affine once, so each
-    /// element costs one convert and one multiply-add. Panics if the buffers are shorter
-    /// than `row`/`cols` imply (check the layout with [`DeltaView::check_layout`] first).
-    #[inline(always)]
-    pub fn accumulate_row(&self, row: usize, cols: usize, alpha: f32, out: &mut [f32]) {
-        let out = &mut out[..cols];
-        match *self {
-            DeltaView::F32(v) => {
-                let src = &v[row * cols..][..cols];
-                for (o, &d) in out.iter_mut().zip(src) {
-                    *o += alpha * d;
-                }
-            }
-            DeltaView::F16(v) => {
-                let src = &v[row * cols..][..cols];
-                for (o, &d) in out.iter_mut().zip(src) {
-                    *o += alpha * f16_to_f32(d);
-                }
-            }
-            DeltaView::Int8 {
-                cols: c,
-                q,
-                scale,
-                offset,
-            } => {
-                debug_assert_eq!(c, cols, "int8 delta has {c} cols, caller asked for {cols}");
-                let q = &q[row * cols..][..cols];
-                let a = alpha * scale[row];
-                let b = alpha * offset[row];
-                for (o, &x) in out.iter_mut().zip(q) {
-                    *o += x as f32 * a + b;
-                }
-            }
-            DeltaView::Int4 {
-                cols: c,
-                q,
-                scale,
-                offset,
-            } => {
-                debug_assert_eq!(c, cols, "int4 delta has {c} cols, caller asked for {cols}");
-                let row_bytes = cols.div_ceil(2);
-                let q = &q[row * row_bytes..][..row_bytes];
-                let a = alpha * scale[row];
-                let b = alpha * offset[row];
-                let (pairs, tail) = out.as_chunks_mut::<2>();
-                for (o, &x) in pairs.iter_mut().zip(q) {
-                    o[0] += (x & 0x0f) as f32 * a + b;
-                    o[1] += (x >> 4) as f32 * a + b;
-                }
-                if let [o] = tail {
-                    *o += (q[row_bytes - 1] & 0x0f) as f32 * a + b;
-                }
-            }
-        }
-    }
-
-    /// `out[j] = (base[j] + alpha · value(row, j)) · scale` for `j in 0..cols`.
-    ///
-    /// The same arithmetic as copying `base` into `out`, [`DeltaView::accumulate_row`],
-    /// then multiplying by `scale` (bitwise: `scale = 1.0` leaves the sum as is), but in
-    /// one pass, so the kernel's common one-signature case reads and writes its row
-    /// once. Panics like [`DeltaView::accumulate_row`], or if `base` is shorter than `cols`.
-    #[inline(always)]
-    pub fn add_scale_row(
-        &self,
-        row: usize,
-        cols: usize,
-        alpha: f32,
-        base: &[f32],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        let out = &mut out[..cols];
-        let base = &base[..cols];
-        match *self {
-            DeltaView::F32(v) => {
-                let src = &v[row * cols..][..cols];
-                for ((o, &w), &d) in out.iter_mut().zip(base).zip(src) {
-                    *o = (w + alpha * d) * scale;
-                }
-            }
-            DeltaView::F16(v) => {
-                let src = &v[row * cols..][..cols];
-                for ((o, &w), &d) in out.iter_mut().zip(base).zip(src) {
-                    *o = (w + alpha * f16_to_f32(d)) * scale;
-                }
-            }
-            DeltaView::Int8 {
-                cols: c,
-                q,
-                scale: sc,
-                offset,
-            } => {
-                debug_assert_eq!(c, cols, "int8 delta has {c} cols, caller asked for {cols}");
-                let q = &q[row * cols..][..cols];
-                let a = alpha * sc[row];
-                let b = alpha * offset[row];
-                for ((o, &w), &x) in out.iter_mut().zip(base).zip(q) {
-                    *o = (w + (x as f32 * a + b)) * scale;
-                }
-            }
-            DeltaView::Int4 {
-                cols: c,
-                q,
-                scale: sc,
-                offset,
-            } => {
-                debug_assert_eq!(c, cols, "int4 delta has {c} cols, caller asked for {cols}");
-                let row_bytes = cols.div_ceil(2);
-                let q = &q[row * row_bytes..][..row_bytes];
-                let a = alpha * sc[row];
-                let b = alpha * offset[row];
-                let (pairs, tail) = out.as_chunks_mut::<2>();
-                let (base_pairs, base_tail) = base.as_chunks::<2>();
-                for ((o, w), &x) in pairs.iter_mut().zip(base_pairs).zip(q) {
-                    o[0] = (w[0] + ((x & 0x0f) as f32 * a + b)) * scale;
-                    o[1] = (w[1] + ((x >> 4) as f32 * a + b)) * scale;
-                }
-                if let ([o], [w]) = (tail, base_tail) {
-                    *o = (w + ((q[row_bytes - 1] & 0x0f) as f32 * a + b)) * scale;
-                }
-            }
-        }
-    }
-
     /// Writes every value as f32 into `out` (`out.len() == self.len()`).
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.len(), "dequantize_into: output length");
@@ -483,8 +332,11 @@ impl<'a> DeltaView<'a> {
                     return;
                 }
                 out.fill(0.0);
-                for (r, row) in out.chunks_exact_mut(cols).enumerate().take(scale.len()) {
-                    self.accumulate_row(r, cols, 1.0, row);
+                // `0.0 + value`, as the kernel's rows accumulate onto zeros (which
+                // also turns a -0.0 into 0.0, like them).
+                let n = (scale.len() * cols).min(out.len());
+                for (i, o) in out[..n].iter_mut().enumerate() {
+                    *o += self.at(i);
                 }
             }
         }
@@ -615,19 +467,6 @@ mod tests {
     }
 
     #[test]
-    fn f16_to_f32_is_exact_for_every_f16() {
-        for bits in 0..=u16::MAX {
-            let h = f16::from_bits(bits);
-            let (a, b) = (f16_to_f32(h), h.to_f32());
-            if b.is_nan() {
-                assert!(a.is_nan(), "{bits:#06x}");
-            } else {
-                assert_eq!(a.to_bits(), b.to_bits(), "{bits:#06x}");
-            }
-        }
-    }
-
-    #[test]
     fn quant_names_round_trip() {
         for q in Quant::ALL {
             assert_eq!(q.to_string().parse::<Quant>().unwrap(), q);
@@ -725,48 +564,6 @@ mod tests {
         let r4 = ratio(Quant::Int4);
         assert!((0.25..0.26).contains(&r8), "int8 ratio {r8}");
         assert!((0.125..0.135).contains(&r4), "int4 ratio {r4}");
-    }
-
-    #[test]
-    fn accumulate_row_matches_dequantize() {
-        let mut rng = Rng::new(5);
-        for (rows, cols) in [(8, 576), (6, 27), (4, 1), (3, 131)] {
-            let v = matrix(&mut rng, rows, cols);
-            for quant in Quant::ALL {
-                let d = Delta::quantize(&v, rows, quant);
-                let dq = d.dequantize();
-                let view = d.view();
-                for r in 0..rows {
-                    let want = &dq[r * cols..][..cols];
-                    // alpha = 1 onto zeros reproduces the dequantized values exactly.
-                    let mut out = vec![0.0; cols];
-                    view.accumulate_row(r, cols, 1.0, &mut out);
-                    assert_eq!(out, want, "{quant} row {r}");
-                    // General alpha onto a base, within float rounding.
-                    let base: Vec<f32> = (0..cols).map(|_| rng.range(-1.0, 1.0)).collect();
-                    let mut out = base.clone();
-                    let alpha = -0.7;
-                    view.accumulate_row(r, cols, alpha, &mut out);
-                    for (j, (&o, &w)) in out.iter().zip(want).enumerate() {
-                        let e = base[j] + alpha * w;
-                        assert!((o - e).abs() <= 1e-6 * (1.0 + e.abs()), "{quant} {r},{j}");
-                    }
-                    for (j, &w) in want.iter().enumerate() {
-                        assert_eq!(view.at(r * cols + j), w, "{quant} at({r},{j})");
-                    }
-                    // The fused form is bitwise the three-step form.
-                    for s in [1.0, 0.37] {
-                        let mut fused = vec![f32::NAN; cols];
-                        view.add_scale_row(r, cols, alpha, &base, s, &mut fused);
-                        let mut steps = base.clone();
-                        view.accumulate_row(r, cols, alpha, &mut steps);
-                        steps.iter_mut().for_each(|x| *x *= s);
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&fused), bits(&steps), "{quant} row {r} s {s}");
-                    }
-                }
-            }
-        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //     same IEEE operation in the same order as on the CPU;
 //   * weight deltas are added in signature order onto W, then the sum is scaled once;
 //     an int delta's element is `code * (alpha * scale[o]) + alpha * offset[o]`
-//     (alpha folded into the row's affine, as DeltaView::accumulate_row does);
+//     (alpha folded into the row's affine, as rows::accumulate_row (rows.rs) does);
 //   * a BatchNorm delta's element is `code * scale[r] + offset[r]` (DeltaView::at),
 //     then added as `p += alpha * value`;
 //   * running-variance deltas are log ratios: var' = var * expf(sum alpha_i * d_i).
@@ -164,7 +164,7 @@ __device__ __forceinline__ bool fold_row(const float* __restrict__ w, float* __r
                     if (j < cols) acc[u] = acc[u] + alpha * f16_to_f32(v[j]);
                 }
             } else {
-                // alpha folded into the row's affine, as DeltaView::accumulate_row does.
+                // alpha folded into the row's affine, as rows::accumulate_row (rows.rs) does.
                 const float a = alpha * d.scale[o];
                 const float b = alpha * d.offset[o];
                 const unsigned char* q = (const unsigned char*)d.data;

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::{ConvBn, DeltaView, KernelError, LayerDelta};
+use super::{ConvBn, DeltaView, KernelError, LayerDelta, rows};
 
 /// Elements of work below which a rayon task is not split further: tiny layers run on
 /// the calling thread instead of paying task overhead per channel.
@@ -170,10 +170,10 @@ fn fold_channel_impl(
             // The first delta is added while copying W in; with no other delta the
             // scale is applied in that same pass, so the row is written once.
             let more = deltas.iter().filter(|d| d.weight.is_some()).count() > 1;
-            first.add_scale_row(o, cols, alpha, w, if more { 1.0 } else { s }, row);
+            rows::add_scale_row(&first, o, cols, alpha, w, if more { 1.0 } else { s }, row);
             if more {
                 for (d, alpha) in weight_deltas {
-                    d.accumulate_row(o, cols, alpha, row);
+                    rows::accumulate_row(&d, o, cols, alpha, row);
                 }
                 for x in row.iter_mut() {
                     *x *= s;

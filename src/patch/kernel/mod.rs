@@ -26,6 +26,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod reference;
+pub mod rows;
 
 pub use crate::patch::quant::DeltaView;
 
