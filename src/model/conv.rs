@@ -266,7 +266,7 @@ mod tests {
                 (false, Some(&r)),
                 (true, Some(&r)),
             ] {
-                let then = crate::model::Epilogue { residual, relu };
+                let then = crate::model::folded::Epilogue { residual, relu };
                 let want = then.apply(conv.clone()).unwrap();
                 let op = Conv2dBias {
                     stride: s,

@@ -8,7 +8,9 @@ pub mod conv;
 mod cuda;
 pub mod device;
 mod fit;
+mod folded;
 pub mod repo;
+mod stem;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,133 +19,14 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
+pub use folded::FoldedConv;
+pub(crate) use folded::{classify_head, forward_unit};
+use stem::PatchLayer;
+pub use stem::Stem;
 
 use crate::model::repo::ModelConfig;
-use crate::patch::kernel::{self, ConvBn, LayerDelta};
 use crate::patch::signature::Signature;
 use crate::{Error, Result, bail};
-
-/// A conv with BatchNorm folded in: `conv(x, weight) + bias`.
-#[derive(Debug, Clone)]
-pub struct FoldedConv {
-    weight: Tensor,
-    /// Shaped `[1, O, 1, 1]` to broadcast over NCHW.
-    bias: Tensor,
-    stride: usize,
-    padding: usize,
-}
-
-impl FoldedConv {
-    fn new(spec: &ConvSpec, weight: Vec<f32>, bias: Vec<f32>, device: &Device) -> Result<Self> {
-        let o = spec.out_channels;
-        Ok(FoldedConv {
-            weight: Tensor::from_vec(weight, spec.weight_shape().as_slice(), device)?,
-            bias: Tensor::from_vec(bias, (1, o, 1, 1), device)?,
-            stride: spec.stride,
-            padding: spec.padding,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, then: Epilogue) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() {
-            let op = conv::Conv2dBias {
-                stride: self.stride,
-                padding: self.padding,
-                residual: then.residual,
-                relu: then.relu,
-            };
-            x.contiguous()?
-                .apply_op3_no_bwd(&self.weight, &self.bias, &op)
-        } else {
-            let y = x
-                .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-                .broadcast_add(&self.bias)?;
-            then.apply(y)
-        }
-    }
-}
-
-/// What follows a conv inside a unit: a residual block's shortcut added, then
-/// ReLU. The served CPU path fuses both into the conv; this is the plain form.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Epilogue<'a> {
-    pub residual: Option<&'a Tensor>,
-    pub relu: bool,
-}
-
-impl Epilogue<'_> {
-    pub(crate) fn apply(self, y: Tensor) -> candle_core::Result<Tensor> {
-        let y = match self.residual {
-            Some(r) => (y + r)?,
-            None => y,
-        };
-        if self.relu { y.relu() } else { Ok(y) }
-    }
-}
-
-/// The clean, unfolded parameters of one patchable layer, kept on the host
-/// because every profile is computed from them.
-#[derive(Debug)]
-struct PatchLayer {
-    spec: ConvSpec,
-    weight: Vec<f32>,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    mean: Vec<f32>,
-    var: Vec<f32>,
-}
-
-impl PatchLayer {
-    fn conv_bn(&self, eps: f32) -> ConvBn<'_> {
-        ConvBn {
-            weight: &self.weight,
-            out_channels: self.spec.out_channels,
-            gamma: &self.gamma,
-            beta: &self.beta,
-            mean: &self.mean,
-            var: &self.var,
-            eps,
-        }
-    }
-
-    /// Folds this layer with the given signatures applied.
-    fn fold(&self, eps: f32, patches: &[(&Signature, f32)], device: &Device) -> Result<FoldedConv> {
-        let [w, g, b, m, v] = self.spec.tensor_names();
-        let deltas: Vec<LayerDelta> = patches
-            .iter()
-            .map(|(sig, alpha)| LayerDelta {
-                alpha: *alpha,
-                weight: sig.delta(&w),
-                gamma: sig.delta(&g),
-                beta: sig.delta(&b),
-                mean: sig.delta(&m),
-                var: sig.delta(&v),
-            })
-            .collect();
-        let mut out_w = vec![0f32; self.weight.len()];
-        let mut out_b = vec![0f32; self.spec.out_channels];
-        kernel::cpu::fused_add_scale(&self.conv_bn(eps), &deltas, &mut out_w, &mut out_b)
-            .map_err(|e| Error::InvalidArgument(format!("cannot patch {}: {e}", self.spec.conv)))?;
-        FoldedConv::new(&self.spec, out_w, out_b, device)
-    }
-}
-
-/// The patched shallow units of one profile. Cheap to hold many of: it is the
-/// only per-profile copy of weights.
-#[derive(Debug)]
-pub struct Stem {
-    convs: Vec<FoldedConv>,
-}
-
-impl Stem {
-    /// Bytes of weights this stem holds.
-    pub fn bytes(&self) -> usize {
-        self.convs
-            .iter()
-            .map(|c| (c.weight.elem_count() + c.bias.elem_count()) * 4)
-            .sum()
-    }
-}
 
 /// Everything after the stem, folded once and shared by every profile.
 #[derive(Debug)]
@@ -350,71 +233,4 @@ impl Model {
     pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
         self.forward_trunk(&self.forward_stem(stem, x)?)
     }
-}
-
-/// Runs one unit, given how to apply one of its convs (conv + BatchNorm, then
-/// the epilogue): the served model passes folded convs with the epilogue fused
-/// in, training passes conv and BatchNorm modules.
-pub(crate) fn forward_unit<C>(
-    unit: &UnitSpec,
-    convs: &[C],
-    x: &Tensor,
-    conv: impl Fn(&C, &Tensor, Epilogue) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Tensor> {
-    let relu = Epilogue {
-        residual: None,
-        relu: true,
-    };
-    match unit.kind {
-        UnitKind::Stem { maxpool } => {
-            let h = conv(&convs[0], x, relu)?;
-            if maxpool {
-                // Zero padding equals -inf padding here: the input is post-ReLU.
-                let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-                h.max_pool2d_with_stride(3, 2)
-            } else {
-                Ok(h)
-            }
-        }
-        UnitKind::Basic | UnitKind::Bottleneck => {
-            let (main, shortcut) = if unit.downsample {
-                convs.split_at(convs.len() - 1)
-            } else {
-                (convs, &[][..])
-            };
-            let identity = match shortcut.first() {
-                Some(c) => conv(
-                    c,
-                    x,
-                    Epilogue {
-                        residual: None,
-                        relu: false,
-                    },
-                )?,
-                None => x.clone(),
-            };
-            let (last, inner) = main.split_last().expect("a block has convs");
-            let mut h = x.clone();
-            for c in inner {
-                h = conv(c, &h, relu)?;
-            }
-            conv(
-                last,
-                &h,
-                Epilogue {
-                    residual: Some(&identity),
-                    relu: true,
-                },
-            )
-        }
-    }
-}
-
-/// Global average pooling then the classifier.
-pub(crate) fn classify_head(
-    h: &Tensor,
-    fc_weight_t: &Tensor,
-    fc_bias: &Tensor,
-) -> candle_core::Result<Tensor> {
-    h.mean((2, 3))?.matmul(fc_weight_t)?.broadcast_add(fc_bias)
 }
