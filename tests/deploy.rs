@@ -585,11 +585,12 @@ fn stage_builder_context(df: &[Instruction], to: &Path) {
 /// targets (benches included) and a Cargo.lock in sync with Cargo.toml; this
 /// checks both on exactly what the builder stage copies, offline.
 ///
-/// `cargo metadata --locked` resolves the lock against the manifest from the
-/// registry index alone, so it needs no crate that the default features leave out
-/// (cudarc is downloaded only by a `cuda` build; `cargo fetch --offline` wanted it
-/// and failed on every machine that never built one). It does not look at target
-/// files, so each target's source is checked here.
+/// `cargo metadata --locked --filter-platform HOST` checks the lock against the
+/// manifest and needs only the crates a default build on this platform downloads:
+/// not cudarc (a `cuda` build's), not the Windows-only ones. `cargo fetch --offline`
+/// wanted all of them and failed on every machine that never fetched them; this
+/// passes on a fresh `CARGO_HOME` after one build. It does not look at target files,
+/// so each target's source is checked here.
 #[test]
 fn builder_stage_sources_are_locked_and_complete() {
     let df = dockerfile();
@@ -600,8 +601,18 @@ fn builder_stage_sources_are_locked_and_complete() {
         "the builder needs Cargo.lock"
     );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let vv = std::process::Command::new(&cargo)
+        .arg("-vV")
+        .output()
+        .unwrap();
+    let vv = String::from_utf8(vv.stdout).unwrap();
+    let host = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("cargo -vV names the host");
     let out = std::process::Command::new(&cargo)
         .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["--filter-platform", host])
         .current_dir(staged.path())
         .env_remove("CARGO_TARGET_DIR")
         .output()
