@@ -427,12 +427,12 @@ impl<'a> DeltaView<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rng::Rng;
 
     /// Rows with different magnitudes, signs and offsets, like real per-channel deltas.
-    fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    pub(crate) fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(rows * cols);
         for _ in 0..rows {
             let mag = 10f32.powf(rng.range(-1.0, 1.0) * 2.0) * 0.01;

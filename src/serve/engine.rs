@@ -160,7 +160,7 @@ impl Engine {
         replace: bool,
         wait_fleet: bool,
     ) -> Result<Change> {
-        validate_name("profile", &name)?;
+        // The definition, names included, is checked by the registry in both modes.
         if let Some(f) = self.fleet() {
             return f.put_profile(&name, signatures, replace, wait_fleet).await;
         }

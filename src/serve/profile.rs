@@ -151,10 +151,12 @@ impl Table {
         let name = name
             .filter(|n| !n.is_empty())
             .unwrap_or(&self.default_profile);
-        validate_name("profile", name)?;
+        // Names from clients are validated where they enter (the engine); the
+        // message is clipped anyway, for every other caller.
         self.profiles.get(name).ok_or_else(|| {
             Error::NotFound(format!(
-                "no profile named {name:?} (known: {})",
+                "no profile named {} (known: {})",
+                crate::error::clip(name),
                 self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
             ))
         })

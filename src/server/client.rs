@@ -84,8 +84,7 @@ impl RwsClient {
         Self::on(channel, admin_token)
     }
 
-    /// A client on an existing channel.
-    pub fn on(channel: Channel, admin_token: Option<&str>) -> Result<RwsClient> {
+    fn on(channel: Channel, admin_token: Option<&str>) -> Result<RwsClient> {
         Ok(RwsClient {
             inference: InferenceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -136,11 +136,7 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
             json,
             client,
         } => {
-            let token = client
-                .token_file
-                .as_deref()
-                .map(crate::serve::read_token)
-                .transpose()?;
+            let token = client.token()?;
             let r = rws::bench::fleet(&client.addr, token.as_deref(), &state, changes).await?;
             print_report(json, &r, |r| {
                 println!("{} changes over {} replicas", r.changes, r.replicas);
@@ -182,18 +178,14 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                 }
             };
             let opts = rws::bench::LoadOptions {
-                addr: client.addr,
+                addr: client.addr.clone(),
                 clients,
                 duration: std::time::Duration::from_secs_f64(duration),
                 max_requests: requests,
                 profiles,
                 toggle,
                 image,
-                admin_token: client
-                    .token_file
-                    .as_deref()
-                    .map(crate::serve::read_token)
-                    .transpose()?,
+                admin_token: client.token()?,
             };
             let r = rws::bench::load(&opts).await?;
             print_report(json, &r, |r| {

@@ -24,12 +24,16 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(&self) -> Result<RwsClient> {
-        let token = self
-            .token_file
+    /// The admin token from `--token-file`, if given.
+    pub fn token(&self) -> Result<Option<String>> {
+        self.token_file
             .as_deref()
             .map(crate::serve::read_token)
-            .transpose()?;
+            .transpose()
+    }
+
+    pub async fn connect(&self) -> Result<RwsClient> {
+        let token = self.token()?;
         let ca = self
             .ca_file
             .as_ref()

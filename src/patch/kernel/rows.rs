@@ -161,19 +161,9 @@ pub fn add_scale_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::patch::quant::tests::matrix;
     use crate::patch::quant::{Delta, Quant};
     use crate::rng::Rng;
-
-    /// Rows with different magnitudes, signs and offsets, like real per-channel deltas.
-    fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-        let mut v = Vec::with_capacity(rows * cols);
-        for _ in 0..rows {
-            let mag = 10f32.powf(rng.range(-1.0, 1.0) * 2.0) * 0.01;
-            let shift = rng.range(-1.0, 1.0) * mag;
-            v.extend((0..cols).map(|_| rng.range(-1.0, 1.0) * mag + shift));
-        }
-        v
-    }
 
     #[test]
     fn f16_to_f32_is_exact_for_every_f16() {
