@@ -10,7 +10,9 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rws::rng::Rng;
 use rws::serve::batch::{Job, run_batch};
-use rws::serve::profile::{Registry, SignatureRef};
+use rws::serve::change::Change;
+use rws::serve::profile::{Origin, SignatureRef};
+use rws::serve::registry::Registry;
 
 /// A registry with `clean` plus three one-signature profiles.
 fn shipped() -> Registry {
@@ -27,17 +29,14 @@ fn shipped() -> Registry {
             &dir.dir.join(format!("signatures/{kind}.rws.safetensors")),
         )
         .unwrap();
-        registry.load_signature(kind, sig, false).unwrap();
         registry
-            .put_profile(
-                kind,
-                vec![SignatureRef {
-                    name: kind.into(),
-                    alpha: 1.0,
-                }],
-                false,
-            )
+            .load(kind, Arc::new(sig), Origin::memory(false))
             .unwrap();
+        let refs = vec![SignatureRef {
+            name: kind.into(),
+            alpha: 1.0,
+        }];
+        registry.apply(&Change::put(kind, refs, false)).unwrap();
     }
     registry
 }
@@ -49,7 +48,9 @@ fn synthetic(arch: &str) -> rws::bench::Fixture {
             name: "sig".into(),
             alpha: 0.3 * (i + 1) as f32,
         };
-        f.registry.put_profile(name, vec![r], false).unwrap();
+        f.registry
+            .apply(&Change::put(name, vec![r], false))
+            .unwrap();
     }
     f
 }

@@ -11,7 +11,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rws::model::Model;
 use rws::model::repo::ModelDir;
 use rws::patch::quant::Quant;
-use rws::serve::profile::{Registry, SignatureRef};
+use rws::serve::change::Change;
+use rws::serve::profile::{Origin, SignatureRef};
+use rws::serve::registry::Registry;
 
 struct Setup {
     name: &'static str,
@@ -39,7 +41,9 @@ fn setup(name: &'static str, arch: &str, blocks: usize) -> Setup {
     let sig =
         rws::patch::signature::Signature::load(&dir.dir.join("signatures/sig.rws.safetensors"))
             .unwrap();
-    registry.load_signature("sig", sig, false).unwrap();
+    registry
+        .load("sig", Arc::new(sig), Origin::memory(false))
+        .unwrap();
     Setup {
         name,
         _repo: repo,
@@ -63,7 +67,8 @@ fn bench(c: &mut Criterion) {
         }];
         g.measurement_time(Duration::from_secs(4));
         g.bench_function(format!("apply/{}", s.name), |b| {
-            b.iter(|| s.registry.put_profile("p", profile.clone(), true).unwrap())
+            let put = Change::put("p", profile.clone(), true);
+            b.iter(|| s.registry.apply(&put).unwrap())
         });
         g.bench_function(format!("reload/{}", s.name), |b| {
             b.iter(|| Model::load(s.dir.config.clone(), &s.dir.base_path(), &Device::Cpu).unwrap())

@@ -93,7 +93,7 @@ async fn full_queue_refuses_with_resource_exhausted() {
 }
 
 /// The tiny model's profile registry, in-process, for driving the batcher directly.
-fn tiny_registry(repo: &std::path::Path) -> std::sync::Arc<rws::serve::profile::Registry> {
+fn tiny_registry(repo: &std::path::Path) -> std::sync::Arc<rws::serve::registry::Registry> {
     let dir = rws::model::repo::ModelDir::open(repo, Some(MODEL)).unwrap();
     let model = rws::model::Model::load(
         dir.config.clone(),
@@ -101,7 +101,7 @@ fn tiny_registry(repo: &std::path::Path) -> std::sync::Arc<rws::serve::profile::
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    std::sync::Arc::new(rws::serve::profile::Registry::new(std::sync::Arc::new(model), 4).unwrap())
+    std::sync::Arc::new(rws::serve::registry::Registry::new(std::sync::Arc::new(model), 4).unwrap())
 }
 
 type Answer = tokio::sync::oneshot::Receiver<rws::Result<rws::serve::batch::Classification>>;

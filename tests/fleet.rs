@@ -156,6 +156,21 @@ async fn a_change_on_one_replica_reaches_all_three() {
     assert_eq!(default, "clean");
     assert!(seeded.iter().any(|(n, _)| n == "fog"), "{seeded:?}");
 
+    // How many stems each replica has folded so far.
+    let folds = |r: &RwsProcess| {
+        let url = r.metrics.clone();
+        async move {
+            let all = common::samples(&common::http_get(&url).await);
+            let count = all
+                .iter()
+                .find(|(n, _)| n == "rws_patch_apply_seconds_count");
+            count.map_or(0.0, |(_, v)| *v)
+        }
+    };
+    let mut folded = Vec::new();
+    for r in &rs {
+        folded.push(folds(r).await);
+    }
     let change = admin_client(chs[0].clone(), None)
         .unwrap()
         .put_profile(put("storm", &[("fog", 0.5), ("rain", 0.5)], false, true))
@@ -167,6 +182,11 @@ async fn a_change_on_one_replica_reaches_all_three() {
     for ch in &chs {
         let (ps, _) = common::profile_table(ch).await;
         assert!(ps.iter().any(|(n, _)| n == "storm"), "{ps:?}");
+    }
+    // The kernel ran once per replica for the new profile: the writer's check
+    // before the etcd write is the stem its reconcile then published.
+    for (r, before) in rs.iter().zip(&folded) {
+        assert_eq!(folds(r).await - before, 1.0, "stems folded for one put");
     }
     admin_client(chs[1].clone(), None)
         .unwrap()

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RwsProcess, tensor_request, tiny_repo};
+use common::{RwsProcess, sample, samples, tensor_request, tiny_repo};
 use rws::server::{admin_client, pb};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -105,24 +105,6 @@ async fn health_goes_serving_after_warm_up_and_sigterm_drains() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "exit status {status}");
-}
-
-/// `name{labels} value` lines of a Prometheus text exposition.
-fn samples(text: &str) -> Vec<(String, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').expect("sample line");
-            (name.to_string(), value.parse().expect("sample value"))
-        })
-        .collect()
-}
-
-fn sample(all: &[(String, f64)], name: &str) -> f64 {
-    all.iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no sample {name}"))
-        .1
 }
 
 #[tokio::test]

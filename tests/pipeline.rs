@@ -41,15 +41,23 @@ fn reduced_pipeline_trains_extracts_serves_and_reports() {
     let path = out.path().join("fog.rws.safetensors");
     sig.save(&path).unwrap();
     let loaded = rws::patch::signature::Signature::load(&path).unwrap();
-    assert_eq!(loaded, sig);
+    assert_eq!(loaded, *sig);
     let served = eval::Served::new(&run.cfg, &run.std).unwrap();
-    let registry = rws::serve::profile::Registry::new(Arc::clone(&served.model), 2).unwrap();
-    registry.load_signature("fog", loaded, false).unwrap();
+    let registry = rws::serve::registry::Registry::new(Arc::clone(&served.model), 2).unwrap();
+    registry
+        .load(
+            "fog",
+            Arc::new(loaded),
+            rws::serve::profile::Origin::memory(false),
+        )
+        .unwrap();
     let fog = rws::serve::profile::SignatureRef {
         name: "fog".into(),
         alpha: 1.0,
     };
-    registry.put_profile("fog", vec![fog], false).unwrap();
+    registry
+        .apply(&rws::serve::change::Change::put("fog", vec![fog], false))
+        .unwrap();
 
     let test = digits.take_per_class(3);
     let opts = EvalOptions {

@@ -2,6 +2,7 @@
 //! on the committed test digits through the serving code.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rws::lab::corrupt::Corruption;
 use rws::lab::data::Digits;
@@ -11,6 +12,8 @@ use rws::lab::train::{self, Severity};
 use rws::model::repo::ModelDir;
 use rws::patch::quant::Quant;
 use rws::patch::signature::Signature;
+use rws::serve::change::Change;
+use rws::serve::profile::Origin;
 
 fn shipped() -> (ModelDir, Served, Digits, serde_json::Value) {
     let dir = ModelDir::open(Path::new("models"), Some("mnist-resnet")).unwrap();
@@ -22,11 +25,11 @@ fn shipped() -> (ModelDir, Served, Digits, serde_json::Value) {
     (dir, served, test, results)
 }
 
-fn signature(dir: &ModelDir, kind: &str) -> Signature {
+fn signature(dir: &ModelDir, kind: &str) -> Arc<Signature> {
     let sig = Signature::load(&dir.dir.join(format!("signatures/{kind}.rws.safetensors"))).unwrap();
     assert!(!sig.meta.synthetic);
     assert_eq!(sig.meta.corruption, kind);
-    sig
+    Arc::new(sig)
 }
 
 #[test]
@@ -77,8 +80,8 @@ fn removing_a_shipped_signature_restores_outputs_bitwise() {
         Severity::Fixed(1),
         1,
     );
-    let registry = rws::serve::profile::Registry::new(served.model.clone(), 4).unwrap();
-    let bits = |registry: &rws::serve::profile::Registry| -> Vec<u32> {
+    let registry = rws::serve::registry::Registry::new(served.model.clone(), 4).unwrap();
+    let bits = |registry: &rws::serve::registry::Registry| -> Vec<u32> {
         let table = registry.snapshot();
         let stem = registry.stem(&table, table.profile(None).unwrap()).unwrap();
         served
@@ -89,17 +92,18 @@ fn removing_a_shipped_signature_restores_outputs_bitwise() {
             .collect()
     };
     let before = bits(&registry);
-    registry.load_signature("fog", sig, false).unwrap();
+    registry.load("fog", sig, Origin::memory(false)).unwrap();
     let fog = rws::serve::profile::SignatureRef {
         name: "fog".into(),
         alpha: 1.0,
     };
-    registry.put_profile("fog", vec![fog], false).unwrap();
-    registry.set_default("fog").unwrap();
+    let apply = |c: Change| registry.apply(&c).unwrap();
+    apply(Change::put("fog", vec![fog], false));
+    apply(Change::SetDefault("fog".into()));
     assert_ne!(bits(&registry), before);
-    registry.set_default("clean").unwrap();
-    registry.delete_profile("fog").unwrap();
-    registry.unload_signature("fog").unwrap();
+    apply(Change::SetDefault("clean".into()));
+    apply(Change::Delete("fog".into()));
+    apply(Change::Unload("fog".into()));
     assert_eq!(bits(&registry), before);
 }
 
@@ -110,7 +114,7 @@ fn quantizing_shipped_signatures_further_costs_little_accuracy() {
     for kind in ["fog", "gaussian_noise"] {
         let int8 = signature(&dir, kind);
         assert_eq!(int8.quant_summary(), "int8");
-        let int4 = int8.quantized(Quant::Int4);
+        let int4 = Arc::new(int8.quantized(Quant::Int4));
         assert!(
             int4.stored_bytes() * 10 < int8.stored_bytes() * 7,
             "int4 is smaller"

@@ -9,6 +9,8 @@ pub mod gpu;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::serve::change::Change;
+use crate::serve::profile::Origin;
 use crate::server::client::{RwsClient, applied_in};
 use crate::{Error, Result, bail};
 use candle_core::Device;
@@ -188,7 +190,7 @@ pub struct Fixture {
     pub arch: String,
     pub device: Device,
     pub model_dir: crate::model::repo::ModelDir,
-    pub registry: crate::serve::profile::Registry,
+    pub registry: crate::serve::registry::Registry,
 }
 
 impl Fixture {
@@ -206,10 +208,10 @@ impl Fixture {
         let model_dir = crate::model::repo::ModelDir::open(dir.path(), Some("m"))?;
         let model =
             crate::model::Model::load(model_dir.config.clone(), &model_dir.base_path(), device)?;
-        let registry = crate::serve::profile::Registry::new(Arc::new(model), 64)?;
+        let registry = crate::serve::registry::Registry::new(Arc::new(model), 64)?;
         let sig =
             crate::patch::signature::Signature::load(&path.join("signatures/sig.rws.safetensors"))?;
-        registry.load_signature("sig", sig, false)?;
+        registry.load("sig", Arc::new(sig), Origin::memory(false))?;
         Ok(Fixture {
             _dir: dir,
             arch: arch.into(),
@@ -236,7 +238,8 @@ impl Fixture {
         }];
         let mut apply = Vec::with_capacity(n);
         for _ in 0..n {
-            apply.push(self.registry.put_profile("p", sig.clone(), true)?.apply);
+            let put = Change::put("p", sig.clone(), true);
+            apply.push(self.registry.apply(&put)?.elapsed);
         }
         let table = self.registry.snapshot();
         let patches = [(&table.signatures["sig"].signature, 0.8f32)];
@@ -321,14 +324,12 @@ pub fn memory(arch: &str, blocks: usize, profiles: usize) -> Result<MemoryReport
     let before = rss_bytes()?;
     for i in 0..profiles.saturating_sub(1) {
         let alpha = 0.1 + i as f32 * 0.05;
-        f.registry.put_profile(
-            &format!("p{i}"),
-            vec![crate::serve::profile::SignatureRef {
-                name: "sig".into(),
-                alpha,
-            }],
-            false,
-        )?;
+        let refs = vec![crate::serve::profile::SignatureRef {
+            name: "sig".into(),
+            alpha,
+        }];
+        f.registry
+            .apply(&Change::put(&format!("p{i}"), refs, false))?;
     }
     let after = rss_bytes()?;
     let table = f.registry.snapshot();

@@ -17,7 +17,9 @@ use crate::model::repo::ModelConfig;
 use crate::model::{Model, Stem};
 use crate::patch::quant::Quant;
 use crate::patch::signature::Signature;
-use crate::serve::profile::{Registry, SignatureRef};
+use crate::serve::change::Change;
+use crate::serve::profile::{CLEAN, Origin, SignatureRef};
+use crate::serve::registry::Registry;
 use crate::{Error, Result};
 
 /// Alphas of the sweep.
@@ -77,7 +79,7 @@ impl Run {
         blocks: usize,
         quant: Quant,
         batch_norm: bool,
-    ) -> Result<Signature> {
+    ) -> Result<Arc<Signature>> {
         extract::extract(&Extraction {
             cfg: &self.cfg,
             pre: &self.pre,
@@ -89,6 +91,7 @@ impl Run {
             corruption: kind.to_string(),
             default_alpha: 1.0,
         })
+        .map(Arc::new)
     }
 }
 
@@ -104,7 +107,7 @@ impl Served {
         })
     }
 
-    pub fn stem(&self, patches: &[(&Signature, f32)]) -> Result<Stem> {
+    pub fn stem(&self, patches: &[(&Arc<Signature>, f32)]) -> Result<Stem> {
         self.model.materialize(patches)
     }
 
@@ -143,7 +146,11 @@ impl Served {
         Ok(100.0 * correct as f64 / data.len().max(1) as f64)
     }
 
-    pub fn accuracy_with(&self, patches: &[(&Signature, f32)], data: &Batchable) -> Result<f64> {
+    pub fn accuracy_with(
+        &self,
+        patches: &[(&Arc<Signature>, f32)],
+        data: &Batchable,
+    ) -> Result<f64> {
         self.accuracy(&self.stem(patches)?, data)
     }
 }
@@ -260,7 +267,7 @@ pub fn evaluate(run: &Run, test: &Digits, o: &EvalOptions) -> Result<Results> {
     let std_clean = std.accuracy_with(&[], &clean)?;
     let v2_clean = v2.accuracy_with(&[], &clean)?;
 
-    let mut sigs: BTreeMap<Corruption, Signature> = BTreeMap::new();
+    let mut sigs: BTreeMap<Corruption, Arc<Signature>> = BTreeMap::new();
     let mut per_corruption = Vec::new();
     let mut sweeps = Vec::new();
     let mut transfer = Vec::new();
@@ -377,7 +384,7 @@ pub fn evaluate(run: &Run, test: &Digits, o: &EvalOptions) -> Result<Results> {
 
 /// Applies `sig` through a real profile registry, removes it, and compares the
 /// clean logits before and after bit for bit.
-fn removal_is_bitwise(served: &Served, sig: &Signature, data: &Batchable) -> Result<bool> {
+fn removal_is_bitwise(served: &Served, sig: &Arc<Signature>, data: &Batchable) -> Result<bool> {
     let registry = Registry::new(served.model.clone(), 4)?;
     let logits = |registry: &Registry| -> Result<Vec<u32>> {
         let table = registry.snapshot();
@@ -390,20 +397,17 @@ fn removal_is_bitwise(served: &Served, sig: &Signature, data: &Batchable) -> Res
             .collect())
     };
     let before = logits(&registry)?;
-    registry.load_signature("s", sig.clone(), false)?;
-    registry.put_profile(
-        "p",
-        vec![SignatureRef {
-            name: "s".into(),
-            alpha: 1.0,
-        }],
-        false,
-    )?;
-    registry.set_default("p")?;
+    registry.load("s", sig.clone(), Origin::memory(false))?;
+    let refs = vec![SignatureRef {
+        name: "s".into(),
+        alpha: 1.0,
+    }];
+    registry.apply(&Change::put("p", refs, false))?;
+    registry.apply(&Change::SetDefault("p".into()))?;
     let patched = logits(&registry)?;
-    registry.set_default(crate::serve::profile::CLEAN)?;
-    registry.delete_profile("p")?;
-    registry.unload_signature("s")?;
+    registry.apply(&Change::SetDefault(CLEAN.into()))?;
+    registry.apply(&Change::Delete("p".into()))?;
+    registry.apply(&Change::Unload("s".into()))?;
     Ok(before == logits(&registry)? && patched != before)
 }
 
@@ -794,7 +798,7 @@ impl Results {
 /// patched model gets right, as the 8-bit image a client would send.
 fn showcase(
     served: &Served,
-    sig: &Signature,
+    sig: &Arc<Signature>,
     test: &Digits,
     kind: Corruption,
     severity: u8,

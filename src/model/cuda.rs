@@ -1,13 +1,16 @@
 //! The patchable stem on a CUDA device: the clean parameters are uploaded once at
 //! load, and each profile's stem is folded by one launch of the CUDA kernel into one
 //! device allocation, which the stem's conv weights and biases then view.
+//! Signature deltas are uploaded on first use and kept while the signature lives.
+
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
 
 use super::{FoldedConv, Model, PatchLayer, Stem};
 use crate::patch::kernel::cuda::{
-    self, DeviceConvBn, DeviceLayerDelta, FoldError, LayerJob, OutputLayout,
+    self, DeviceConvBn, DeviceDeltas, DeviceLayerDelta, FoldError, LayerJob, OutputLayout,
 };
 use crate::patch::signature::Signature;
 use crate::{Error, Result};
@@ -17,6 +20,10 @@ use crate::{Error, Result};
 pub(super) struct CudaStem {
     layers: Vec<DeviceConvBn>,
     layout: OutputLayout,
+    /// Each live signature's deltas on the device, so that a profile switch copies
+    /// no weights. Keyed by a weak reference: it never keeps a signature alive,
+    /// and while the entry exists its address cannot be reused by another one.
+    deltas: Mutex<Vec<(Weak<Signature>, Arc<DeviceDeltas>)>>,
 }
 
 impl CudaStem {
@@ -31,7 +38,28 @@ impl CudaStem {
                     .iter()
                     .map(|l| (l.spec.out_channels, l.weight.len() / l.spec.out_channels)),
             ),
+            deltas: Mutex::default(),
         })
+    }
+
+    /// `sig`'s deltas on `dev`, uploaded on first use. Entries of dropped
+    /// signatures are let go on the way.
+    fn deltas_of(&self, sig: &Arc<Signature>, dev: &CudaDevice) -> Result<Arc<DeviceDeltas>> {
+        let mut cache = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(s, _)| s.strong_count() > 0);
+        if let Some((_, d)) = cache
+            .iter()
+            .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(sig)))
+        {
+            return Ok(d.clone());
+        }
+        let views = sig
+            .deltas()
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.delta.view()));
+        let uploaded = Arc::new(cuda::upload_deltas(dev, views)?);
+        cache.push((Arc::downgrade(sig), uploaded.clone()));
+        Ok(uploaded)
     }
 }
 
@@ -41,12 +69,12 @@ impl Model {
     pub(super) fn materialize_cuda(
         &self,
         stem: &CudaStem,
-        patches: &[(&Signature, f32)],
+        patches: &[(&Arc<Signature>, f32)],
     ) -> Result<Stem> {
         let dev = self.device.as_cuda_device()?;
         let sigs = patches
             .iter()
-            .map(|(sig, _)| sig.device_deltas(dev))
+            .map(|(sig, _)| stem.deltas_of(sig, dev))
             .collect::<Result<Vec<_>>>()?;
         let jobs: Vec<LayerJob> = self
             .stem_layers

@@ -55,20 +55,11 @@ impl TensorDelta {
 pub struct Signature {
     pub meta: SignatureMeta,
     deltas: BTreeMap<String, TensorDelta>,
-    /// The deltas on each GPU that has used them, uploaded once so that a profile
-    /// switch copies no weights to the device.
-    #[cfg(feature = "cuda")]
-    device: crate::patch::kernel::cuda::DeviceCache,
 }
 
 impl Signature {
     pub fn new(meta: SignatureMeta, deltas: BTreeMap<String, TensorDelta>) -> Result<Self> {
-        let sig = Signature {
-            meta,
-            deltas,
-            #[cfg(feature = "cuda")]
-            device: Default::default(),
-        };
+        let sig = Signature { meta, deltas };
         sig.check_consistent()?;
         Ok(sig)
     }
@@ -80,20 +71,6 @@ impl Signature {
 
     pub fn deltas(&self) -> &BTreeMap<String, TensorDelta> {
         &self.deltas
-    }
-
-    /// The deltas on `dev`, uploaded on first use.
-    #[cfg(feature = "cuda")]
-    pub fn device_deltas(
-        &self,
-        dev: &candle_core::CudaDevice,
-    ) -> Result<std::sync::Arc<crate::patch::kernel::cuda::DeviceDeltas>> {
-        self.device.get_or_upload(
-            dev,
-            self.deltas
-                .iter()
-                .map(|(name, d)| (name.as_str(), d.delta.view())),
-        )
     }
 
     /// Bytes of delta data held in memory.
@@ -136,8 +113,6 @@ impl Signature {
         Signature {
             meta: self.meta.clone(),
             deltas,
-            #[cfg(feature = "cuda")]
-            device: Default::default(),
         }
     }
 

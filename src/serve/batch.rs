@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::serve::metrics as m;
 use crate::serve::preprocess;
-use crate::serve::profile::Registry;
+use crate::serve::registry::Registry;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]

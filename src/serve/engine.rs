@@ -13,12 +13,12 @@ use crate::model::Model;
 use crate::model::repo::{self, ModelDir};
 use crate::patch::signature::Signature;
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
+use crate::serve::change::{Applied, Change};
 use crate::serve::fleet::{EtcdUrl, Fleet};
 use crate::serve::metrics as m;
 use crate::serve::preprocess::{self, Input};
-use crate::serve::profile::{
-    Change, LoadedSignature, Origin, Registry, SignatureRef, Source, validate_name,
-};
+use crate::serve::profile::{LoadedSignature, Origin, SignatureRef, Source, validate_name};
+use crate::serve::registry::Registry;
 use crate::serve::state::{self, State, StateDir};
 use crate::{Error, Result, bail};
 
@@ -89,7 +89,7 @@ impl Engine {
         if let Some(dir) = opts.state.clone() {
             engine
                 .registry
-                .persist_with(move |table| dir.write(&State::of(table)?))?;
+                .persist_with(move |table| dir.write(&State::of(table)))?;
         }
         Ok(engine)
     }
@@ -105,14 +105,11 @@ impl Engine {
                 .into_owned();
             let loaded = self.load_signature_path(&name, &rel, false)?;
             let alpha = loaded.signature.meta.default_alpha;
-            self.registry.put_profile(
-                &name,
-                vec![SignatureRef {
-                    name: name.clone(),
-                    alpha,
-                }],
-                false,
-            )?;
+            let refs = vec![SignatureRef {
+                name: name.clone(),
+                alpha,
+            }];
+            self.registry.apply(&Change::put(&name, refs, false))?;
             tracing::info!(signature = %name, alpha, "loaded signature and defined its profile");
         }
         Ok(())
@@ -121,7 +118,7 @@ impl Engine {
     /// Loads a saved state: every signature re-read and checked against its
     /// recorded hash, then the profiles and the default. Any failure stops start-up.
     fn restore(&self, saved: &State) -> Result<()> {
-        let errors = state::reconcile(&self.registry, saved, |e| {
+        let errors = self.registry.reconcile(saved, &|e| {
             state::read_entry(&self.dir, self.state.as_ref(), e)
         });
         if let Some(e) = errors.into_iter().next() {
@@ -150,44 +147,15 @@ impl Engine {
         self.fleet.get()
     }
 
-    // The admin changes: through etcd in fleet mode, else straight to the
-    // registry on the blocking pool (they materialize weights).
-
-    pub async fn put_profile(
-        self: &Arc<Self>,
-        name: String,
-        signatures: Vec<SignatureRef>,
-        replace: bool,
-        wait_fleet: bool,
-    ) -> Result<Change> {
-        // The definition, names included, is checked by the registry in both modes.
+    /// Applies an admin change: through etcd in fleet mode, else straight to the
+    /// registry on the blocking pool (it may fold weights). A load goes through
+    /// [`Engine::load_signature`], which reads the bytes first.
+    pub async fn change(self: &Arc<Self>, change: Change, wait_fleet: bool) -> Result<Applied> {
         if let Some(f) = self.fleet() {
-            return f.put_profile(&name, signatures, replace, wait_fleet).await;
+            return f.submit(change, wait_fleet).await;
         }
         let this = self.clone();
-        blocking(move || this.registry.put_profile(&name, signatures, replace)).await
-    }
-
-    pub async fn delete_profile(
-        self: &Arc<Self>,
-        name: String,
-        wait_fleet: bool,
-    ) -> Result<Change> {
-        validate_name("profile", &name)?;
-        if let Some(f) = self.fleet() {
-            return f.delete_profile(&name, wait_fleet).await;
-        }
-        let this = self.clone();
-        blocking(move || this.registry.delete_profile(&name)).await
-    }
-
-    pub async fn set_default(self: &Arc<Self>, name: String, wait_fleet: bool) -> Result<Change> {
-        validate_name("profile", &name)?;
-        if let Some(f) = self.fleet() {
-            return f.set_default(&name, wait_fleet).await;
-        }
-        let this = self.clone();
-        blocking(move || this.registry.set_default(&name)).await
+        blocking(move || this.registry.apply(&change)).await
     }
 
     pub async fn load_signature(
@@ -212,9 +180,16 @@ impl Engine {
                     "in fleet mode signatures are loaded by repository path, which every replica reads; uploads would reach one replica only"
                 );
             };
-            return f
-                .load_signature(&name, &rel, allow_transfer, wait_fleet)
-                .await;
+            let this = self.clone();
+            let origin = blocking(move || {
+                let (sig, origin) = state::read_repo(&this.dir, &rel, allow_transfer)?;
+                // Checked here as it will be on every replica: it fits the model.
+                this.model().check_signature(&sig, allow_transfer)?;
+                Ok(origin)
+            })
+            .await?;
+            let change = Change::Load(state::SignatureEntry { name, origin });
+            return f.submit(change, wait_fleet).await?.signature().cloned();
         }
         let this = self.clone();
         blocking(move || match source {
@@ -224,15 +199,6 @@ impl Engine {
             }
         })
         .await
-    }
-
-    pub async fn unload_signature(self: &Arc<Self>, name: String, wait_fleet: bool) -> Result<()> {
-        validate_name("signature", &name)?;
-        if let Some(f) = self.fleet() {
-            return f.unload_signature(&name, wait_fleet).await;
-        }
-        let this = self.clone();
-        blocking(move || this.registry.unload_signature(&name)).await
     }
 
     pub fn registry(&self) -> &Registry {
@@ -255,7 +221,7 @@ impl Engine {
         allow_transfer: bool,
     ) -> Result<Arc<LoadedSignature>> {
         let (sig, origin) = state::read_repo(&self.dir, rel, allow_transfer)?;
-        self.registry.load_signature_from(name, sig, origin)
+        self.registry.load(name, sig, origin)?.signature().cloned()
     }
 
     /// Loads an uploaded signature; with a state directory, its bytes are kept
@@ -270,7 +236,7 @@ impl Engine {
             bail!(InvalidArgument, "an uploaded signature needs a name");
         }
         state::check_size(bytes.len() as u64, "the uploaded signature")?;
-        let sig = Signature::from_bytes(bytes)?;
+        let sig = Arc::new(Signature::from_bytes(bytes)?);
         // Checked before the bytes are kept, so a refused upload leaves no file
         // behind (the registry checks again under its lock).
         validate_name("signature", name)?;
@@ -287,7 +253,7 @@ impl Engine {
             sha256: sha,
             allow_transfer,
         };
-        self.registry.load_signature_from(name, sig, origin)
+        self.registry.load(name, sig, origin)?.signature().cloned()
     }
 
     /// Runs one request through the default profile, so its stem is

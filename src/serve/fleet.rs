@@ -11,10 +11,11 @@
 //!
 //! A replica loads one consistent snapshot at one revision, then watches
 //! `state/` from the next revision, so no event is missed or applied twice;
-//! each change reaches the registry through [`state::reconcile`], i.e. the same
-//! validate-then-publish path as a local admin call. Admin writes are etcd
-//! transactions that compare mod revisions against what this replica has
-//! applied: two admins never silently overwrite each other, the loser gets
+//! each change reaches the registry through [`Registry::reconcile`], as a local
+//! admin change does. An admin change is checked by the same [`Change::next`]
+//! as a local one, against the fleet's state, and written as one etcd
+//! transaction that compares mod revisions against what this replica has
+//! seen: two admins never silently overwrite each other, the loser gets
 //! ABORTED. When etcd is unreachable the replica keeps serving its last state,
 //! reports it, and resyncs from a fresh snapshot when etcd returns.
 
@@ -29,10 +30,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::model::repo::ModelDir;
-use crate::serve::profile::{
-    CLEAN, Change, LoadedSignature, Registry, SignatureRef, ensure_unused, validate_name,
-};
-use crate::serve::state::{self, ProfileEntry, RefEntry, SignatureEntry, State};
+use crate::serve::change::{Applied, Change};
+use crate::serve::profile::CLEAN;
+use crate::serve::registry::Registry;
+use crate::serve::state::{self, State};
 use crate::{Error, Result, bail};
 
 /// Seconds a replica's key outlives its last keep-alive.
@@ -215,7 +216,8 @@ impl Fleet {
     }
 
     async fn seed(&self) -> Result<()> {
-        let state = State::of(&self.registry.snapshot())?;
+        let state = State::of(&self.registry.snapshot());
+        state.check_durable()?;
         let mut ops = Vec::new();
         for s in &state.signatures {
             ops.push(TxnOp::put(
@@ -293,9 +295,10 @@ impl Fleet {
                 (state, errors, m.revision)
             };
             let model = this.model.clone();
-            errors.extend(state::reconcile(&this.registry, &desired, |e| {
-                state::read_entry(&model, None, e)
-            }));
+            errors.extend(
+                this.registry
+                    .reconcile(&desired, &|e| state::read_entry(&model, None, e)),
+            );
             (revision, errors)
         })
         .await
@@ -545,195 +548,125 @@ impl Fleet {
         Compare::mod_revision(self.key(rel), CompareOp::Equal, m.mod_revision(rel))
     }
 
-    fn change_for(&self, name: &str, revision: i64) -> Result<Change> {
-        let table = self.registry.snapshot();
-        let profile = table.profile(Some(name))?.clone();
-        Ok(Change {
-            profile,
-            generation: table.generation,
-            apply: Duration::ZERO,
-            revision,
+    /// The etcd transaction that makes `change`, taking `next` from the fleet's
+    /// state: its guards (what must not have changed since this replica's view)
+    /// and its writes.
+    fn transaction(
+        &self,
+        m: &Mirror,
+        change: &Change,
+        next: &State,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>)> {
+        let absent = |rel: &str| Compare::create_revision(self.key(rel), CompareOp::Equal, 0);
+        Ok(match change {
+            Change::Load(e) => {
+                let rel = format!("signatures/{}", e.name);
+                let put = TxnOp::put(self.key(&rel), json(e)?, None);
+                (vec![absent(&rel)], vec![put])
+            }
+            Change::Unload(name) => {
+                let rel = format!("signatures/{name}");
+                // No profile may have started using it since.
+                let guards = vec![
+                    self.guard_unchanged(m, &rel),
+                    Compare::mod_revision(self.key("profiles/"), CompareOp::Less, m.revision + 1)
+                        .with_prefix(),
+                ];
+                (guards, vec![TxnOp::delete(self.key(&rel), None)])
+            }
+            Change::Put {
+                name,
+                signatures,
+                replace,
+            } => {
+                let rel = format!("profiles/{name}");
+                let mut guards = vec![match replace {
+                    true => self.guard_unchanged(m, &rel),
+                    false => absent(&rel),
+                }];
+                for s in signatures {
+                    guards.push(self.guard_unchanged(m, &format!("signatures/{}", s.name)));
+                }
+                let entry = next.profile(name).ok_or_else(|| {
+                    Error::Internal(format!("profile {name:?} is missing after its put"))
+                })?;
+                (guards, vec![TxnOp::put(self.key(&rel), json(entry)?, None)])
+            }
+            Change::Delete(name) => {
+                let rel = format!("profiles/{name}");
+                let guards = vec![
+                    self.guard_unchanged(m, &rel),
+                    self.guard_unchanged(m, "default"),
+                ];
+                (guards, vec![TxnOp::delete(self.key(&rel), None)])
+            }
+            Change::SetDefault(name) => {
+                let mut guards = vec![self.guard_unchanged(m, "default")];
+                if name != CLEAN {
+                    guards.push(self.guard_unchanged(m, &format!("profiles/{name}")));
+                }
+                let put = TxnOp::put(self.key("default"), name.as_str(), None);
+                (guards, vec![put])
+            }
         })
     }
 
-    pub async fn put_profile(
-        self: &Arc<Self>,
-        name: &str,
-        signatures: Vec<SignatureRef>,
-        replace: bool,
-        wait_fleet: bool,
-    ) -> Result<Change> {
+    /// Checks `change` against the fleet's state, writes it to etcd in one
+    /// guarded transaction, and returns once this replica (and with
+    /// `wait_fleet`, every live one) serves it. A profile's stem is folded
+    /// here first, which both checks it and spares the reconcile folding it again.
+    pub async fn submit(self: &Arc<Self>, change: Change, wait_fleet: bool) -> Result<Applied> {
         let start = Instant::now();
-        self.registry.check_profile(name, signatures.clone())?;
-        let rel = format!("profiles/{name}");
-        let guards = {
+        let before = self.registry.snapshot();
+        let (next, prepare) = {
             let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            if m.keys.contains_key(&rel) && !replace {
-                bail!(
-                    AlreadyExists,
-                    "profile {name:?} already exists; set replace to change it"
-                );
-            }
-            let mut g = vec![if replace {
-                self.guard_unchanged(&m, &rel)
-            } else {
-                Compare::create_revision(self.key(&rel), CompareOp::Equal, 0)
-            }];
-            for s in &signatures {
-                g.push(self.guard_unchanged(&m, &format!("signatures/{}", s.name)));
-            }
-            g
+            let (state, _) = m.state();
+            let next = change.next(&state)?;
+            let prepare = match &change {
+                Change::Put {
+                    name, signatures, ..
+                } if state.profile(name).map(|p| p.refs()).as_ref() != Some(signatures) => {
+                    Some((name.clone(), signatures.clone()))
+                }
+                _ => None,
+            };
+            (next, prepare)
         };
-        let entry = ProfileEntry {
-            name: name.into(),
-            signatures: signatures
-                .iter()
-                .map(|s| RefEntry {
-                    name: s.name.clone(),
-                    alpha: s.alpha,
-                })
-                .collect(),
+        if let Some((name, refs)) = prepare {
+            let registry = self.registry.clone();
+            tokio::task::spawn_blocking(move || registry.prepare(&name, &refs))
+                .await
+                .map_err(|e| Error::Internal(format!("worker failed: {e}")))??;
+        }
+        let (guards, ops) = {
+            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+            self.transaction(&m, &change, &next)?
         };
-        let put = TxnOp::put(self.key(&rel), json(&entry)?, None);
         let revision = self
-            .write("put profile", guards, vec![put], wait_fleet)
-            .await?;
-        let mut change = self.change_for(name, revision)?;
-        if change.profile.signatures != signatures {
+            .write(change.op(), guards, ops, wait_fleet)
+            .await
+            .map_err(|e| match (e, &change) {
+                (Error::Aborted(_), Change::Load(entry)) => Error::AlreadyExists(format!(
+                    "a signature named {:?} is already loaded in the fleet; unload it first or pick another name",
+                    entry.name
+                )),
+                (e, _) => e,
+            })?;
+        let after = self.registry.snapshot();
+        if !change.is_reflected(&after) {
             bail!(
                 FailedPrecondition,
-                "profile {name:?} is in etcd but this replica could not apply it: {}",
+                "the change is in etcd at revision {revision} but this replica could not apply it: {}",
                 self.link.borrow().error.clone().unwrap_or_default()
             );
         }
-        change.apply = start.elapsed();
-        Ok(change)
-    }
-
-    pub async fn delete_profile(self: &Arc<Self>, name: &str, wait_fleet: bool) -> Result<Change> {
-        let start = Instant::now();
-        let rel = format!("profiles/{name}");
-        let (guards, profile) = {
-            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            let table = self.registry.snapshot();
-            let profile = table.profile(Some(name))?.clone();
-            if name == CLEAN || !m.keys.contains_key(&rel) {
-                bail!(NotFound, "no fleet profile named {name:?}");
-            }
-            if table.default_profile == name {
-                bail!(
-                    FailedPrecondition,
-                    "{name:?} is the default profile; set another default first"
-                );
-            }
-            let g = vec![
-                self.guard_unchanged(&m, &rel),
-                self.guard_unchanged(&m, "default"),
-            ];
-            (g, profile)
-        };
-        let del = TxnOp::delete(self.key(&rel), None);
-        let revision = self
-            .write("delete profile", guards, vec![del], wait_fleet)
-            .await?;
-        Ok(Change {
-            profile,
-            generation: self.registry.snapshot().generation,
-            apply: start.elapsed(),
+        Ok(Applied::new(
+            &change,
+            &before,
+            &after,
+            start.elapsed(),
             revision,
-        })
-    }
-
-    pub async fn set_default(self: &Arc<Self>, name: &str, wait_fleet: bool) -> Result<Change> {
-        let start = Instant::now();
-        if name.is_empty() {
-            bail!(InvalidArgument, "name the profile to make the default");
-        }
-        let guards = {
-            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            self.registry.snapshot().profile(Some(name))?;
-            let mut g = vec![self.guard_unchanged(&m, "default")];
-            if name != CLEAN {
-                g.push(self.guard_unchanged(&m, &format!("profiles/{name}")));
-            }
-            g
-        };
-        let put = TxnOp::put(self.key("default"), name, None);
-        let revision = self
-            .write("set default", guards, vec![put], wait_fleet)
-            .await?;
-        let mut change = self.change_for(name, revision)?;
-        change.apply = start.elapsed();
-        Ok(change)
-    }
-
-    pub async fn load_signature(
-        self: &Arc<Self>,
-        name: &str,
-        rel_path: &str,
-        allow_transfer: bool,
-        wait_fleet: bool,
-    ) -> Result<Arc<LoadedSignature>> {
-        validate_name("signature", name)?;
-        let (sig, origin) = state::read_repo(&self.model, rel_path, allow_transfer)?;
-        // Checked here as it will be on every replica: it fits the model.
-        self.registry
-            .model()
-            .check_signature(&sig, allow_transfer)?;
-        let entry = SignatureEntry {
-            name: name.into(),
-            origin,
-        };
-        let rel = format!("signatures/{name}");
-        let guard = Compare::create_revision(self.key(&rel), CompareOp::Equal, 0);
-        let put = TxnOp::put(self.key(&rel), json(&entry)?, None);
-        self.write("load signature", vec![guard], vec![put], wait_fleet)
-            .await
-            .map_err(|e| match e {
-                Error::Aborted(_) => Error::AlreadyExists(format!(
-                    "a signature named {name:?} is already loaded in the fleet; unload it first or pick another name"
-                )),
-                e => e,
-            })?;
-        self.registry
-            .snapshot()
-            .signatures
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "signature {name:?} is in etcd but this replica could not load it: {}",
-                    self.link.borrow().error.clone().unwrap_or_default()
-                ))
-            })
-    }
-
-    pub async fn unload_signature(self: &Arc<Self>, name: &str, wait_fleet: bool) -> Result<()> {
-        let rel = format!("signatures/{name}");
-        let guards = {
-            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            if !m.keys.contains_key(&rel) {
-                bail!(NotFound, "no fleet signature named {name:?}");
-            }
-            let (state, _) = m.state();
-            ensure_unused(
-                name,
-                state.profiles.iter().map(|p| {
-                    let refs = p.signatures.iter().map(|s| s.name.as_str());
-                    (p.name.as_str(), refs.collect())
-                }),
-            )?;
-            // No profile may have started using it since.
-            vec![
-                self.guard_unchanged(&m, &rel),
-                Compare::mod_revision(self.key("profiles/"), CompareOp::Less, m.revision + 1)
-                    .with_prefix(),
-            ]
-        };
-        let del = TxnOp::delete(self.key(&rel), None);
-        self.write("unload signature", guards, vec![del], wait_fleet)
-            .await?;
-        Ok(())
+        ))
     }
 }
 

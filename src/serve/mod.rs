@@ -3,15 +3,18 @@
 //!
 //! [`engine::Engine`] is the library's serving API. It turns inputs into tensors
 //! ([`preprocess`]), queues them for the compute workers ([`batch`]), which read one
-//! snapshot of the profile table ([`profile`]) per batch. Admin changes go to the
-//! table directly or, in fleet mode, through etcd ([`fleet`]); [`state`] persists
-//! and restores the table. [`metrics`] names what is exported. Nothing here knows a
+//! snapshot of the profile table ([`profile`]) per batch. An admin change
+//! ([`change`]) is checked against the current [`state`], carried by a store (the
+//! local state file, or etcd in [`fleet`] mode), and applied by the [`registry`],
+//! which reconciles the table to the new state. [`metrics`] names what is exported. Nothing here knows a
 //! wire protocol (that is [`crate::server`]) or the research pipeline ([`crate::lab`]).
 
 pub mod batch;
+pub mod change;
 pub mod engine;
 pub mod fleet;
 pub mod metrics;
 pub mod preprocess;
 pub mod profile;
+pub mod registry;
 pub mod state;

@@ -5,13 +5,14 @@
 //! in flight), never a torn one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::repo::ModelDir;
 use crate::patch::signature::Signature;
-use crate::serve::profile::{CLEAN, Origin, Registry, SignatureRef, Source, Table};
+use crate::serve::profile::{CLEAN, Origin, SignatureRef, Source, Table};
 use crate::{Error, Result, bail};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -52,53 +53,77 @@ pub struct State {
     pub default_profile: String,
 }
 
-impl State {
-    pub fn of(table: &Table) -> Result<State> {
-        let mut signatures = Vec::new();
-        for s in table.signatures.values() {
-            if s.origin.source == Source::Memory {
-                bail!(
-                    FailedPrecondition,
-                    "signature {:?} was handed over in memory and cannot be persisted",
-                    s.name
-                );
-            }
-            signatures.push(SignatureEntry {
-                name: s.name.clone(),
-                origin: s.origin.clone(),
-            });
-        }
-        Ok(State {
-            version: FORMAT_VERSION,
-            signatures,
-            profiles: table
-                .profiles
-                .values()
-                .filter(|p| p.name != CLEAN)
-                .map(|p| ProfileEntry {
-                    name: p.name.clone(),
-                    signatures: p
-                        .signatures
-                        .iter()
-                        .map(|r| RefEntry {
-                            name: r.name.clone(),
-                            alpha: r.alpha,
-                        })
-                        .collect(),
+impl ProfileEntry {
+    pub fn new(name: &str, signatures: &[SignatureRef]) -> Self {
+        ProfileEntry {
+            name: name.into(),
+            signatures: signatures
+                .iter()
+                .map(|r| RefEntry {
+                    name: r.name.clone(),
+                    alpha: r.alpha,
                 })
                 .collect(),
-            default_profile: table.default_profile.clone(),
-        })
+        }
     }
 
-    pub fn refs(p: &ProfileEntry) -> Vec<SignatureRef> {
-        p.signatures
+    pub fn refs(&self) -> Vec<SignatureRef> {
+        self.signatures
             .iter()
             .map(|r| SignatureRef {
                 name: r.name.clone(),
                 alpha: r.alpha,
             })
             .collect()
+    }
+}
+
+impl State {
+    /// The state a table holds, sorted by name.
+    pub fn of(table: &Table) -> State {
+        State {
+            version: FORMAT_VERSION,
+            signatures: table
+                .signatures
+                .values()
+                .map(|s| SignatureEntry {
+                    name: s.name.clone(),
+                    origin: s.origin.clone(),
+                })
+                .collect(),
+            profiles: table
+                .profiles
+                .values()
+                .filter(|p| p.name != CLEAN)
+                .map(|p| ProfileEntry::new(&p.name, &p.signatures))
+                .collect(),
+            default_profile: table.default_profile.clone(),
+        }
+    }
+
+    pub fn signature(&self, name: &str) -> Option<&SignatureEntry> {
+        self.signatures.iter().find(|s| s.name == name)
+    }
+
+    pub fn profile(&self, name: &str) -> Option<&ProfileEntry> {
+        self.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// Refuses a state that names signatures handed over in memory, which
+    /// could not be loaded again from it.
+    pub fn check_durable(&self) -> Result<()> {
+        if let Some(s) = self
+            .signatures
+            .iter()
+            .find(|s| s.origin.source == Source::Memory)
+        {
+            bail!(
+                FailedPrecondition,
+                "signature {:?} was handed over in memory and cannot be persisted",
+                s.name
+            );
+        }
+        Ok(())
     }
 }
 
@@ -143,6 +168,7 @@ impl StateDir {
     }
 
     pub fn write(&self, state: &State) -> Result<()> {
+        state.check_durable()?;
         let json = serde_json::to_vec_pretty(state)
             .map_err(|e| Error::Internal(format!("cannot encode the state: {e}")))?;
         crate::fsutil::write_atomic(&self.state_path(), &json)
@@ -172,7 +198,11 @@ impl StateDir {
 
 /// Reads a signature file of the model directory: the parsed signature and the
 /// origin that lets it be loaded (and verified) again.
-pub fn read_repo(model: &ModelDir, rel: &str, allow_transfer: bool) -> Result<(Signature, Origin)> {
+pub fn read_repo(
+    model: &ModelDir,
+    rel: &str,
+    allow_transfer: bool,
+) -> Result<(Arc<Signature>, Origin)> {
     let path = model.confine(rel)?;
     let bytes = read_limited(&path)?;
     let sig = Signature::from_bytes(&bytes)
@@ -182,7 +212,7 @@ pub fn read_repo(model: &ModelDir, rel: &str, allow_transfer: bool) -> Result<(S
         sha256: sha256(&bytes),
         allow_transfer,
     };
-    Ok((sig, origin))
+    Ok((Arc::new(sig), origin))
 }
 
 /// Reads a recorded signature again and checks it is the same file.
@@ -190,7 +220,7 @@ pub fn read_entry(
     model: &ModelDir,
     state: Option<&StateDir>,
     e: &SignatureEntry,
-) -> Result<Signature> {
+) -> Result<Arc<Signature>> {
     let path = match &e.origin.source {
         Source::Repo { path } => model.confine(path)?,
         Source::Upload { file } => state
@@ -219,63 +249,8 @@ pub fn read_entry(
         );
     }
     Signature::from_bytes(&bytes)
+        .map(Arc::new)
         .map_err(|err| Error::InvalidArgument(format!("{}: {err}", path.display())))
-}
-
-/// Brings `registry` to `desired` through its ordinary validated changes: new
-/// signatures first, then profiles and the default, removals last, so every
-/// table published on the way is consistent. What cannot be applied (a
-/// signature that does not load or verify, and the profiles that need it) is
-/// skipped and returned; the rest is applied.
-pub fn reconcile(
-    registry: &Registry,
-    desired: &State,
-    load: impl Fn(&SignatureEntry) -> Result<Signature>,
-) -> Vec<Error> {
-    let mut errors = Vec::new();
-    let table = registry.snapshot();
-    for e in &desired.signatures {
-        match table.signatures.get(&e.name) {
-            Some(s) if s.origin.sha256 == e.origin.sha256 => continue,
-            Some(_) => {
-                errors.push(Error::FailedPrecondition(format!(
-                    "signature {:?} is loaded with other content; unload it before loading the new one",
-                    e.name
-                )));
-                continue;
-            }
-            None => {}
-        }
-        let loaded =
-            load(e).and_then(|sig| registry.load_signature_from(&e.name, sig, e.origin.clone()));
-        errors.extend(loaded.err());
-    }
-    let table = registry.snapshot();
-    for p in &desired.profiles {
-        let refs = State::refs(p);
-        let same = table
-            .profiles
-            .get(&p.name)
-            .is_some_and(|cur| cur.signatures == refs);
-        if !same {
-            errors.extend(registry.put_profile(&p.name, refs, true).err());
-        }
-    }
-    if registry.snapshot().default_profile != desired.default_profile {
-        errors.extend(registry.set_default(&desired.default_profile).err());
-    }
-    let table = registry.snapshot();
-    for name in table.profiles.keys() {
-        if name != CLEAN && !desired.profiles.iter().any(|p| &p.name == name) {
-            errors.extend(registry.delete_profile(name).err());
-        }
-    }
-    for name in registry.snapshot().signatures.keys() {
-        if !desired.signatures.iter().any(|s| &s.name == name) {
-            errors.extend(registry.unload_signature(name).err());
-        }
-    }
-    errors
 }
 
 pub(crate) fn check_size(len: u64, what: &str) -> Result<()> {

@@ -13,9 +13,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
+use crate::serve::change::Change;
 use crate::serve::engine::{Engine, SignatureSource};
 use crate::serve::preprocess::Input;
-use crate::serve::profile::{self, Change, LoadedSignature, Profile};
+use crate::serve::profile::{self, LoadedSignature, Profile};
 
 pub mod client;
 pub mod kserve;
@@ -161,14 +162,27 @@ fn profile_info(p: &Profile, default: &str) -> pb::ProfileInfo {
 }
 
 impl AdminService {
-    fn change(&self, c: Change) -> pb::ProfileChange {
+    /// Applies a profile change and says what it did.
+    async fn profile_change(
+        &self,
+        change: Change,
+        wait_fleet: bool,
+    ) -> Result<Response<pb::ProfileChange>, Status> {
+        let op = change.op();
+        let c = self
+            .engine
+            .change(change, wait_fleet)
+            .await
+            .map_err(status)?;
+        let profile = c.profile().map_err(status)?;
+        tracing::info!(op, profile = %profile.name, generation = c.generation, apply_us = c.elapsed.as_micros() as u64, "profile change");
         let default = self.engine.registry().snapshot().default_profile.clone();
-        pb::ProfileChange {
-            profile: Some(profile_info(&c.profile, &default)),
+        Ok(Response::new(pb::ProfileChange {
+            profile: Some(profile_info(profile, &default)),
             generation: c.generation,
-            apply_micros: c.apply.as_secs_f64() * 1e6,
+            apply_micros: c.elapsed.as_secs_f64() * 1e6,
             revision: c.revision,
-        }
+        }))
     }
 }
 
@@ -215,7 +229,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::UnloadSignatureResponse>, Status> {
         let r = req.into_inner();
         self.engine
-            .unload_signature(r.name, r.wait_fleet)
+            .change(Change::Unload(r.name), r.wait_fleet)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::UnloadSignatureResponse {}))
@@ -234,13 +248,12 @@ impl Admin for AdminService {
                 alpha: s.alpha,
             })
             .collect();
-        let c = self
-            .engine
-            .put_profile(r.name, sigs, r.replace, r.wait_fleet)
-            .await
-            .map_err(status)?;
-        tracing::info!(profile = %c.profile.name, generation = c.generation, apply_us = c.apply.as_micros() as u64, "profile put");
-        Ok(Response::new(self.change(c)))
+        let change = Change::Put {
+            name: r.name,
+            signatures: sigs,
+            replace: r.replace,
+        };
+        self.profile_change(change, r.wait_fleet).await
     }
 
     async fn delete_profile(
@@ -248,13 +261,8 @@ impl Admin for AdminService {
         req: Request<pb::DeleteProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
         let r = req.into_inner();
-        let c = self
-            .engine
-            .delete_profile(r.name, r.wait_fleet)
+        self.profile_change(Change::Delete(r.name), r.wait_fleet)
             .await
-            .map_err(status)?;
-        tracing::info!(profile = %c.profile.name, generation = c.generation, "profile deleted");
-        Ok(Response::new(self.change(c)))
     }
 
     async fn list_profiles(
@@ -278,13 +286,8 @@ impl Admin for AdminService {
         req: Request<pb::SetDefaultProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
         let r = req.into_inner();
-        let c = self
-            .engine
-            .set_default(r.name, r.wait_fleet)
+        self.profile_change(Change::SetDefault(r.name), r.wait_fleet)
             .await
-            .map_err(status)?;
-        tracing::info!(profile = %c.profile.name, generation = c.generation, "default profile set");
-        Ok(Response::new(self.change(c)))
     }
 }
 

@@ -208,53 +208,18 @@ impl DeviceDelta {
 /// A signature's deltas on one device, by base tensor name.
 pub type DeviceDeltas = HashMap<String, DeviceDelta>;
 
-/// A signature's deltas on each device it has been used on: uploaded on first use, kept
-/// as long as the signature. A cache, so clones share it and it takes no part in equality.
-#[derive(Default)]
-pub struct DeviceCache(Mutex<Vec<(DeviceId, Arc<DeviceDeltas>)>>);
-
-impl DeviceCache {
-    /// The deltas on `dev`, uploading `deltas` if this is their first use there.
-    pub fn get_or_upload<'a>(
-        &self,
-        dev: &CudaDevice,
-        deltas: impl IntoIterator<Item = (&'a str, DeltaView<'a>)>,
-    ) -> Result<Arc<DeviceDeltas>> {
-        let mut copies = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, d)) = copies.iter().find(|(id, _)| *id == dev.id()) {
-            return Ok(d.clone());
-        }
-        let stream = dev.cuda_stream();
-        let uploaded = deltas
-            .into_iter()
-            .map(|(name, view)| Ok((name.to_string(), DeviceDelta::upload(view, &stream)?)))
-            .collect::<Result<DeviceDeltas>>()?;
-        stream.synchronize().w()?;
-        let uploaded = Arc::new(uploaded);
-        copies.push((dev.id(), uploaded.clone()));
-        Ok(uploaded)
-    }
-}
-
-impl Clone for DeviceCache {
-    fn clone(&self) -> Self {
-        DeviceCache(Mutex::new(
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        ))
-    }
-}
-
-impl PartialEq for DeviceCache {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for DeviceCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map(|c| c.len()).unwrap_or(0);
-        write!(f, "DeviceCache({n} devices)")
-    }
+/// Uploads every delta of a signature to `dev`, waiting until the copies are done.
+pub fn upload_deltas<'a>(
+    dev: &CudaDevice,
+    deltas: impl IntoIterator<Item = (&'a str, DeltaView<'a>)>,
+) -> Result<DeviceDeltas> {
+    let stream = dev.cuda_stream();
+    let uploaded = deltas
+        .into_iter()
+        .map(|(name, view)| Ok((name.to_string(), DeviceDelta::upload(view, &stream)?)))
+        .collect::<Result<DeviceDeltas>>()?;
+    stream.synchronize().w()?;
+    Ok(uploaded)
 }
 
 /// One signature's contribution to one layer, on the device ([`super::LayerDelta`]).
