@@ -29,6 +29,7 @@ use crate::patch::kernel::cuda::{
 use crate::patch::kernel::{ConvBn, LayerDelta, cpu};
 use crate::patch::quant::{Delta, Quant};
 use crate::rng::Rng;
+use crate::serve::change::Change;
 use crate::{Result, bail};
 
 /// The CPU and GPU kernels must agree to this relative error (max |diff| / max |value|
@@ -673,13 +674,13 @@ fn check_model(f: &Fixture) -> Result<ModelCheck> {
         name: "sig".into(),
         alpha,
     };
-    f.registry
-        .put_profile("roundtrip", vec![sig_ref(0.8)], true)?;
+    let put = |refs| f.registry.apply(&Change::put("roundtrip", refs, true));
+    put(vec![sig_ref(0.8)])?;
     let patched = served("roundtrip")?;
     // Removing every signature refolds the stem from the untouched base weights.
-    f.registry.put_profile("roundtrip", vec![], true)?;
+    put(vec![])?;
     let removed = served("roundtrip")?;
-    f.registry.delete_profile("roundtrip")?;
+    f.registry.apply(&Change::Delete("roundtrip".into()))?;
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let patch_changes_logits = bits(&patched) != bits(&clean);
     let removal_bitwise_equal = bits(&removed) == bits(&clean);

@@ -53,8 +53,9 @@ impl Change {
 
     /// The state after this change, or why it is refused. Nothing but `state`
     /// is consulted, so the same rules hold for every store.
-    pub fn next(&self, state: &State) -> Result<State> {
-        let mut next = state.clone();
+    pub fn next(&self, state: State) -> Result<State> {
+        let mut next = state;
+        let state = &next;
         match self {
             Change::Load(e) => {
                 validate_name("signature", &e.name)?;
@@ -255,17 +256,17 @@ mod tests {
             profiles: Default::default(),
             default_profile: CLEAN.into(),
         });
-        let s = Change::Load(entry("fog")).next(&s).unwrap();
-        let s = Change::Load(entry("rain")).next(&s).unwrap();
+        let s = Change::Load(entry("fog")).next(s).unwrap();
+        let s = Change::Load(entry("rain")).next(s).unwrap();
         let s = Change::put("storm", vec![r("fog", 0.5)], false)
-            .next(&s)
+            .next(s)
             .unwrap();
-        Change::SetDefault("storm".into()).next(&s).unwrap()
+        Change::SetDefault("storm".into()).next(s).unwrap()
     }
 
     fn refused(change: Change, kind: &str) {
         let s = state();
-        let err = change.next(&s).unwrap_err();
+        let err = change.next(s).unwrap_err();
         assert_eq!(err.kind(), kind, "{change:?}: {err}");
     }
 
@@ -276,13 +277,13 @@ mod tests {
         assert_eq!(s.profile("storm").unwrap().refs(), vec![r("fog", 0.5)]);
         assert_eq!(s.default_profile, "storm");
         let s = Change::put("storm", vec![r("rain", 1.0)], true)
-            .next(&s)
+            .next(s)
             .unwrap();
         assert_eq!(s.profile("storm").unwrap().refs(), vec![r("rain", 1.0)]);
-        let s = Change::Unload("fog".into()).next(&s).unwrap();
+        let s = Change::Unload("fog".into()).next(s).unwrap();
         assert!(s.signature("fog").is_none());
-        let s = Change::SetDefault(CLEAN.into()).next(&s).unwrap();
-        let s = Change::Delete("storm".into()).next(&s).unwrap();
+        let s = Change::SetDefault(CLEAN.into()).next(s).unwrap();
+        let s = Change::Delete("storm".into()).next(s).unwrap();
         assert!(s.profiles.is_empty());
     }
 

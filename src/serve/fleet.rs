@@ -621,7 +621,6 @@ impl Fleet {
         let (next, prepare) = {
             let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
             let (state, _) = m.state();
-            let next = change.next(&state)?;
             let prepare = match &change {
                 Change::Put {
                     name, signatures, ..
@@ -630,7 +629,7 @@ impl Fleet {
                 }
                 _ => None,
             };
-            (next, prepare)
+            (change.next(state)?, prepare)
         };
         if let Some((name, refs)) = prepare {
             let registry = self.registry.clone();

@@ -213,7 +213,7 @@ impl Registry {
         let start = Instant::now();
         let _w = self.lock_writer();
         let before = self.snapshot();
-        let desired = change.next(&State::of(&before))?;
+        let desired = change.next(State::of(&before))?;
         // An explicit put always folds anew, so that it is timed like one and
         // publishes a new generation even when the definition is unchanged.
         let fresh = match change {
