@@ -66,6 +66,7 @@ fn run(registry: &Registry, inputs: &[Vec<f32>], profiles: &[&str]) {
             Job {
                 input: x.clone(),
                 profile: p.to_string(),
+                source: String::new(),
                 top_k: 1,
                 with_logits: false,
                 deadline: None,

@@ -112,6 +112,7 @@ fn job(seed: u64, deadline: Option<std::time::Instant>) -> (rws::serve::batch::J
     let job = rws::serve::batch::Job {
         input: input(seed).data,
         profile: String::new(),
+        source: String::new(),
         top_k: 1,
         with_logits: false,
         deadline,

@@ -489,3 +489,68 @@ async fn a_replica_whose_copy_differs_does_not_serve_it_and_says_so() {
         "{b:?}"
     );
 }
+
+#[tokio::test]
+async fn replicas_start_and_end_an_activation_at_the_same_instants() {
+    let Some(etcd) = Etcd::start() else { return };
+    let repo = tiny_repo();
+    let url = etcd.url("activations");
+    let (ra, rb) = (
+        replica(repo.path(), &url, "a"),
+        replica(repo.path(), &url, "b"),
+    );
+    let chs = [ra.channel().await, rb.channel().await];
+    converged(&chs).await;
+    let ask = |ch: &Channel, profile: &str| {
+        let mut c = common::InferenceClient::new(ch.clone());
+        let req = pb::ClassifyRequest {
+            source: "site-a/cam-1".into(),
+            ..tensor_request(6, profile)
+        };
+        async move { c.classify(req).await.unwrap().into_inner() }
+    };
+    let fog = common::bits(&ask(&chs[0], "fog").await.logits);
+    let clean = common::bits(&ask(&chs[0], "clean").await.logits);
+    for ch in &chs {
+        assert_eq!(common::bits(&ask(ch, "").await.logits), clean, "before");
+    }
+    let a = admin_client(chs[0].clone(), None)
+        .unwrap()
+        .activate(pb::ActivateRequest {
+            scope: "site-a/".into(),
+            profile: "fog".into(),
+            ttl_seconds: 1.5,
+            reason: "fog warning".into(),
+            wait_fleet: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.revision > 0);
+    // Both replicas, through the activation and past its end: each answer is
+    // the activation's until its end and the default from then on.
+    let stop = Instant::now() + Duration::from_millis(2500);
+    let mut seen = [[0; 2]; 2];
+    while Instant::now() < stop {
+        for (i, ch) in chs.iter().enumerate() {
+            let sent = rws::serve::activation::now_ms();
+            let r = ask(ch, "").await;
+            let done = rws::serve::activation::now_ms();
+            let got = common::bits(&r.logits);
+            if got == fog {
+                assert!(sent < a.until_unix_ms, "replica {i}: fog after the end");
+                assert_eq!(r.activation_id, a.id);
+                seen[i][0] += 1;
+            } else {
+                assert_eq!(got, clean, "replica {i}");
+                assert!(
+                    done >= a.until_unix_ms,
+                    "replica {i}: default before the end"
+                );
+                seen[i][1] += 1;
+            }
+        }
+    }
+    assert!(seen.iter().flatten().all(|&n| n > 0), "{seen:?}");
+}

@@ -153,7 +153,7 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
                 };
                 i += 1;
                 let t = Instant::now();
-                match client.classify(image.clone(), profile, 1, false).await {
+                match client.classify(image.clone(), profile, "", 1, false).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }

@@ -16,8 +16,10 @@ use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
+use crate::serve::activation::now_ms;
 use crate::serve::metrics as m;
 use crate::serve::preprocess;
+use crate::serve::profile::{Choice, Profile};
 use crate::serve::registry::Registry;
 use crate::{Error, Result};
 
@@ -33,6 +35,8 @@ pub struct Classification {
     pub top_k: Vec<Prediction>,
     pub profile: String,
     pub generation: u64,
+    /// Why that profile served it.
+    pub chosen: Choice,
     /// Empty unless asked for.
     pub logits: Vec<f32>,
 }
@@ -64,8 +68,10 @@ impl Default for BatchConfig {
 pub struct Job {
     /// `[C, H, W]` model input.
     pub input: Vec<f32>,
-    /// Empty: the default profile.
+    /// Empty: the activation covering `source`, else the default profile.
     pub profile: String,
+    /// Where the input came from (`site-a/cam-12`); may be empty.
+    pub source: String,
     pub top_k: usize,
     pub with_logits: bool,
     /// Dropped without computing once passed.
@@ -166,18 +172,20 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     }
     metrics::histogram!(m::BATCH_SIZE).record(live.len() as f64);
     let _span = tracing::debug_span!("batch", size = live.len(), queue_us).entered();
-    // One snapshot for the whole batch: every job in it sees the same table.
+    // One snapshot and one instant for the whole batch: every job in it sees
+    // the same table, and the same activations in force.
     let table = registry.snapshot();
-    let mut groups: Vec<(Arc<crate::serve::profile::Profile>, Vec<Job>)> = Vec::new();
+    let at = now_ms();
+    let mut groups: Vec<(Arc<Profile>, Vec<Chosen>)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for job in live {
-        match table.profile(Some(&job.profile)) {
-            Ok(p) => {
+        match table.resolve(&job.profile, &job.source, at) {
+            Ok((p, chosen)) => {
                 let slot = *index.entry(p.name.clone()).or_insert_with(|| {
                     groups.push((p.clone(), Vec::new()));
                     groups.len() - 1
                 });
-                groups[slot].1.push(job);
+                groups[slot].1.push((job, chosen));
             }
             Err(e) => {
                 let _ = job.reply.send(Err(e));
@@ -192,7 +200,7 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
             let _s =
                 tracing::debug_span!("stem", profile = %profile.name, n = jobs.len()).entered();
             registry.stem(&table, &profile).and_then(|stem| {
-                let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.as_slice()).collect();
+                let inputs: Vec<&[f32]> = jobs.iter().map(|(j, _)| j.input.as_slice()).collect();
                 let x = preprocess::batch(&inputs, &model.config, model.device())?;
                 model.forward_stem(&stem, &x)
             })
@@ -202,7 +210,7 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
                 activations.push(h);
                 answered.push((profile, jobs));
             }
-            Err(e) => fail(jobs, &e),
+            Err(e) => fail(jobs.into_iter().map(|(j, _)| j), &e),
         }
     }
     if activations.is_empty() {
@@ -219,14 +227,14 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
         Ok(rows) => rows,
         Err(e) => {
             for (_, jobs) in answered {
-                fail(jobs, &e);
+                fail(jobs.into_iter().map(|(j, _)| j), &e);
             }
             return;
         }
     };
     let mut rows = rows.into_iter();
     for (profile, jobs) in answered {
-        for job in jobs {
+        for (job, chosen) in jobs {
             let logits = rows.next().unwrap_or_default();
             // A finite input can still overflow inside the network; its "prediction"
             // would be noise, so it is refused rather than answered.
@@ -242,13 +250,17 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
                 top_k: top_k_of(&logits, &model.config.labels, job.top_k),
                 profile: profile.name.clone(),
                 generation: profile.generation,
+                chosen,
                 logits: if job.with_logits { logits } else { Vec::new() },
             }));
         }
     }
 }
 
-fn fail(jobs: Vec<Job>, e: &Error) {
+/// A job and why its profile serves it.
+type Chosen = (Job, Choice);
+
+fn fail(jobs: impl IntoIterator<Item = Job>, e: &Error) {
     for j in jobs {
         let _ = j.reply.send(Err(Error::Internal(e.to_string())));
     }

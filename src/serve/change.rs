@@ -10,6 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::serve::activation::{
+    Activation, MAX_ACTIVATIONS, MAX_REASON_LEN, MAX_TTL_MS, validate_scope,
+};
 use crate::serve::profile::{
     CLEAN, LoadedSignature, Profile, SignatureRef, Table, check_definition, validate_name,
 };
@@ -29,6 +32,12 @@ pub enum Change {
     },
     Delete(String),
     SetDefault(String),
+    /// Switches a profile on for a scope of sources, until its end.
+    Activate(Activation),
+    /// Ends an activation, by id, before its time.
+    Deactivate(String),
+    /// Drops the activations that ended by this instant (Unix milliseconds).
+    Expire(u64),
 }
 
 impl Change {
@@ -48,6 +57,9 @@ impl Change {
             Change::Put { .. } => "put_profile",
             Change::Delete(_) => "delete_profile",
             Change::SetDefault(_) => "set_default",
+            Change::Activate(_) => "activate",
+            Change::Deactivate(_) => "deactivate",
+            Change::Expire(_) => "expire",
         }
     }
 
@@ -132,6 +144,19 @@ impl Change {
                 if state.profile(name).is_none() {
                     bail!(NotFound, "no profile named {name:?}");
                 }
+                let scopes: Vec<&str> = state
+                    .activations
+                    .iter()
+                    .filter(|a| &a.profile == name)
+                    .map(|a| a.scope.as_str())
+                    .collect();
+                if !scopes.is_empty() {
+                    bail!(
+                        FailedPrecondition,
+                        "{name:?} is activated for scope(s) {}; deactivate them first",
+                        scopes.join(", ")
+                    );
+                }
                 next.profiles.retain(|p| &p.name != name);
             }
             Change::SetDefault(name) => {
@@ -144,6 +169,51 @@ impl Change {
                 }
                 next.default_profile = name.clone();
             }
+            Change::Activate(a) => {
+                validate_name("activation id", &a.id)?;
+                validate_scope(&a.scope)?;
+                validate_name("profile", &a.profile)?;
+                if a.profile != CLEAN && state.profile(&a.profile).is_none() {
+                    bail!(NotFound, "no profile named {:?}", a.profile);
+                }
+                let ttl = a.until_ms.saturating_sub(a.since_ms);
+                if ttl == 0 || ttl > MAX_TTL_MS {
+                    bail!(
+                        InvalidArgument,
+                        "an activation lasts from 1 ms to {} days; this one {}",
+                        MAX_TTL_MS / 86_400_000,
+                        if ttl == 0 {
+                            "ends before it begins"
+                        } else {
+                            "is longer"
+                        }
+                    );
+                }
+                if a.reason.len() > MAX_REASON_LEN || a.reason.chars().any(char::is_control) {
+                    bail!(
+                        InvalidArgument,
+                        "a reason is at most {MAX_REASON_LEN} bytes of printable text"
+                    );
+                }
+                if state.activations.iter().any(|b| b.id == a.id) {
+                    bail!(AlreadyExists, "activation {:?} exists already", a.id);
+                }
+                if state.activations.len() >= MAX_ACTIVATIONS {
+                    bail!(
+                        ResourceExhausted,
+                        "{MAX_ACTIVATIONS} activations exist already; deactivate some first"
+                    );
+                }
+                next.activations.push(a.clone());
+            }
+            Change::Deactivate(id) => {
+                validate_name("activation id", id)?;
+                if !state.activations.iter().any(|a| &a.id == id) {
+                    bail!(NotFound, "no activation {id:?} (it may have ended)");
+                }
+                next.activations.retain(|a| &a.id != id);
+            }
+            Change::Expire(now_ms) => next.activations.retain(|a| a.until_ms > *now_ms),
         }
         Ok(next)
     }
@@ -165,6 +235,9 @@ impl Change {
                 .is_some_and(|p| &p.signatures == signatures),
             Change::Delete(name) => !table.profiles.contains_key(name),
             Change::SetDefault(name) => &table.default_profile == name,
+            Change::Activate(a) => table.activations.all().iter().any(|b| b.id == a.id),
+            Change::Deactivate(id) => !table.activations.all().iter().any(|a| &a.id == id),
+            Change::Expire(now_ms) => table.activations.all().iter().all(|a| a.until_ms > *now_ms),
         }
     }
 }
@@ -198,6 +271,8 @@ impl Applied {
             Change::Unload(name) => (None, before.signatures.get(name)),
             Change::Put { name, .. } | Change::SetDefault(name) => (after.profiles.get(name), None),
             Change::Delete(name) => (before.profiles.get(name), None),
+            Change::Activate(a) => (after.profiles.get(&a.profile), None),
+            Change::Deactivate(_) | Change::Expire(_) => (None, None),
         };
         Applied {
             generation: after.generation,
@@ -255,6 +330,7 @@ mod tests {
             signatures: Default::default(),
             profiles: Default::default(),
             default_profile: CLEAN.into(),
+            activations: Default::default(),
         });
         let s = Change::Load(entry("fog")).next(s).unwrap();
         let s = Change::Load(entry("rain")).next(s).unwrap();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use tokio::sync::oneshot;
@@ -12,12 +12,13 @@ use tokio::sync::oneshot;
 use crate::model::Model;
 use crate::model::repo::{self, ModelDir};
 use crate::patch::signature::Signature;
+use crate::serve::activation::{now_ms, validate_source};
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
 use crate::serve::change::{Applied, Change};
 use crate::serve::fleet::{EtcdUrl, Fleet};
 use crate::serve::metrics as m;
 use crate::serve::preprocess::{self, Input};
-use crate::serve::profile::{LoadedSignature, Origin, SignatureRef, Source, validate_name};
+use crate::serve::profile::{Choice, LoadedSignature, Origin, SignatureRef, Source, validate_name};
 use crate::serve::registry::Registry;
 use crate::serve::state::{self, State, StateDir};
 use crate::{Error, Result, bail};
@@ -124,6 +125,8 @@ impl Engine {
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
+        // Activations that ended while the server was down do not come back.
+        self.registry.apply(&Change::Expire(now_ms()))?;
         tracing::info!(
             signatures = saved.signatures.len(),
             profiles = saved.profiles.len(),
@@ -265,7 +268,11 @@ impl Engine {
             shape: vec![cfg.channels, h, w],
             data: vec![0.0; cfg.channels * h * w],
         };
-        self.classify(input, String::new(), 1, false, None).await?;
+        let ask = Ask {
+            top_k: 1,
+            ..Ask::default()
+        };
+        self.classify(input, ask).await?;
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -285,23 +292,13 @@ impl Engine {
         self.batcher.queue_depth()
     }
 
-    /// Classifies one input with the named profile (empty: the default). The
-    /// input is decoded on tokio's blocking pool, then batched with other
-    /// requests on the compute workers; it is dropped uncomputed if `deadline`
-    /// passes while it waits.
-    pub async fn classify(
-        self: &Arc<Self>,
-        input: Input,
-        profile: String,
-        top_k: usize,
-        with_logits: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Classification> {
+    /// Classifies one input as `ask` says. The input is decoded on tokio's
+    /// blocking pool, then batched with other requests on the compute workers;
+    /// it is dropped uncomputed if the deadline passes while it waits.
+    pub async fn classify(self: &Arc<Self>, input: Input, ask: Ask) -> Result<Classification> {
         let start = Instant::now();
-        let requested = profile.clone();
-        let result = self
-            .classify_inner(input, profile, top_k, with_logits, deadline)
-            .await;
+        let requested = ask.profile.clone();
+        let result = self.classify_inner(input, ask).await;
         // Label by profile name only when it is a defined one (or the default),
         // so clients cannot grow the label set with made-up names.
         let label = match &result {
@@ -321,23 +318,19 @@ impl Engine {
         result
     }
 
-    async fn classify_inner(
-        self: &Arc<Self>,
-        input: Input,
-        profile: String,
-        top_k: usize,
-        with_logits: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Classification> {
+    async fn classify_inner(self: &Arc<Self>, input: Input, ask: Ask) -> Result<Classification> {
         if self.draining.load(Ordering::Acquire) {
             bail!(
                 Unavailable,
                 "the server is shutting down; send the request to another replica"
             );
         }
-        // Before any lookup: the name is refused without echoing more than its start.
-        if !profile.is_empty() {
-            validate_name("profile", &profile)?;
+        // Before any lookup: names are refused without echoing more than their start.
+        if !ask.profile.is_empty() {
+            validate_name("profile", &ask.profile)?;
+        }
+        if !ask.source.is_empty() {
+            validate_source(&ask.source)?;
         }
         let engine = self.clone();
         let input = tokio::task::spawn_blocking(move || {
@@ -349,10 +342,11 @@ impl Engine {
         let (reply, answer) = oneshot::channel();
         self.batcher.submit(Job {
             input,
-            profile,
-            top_k,
-            with_logits,
-            deadline,
+            profile: ask.profile,
+            source: ask.source,
+            top_k: ask.top_k,
+            with_logits: ask.with_logits,
+            deadline: ask.deadline,
             queued: Instant::now(),
             reply,
         })?;
@@ -360,6 +354,72 @@ impl Engine {
             .await
             .map_err(|_| crate::Error::Internal("compute worker dropped the request".into()))?
     }
+
+    /// The profile a request naming `profile` from `source` gets now, and why:
+    /// for protocols that fix one profile for several inputs.
+    pub fn resolve(&self, profile: &str, source: &str) -> Result<(String, Choice)> {
+        if !profile.is_empty() {
+            validate_name("profile", profile)?;
+        }
+        if !source.is_empty() {
+            validate_source(source)?;
+        }
+        let table = self.registry.snapshot();
+        let (p, chosen) = table.resolve(profile, source, now_ms())?;
+        Ok((p.name.clone(), chosen))
+    }
+
+    /// Ends activations on time in the stored state (requests already stop
+    /// using them at their end): sleeps until the next end, then applies
+    /// [`Change::Expire`]. Runs until the engine is dropped.
+    pub fn expire_activations(self: &Arc<Self>) {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let wait = {
+                    let Some(e) = engine.upgrade() else { return };
+                    let now = now_ms();
+                    let next = e.registry.snapshot().activations.next_expiry(now);
+                    // Re-read at least every second: changes may add earlier ends.
+                    next.map_or(1000, |t| (t - now).min(1000))
+                };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let Some(e) = engine.upgrade() else { return };
+                let now = now_ms();
+                let ended = e
+                    .registry
+                    .snapshot()
+                    .activations
+                    .all()
+                    .iter()
+                    .any(|a| a.until_ms <= now);
+                if !ended {
+                    continue;
+                }
+                match e.change(Change::Expire(now), false).await {
+                    Ok(_) => tracing::info!("ended activations cleaned up"),
+                    // Another replica cleaned them up first.
+                    Err(Error::Aborted(_)) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not clean up ended activations; retrying")
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// What a request asks for, beyond its input.
+#[derive(Debug, Clone, Default)]
+pub struct Ask {
+    /// Empty: the activation covering `source`, else the default.
+    pub profile: String,
+    /// Where the input comes from, e.g. `site-a/cam-12`; may be empty.
+    pub source: String,
+    /// Classes to return (0: the default number).
+    pub top_k: usize,
+    pub with_logits: bool,
+    pub deadline: Option<Instant>,
 }
 
 /// Runs registry work on tokio's blocking pool, keeping reactor threads free.

@@ -104,7 +104,7 @@ impl Mirror {
     /// The state these keys describe. Unreadable records are reported, not applied.
     fn state(&self) -> (State, Vec<Error>) {
         let mut errors = Vec::new();
-        let (mut signatures, mut profiles) = (Vec::new(), Vec::new());
+        let (mut signatures, mut profiles, mut activations) = (Vec::new(), Vec::new(), Vec::new());
         for (k, e) in &self.keys {
             let bad =
                 |err: serde_json::Error| Error::InvalidArgument(format!("etcd key {k}: {err}"));
@@ -116,6 +116,11 @@ impl Mirror {
             } else if k.starts_with("profiles/") {
                 match serde_json::from_slice(&e.value) {
                     Ok(v) => profiles.push(v),
+                    Err(err) => errors.push(bad(err)),
+                }
+            } else if k.starts_with("activations/") {
+                match serde_json::from_slice(&e.value) {
+                    Ok(v) => activations.push(v),
                     Err(err) => errors.push(bad(err)),
                 }
             }
@@ -130,6 +135,7 @@ impl Mirror {
             signatures,
             profiles,
             default_profile,
+            activations,
         };
         (state, errors)
     }
@@ -548,6 +554,11 @@ impl Fleet {
         Compare::mod_revision(self.key(rel), CompareOp::Equal, m.mod_revision(rel))
     }
 
+    /// No key under `prefix` has changed since this replica's view.
+    fn unchanged_since(&self, m: &Mirror, prefix: &str) -> Compare {
+        Compare::mod_revision(self.key(prefix), CompareOp::Less, m.revision + 1).with_prefix()
+    }
+
     /// The etcd transaction that makes `change`, taking `next` from the fleet's
     /// state: its guards (what must not have changed since this replica's view)
     /// and its writes.
@@ -569,8 +580,7 @@ impl Fleet {
                 // No profile may have started using it since.
                 let guards = vec![
                     self.guard_unchanged(m, &rel),
-                    Compare::mod_revision(self.key("profiles/"), CompareOp::Less, m.revision + 1)
-                        .with_prefix(),
+                    self.unchanged_since(m, "profiles/"),
                 ];
                 (guards, vec![TxnOp::delete(self.key(&rel), None)])
             }
@@ -594,9 +604,11 @@ impl Fleet {
             }
             Change::Delete(name) => {
                 let rel = format!("profiles/{name}");
+                // Nor may an activation have started using it since.
                 let guards = vec![
                     self.guard_unchanged(m, &rel),
                     self.guard_unchanged(m, "default"),
+                    self.unchanged_since(m, "activations/"),
                 ];
                 (guards, vec![TxnOp::delete(self.key(&rel), None)])
             }
@@ -607,6 +619,30 @@ impl Fleet {
                 }
                 let put = TxnOp::put(self.key("default"), name.as_str(), None);
                 (guards, vec![put])
+            }
+            Change::Activate(a) => {
+                let rel = format!("activations/{}", a.id);
+                let mut guards = vec![absent(&rel)];
+                if a.profile != CLEAN {
+                    guards.push(self.guard_unchanged(m, &format!("profiles/{}", a.profile)));
+                }
+                (guards, vec![TxnOp::put(self.key(&rel), json(a)?, None)])
+            }
+            Change::Deactivate(id) => {
+                let rel = format!("activations/{id}");
+                let guards = vec![self.guard_unchanged(m, &rel)];
+                (guards, vec![TxnOp::delete(self.key(&rel), None)])
+            }
+            Change::Expire(now_ms) => {
+                let (state, _) = m.state();
+                let ended = state.activations.iter().filter(|a| a.until_ms <= *now_ms);
+                let rels: Vec<String> = ended.map(|a| format!("activations/{}", a.id)).collect();
+                let guards = rels.iter().map(|r| self.guard_unchanged(m, r)).collect();
+                let ops = rels
+                    .iter()
+                    .map(|r| TxnOp::delete(self.key(r), None))
+                    .collect();
+                (guards, ops)
             }
         })
     }

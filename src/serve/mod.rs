@@ -3,12 +3,14 @@
 //!
 //! [`engine::Engine`] is the library's serving API. It turns inputs into tensors
 //! ([`preprocess`]), queues them for the compute workers ([`batch`]), which read one
-//! snapshot of the profile table ([`profile`]) per batch. An admin change
+//! snapshot of the profile table ([`profile`]) per batch; a request that names no
+//! profile is served by the [`activation`] covering its source, else the default. An admin change
 //! ([`change`]) is checked against the current [`state`], carried by a store (the
 //! local state file, or etcd in [`fleet`] mode), and applied by the [`registry`],
 //! which reconciles the table to the new state. [`metrics`] names what is exported. Nothing here knows a
 //! wire protocol (that is [`crate::server`]) or the research pipeline ([`crate::lab`]).
 
+pub mod activation;
 pub mod batch;
 pub mod change;
 pub mod engine;

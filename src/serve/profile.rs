@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Model, Stem};
 use crate::patch::signature::Signature;
+use crate::serve::activation::Activations;
 use crate::serve::metrics as m;
 use crate::{Error, Result, bail};
 
@@ -168,16 +169,47 @@ pub(crate) fn materialize(
     Ok(stem)
 }
 
-/// One consistent view of signatures, profiles and the default.
+/// One consistent view of signatures, profiles, activations and the default.
 #[derive(Debug, Clone)]
 pub struct Table {
     pub generation: u64,
     pub signatures: BTreeMap<String, Arc<LoadedSignature>>,
     pub profiles: BTreeMap<String, Arc<Profile>>,
     pub default_profile: String,
+    pub activations: Arc<Activations>,
+}
+
+/// Why a request was served with its profile.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Choice {
+    /// The request named it.
+    Explicit,
+    /// The activation with this id covers the request's source.
+    Activation(String),
+    /// The server default.
+    Default,
 }
 
 impl Table {
+    /// The profile that serves a request naming `profile` (empty: none) from
+    /// `source` (empty: none) at `now_ms`, and why.
+    pub fn resolve(
+        &self,
+        profile: &str,
+        source: &str,
+        now_ms: u64,
+    ) -> Result<(&Arc<Profile>, Choice)> {
+        if !profile.is_empty() {
+            return Ok((self.profile(Some(profile))?, Choice::Explicit));
+        }
+        if let Some(a) = self.activations.lookup(source, now_ms)
+            && let Some(p) = self.profiles.get(&a.profile)
+        {
+            return Ok((p, Choice::Activation(a.id.clone())));
+        }
+        Ok((self.profile(None)?, Choice::Default))
+    }
+
     pub fn profile(&self, name: Option<&str>) -> Result<&Arc<Profile>> {
         let name = name
             .filter(|n| !n.is_empty())

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::model::{Model, Stem};
 use crate::patch::signature::Signature;
+use crate::serve::activation::{Activation, Activations};
 use crate::serve::change::{Applied, Change};
 use crate::serve::metrics as m;
 use crate::serve::profile::{
@@ -102,6 +103,7 @@ impl Registry {
             signatures: BTreeMap::new(),
             profiles: BTreeMap::from([(CLEAN.to_string(), Arc::new(clean))]),
             default_profile: CLEAN.into(),
+            activations: Default::default(),
         };
         Ok(Registry {
             model,
@@ -154,7 +156,7 @@ impl Registry {
     }
 
     /// Empties the least recently used slots until at most `max_resident` are filled.
-    /// The default and clean profiles and `keep` stay.
+    /// The default, clean and activated profiles and `keep` stay.
     fn evict(&self, table: &Table, keep: &[Arc<Profile>]) {
         let _guard = self.residency.lock().unwrap_or_else(|e| e.into_inner());
         let mut resident: Vec<&Arc<Profile>> = table
@@ -169,6 +171,7 @@ impl Registry {
             !keep.iter().any(|k| Arc::ptr_eq(p, k))
                 && p.name != table.default_profile
                 && p.name != CLEAN
+                && !table.activations.all().iter().any(|a| a.profile == p.name)
         });
         resident.sort_by_key(|p| p.last_used.load(Ordering::Relaxed));
         for p in resident.into_iter().take(excess) {
@@ -357,16 +360,42 @@ impl Registry {
                 false => CLEAN.into(),
             }
         };
-        // The default is resident before it is published, so that the first
-        // request after a switch pays nothing.
-        if let Err(e) = self.fill(&profiles[&default_profile]) {
-            errors.push(e);
+        let activations = desired.activations.iter().filter(|a| {
+            let defined = profiles.contains_key(&a.profile);
+            if !defined {
+                errors.push(Error::NotFound(format!(
+                    "activation {:?} names profile {:?}, which is not defined",
+                    a.id, a.profile
+                )));
+            }
+            defined
+        });
+        let activations: Vec<Activation> = activations.cloned().collect();
+        let activations = match before
+            .activations
+            .all()
+            .iter()
+            .map(|a| &**a)
+            .eq(&activations)
+        {
+            true => before.activations.clone(),
+            false => Arc::new(Activations::new(activations)),
+        };
+        // The default and activated profiles are resident before they are
+        // published, so that the first request after a switch pays nothing.
+        let serving =
+            std::iter::once(&default_profile).chain(activations.all().iter().map(|a| &a.profile));
+        for name in serving {
+            if let Err(e) = self.fill(&profiles[name]) {
+                errors.push(e);
+            }
         }
         let next = Table {
             generation: before.generation,
             signatures,
             profiles,
             default_profile,
+            activations,
         };
         (next, built, errors)
     }
@@ -431,6 +460,7 @@ impl Registry {
         op: &'static str,
     ) -> Result<Arc<Table>> {
         let unchanged = next.default_profile == before.default_profile
+            && Arc::ptr_eq(&next.activations, &before.activations)
             && same_entries(&next.signatures, &before.signatures)
             && same_entries(&next.profiles, &before.profiles);
         if unchanged {
@@ -496,6 +526,7 @@ mod tests {
                 })
                 .collect(),
             default_profile: default.into(),
+            activations: vec![],
         }
     }
 

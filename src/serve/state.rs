@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::repo::ModelDir;
 use crate::patch::signature::Signature;
+use crate::serve::activation::Activation;
 use crate::serve::profile::{CLEAN, Origin, SignatureRef, Source, Table};
 use crate::{Error, Result, bail};
 
@@ -51,6 +52,9 @@ pub struct State {
     /// All but the built-in clean profile.
     pub profiles: Vec<ProfileEntry>,
     pub default_profile: String,
+    /// Profiles switched on for scopes of sources, until their end.
+    #[serde(default)]
+    pub activations: Vec<Activation>,
 }
 
 impl ProfileEntry {
@@ -98,6 +102,12 @@ impl State {
                 .map(|p| ProfileEntry::new(&p.name, &p.signatures))
                 .collect(),
             default_profile: table.default_profile.clone(),
+            activations: table
+                .activations
+                .all()
+                .iter()
+                .map(|a| (**a).clone())
+                .collect(),
         }
     }
 

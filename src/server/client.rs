@@ -9,6 +9,7 @@ use tonic::codegen::http::Uri;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::{AdminClient, MAX_MESSAGE_BYTES, admin_client, pb};
+use crate::serve::activation::End;
 use crate::serve::profile::SignatureRef;
 use crate::{Error, Result};
 
@@ -93,11 +94,13 @@ impl RwsClient {
         })
     }
 
-    /// Classifies an encoded image with `profile` (empty: the server default).
+    /// Classifies an encoded image from `source` (may be empty) with `profile`
+    /// (empty: the activation covering the source, else the server default).
     pub async fn classify(
         &mut self,
         image: Vec<u8>,
         profile: &str,
+        source: &str,
         top_k: u32,
         with_logits: bool,
     ) -> Result<pb::ClassifyResponse> {
@@ -106,6 +109,7 @@ impl RwsClient {
             profile: profile.into(),
             top_k,
             return_logits: with_logits,
+            source: source.into(),
         };
         Ok(self
             .inference
@@ -224,6 +228,54 @@ impl RwsClient {
         };
         self.admin.unload_signature(req).await.map_err(refused)?;
         Ok(())
+    }
+
+    /// Switches `profile` on for `scope` until `end`.
+    pub async fn activate(
+        &mut self,
+        scope: &str,
+        profile: &str,
+        end: End,
+        reason: &str,
+        wait_fleet: bool,
+    ) -> Result<pb::ActivationInfo> {
+        let (ttl_seconds, until_unix_ms) = match end {
+            End::After(d) => (d.as_secs_f64(), 0),
+            End::At(t) => (0.0, t),
+        };
+        let req = pb::ActivateRequest {
+            scope: scope.into(),
+            profile: profile.into(),
+            ttl_seconds,
+            until_unix_ms,
+            reason: reason.into(),
+            wait_fleet,
+        };
+        Ok(self
+            .admin
+            .activate(req)
+            .await
+            .map_err(refused)?
+            .into_inner())
+    }
+
+    pub async fn deactivate(&mut self, id: &str, wait_fleet: bool) -> Result<()> {
+        let req = pb::DeactivateRequest {
+            id: id.into(),
+            wait_fleet,
+        };
+        self.admin.deactivate(req).await.map_err(refused)?;
+        Ok(())
+    }
+
+    pub async fn list_activations(&mut self) -> Result<pb::ListActivationsResponse> {
+        let req = pb::ListActivationsRequest {};
+        Ok(self
+            .admin
+            .list_activations(req)
+            .await
+            .map_err(refused)?
+            .into_inner())
     }
 }
 

@@ -6,8 +6,11 @@
 //! One model, named after its directory, version "1". Input "input": FP32
 //! `[N, C, H, W]` (the normalized model input) or BYTES `[N]` (encoded PNG or
 //! JPEG images). Outputs "logits" FP32 `[N, classes]` and "class" INT64 `[N]`.
-//! The request parameter "profile" (a string) picks the robustness profile; the
-//! response parameters "profile" and "generation" say which definition computed it.
+//! The request parameter "profile" (a string) picks the robustness profile, and
+//! "source" (a string, e.g. "site-a/cam-12") lets activations covering it choose
+//! when no profile is named. The response parameters "profile" and "generation"
+//! say which definition computed it, "selection" why ("explicit", "activation" or
+//! "default") and "activation_id" which activation, if one chose it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +21,10 @@ use tonic::{Request, Response, Status};
 use super::{grpc_deadline, status};
 use crate::model::repo::ModelConfig;
 use crate::serve::batch::Classification;
+use crate::serve::engine::Ask;
 use crate::serve::engine::Engine;
 use crate::serve::preprocess::Input;
+use crate::serve::profile::Choice;
 
 pub mod pb {
     tonic::include_proto!("inference");
@@ -284,15 +289,18 @@ fn requested(outputs: Vec<InferRequestedOutputTensor>) -> Result<Vec<&'static st
     Ok(names)
 }
 
-/// The profile a request names in `parameters["profile"]`; `None` when absent
-/// (an empty name, as in rws.v1, also means the default).
-fn profile_param(params: &HashMap<String, pb::InferParameter>) -> Result<Option<String>, Status> {
-    match params.get("profile").map(|p| &p.parameter_choice) {
-        None => Ok(None),
-        Some(Some(ParameterChoice::StringParam(s))) => Ok(Some(s.clone())),
-        Some(_) => Err(invalid(
-            "parameter 'profile' must be a string (string_param)".into(),
-        )),
+/// The string a request gives in `parameters[name]`; empty when absent (an
+/// empty profile, as in rws.v1, means none is named).
+fn string_param(
+    params: &HashMap<String, pb::InferParameter>,
+    name: &str,
+) -> Result<String, Status> {
+    match params.get(name).map(|p| &p.parameter_choice) {
+        None => Ok(String::new()),
+        Some(Some(ParameterChoice::StringParam(s))) => Ok(s.clone()),
+        Some(_) => Err(invalid(format!(
+            "parameter '{name}' must be a string (string_param)"
+        ))),
     }
 }
 
@@ -404,20 +412,23 @@ impl GrpcInferenceService for KServeService {
         let outputs = requested(r.outputs)?;
         let inputs = images(r.inputs, r.raw_input_contents, &self.engine.model().config)?;
         // Resolved once, so every image of the request uses the same profile even
-        // if the default changes meanwhile.
-        let profile = match profile_param(&r.parameters)? {
-            Some(p) if !p.is_empty() => p,
-            _ => self.engine.registry().snapshot().default_profile.clone(),
-        };
+        // if the default or an activation changes meanwhile.
+        let named = string_param(&r.parameters, "profile")?;
+        let source = string_param(&r.parameters, "source")?;
+        let (profile, chosen) = self.engine.resolve(&named, &source).map_err(status)?;
         // One engine request per image, all queued at once so the batcher groups
         // them; dropping the set (an error, a cancelled call) aborts the rest.
         let mut pending = JoinSet::new();
         for (i, input) in inputs.into_iter().enumerate() {
-            let (engine, profile) = (self.engine.clone(), profile.clone());
-            pending.spawn(async move {
-                let c = engine.classify(input, profile, 1, true, deadline).await;
-                (i, c)
-            });
+            let ask = Ask {
+                profile: profile.clone(),
+                top_k: 1,
+                with_logits: true,
+                deadline,
+                ..Ask::default()
+            };
+            let engine = self.engine.clone();
+            pending.spawn(async move { (i, engine.classify(input, ask).await) });
         }
         let mut results: Vec<Option<Classification>> = vec![None; pending.len()];
         while let Some(done) = pending.join_next().await {
@@ -435,16 +446,23 @@ impl GrpcInferenceService for KServeService {
         let param = |p| pb::InferParameter {
             parameter_choice: Some(p),
         };
-        let parameters = HashMap::from([
-            (
-                "profile".to_string(),
-                param(ParameterChoice::StringParam(profile)),
-            ),
+        let (selection, activation) = match chosen {
+            Choice::Explicit => ("explicit", None),
+            Choice::Activation(id) => ("activation", Some(id)),
+            Choice::Default => ("default", None),
+        };
+        let text = |s: String| param(ParameterChoice::StringParam(s));
+        let mut parameters = HashMap::from([
+            ("profile".to_string(), text(profile)),
             (
                 "generation".to_string(),
                 param(ParameterChoice::Int64Param(generation as i64)),
             ),
+            ("selection".to_string(), text(selection.into())),
         ]);
+        if let Some(id) = activation {
+            parameters.insert("activation_id".into(), text(id));
+        }
         Ok(Response::new(pb::ModelInferResponse {
             model_name: r.model_name,
             model_version: VERSION.into(),

@@ -13,10 +13,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
+use crate::serve::activation::{Activation, End, now_ms};
 use crate::serve::change::Change;
-use crate::serve::engine::{Engine, SignatureSource};
+use crate::serve::engine::{Ask, Engine, SignatureSource};
 use crate::serve::preprocess::Input;
-use crate::serve::profile::{self, LoadedSignature, Profile};
+use crate::serve::profile::{self, Choice, LoadedSignature, Profile};
 
 pub mod client;
 pub mod kserve;
@@ -86,7 +87,21 @@ impl Inference for InferenceService {
         req: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let deadline = grpc_deadline(req.metadata());
+        let header = match req.metadata().get(SOURCE_HEADER).map(|v| v.to_str()) {
+            Some(Ok(h)) => h.to_string(),
+            Some(Err(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "metadata {SOURCE_HEADER} must be printable ASCII"
+                )));
+            }
+            None => String::new(),
+        };
         let r = req.into_inner();
+        let source = if r.source.is_empty() {
+            header
+        } else {
+            r.source
+        };
         let input = match r.input {
             Some(pb::classify_request::Input::Image(bytes)) => Input::Image(bytes),
             Some(pb::classify_request::Input::Tensor(t)) => Input::Tensor {
@@ -95,17 +110,15 @@ impl Inference for InferenceService {
             },
             None => return Err(Status::invalid_argument("set either image or tensor")),
         };
-        let c = self
-            .engine
-            .classify(
-                input,
-                r.profile,
-                r.top_k as usize,
-                r.return_logits,
-                deadline,
-            )
-            .await
-            .map_err(status)?;
+        let ask = Ask {
+            profile: r.profile,
+            source,
+            top_k: r.top_k as usize,
+            with_logits: r.return_logits,
+            deadline,
+        };
+        let c = self.engine.classify(input, ask).await.map_err(status)?;
+        let (selection, activation_id) = selection(c.chosen);
         Ok(Response::new(pb::ClassifyResponse {
             top_k: c
                 .top_k
@@ -119,7 +132,33 @@ impl Inference for InferenceService {
             profile: c.profile,
             generation: c.generation,
             logits: c.logits,
+            selection: selection as i32,
+            activation_id,
         }))
+    }
+}
+
+/// The gRPC metadata key a client may name its source in.
+pub const SOURCE_HEADER: &str = "x-rws-source";
+
+/// A [`Choice`] on the wire.
+fn selection(chosen: Choice) -> (pb::Selection, String) {
+    match chosen {
+        Choice::Explicit => (pb::Selection::Explicit, String::new()),
+        Choice::Activation(id) => (pb::Selection::Activation, id),
+        Choice::Default => (pb::Selection::Default, String::new()),
+    }
+}
+
+fn activation_info(a: &Activation, revision: i64) -> pb::ActivationInfo {
+    pb::ActivationInfo {
+        id: a.id.clone(),
+        scope: a.scope.clone(),
+        profile: a.profile.clone(),
+        since_unix_ms: a.since_ms,
+        until_unix_ms: a.until_ms,
+        reason: a.reason.clone(),
+        revision,
     }
 }
 
@@ -289,6 +328,58 @@ impl Admin for AdminService {
         self.profile_change(Change::SetDefault(r.name), r.wait_fleet)
             .await
     }
+
+    async fn activate(
+        &self,
+        req: Request<pb::ActivateRequest>,
+    ) -> Result<Response<pb::ActivationInfo>, Status> {
+        let r = req.into_inner();
+        let end = match (r.ttl_seconds, r.until_unix_ms) {
+            (t, 0) if t > 0.0 => Duration::try_from_secs_f64(t).ok().map(End::After),
+            (t, u) if t == 0.0 && u > 0 => Some(End::At(u)),
+            _ => None,
+        };
+        let end = end.ok_or_else(|| {
+            Status::invalid_argument("set either ttl_seconds (a positive number) or until_unix_ms")
+        })?;
+        let a = Activation::starting_now(r.scope, r.profile, end, r.reason);
+        let c = self
+            .engine
+            .change(Change::Activate(a.clone()), r.wait_fleet)
+            .await
+            .map_err(status)?;
+        tracing::info!(id = %a.id, scope = %a.scope, profile = %a.profile, until_ms = a.until_ms, reason = %a.reason, "activated");
+        Ok(Response::new(activation_info(&a, c.revision)))
+    }
+
+    async fn deactivate(
+        &self,
+        req: Request<pb::DeactivateRequest>,
+    ) -> Result<Response<pb::DeactivateResponse>, Status> {
+        let r = req.into_inner();
+        self.engine
+            .change(Change::Deactivate(r.id.clone()), r.wait_fleet)
+            .await
+            .map_err(status)?;
+        tracing::info!(id = %r.id, "deactivated");
+        Ok(Response::new(pb::DeactivateResponse {}))
+    }
+
+    async fn list_activations(
+        &self,
+        _: Request<pb::ListActivationsRequest>,
+    ) -> Result<Response<pb::ListActivationsResponse>, Status> {
+        let table = self.engine.registry().snapshot();
+        Ok(Response::new(pb::ListActivationsResponse {
+            activations: table
+                .activations
+                .all()
+                .iter()
+                .map(|a| activation_info(a, 0))
+                .collect(),
+            now_unix_ms: now_ms(),
+        }))
+    }
 }
 
 /// How the server is exposed; the engine holds everything about the model.
@@ -428,6 +519,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
+    engine.expire_activations();
     let warm = {
         let (engine, reporter) = (engine.clone(), reporter.clone());
         tokio::spawn(async move {

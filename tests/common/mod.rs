@@ -111,6 +111,7 @@ pub fn tensor_request(seed: u64, profile: &str) -> pb::ClassifyRequest {
         profile: profile.into(),
         top_k: 3,
         return_logits: true,
+        ..Default::default()
     }
 }
 
@@ -120,6 +121,7 @@ pub fn image_request(bytes: Vec<u8>, profile: &str) -> pb::ClassifyRequest {
         profile: profile.into(),
         top_k: 3,
         return_logits: true,
+        ..Default::default()
     }
 }
 

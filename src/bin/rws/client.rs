@@ -1,10 +1,11 @@
-//! The client commands: classify, profiles, signatures and the fleet's status, each
+//! The client commands: classify, profiles, signatures, activations and the fleet's status, each
 //! one call through `rws::server::client`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use rws::serve::activation::{self, End};
 use rws::serve::profile::SignatureRef;
 use rws::server::client::{RwsClient, SignatureUpload};
 use rws::server::pb;
@@ -56,6 +57,10 @@ pub struct ClassifyArgs {
     image: PathBuf,
     #[arg(long)]
     profile: Option<String>,
+    /// Where the image comes from (site-a/cam-12): activations covering it
+    /// choose the profile when none is named.
+    #[arg(long, default_value = "")]
+    source: String,
     #[arg(long, default_value_t = 5)]
     top_k: u32,
     /// Print the reply as JSON, with every class's logit (for scripts and checks).
@@ -148,6 +153,121 @@ pub enum SignatureCmd {
     },
 }
 
+/// `rws activate fog --scope site-a/ --for 2h --reason "fog warning"`
+#[derive(clap::Args)]
+pub struct ActivateArgs {
+    /// The profile to switch on.
+    profile: String,
+    /// Sources it covers: `*` (all), a prefix ending in `/` (site-a/), or one source.
+    #[arg(long, default_value = "*")]
+    scope: String,
+    /// How long it lasts, e.g. 90s, 2h, 1day.
+    #[arg(long = "for", value_parser = humantime::parse_duration, required_unless_present = "until", conflicts_with = "until")]
+    duration: Option<std::time::Duration>,
+    /// When it ends, RFC 3339 (2026-11-29T18:00:00Z).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    until: Option<std::time::SystemTime>,
+    /// Why, for the record.
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    wait: Wait,
+    #[command(flatten)]
+    client: Client,
+}
+
+#[derive(clap::Args)]
+pub struct DeactivateArgs {
+    /// The activation's id, as `rws activate` or `rws activations` print it.
+    id: String,
+    #[command(flatten)]
+    wait: Wait,
+    #[command(flatten)]
+    client: Client,
+}
+
+#[derive(clap::Args)]
+pub struct ActivationsArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: Client,
+}
+
+pub async fn activate(args: ActivateArgs) -> Result<()> {
+    let end = match (args.duration, args.until) {
+        (Some(d), _) => End::After(d),
+        (None, Some(t)) => {
+            let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            End::At(ms.as_millis() as u64)
+        }
+        (None, None) => anyhow::bail!("give --for DURATION or --until TIME"),
+    };
+    let a = args
+        .client
+        .connect()
+        .await?
+        .activate(
+            &args.scope,
+            &args.profile,
+            end,
+            &args.reason,
+            args.wait.wait_fleet,
+        )
+        .await?;
+    println!("{}", activation_line(&a, activation::now_ms()));
+    Ok(())
+}
+
+pub async fn deactivate(args: DeactivateArgs) -> Result<()> {
+    let mut client = args.client.connect().await?;
+    client.deactivate(&args.id, args.wait.wait_fleet).await?;
+    println!("deactivated {}", args.id);
+    Ok(())
+}
+
+pub async fn activations(args: ActivationsArgs) -> Result<()> {
+    let r = args.client.connect().await?.list_activations().await?;
+    if args.json {
+        let list: Vec<_> = r
+            .activations
+            .iter()
+            .map(|a| {
+                serde_json::json!({"id": a.id, "scope": a.scope, "profile": a.profile,
+                    "since_unix_ms": a.since_unix_ms, "until_unix_ms": a.until_unix_ms, "reason": a.reason})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"now_unix_ms": r.now_unix_ms, "activations": list})
+        );
+        return Ok(());
+    }
+    if r.activations.is_empty() {
+        println!("no activations");
+    }
+    for a in &r.activations {
+        println!("{}", activation_line(a, r.now_unix_ms));
+    }
+    Ok(())
+}
+
+/// `ID  SCOPE -> PROFILE  ends in 1h 59m 58s  (reason)`
+fn activation_line(a: &pb::ActivationInfo, now_ms: u64) -> String {
+    let left = a.until_unix_ms.saturating_sub(now_ms) / 1000;
+    let ends = match left {
+        0 => "ended".to_string(),
+        s => format!(
+            "ends in {}",
+            humantime::format_duration(std::time::Duration::from_secs(s))
+        ),
+    };
+    format!(
+        "{:<16} {:<24} -> {:<16} {ends}  {}",
+        a.id, a.scope, a.profile, a.reason
+    )
+}
+
 pub async fn classify(args: ClassifyArgs) -> Result<()> {
     let bytes = std::fs::read(&args.image)
         .with_context(|| format!("cannot read {}", args.image.display()))?;
@@ -156,8 +276,13 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         .client
         .connect()
         .await?
-        .classify(bytes, &profile, args.top_k, args.json)
+        .classify(bytes, &profile, &args.source, args.top_k, args.json)
         .await?;
+    let why = match (r.selection(), r.activation_id.as_str()) {
+        (pb::Selection::Activation, id) => format!("activation {id}"),
+        (pb::Selection::Explicit, _) => "named".into(),
+        _ => "default".into(),
+    };
     if args.json {
         let top: Vec<_> = r
             .top_k
@@ -167,12 +292,13 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         let v = serde_json::json!({
             "profile": r.profile,
             "generation": r.generation,
+            "chosen_by": why,
             "top_k": top,
             "logits": r.logits,
         });
         println!("{v}");
     } else {
-        println!("profile {} (generation {})", r.profile, r.generation);
+        println!("profile {} (generation {}, {why})", r.profile, r.generation);
         for p in r.top_k {
             println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
         }

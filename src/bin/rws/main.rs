@@ -44,6 +44,12 @@ enum Cmd {
     /// Manage signatures on a running server.
     #[command(subcommand)]
     Signature(client::SignatureCmd),
+    /// Switch a profile on for a scope of sources until a set time.
+    Activate(client::ActivateArgs),
+    /// End an activation before its time.
+    Deactivate(client::DeactivateArgs),
+    /// List activations, with the time each has left.
+    Activations(client::ActivationsArgs),
     /// Inspect a fleet of replicas that share their state through etcd.
     #[command(subcommand)]
     Fleet(client::FleetCmd),
@@ -85,6 +91,9 @@ async fn main() -> Result<()> {
         Cmd::Classify(args) => client::classify(args).await,
         Cmd::Profile(cmd) => client::profile(cmd).await,
         Cmd::Signature(cmd) => client::signature(cmd).await,
+        Cmd::Activate(args) => client::activate(args).await,
+        Cmd::Deactivate(args) => client::deactivate(args).await,
+        Cmd::Activations(args) => client::activations(args).await,
         Cmd::Fleet(cmd) => client::fleet(cmd).await,
         Cmd::Inspect(args) => lab::inspect(args),
         Cmd::Data(args) => lab::data(args),

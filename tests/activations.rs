@@ -1,0 +1,311 @@
+//! Activations over real loopback gRPC: a profile switched on for a scope of
+//! sources serves exactly those sources, ends on time by itself with no request
+//! failing across the instant, and survives a restart with its absolute end.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RwsProcess, TestServer, bits, tensor_request, tiny_repo};
+use rws::serve::engine::EngineOptions;
+use rws::server::pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn activate(scope: &str, profile: &str, ttl_seconds: f64) -> pb::ActivateRequest {
+    pb::ActivateRequest {
+        scope: scope.into(),
+        profile: profile.into(),
+        ttl_seconds,
+        reason: "test".into(),
+        ..Default::default()
+    }
+}
+
+fn from(source: &str, seed: u64) -> pb::ClassifyRequest {
+    pb::ClassifyRequest {
+        source: source.into(),
+        ..tensor_request(seed, "")
+    }
+}
+
+async fn classify(ch: &Channel, req: pb::ClassifyRequest) -> pb::ClassifyResponse {
+    common::InferenceClient::new(ch.clone())
+        .classify(req)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn an_activation_serves_its_scope_and_nothing_else() {
+    let repo = tiny_repo();
+    let server = TestServer::start(repo.path(), EngineOptions::default()).await;
+    let ch = server.channel.clone();
+    let fog = bits(&classify(&ch, tensor_request(3, "fog")).await.logits);
+    let clean = bits(&classify(&ch, tensor_request(3, "clean")).await.logits);
+    assert_ne!(fog, clean);
+
+    let a = server
+        .admin()
+        .activate(activate("site-a/", "fog", 60.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.until_unix_ms - a.since_unix_ms == 60_000, "{a:?}");
+    for (source, want, selection) in [
+        ("site-a/cam-1", &fog, pb::Selection::Activation),
+        ("site-a/cam-2", &fog, pb::Selection::Activation),
+        ("site-b/cam-1", &clean, pb::Selection::Default),
+        ("site-a", &clean, pb::Selection::Default),
+        ("", &clean, pb::Selection::Default),
+    ] {
+        let r = classify(&ch, from(source, 3)).await;
+        assert_eq!(&bits(&r.logits), want, "{source}");
+        assert_eq!(r.selection(), selection, "{source}");
+        if selection == pb::Selection::Activation {
+            assert_eq!(
+                (r.profile.as_str(), r.activation_id.as_str()),
+                ("fog", a.id.as_str())
+            );
+        }
+    }
+    // The metadata key stands in for the field.
+    let mut req = tonic::Request::new(tensor_request(3, ""));
+    req.metadata_mut()
+        .insert("x-rws-source", "site-a/cam-9".parse().unwrap());
+    let r = server.inference().classify(req).await.unwrap().into_inner();
+    assert_eq!(
+        (bits(&r.logits), r.activation_id),
+        (fog.clone(), a.id.clone())
+    );
+    // A named profile still wins.
+    let r = classify(
+        &ch,
+        pb::ClassifyRequest {
+            source: "site-a/cam-1".into(),
+            ..tensor_request(3, "clean")
+        },
+    )
+    .await;
+    assert_eq!(
+        (bits(&r.logits), r.selection()),
+        (clean.clone(), pb::Selection::Explicit)
+    );
+    // A more specific scope wins over a wider one; in one scope, the newest.
+    let cam = server
+        .admin()
+        .activate(activate("site-a/cam-1", "rain", 60.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        classify(&ch, from("site-a/cam-1", 3)).await.activation_id,
+        cam.id
+    );
+    assert_eq!(
+        classify(&ch, from("site-a/cam-2", 3)).await.activation_id,
+        a.id
+    );
+    let newer = server
+        .admin()
+        .activate(activate("site-a/", "noise", 60.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        classify(&ch, from("site-a/cam-2", 3)).await.activation_id,
+        newer.id
+    );
+
+    let listed = server
+        .admin()
+        .list_activations(pb::ListActivationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.activations.len(), 3);
+
+    // Bad requests are refused and change nothing.
+    let mut admin = server.admin();
+    let refused = [
+        (activate("/site", "fog", 60.0), Code::InvalidArgument),
+        (activate("site a/", "fog", 60.0), Code::InvalidArgument),
+        (activate("site-a/", "hail", 60.0), Code::NotFound),
+        (activate("site-a/", "fog", -1.0), Code::InvalidArgument),
+        (activate("site-a/", "fog", f64::NAN), Code::InvalidArgument),
+        (activate("site-a/", "fog", 1e12), Code::InvalidArgument),
+        (activate("site-a/", "fog", 0.0), Code::InvalidArgument),
+        (
+            activate(&"x".repeat(100_000), "fog", 60.0),
+            Code::InvalidArgument,
+        ),
+    ];
+    for (req, code) in refused {
+        let err = admin.activate(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+        assert!(err.message().len() < 400, "{}", err.message());
+    }
+    let err = admin
+        .delete_profile(pb::DeleteProfileRequest {
+            name: "fog".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = admin
+        .deactivate(pb::DeactivateRequest {
+            id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = common::InferenceClient::new(ch.clone())
+        .classify(from("site a", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let after = admin
+        .list_activations(pb::ListActivationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.activations, listed.activations);
+
+    admin
+        .deactivate(pb::DeactivateRequest {
+            id: newer.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        classify(&ch, from("site-a/cam-2", 3)).await.activation_id,
+        a.id
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_activation_ends_on_time_and_no_request_fails_across_the_instant() {
+    let repo = tiny_repo();
+    let server = TestServer::start(repo.path(), EngineOptions::default()).await;
+    let ch = server.channel.clone();
+    let fog = bits(&classify(&ch, tensor_request(4, "fog")).await.logits);
+    let clean = bits(&classify(&ch, tensor_request(4, "clean")).await.logits);
+    let a = server
+        .admin()
+        .activate(activate("*", "fog", 1.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let until = a.until_unix_ms;
+    let now_ms = || rws::serve::activation::now_ms();
+    let stop = Instant::now() + Duration::from_millis(2500);
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let ch = ch.clone();
+        let (fog, clean, id) = (fog.clone(), clean.clone(), a.id.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut before, mut after) = (0, 0);
+            while Instant::now() < stop {
+                let sent = now_ms();
+                let r = classify(&ch, from(&format!("cam-{c}"), 4)).await;
+                let done = now_ms();
+                let got = bits(&r.logits);
+                if got == fog {
+                    assert!(sent < until, "fog served after the end");
+                    assert_eq!(r.activation_id, id);
+                    before += 1;
+                } else {
+                    assert_eq!(got, clean, "neither profile's output");
+                    assert!(done >= until, "the default served before the end");
+                    assert_eq!(r.selection(), pb::Selection::Default);
+                    after += 1;
+                }
+            }
+            (before, after)
+        }));
+    }
+    for t in tasks {
+        let (before, after) = t.await.unwrap();
+        assert!(before > 0 && after > 0, "{before} before, {after} after");
+    }
+    // The ended activation is cleaned up by itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let l = server
+            .admin()
+            .list_activations(pb::ListActivationsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if l.activations.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never cleaned up: {l:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn activations_survive_a_restart_with_their_absolute_end() {
+    let repo = tiny_repo();
+    let state = tempfile::tempdir().unwrap();
+    let args = [
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--model",
+        common::MODEL,
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ];
+    let first = RwsProcess::start(&args);
+    let ch = first.channel().await;
+    let mut admin = rws::server::admin_client(ch, None).unwrap();
+    let long = admin
+        .activate(activate("site-a/", "fog", 600.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let short = admin
+        .activate(activate("site-b/", "rain", 1.0))
+        .await
+        .unwrap()
+        .into_inner();
+    first.signal("KILL");
+    drop(first);
+    // The short one ends while the server is down.
+    tokio::time::sleep(Duration::from_millis(
+        short
+            .until_unix_ms
+            .saturating_sub(rws::serve::activation::now_ms())
+            + 100,
+    ))
+    .await;
+    let second = RwsProcess::start(&args);
+    let ch = second.channel().await;
+    let mut admin = rws::server::admin_client(ch.clone(), None).unwrap();
+    let listed = admin
+        .list_activations(pb::ListActivationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .activations;
+    let ids: Vec<&str> = listed.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, [long.id.as_str()], "the ended one is not back");
+    let back = listed.iter().find(|a| a.id == long.id).unwrap();
+    assert_eq!(back.until_unix_ms, long.until_unix_ms);
+    assert_eq!(
+        classify(&ch, from("site-a/cam-1", 1)).await.activation_id,
+        long.id
+    );
+    let r = classify(&ch, from("site-b/cam-1", 1)).await;
+    assert_eq!(
+        (r.profile.as_str(), r.selection()),
+        ("clean", pb::Selection::Default)
+    );
+}
