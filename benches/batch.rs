@@ -30,13 +30,20 @@ fn shipped() -> Registry {
         )
         .unwrap();
         registry
-            .load(kind, Arc::new(sig), Origin::memory(false))
+            .load(
+                kind,
+                Arc::new(sig),
+                Origin::memory(false),
+                &Default::default(),
+            )
             .unwrap();
         let refs = vec![SignatureRef {
             name: kind.into(),
             alpha: 1.0,
         }];
-        registry.apply(&Change::put(kind, refs, false)).unwrap();
+        registry
+            .apply(&Change::put(kind, refs, false), &Default::default())
+            .unwrap();
     }
     registry
 }
@@ -49,7 +56,7 @@ fn synthetic(arch: &str) -> rws::bench::Fixture {
             alpha: 0.3 * (i + 1) as f32,
         };
         f.registry
-            .apply(&Change::put(name, vec![r], false))
+            .apply(&Change::put(name, vec![r], false), &Default::default())
             .unwrap();
     }
     f

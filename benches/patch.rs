@@ -42,7 +42,12 @@ fn setup(name: &'static str, arch: &str, blocks: usize) -> Setup {
         rws::patch::signature::Signature::load(&dir.dir.join("signatures/sig.rws.safetensors"))
             .unwrap();
     registry
-        .load("sig", Arc::new(sig), Origin::memory(false))
+        .load(
+            "sig",
+            Arc::new(sig),
+            Origin::memory(false),
+            &Default::default(),
+        )
         .unwrap();
     Setup {
         name,
@@ -68,7 +73,7 @@ fn bench(c: &mut Criterion) {
         g.measurement_time(Duration::from_secs(4));
         g.bench_function(format!("apply/{}", s.name), |b| {
             let put = Change::put("p", profile.clone(), true);
-            b.iter(|| s.registry.apply(&put).unwrap())
+            b.iter(|| s.registry.apply(&put, &Default::default()).unwrap())
         });
         g.bench_function(format!("reload/{}", s.name), |b| {
             b.iter(|| Model::load(s.dir.config.clone(), &s.dir.base_path(), &Device::Cpu).unwrap())

@@ -309,3 +309,108 @@ async fn activations_survive_a_restart_with_their_absolute_end() {
         ("clean", pb::Selection::Default)
     );
 }
+
+#[tokio::test]
+async fn every_acknowledged_change_is_in_the_audit_trail_once_in_generation_order() {
+    let repo = tiny_repo();
+    let state = tempfile::tempdir().unwrap();
+    let opts = EngineOptions {
+        state: Some(rws::serve::state::StateDir::new(state.path())),
+        ..EngineOptions::default()
+    };
+    let server = TestServer::start(repo.path(), opts).await;
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut admin = server.admin();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..6 {
+                let name = format!("w{w}-{i}");
+                let put = pb::PutProfileRequest {
+                    name: name.clone(),
+                    signatures: common::refs(&[("fog", 0.1 * i as f32)]),
+                    ..Default::default()
+                };
+                let c = admin.put_profile(put).await.unwrap().into_inner();
+                acked.push((c.generation, "put_profile".to_string(), name.clone()));
+                let a = admin
+                    .activate(pb::ActivateRequest {
+                        reason: format!("writer {w}"),
+                        ..activate(&format!("w{w}/"), &name, 60.0)
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let d = pb::DeactivateRequest {
+                    id: a.id.clone(),
+                    ..Default::default()
+                };
+                admin.deactivate(d).await.unwrap();
+                acked.push((0, "activate".to_string(), a.id));
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    let history = server
+        .admin()
+        .history(pb::HistoryRequest {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    // Newest first, one entry per generation, without gaps after start-up.
+    let gens: Vec<u64> = history.iter().map(|e| e.generation).collect();
+    assert!(gens.windows(2).all(|w| w[0] == w[1] + 1), "{gens:?}");
+    for (generation, op, key) in &acked {
+        let hits: Vec<_> = history
+            .iter()
+            .filter(|e| &e.op == op && e.change_json.contains(&format!("\"{key}\"")))
+            .collect();
+        assert_eq!(hits.len(), 1, "{op} {key}: {hits:?}");
+        if *generation > 0 {
+            assert_eq!(hits[0].generation, *generation, "{op} {key}");
+        }
+        assert!(hits[0].who.starts_with("peer:127.0.0.1:"), "{:?}", hits[0]);
+    }
+    let deactivations = history.iter().filter(|e| e.op == "deactivate").count();
+    assert_eq!(deactivations, 48);
+    // The activations carry their scope and reason, and filter by scope.
+    let w3 = server
+        .admin()
+        .history(pb::HistoryRequest {
+            scope: "w3/".into(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(w3.len(), 12, "6 activations and 6 deactivations");
+    assert!(w3.iter().all(|e| e.scope == "w3/"));
+    assert!(
+        w3.iter()
+            .filter(|e| e.op == "activate")
+            .all(|e| e.why == "writer 3")
+    );
+    // The same trail is on disk, one line per entry, oldest first.
+    let text = std::fs::read_to_string(state.path().join("audit.jsonl")).unwrap();
+    let on_disk: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["generation"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let mut newest_first = on_disk.clone();
+    newest_first.reverse();
+    assert_eq!(newest_first, gens);
+    server.stop().await;
+}

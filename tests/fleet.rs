@@ -553,4 +553,26 @@ async fn replicas_start_and_end_an_activation_at_the_same_instants() {
         }
     }
     assert!(seen.iter().flatten().all(|&n| n > 0), "{seen:?}");
+    // The fleet's audit trail, read through the other replica: the activation
+    // once, at its revision, and its clean-up once although both replicas try.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let history = admin_client(chs[1].clone(), None)
+        .unwrap()
+        .history(pb::HistoryRequest {
+            scope: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let ops = |op: &str| history.iter().filter(|e| e.op == op).collect::<Vec<_>>();
+    let activated = ops("activate");
+    assert_eq!(activated.len(), 1, "{history:?}");
+    assert_eq!(activated[0].revision, a.revision);
+    assert_eq!(
+        (activated[0].scope.as_str(), activated[0].why.as_str()),
+        ("site-a/", "fog warning")
+    );
+    assert_eq!(ops("expire").len(), 1, "{history:?}");
 }

@@ -49,6 +49,7 @@ fn reduced_pipeline_trains_extracts_serves_and_reports() {
             "fog",
             Arc::new(loaded),
             rws::serve::profile::Origin::memory(false),
+            &Default::default(),
         )
         .unwrap();
     let fog = rws::serve::profile::SignatureRef {
@@ -56,7 +57,10 @@ fn reduced_pipeline_trains_extracts_serves_and_reports() {
         alpha: 1.0,
     };
     registry
-        .apply(&rws::serve::change::Change::put("fog", vec![fog], false))
+        .apply(
+            &rws::serve::change::Change::put("fog", vec![fog], false),
+            &Default::default(),
+        )
         .unwrap();
 
     let test = digits.take_per_class(3);

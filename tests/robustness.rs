@@ -92,12 +92,14 @@ fn removing_a_shipped_signature_restores_outputs_bitwise() {
             .collect()
     };
     let before = bits(&registry);
-    registry.load("fog", sig, Origin::memory(false)).unwrap();
+    registry
+        .load("fog", sig, Origin::memory(false), &Default::default())
+        .unwrap();
     let fog = rws::serve::profile::SignatureRef {
         name: "fog".into(),
         alpha: 1.0,
     };
-    let apply = |c: Change| registry.apply(&c).unwrap();
+    let apply = |c: Change| registry.apply(&c, &Default::default()).unwrap();
     apply(Change::put("fog", vec![fog], false));
     apply(Change::SetDefault("fog".into()));
     assert_ne!(bits(&registry), before);

@@ -211,7 +211,12 @@ impl Fixture {
         let registry = crate::serve::registry::Registry::new(Arc::new(model), 64)?;
         let sig =
             crate::patch::signature::Signature::load(&path.join("signatures/sig.rws.safetensors"))?;
-        registry.load("sig", Arc::new(sig), Origin::memory(false))?;
+        registry.load(
+            "sig",
+            Arc::new(sig),
+            Origin::memory(false),
+            &Default::default(),
+        )?;
         Ok(Fixture {
             _dir: dir,
             arch: arch.into(),
@@ -239,7 +244,7 @@ impl Fixture {
         let mut apply = Vec::with_capacity(n);
         for _ in 0..n {
             let put = Change::put("p", sig.clone(), true);
-            apply.push(self.registry.apply(&put)?.elapsed);
+            apply.push(self.registry.apply(&put, &Default::default())?.elapsed);
         }
         let table = self.registry.snapshot();
         let patches = [(&table.signatures["sig"].signature, 0.8f32)];
@@ -328,8 +333,10 @@ pub fn memory(arch: &str, blocks: usize, profiles: usize) -> Result<MemoryReport
             name: "sig".into(),
             alpha,
         }];
-        f.registry
-            .apply(&Change::put(&format!("p{i}"), refs, false))?;
+        f.registry.apply(
+            &Change::put(&format!("p{i}"), refs, false),
+            &Default::default(),
+        )?;
     }
     let after = rss_bytes()?;
     let table = f.registry.snapshot();

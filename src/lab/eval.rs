@@ -397,17 +397,17 @@ fn removal_is_bitwise(served: &Served, sig: &Arc<Signature>, data: &Batchable) -
             .collect())
     };
     let before = logits(&registry)?;
-    registry.load("s", sig.clone(), Origin::memory(false))?;
+    registry.load("s", sig.clone(), Origin::memory(false), &Default::default())?;
     let refs = vec![SignatureRef {
         name: "s".into(),
         alpha: 1.0,
     }];
-    registry.apply(&Change::put("p", refs, false))?;
-    registry.apply(&Change::SetDefault("p".into()))?;
+    registry.apply(&Change::put("p", refs, false), &Default::default())?;
+    registry.apply(&Change::SetDefault("p".into()), &Default::default())?;
     let patched = logits(&registry)?;
-    registry.apply(&Change::SetDefault(CLEAN.into()))?;
-    registry.apply(&Change::Delete("p".into()))?;
-    registry.apply(&Change::Unload("s".into()))?;
+    registry.apply(&Change::SetDefault(CLEAN.into()), &Default::default())?;
+    registry.apply(&Change::Delete("p".into()), &Default::default())?;
+    registry.apply(&Change::Unload("s".into()), &Default::default())?;
     Ok(before == logits(&registry)? && patched != before)
 }
 

@@ -10,16 +10,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use crate::serve::activation::{
-    Activation, MAX_ACTIVATIONS, MAX_REASON_LEN, MAX_TTL_MS, validate_scope,
+    Activation, MAX_ACTIVATIONS, MAX_REASON_LEN, MAX_TTL_MS, now_ms, validate_scope,
 };
+use crate::serve::journal::{Cause, Entry};
 use crate::serve::profile::{
     CLEAN, LoadedSignature, Profile, SignatureRef, Table, check_definition, validate_name,
 };
 use crate::serve::state::{ProfileEntry, SignatureEntry, State};
 use crate::{Error, Result, bail};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Change {
     /// Registers a signature; its bytes travel separately, by `origin`.
     Load(SignatureEntry),
@@ -46,6 +50,33 @@ impl Change {
             name: name.into(),
             signatures,
             replace,
+        }
+    }
+
+    /// The scope of sources the change concerns, if it concerns one.
+    pub fn scope(&self, state: &State) -> Option<String> {
+        match self {
+            Change::Activate(a) => Some(a.scope.clone()),
+            Change::Deactivate(id) => state
+                .activations
+                .iter()
+                .find(|a| &a.id == id)
+                .map(|a| a.scope.clone()),
+            _ => None,
+        }
+    }
+
+    /// Its line in the audit trail, caused by `cause`; generation and
+    /// revision are filled in where they become known.
+    pub fn entry(&self, state: &State, cause: &Cause) -> Entry {
+        Entry {
+            at_ms: now_ms(),
+            generation: 0,
+            revision: 0,
+            op: self.op().into(),
+            scope: self.scope(state),
+            change: serde_json::to_value(self).unwrap_or_default(),
+            cause: cause.clone(),
         }
     }
 

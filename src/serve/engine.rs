@@ -16,6 +16,7 @@ use crate::serve::activation::{now_ms, validate_source};
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
 use crate::serve::change::{Applied, Change};
 use crate::serve::fleet::{EtcdUrl, Fleet};
+use crate::serve::journal::{Cause, Entry, Journal};
 use crate::serve::metrics as m;
 use crate::serve::preprocess::{self, Input};
 use crate::serve::profile::{Choice, LoadedSignature, Origin, SignatureRef, Source, validate_name};
@@ -79,7 +80,10 @@ impl Engine {
             fleet: OnceLock::new(),
         };
         let saved = match &opts.state {
-            Some(dir) => dir.read()?,
+            Some(dir) => {
+                engine.registry.keep_journal(Journal::open(&dir.dir)?)?;
+                dir.read()?
+            }
             None => None,
         };
         match saved {
@@ -104,13 +108,15 @@ impl Engine {
                 .map_err(|_| Error::Internal(format!("{} is outside the model", path.display())))?
                 .to_string_lossy()
                 .into_owned();
-            let loaded = self.load_signature_path(&name, &rel, false)?;
+            let cause = Cause::new("server", "start-up: the model's signatures");
+            let loaded = self.load_signature_path(&name, &rel, false, &cause)?;
             let alpha = loaded.signature.meta.default_alpha;
             let refs = vec![SignatureRef {
                 name: name.clone(),
                 alpha,
             }];
-            self.registry.apply(&Change::put(&name, refs, false))?;
+            self.registry
+                .apply(&Change::put(&name, refs, false), &cause)?;
             tracing::info!(signature = %name, alpha, "loaded signature and defined its profile");
         }
         Ok(())
@@ -126,7 +132,8 @@ impl Engine {
             return Err(e);
         }
         // Activations that ended while the server was down do not come back.
-        self.registry.apply(&Change::Expire(now_ms()))?;
+        let cause = Cause::new("server", "ended while the server was down");
+        self.registry.apply(&Change::Expire(now_ms()), &cause)?;
         tracing::info!(
             signatures = saved.signatures.len(),
             profiles = saved.profiles.len(),
@@ -153,12 +160,26 @@ impl Engine {
     /// Applies an admin change: through etcd in fleet mode, else straight to the
     /// registry on the blocking pool (it may fold weights). A load goes through
     /// [`Engine::load_signature`], which reads the bytes first.
-    pub async fn change(self: &Arc<Self>, change: Change, wait_fleet: bool) -> Result<Applied> {
+    pub async fn change(
+        self: &Arc<Self>,
+        change: Change,
+        cause: Cause,
+        wait_fleet: bool,
+    ) -> Result<Applied> {
         if let Some(f) = self.fleet() {
-            return f.submit(change, wait_fleet).await;
+            return f.submit(change, &cause, wait_fleet).await;
         }
         let this = self.clone();
-        blocking(move || this.registry.apply(&change)).await
+        blocking(move || this.registry.apply(&change, &cause)).await
+    }
+
+    /// Up to `limit` audit entries for `scope` (a prefix; empty: all), newest
+    /// first: this server's trail, or in fleet mode the fleet's, from etcd.
+    pub async fn history(&self, scope: &str, limit: usize) -> Result<Vec<Entry>> {
+        match self.fleet() {
+            Some(f) => f.history(scope, limit).await,
+            None => Ok(self.registry.journal().history(scope, limit)),
+        }
     }
 
     pub async fn load_signature(
@@ -166,6 +187,7 @@ impl Engine {
         name: String,
         source: SignatureSource,
         allow_transfer: bool,
+        cause: Cause,
         wait_fleet: bool,
     ) -> Result<Arc<LoadedSignature>> {
         // A file loaded without a name is named after the file.
@@ -192,13 +214,19 @@ impl Engine {
             })
             .await?;
             let change = Change::Load(state::SignatureEntry { name, origin });
-            return f.submit(change, wait_fleet).await?.signature().cloned();
+            return f
+                .submit(change, &cause, wait_fleet)
+                .await?
+                .signature()
+                .cloned();
         }
         let this = self.clone();
         blocking(move || match source {
-            SignatureSource::Path(rel) => this.load_signature_path(&name, &rel, allow_transfer),
+            SignatureSource::Path(rel) => {
+                this.load_signature_path(&name, &rel, allow_transfer, &cause)
+            }
             SignatureSource::Bytes(bytes) => {
-                this.load_signature_bytes(&name, &bytes, allow_transfer)
+                this.load_signature_bytes(&name, &bytes, allow_transfer, &cause)
             }
         })
         .await
@@ -222,9 +250,13 @@ impl Engine {
         name: &str,
         rel: &str,
         allow_transfer: bool,
+        cause: &Cause,
     ) -> Result<Arc<LoadedSignature>> {
         let (sig, origin) = state::read_repo(&self.dir, rel, allow_transfer)?;
-        self.registry.load(name, sig, origin)?.signature().cloned()
+        self.registry
+            .load(name, sig, origin, cause)?
+            .signature()
+            .cloned()
     }
 
     /// Loads an uploaded signature; with a state directory, its bytes are kept
@@ -234,6 +266,7 @@ impl Engine {
         name: &str,
         bytes: &[u8],
         allow_transfer: bool,
+        cause: &Cause,
     ) -> Result<Arc<LoadedSignature>> {
         if name.is_empty() {
             bail!(InvalidArgument, "an uploaded signature needs a name");
@@ -256,7 +289,10 @@ impl Engine {
             sha256: sha,
             allow_transfer,
         };
-        self.registry.load(name, sig, origin)?.signature().cloned()
+        self.registry
+            .load(name, sig, origin, cause)?
+            .signature()
+            .cloned()
     }
 
     /// Runs one request through the default profile, so its stem is
@@ -396,7 +432,8 @@ impl Engine {
                 if !ended {
                     continue;
                 }
-                match e.change(Change::Expire(now), false).await {
+                let cause = Cause::new("server", "ended");
+                match e.change(Change::Expire(now), cause, false).await {
                     Ok(_) => tracing::info!("ended activations cleaned up"),
                     // Another replica cleaned them up first.
                     Err(Error::Aborted(_)) => {}

@@ -6,6 +6,8 @@
 //!   repository path and content hash, since every replica reads its own copy;
 //! - `state/last`: rewritten by every change, so the newest mod revision in
 //!   `state/` is the state's revision, deletions included;
+//! - `audit/<time>-<replica>-<n>`: the audit trail, one key per change, written
+//!   in the change's own transaction;
 //! - `replicas/<id>`: each replica's applied revision and last error, bound
 //!   to a lease so that the key disappears when the replica dies.
 //!
@@ -24,13 +26,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::model::repo::ModelDir;
 use crate::serve::change::{Applied, Change};
+use crate::serve::journal::{self, Cause};
 use crate::serve::profile::CLEAN;
 use crate::serve::registry::Registry;
 use crate::serve::state::{self, State};
@@ -38,6 +42,8 @@ use crate::{Error, Result, bail};
 
 /// Seconds a replica's key outlives its last keep-alive.
 const LEASE_TTL: i64 = 5;
+/// Newest audit entries read for one `History` call.
+const AUDIT_READ: i64 = 10_000;
 /// How long a write waits for this replica (or the fleet) to apply it.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -158,6 +164,8 @@ pub struct Fleet {
     model: ModelDir,
     mirror: Mutex<Mirror>,
     link: watch::Sender<Link>,
+    /// Numbers this replica's audit keys.
+    audit_seq: std::sync::atomic::AtomicU64,
 }
 
 fn etcd_error(e: etcd_client::Error) -> Error {
@@ -198,6 +206,7 @@ impl Fleet {
             registry,
             model,
             mirror: Mutex::new(Mirror::default()),
+            audit_seq: Default::default(),
             link: watch::channel(Link {
                 connected: false,
                 applied_revision: 0,
@@ -554,6 +563,31 @@ impl Fleet {
         Compare::mod_revision(self.key(rel), CompareOp::Equal, m.mod_revision(rel))
     }
 
+    /// Up to `limit` entries of the fleet's audit trail for `scope` (a
+    /// prefix; empty: all), newest first, each with its etcd revision.
+    pub async fn history(&self, scope: &str, limit: usize) -> Result<Vec<journal::Entry>> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(AUDIT_READ);
+        let r = self
+            .client
+            .clone()
+            .get(format!("{}audit/", self.url.prefix), Some(opts))
+            .await
+            .map_err(etcd_error)?;
+        Ok(r.kvs()
+            .iter()
+            .filter_map(|kv| {
+                let mut e: journal::Entry = serde_json::from_slice(kv.value()).ok()?;
+                e.revision = kv.mod_revision();
+                Some(e)
+            })
+            .filter(|e| e.in_scope(scope))
+            .take(limit)
+            .collect())
+    }
+
     /// No key under `prefix` has changed since this replica's view.
     fn unchanged_since(&self, m: &Mirror, prefix: &str) -> Compare {
         Compare::mod_revision(self.key(prefix), CompareOp::Less, m.revision + 1).with_prefix()
@@ -651,12 +685,18 @@ impl Fleet {
     /// guarded transaction, and returns once this replica (and with
     /// `wait_fleet`, every live one) serves it. A profile's stem is folded
     /// here first, which both checks it and spares the reconcile folding it again.
-    pub async fn submit(self: &Arc<Self>, change: Change, wait_fleet: bool) -> Result<Applied> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        change: Change,
+        cause: &Cause,
+        wait_fleet: bool,
+    ) -> Result<Applied> {
         let start = Instant::now();
         let before = self.registry.snapshot();
-        let (next, prepare) = {
+        let (next, prepare, entry) = {
             let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
             let (state, _) = m.state();
+            let entry = change.entry(&state, cause);
             let prepare = match &change {
                 Change::Put {
                     name, signatures, ..
@@ -665,7 +705,7 @@ impl Fleet {
                 }
                 _ => None,
             };
-            (change.next(state)?, prepare)
+            (change.next(state)?, prepare, entry)
         };
         if let Some((name, refs)) = prepare {
             let registry = self.registry.clone();
@@ -673,10 +713,19 @@ impl Fleet {
                 .await
                 .map_err(|e| Error::Internal(format!("worker failed: {e}")))??;
         }
-        let (guards, ops) = {
+        let (guards, mut ops) = {
             let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
             self.transaction(&m, &change, &next)?
         };
+        // The audit line commits with the change, or not at all.
+        let n = self
+            .audit_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!(
+            "{}audit/{:020}-{}-{n}",
+            self.url.prefix, entry.at_ms, self.id
+        );
+        ops.push(TxnOp::put(key, json(&entry)?, None));
         let revision = self
             .write(change.op(), guards, ops, wait_fleet)
             .await

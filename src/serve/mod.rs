@@ -7,7 +7,8 @@
 //! profile is served by the [`activation`] covering its source, else the default. An admin change
 //! ([`change`]) is checked against the current [`state`], carried by a store (the
 //! local state file, or etcd in [`fleet`] mode), and applied by the [`registry`],
-//! which reconciles the table to the new state. [`metrics`] names what is exported. Nothing here knows a
+//! which reconciles the table to the new state and appends it to the audit
+//! [`journal`]. [`metrics`] names what is exported. Nothing here knows a
 //! wire protocol (that is [`crate::server`]) or the research pipeline ([`crate::lab`]).
 
 pub mod activation;
@@ -15,6 +16,7 @@ pub mod batch;
 pub mod change;
 pub mod engine;
 pub mod fleet;
+pub mod journal;
 pub mod metrics;
 pub mod preprocess;
 pub mod profile;

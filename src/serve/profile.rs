@@ -70,7 +70,7 @@ pub struct LoadedSignature {
 }
 
 /// One entry of a profile.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SignatureRef {
     pub name: String,
     pub alpha: f32,

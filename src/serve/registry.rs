@@ -19,6 +19,7 @@ use crate::model::{Model, Stem};
 use crate::patch::signature::Signature;
 use crate::serve::activation::{Activation, Activations};
 use crate::serve::change::{Applied, Change};
+use crate::serve::journal::{Cause, Entry, Journal};
 use crate::serve::metrics as m;
 use crate::serve::profile::{
     CLEAN, LoadedSignature, Origin, Profile, SignatureRef, Table, check_definition, materialize,
@@ -52,6 +53,8 @@ pub struct Registry {
     /// Called with each new table before it is published; an error refuses the change.
     persist: OnceLock<Persist>,
     prepared: Mutex<Vec<Prepared>>,
+    /// Where every change is recorded (in memory unless set).
+    journal: OnceLock<Journal>,
 }
 
 type Persist = Box<dyn Fn(&Table) -> Result<()> + Send + Sync>;
@@ -114,6 +117,7 @@ impl Registry {
             clock: AtomicU64::new(1),
             persist: OnceLock::new(),
             prepared: Mutex::default(),
+            journal: OnceLock::new(),
         })
     }
 
@@ -193,30 +197,51 @@ impl Registry {
             .map_err(|_| Error::Internal("persistence is already set up".into()))
     }
 
+    /// Records changes in `journal` from now on. Set once, at start-up.
+    pub fn keep_journal(&self, journal: Journal) -> Result<()> {
+        self.journal
+            .set(journal)
+            .map_err(|_| Error::Internal("the audit journal is already set up".into()))
+    }
+
+    /// The audit trail of this registry's changes.
+    pub fn journal(&self) -> &Journal {
+        self.journal.get_or_init(Journal::memory)
+    }
+
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Checks `change` against the current state and applies it, all or
-    /// nothing. A [`Change::Load`] takes its bytes through [`Registry::load`].
-    pub fn apply(&self, change: &Change) -> Result<Applied> {
-        self.update(change, &no_bytes)
+    /// nothing, recording it with `cause`. A [`Change::Load`] takes its bytes
+    /// through [`Registry::load`].
+    pub fn apply(&self, change: &Change, cause: &Cause) -> Result<Applied> {
+        self.update(change, cause, &no_bytes)
     }
 
     /// Registers `signature` under `name`, after checking it against the served model.
-    pub fn load(&self, name: &str, signature: Arc<Signature>, origin: Origin) -> Result<Applied> {
+    pub fn load(
+        &self,
+        name: &str,
+        signature: Arc<Signature>,
+        origin: Origin,
+        cause: &Cause,
+    ) -> Result<Applied> {
         let change = Change::Load(SignatureEntry {
             name: name.into(),
             origin,
         });
-        self.update(&change, &|_| Ok(signature.clone()))
+        self.update(&change, cause, &|_| Ok(signature.clone()))
     }
 
-    fn update(&self, change: &Change, load: Load) -> Result<Applied> {
+    fn update(&self, change: &Change, cause: &Cause, load: Load) -> Result<Applied> {
         let start = Instant::now();
         let _w = self.lock_writer();
         let before = self.snapshot();
-        let desired = change.next(State::of(&before))?;
+        let state = State::of(&before);
+        let entry = change.entry(&state, cause);
+        let desired = change.next(state)?;
         // An explicit put always folds anew, so that it is timed like one and
         // publishes a new generation even when the definition is unchanged.
         let fresh = match change {
@@ -227,7 +252,7 @@ impl Registry {
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
-        let after = self.publish(&before, next, &built, change.op())?;
+        let after = self.publish(&before, next, &built, change.op(), Some(entry))?;
         Ok(Applied::new(change, &before, &after, start.elapsed(), 0))
     }
 
@@ -238,7 +263,7 @@ impl Registry {
         let _w = self.lock_writer();
         let before = self.snapshot();
         let (next, built, mut errors) = self.build(&before, desired, load, None);
-        errors.extend(self.publish(&before, next, &built, "reconcile").err());
+        errors.extend(self.publish(&before, next, &built, "reconcile", None).err());
         errors
     }
 
@@ -450,14 +475,16 @@ impl Registry {
         )))
     }
 
-    /// Publishes `next` with a bumped generation, once it is persisted, unless
-    /// it holds nothing new; returns the table now current.
+    /// Publishes `next` with a bumped generation, once it is recorded in the
+    /// journal (with `entry`) and persisted, unless it holds nothing new;
+    /// returns the table now current.
     fn publish(
         &self,
         before: &Arc<Table>,
         mut next: Table,
         built: &[Arc<Profile>],
         op: &'static str,
+        entry: Option<Entry>,
     ) -> Result<Arc<Table>> {
         let unchanged = next.default_profile == before.default_profile
             && Arc::ptr_eq(&next.activations, &before.activations)
@@ -467,7 +494,20 @@ impl Registry {
             return Ok(before.clone());
         }
         next.generation += 1;
-        if let Some(persist) = self.persist.get() {
+        if let Some(mut entry) = entry {
+            entry.generation = next.generation;
+            self.journal().append(&entry)?;
+            if let Some(Err(e)) = self.persist.get().map(|p| p(&next)) {
+                // The line is in the trail, the change is not: say so there.
+                let mut undone = entry;
+                undone.op = format!("{} refused", undone.op);
+                undone.cause.why = e.to_string();
+                if let Err(j) = self.journal().append(&undone) {
+                    tracing::error!(error = %j, "cannot record a refused change in the audit trail");
+                }
+                return Err(e);
+            }
+        } else if let Some(persist) = self.persist.get() {
             persist(&next)?;
         }
         record(&next);
@@ -563,15 +603,21 @@ mod tests {
     #[test]
     fn a_refused_change_publishes_nothing() {
         let (registry, a, b) = fixture();
-        registry.load("a", a, Origin::memory(false)).unwrap();
+        registry
+            .load("a", a, Origin::memory(false), &Default::default())
+            .unwrap();
         let before = registry.snapshot();
         let huge = vec![SignatureRef {
             name: "a".into(),
             alpha: 1e38,
         }];
-        let err = registry.apply(&Change::put("p", huge, false)).unwrap_err();
+        let err = registry
+            .apply(&Change::put("p", huge, false), &Default::default())
+            .unwrap_err();
         assert_eq!(err.kind(), "invalid_argument", "{err}");
-        let err = registry.load("a", b, Origin::memory(false)).unwrap_err();
+        let err = registry
+            .load("a", b, Origin::memory(false), &Default::default())
+            .unwrap_err();
         assert_eq!(err.kind(), "already_exists", "{err}");
         assert!(Arc::ptr_eq(&before, &registry.snapshot()));
     }
@@ -579,15 +625,19 @@ mod tests {
     #[test]
     fn an_explicit_put_folds_anew_and_a_replaced_signature_refolds_its_users() {
         let (registry, a, b) = fixture();
-        registry.load("a", a, Origin::memory(false)).unwrap();
+        registry
+            .load("a", a, Origin::memory(false), &Default::default())
+            .unwrap();
         let refs = vec![SignatureRef {
             name: "a".into(),
             alpha: 0.5,
         }];
         let first = registry
-            .apply(&Change::put("p", refs.clone(), false))
+            .apply(&Change::put("p", refs.clone(), false), &Default::default())
             .unwrap();
-        let again = registry.apply(&Change::put("p", refs, true)).unwrap();
+        let again = registry
+            .apply(&Change::put("p", refs, true), &Default::default())
+            .unwrap();
         assert_eq!(again.generation, first.generation + 1);
         let (p1, p2) = (first.profile().unwrap(), again.profile().unwrap());
         assert!(!Arc::ptr_eq(p1, p2));

@@ -268,6 +268,14 @@ impl RwsClient {
         Ok(())
     }
 
+    pub async fn history(&mut self, scope: &str, limit: u32) -> Result<pb::HistoryResponse> {
+        let req = pb::HistoryRequest {
+            scope: scope.into(),
+            limit,
+        };
+        Ok(self.admin.history(req).await.map_err(refused)?.into_inner())
+    }
+
     pub async fn list_activations(&mut self) -> Result<pb::ListActivationsResponse> {
         let req = pb::ListActivationsRequest {};
         Ok(self

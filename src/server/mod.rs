@@ -13,11 +13,13 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
-use crate::serve::activation::{Activation, End, now_ms};
+use crate::serve::activation::{Activation, End, now_ms, validate_scope};
 use crate::serve::change::Change;
 use crate::serve::engine::{Ask, Engine, SignatureSource};
+use crate::serve::journal::Cause;
 use crate::serve::preprocess::Input;
 use crate::serve::profile::{self, Choice, LoadedSignature, Profile};
+use crate::serve::state::sha256;
 
 pub mod client;
 pub mod kserve;
@@ -138,6 +140,21 @@ impl Inference for InferenceService {
     }
 }
 
+/// Who sent an admin call, for the audit trail: the token's fingerprint when
+/// it carried one (the guard has checked it), else the peer's address.
+fn who<T>(req: &Request<T>) -> String {
+    let token = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match (token, req.remote_addr()) {
+        (Some(t), _) => format!("token:{}", &sha256(t.as_bytes())[7..19]),
+        (None, Some(peer)) => format!("peer:{peer}"),
+        (None, None) => "peer:unknown".into(),
+    }
+}
+
 /// The gRPC metadata key a client may name its source in.
 pub const SOURCE_HEADER: &str = "x-rws-source";
 
@@ -205,12 +222,13 @@ impl AdminService {
     async fn profile_change(
         &self,
         change: Change,
+        cause: Cause,
         wait_fleet: bool,
     ) -> Result<Response<pb::ProfileChange>, Status> {
         let op = change.op();
         let c = self
             .engine
-            .change(change, wait_fleet)
+            .change(change, cause, wait_fleet)
             .await
             .map_err(status)?;
         let profile = c.profile().map_err(status)?;
@@ -245,6 +263,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::LoadSignatureRequest>,
     ) -> Result<Response<pb::LoadSignatureResponse>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
         let source = match r.source {
             Some(pb::load_signature_request::Source::Path(p)) => SignatureSource::Path(p),
@@ -253,7 +272,7 @@ impl Admin for AdminService {
         };
         let loaded = self
             .engine
-            .load_signature(r.name, source, r.allow_transfer, r.wait_fleet)
+            .load_signature(r.name, source, r.allow_transfer, cause, r.wait_fleet)
             .await
             .map_err(status)?;
         tracing::info!(signature = %loaded.name, transferred = loaded.transferred, "signature loaded");
@@ -266,9 +285,10 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::UnloadSignatureRequest>,
     ) -> Result<Response<pb::UnloadSignatureResponse>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
         self.engine
-            .change(Change::Unload(r.name), r.wait_fleet)
+            .change(Change::Unload(r.name), cause, r.wait_fleet)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::UnloadSignatureResponse {}))
@@ -278,6 +298,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::PutProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
         let sigs = r
             .signatures
@@ -292,15 +313,16 @@ impl Admin for AdminService {
             signatures: sigs,
             replace: r.replace,
         };
-        self.profile_change(change, r.wait_fleet).await
+        self.profile_change(change, cause, r.wait_fleet).await
     }
 
     async fn delete_profile(
         &self,
         req: Request<pb::DeleteProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
-        self.profile_change(Change::Delete(r.name), r.wait_fleet)
+        self.profile_change(Change::Delete(r.name), cause, r.wait_fleet)
             .await
     }
 
@@ -324,8 +346,9 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetDefaultProfileRequest>,
     ) -> Result<Response<pb::ProfileChange>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
-        self.profile_change(Change::SetDefault(r.name), r.wait_fleet)
+        self.profile_change(Change::SetDefault(r.name), cause, r.wait_fleet)
             .await
     }
 
@@ -333,6 +356,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ActivateRequest>,
     ) -> Result<Response<pb::ActivationInfo>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
         let end = match (r.ttl_seconds, r.until_unix_ms) {
             (t, 0) if t > 0.0 => Duration::try_from_secs_f64(t).ok().map(End::After),
@@ -342,10 +366,14 @@ impl Admin for AdminService {
         let end = end.ok_or_else(|| {
             Status::invalid_argument("set either ttl_seconds (a positive number) or until_unix_ms")
         })?;
+        let cause = Cause {
+            why: r.reason.clone(),
+            ..cause
+        };
         let a = Activation::starting_now(r.scope, r.profile, end, r.reason);
         let c = self
             .engine
-            .change(Change::Activate(a.clone()), r.wait_fleet)
+            .change(Change::Activate(a.clone()), cause, r.wait_fleet)
             .await
             .map_err(status)?;
         tracing::info!(id = %a.id, scope = %a.scope, profile = %a.profile, until_ms = a.until_ms, reason = %a.reason, "activated");
@@ -356,13 +384,44 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DeactivateRequest>,
     ) -> Result<Response<pb::DeactivateResponse>, Status> {
+        let cause = Cause::new(who(&req), "");
         let r = req.into_inner();
         self.engine
-            .change(Change::Deactivate(r.id.clone()), r.wait_fleet)
+            .change(Change::Deactivate(r.id.clone()), cause, r.wait_fleet)
             .await
             .map_err(status)?;
         tracing::info!(id = %r.id, "deactivated");
         Ok(Response::new(pb::DeactivateResponse {}))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let r = req.into_inner();
+        if !r.scope.is_empty() {
+            validate_scope(&r.scope).map_err(status)?;
+        }
+        let limit = match r.limit {
+            0 => 100,
+            n => (n as usize).min(10_000),
+        };
+        let entries = self.engine.history(&r.scope, limit).await.map_err(status)?;
+        Ok(Response::new(pb::HistoryResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::AuditEntry {
+                    at_unix_ms: e.at_ms,
+                    generation: e.generation,
+                    revision: e.revision,
+                    op: e.op,
+                    scope: e.scope.unwrap_or_default(),
+                    change_json: e.change.to_string(),
+                    who: e.cause.who,
+                    why: e.cause.why,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_activations(

@@ -194,6 +194,50 @@ pub struct ActivationsArgs {
     client: Client,
 }
 
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    /// Only changes to scopes starting with this (site-a/).
+    #[arg(long, default_value = "")]
+    scope: String,
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// One JSON object per line, as the server keeps them.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: Client,
+}
+
+pub async fn history(args: HistoryArgs) -> Result<()> {
+    let r = args
+        .client
+        .connect()
+        .await?
+        .history(&args.scope, args.limit)
+        .await?;
+    for e in r.entries {
+        if args.json {
+            let change: serde_json::Value = serde_json::from_str(&e.change_json)?;
+            let v = serde_json::json!({"at_unix_ms": e.at_unix_ms, "generation": e.generation,
+                "revision": e.revision, "op": e.op, "scope": e.scope, "change": change,
+                "who": e.who, "why": e.why});
+            println!("{v}");
+            continue;
+        }
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_unix_ms);
+        let at = humantime::format_rfc3339_seconds(at);
+        let order = match e.revision {
+            0 => format!("gen {}", e.generation),
+            r => format!("rev {r}"),
+        };
+        println!(
+            "{at}  {order:<9} {:<16} {:<20} {:<24} {}  {}",
+            e.op, e.scope, e.who, e.why, e.change_json
+        );
+    }
+    Ok(())
+}
+
 pub async fn activate(args: ActivateArgs) -> Result<()> {
     let end = match (args.duration, args.until) {
         (Some(d), _) => End::After(d),

@@ -50,6 +50,8 @@ enum Cmd {
     Deactivate(client::DeactivateArgs),
     /// List activations, with the time each has left.
     Activations(client::ActivationsArgs),
+    /// The audit trail: every change, who made it, why, newest first.
+    History(client::HistoryArgs),
     /// Inspect a fleet of replicas that share their state through etcd.
     #[command(subcommand)]
     Fleet(client::FleetCmd),
@@ -94,6 +96,7 @@ async fn main() -> Result<()> {
         Cmd::Activate(args) => client::activate(args).await,
         Cmd::Deactivate(args) => client::deactivate(args).await,
         Cmd::Activations(args) => client::activations(args).await,
+        Cmd::History(args) => client::history(args).await,
         Cmd::Fleet(cmd) => client::fleet(cmd).await,
         Cmd::Inspect(args) => lab::inspect(args),
         Cmd::Data(args) => lab::data(args),
