@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/rws/v1/inference.proto",
                 "proto/rws/v1/admin.proto",
+                "proto/rws/v1/events.proto",
                 "proto/inference/grpc_service.proto",
             ],
             &["proto"],

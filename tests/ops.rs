@@ -386,6 +386,8 @@ fn json_logs_are_one_object_per_line() {
             "127.0.0.1:0",
             "--metrics-addr",
             "off",
+            "--events-addr",
+            "off",
         ])
         .args(repo_args(repo.path()))
         .env("RUST_LOG", "info")

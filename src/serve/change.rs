@@ -38,6 +38,11 @@ pub enum Change {
     SetDefault(String),
     /// Switches a profile on for a scope of sources, until its end.
     Activate(Activation),
+    /// Moves an activation's end (an event's refresh).
+    Extend {
+        id: String,
+        until_ms: u64,
+    },
     /// Ends an activation, by id, before its time.
     Deactivate(String),
     /// Drops the activations that ended by this instant (Unix milliseconds).
@@ -57,7 +62,7 @@ impl Change {
     pub fn scope(&self, state: &State) -> Option<String> {
         match self {
             Change::Activate(a) => Some(a.scope.clone()),
-            Change::Deactivate(id) => state
+            Change::Deactivate(id) | Change::Extend { id, .. } => state
                 .activations
                 .iter()
                 .find(|a| &a.id == id)
@@ -89,6 +94,7 @@ impl Change {
             Change::Delete(_) => "delete_profile",
             Change::SetDefault(_) => "set_default",
             Change::Activate(_) => "activate",
+            Change::Extend { .. } => "extend",
             Change::Deactivate(_) => "deactivate",
             Change::Expire(_) => "expire",
         }
@@ -226,7 +232,12 @@ impl Change {
                         "a reason is at most {MAX_REASON_LEN} bytes of printable text"
                     );
                 }
-                if state.activations.iter().any(|b| b.id == a.id) {
+                // An id may be reused once its activation has ended.
+                if state
+                    .activations
+                    .iter()
+                    .any(|b| b.id == a.id && b.until_ms > a.since_ms)
+                {
                     bail!(AlreadyExists, "activation {:?} exists already", a.id);
                 }
                 if state.activations.len() >= MAX_ACTIVATIONS {
@@ -235,7 +246,22 @@ impl Change {
                         "{MAX_ACTIVATIONS} activations exist already; deactivate some first"
                     );
                 }
+                next.activations.retain(|b| b.id != a.id);
                 next.activations.push(a.clone());
+            }
+            Change::Extend { id, until_ms } => {
+                validate_name("activation id", id)?;
+                let Some(a) = next.activations.iter_mut().find(|a| &a.id == id) else {
+                    bail!(NotFound, "no activation {id:?} (it may have ended)");
+                };
+                if *until_ms <= a.since_ms || until_ms - a.since_ms > MAX_TTL_MS {
+                    bail!(
+                        InvalidArgument,
+                        "an activation lasts from 1 ms to {} days",
+                        MAX_TTL_MS / 86_400_000
+                    );
+                }
+                a.until_ms = *until_ms;
             }
             Change::Deactivate(id) => {
                 validate_name("activation id", id)?;
@@ -267,6 +293,11 @@ impl Change {
             Change::Delete(name) => !table.profiles.contains_key(name),
             Change::SetDefault(name) => &table.default_profile == name,
             Change::Activate(a) => table.activations.all().iter().any(|b| b.id == a.id),
+            Change::Extend { id, until_ms } => table
+                .activations
+                .all()
+                .iter()
+                .any(|a| &a.id == id && a.until_ms == *until_ms),
             Change::Deactivate(id) => !table.activations.all().iter().any(|a| &a.id == id),
             Change::Expire(now_ms) => table.activations.all().iter().all(|a| a.until_ms > *now_ms),
         }
@@ -303,7 +334,7 @@ impl Applied {
             Change::Put { name, .. } | Change::SetDefault(name) => (after.profiles.get(name), None),
             Change::Delete(name) => (before.profiles.get(name), None),
             Change::Activate(a) => (after.profiles.get(&a.profile), None),
-            Change::Deactivate(_) | Change::Expire(_) => (None, None),
+            Change::Extend { .. } | Change::Deactivate(_) | Change::Expire(_) => (None, None),
         };
         Applied {
             generation: after.generation,

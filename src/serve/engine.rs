@@ -15,6 +15,7 @@ use crate::patch::signature::Signature;
 use crate::serve::activation::{now_ms, validate_source};
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
 use crate::serve::change::{Applied, Change};
+use crate::serve::events::{Decision, Event, Events, KINDS, Rules};
 use crate::serve::fleet::{EtcdUrl, Fleet};
 use crate::serve::journal::{Cause, Entry, Journal};
 use crate::serve::metrics as m;
@@ -32,6 +33,8 @@ pub struct EngineOptions {
     pub auto_profiles: bool,
     /// Persist signatures, profiles and the default here, and restore them at start.
     pub state: Option<StateDir>,
+    /// Rules that turn event reports into activations; without them reports are refused.
+    pub events: Option<Rules>,
 }
 
 impl Default for EngineOptions {
@@ -41,6 +44,7 @@ impl Default for EngineOptions {
             batch: BatchConfig::default(),
             auto_profiles: true,
             state: None,
+            events: None,
         }
     }
 }
@@ -56,6 +60,7 @@ pub struct Engine {
     draining: AtomicBool,
     /// Set by [`Engine::join_fleet`]: admin changes go through etcd.
     fleet: OnceLock<Arc<Fleet>>,
+    events: Option<Events>,
 }
 
 /// Where a signature to load comes from.
@@ -78,6 +83,7 @@ impl Engine {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             fleet: OnceLock::new(),
+            events: opts.events.clone().map(Events::new),
         };
         let saved = match &opts.state {
             Some(dir) => {
@@ -171,6 +177,63 @@ impl Engine {
         }
         let this = self.clone();
         blocking(move || this.registry.apply(&change, &cause)).await
+    }
+
+    /// Applies the rules to an event report: starts, extends or holds the
+    /// activation for its (rule, scope), or changes nothing. A refused report
+    /// changes nothing either.
+    pub async fn report(self: &Arc<Self>, event: Event) -> Result<Decision> {
+        let kind = match KINDS.contains(&event.kind.as_str()) {
+            true => event.kind.clone(),
+            false => "unknown".into(),
+        };
+        let result = self.report_inner(event).await;
+        let outcome = match &result {
+            Ok(d) => d.outcome.as_str(),
+            Err(_) => "refused",
+        };
+        metrics::counter!(m::EVENTS, "kind" => kind, "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn report_inner(self: &Arc<Self>, event: Event) -> Result<Decision> {
+        let Some(events) = &self.events else {
+            bail!(
+                FailedPrecondition,
+                "this server has no event rules; start it with --event-rules FILE"
+            );
+        };
+        let event = event.check(now_ms())?;
+        let who = match &event.event.id {
+            Some(id) => format!("event:{id}"),
+            None => format!("event:{}@{}", event.event.kind, event.event.scope),
+        };
+        // A report racing another for the same (rule, scope) decides again once.
+        for retry in [false, true] {
+            let decision = events.decide(&event, &self.registry.snapshot(), now_ms());
+            let Some(change) = decision.change.clone() else {
+                return Ok(decision);
+            };
+            let why = decision
+                .activation
+                .as_ref()
+                .map_or_else(String::new, |a| a.reason.clone());
+            match self
+                .change(change, Cause::new(who.clone(), why), false)
+                .await
+            {
+                Ok(_) => {
+                    events.applied(&decision);
+                    return Ok(decision);
+                }
+                Err(Error::AlreadyExists(_) | Error::Aborted(_)) if !retry => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bail!(
+            Aborted,
+            "the report raced other changes twice; send it again"
+        )
     }
 
     /// Up to `limit` audit entries for `scope` (a prefix; empty: all), newest

@@ -656,10 +656,26 @@ impl Fleet {
             }
             Change::Activate(a) => {
                 let rel = format!("activations/{}", a.id);
-                let mut guards = vec![absent(&rel)];
+                // Absent, or the ended one this replica saw (an id is reused once ended).
+                let mut guards = vec![match m.keys.contains_key(&rel) {
+                    true => self.guard_unchanged(m, &rel),
+                    false => absent(&rel),
+                }];
                 if a.profile != CLEAN {
                     guards.push(self.guard_unchanged(m, &format!("profiles/{}", a.profile)));
                 }
+                (guards, vec![TxnOp::put(self.key(&rel), json(a)?, None)])
+            }
+            Change::Extend { id, .. } => {
+                let rel = format!("activations/{id}");
+                let guards = vec![self.guard_unchanged(m, &rel)];
+                let a = next
+                    .activations
+                    .iter()
+                    .find(|a| &a.id == id)
+                    .ok_or_else(|| {
+                        Error::Internal(format!("activation {id:?} is missing after its extension"))
+                    })?;
                 (guards, vec![TxnOp::put(self.key(&rel), json(a)?, None)])
             }
             Change::Deactivate(id) => {

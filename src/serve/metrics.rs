@@ -23,6 +23,8 @@ pub const SIGNATURES: &str = "rws_signatures";
 pub const SIGNATURE_BYTES: &str = "rws_signature_bytes";
 pub const GENERATION: &str = "rws_generation";
 pub const FLEET_CONNECTED: &str = "rws_fleet_connected";
+pub const EVENTS: &str = "rws_events_total";
+pub const ACTIVATIONS: &str = "rws_activations";
 pub const FLEET_APPLIED_REVISION: &str = "rws_fleet_applied_revision";
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
@@ -86,6 +88,14 @@ fn describe() {
     describe_gauge!(
         GENERATION,
         "Generation of the profile table, bumped by every change."
+    );
+    describe_counter!(
+        EVENTS,
+        "Event reports by kind and outcome (activated, extended, held, cooldown, no_rule, refused)."
+    );
+    describe_gauge!(
+        ACTIVATIONS,
+        "Activations in the table by scope and profile (ended ones until cleaned up)."
     );
 }
 

@@ -4,7 +4,8 @@
 //! [`engine::Engine`] is the library's serving API. It turns inputs into tensors
 //! ([`preprocess`]), queues them for the compute workers ([`batch`]), which read one
 //! snapshot of the profile table ([`profile`]) per batch; a request that names no
-//! profile is served by the [`activation`] covering its source, else the default. An admin change
+//! profile is served by the [`activation`] covering its source, else the default;
+//! [`events`] turn weather and sensor reports into activations by rules. An admin change
 //! ([`change`]) is checked against the current [`state`], carried by a store (the
 //! local state file, or etcd in [`fleet`] mode), and applied by the [`registry`],
 //! which reconciles the table to the new state and appends it to the audit
@@ -15,6 +16,7 @@ pub mod activation;
 pub mod batch;
 pub mod change;
 pub mod engine;
+pub mod events;
 pub mod fleet;
 pub mod journal;
 pub mod metrics;

@@ -73,6 +73,26 @@ fn record(table: &Table) {
     record_resident(table);
 }
 
+/// Sets the activations gauge for `next`, zeroing the label pairs `before`
+/// had and `next` has not.
+fn record_activations(before: &Table, next: &Table) {
+    let count = |t: &Table| {
+        let mut n: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for a in t.activations.all() {
+            *n.entry((a.scope.clone(), a.profile.clone())).or_default() += 1;
+        }
+        n
+    };
+    let (old, new) = (count(before), count(next));
+    for (scope, profile) in old.keys().filter(|k| !new.contains_key(*k)) {
+        metrics::gauge!(m::ACTIVATIONS, "scope" => scope.clone(), "profile" => profile.clone())
+            .set(0.0);
+    }
+    for ((scope, profile), n) in new {
+        metrics::gauge!(m::ACTIVATIONS, "scope" => scope, "profile" => profile).set(n as f64);
+    }
+}
+
 fn record_resident(table: &Table) {
     let resident = table.profiles.values().filter(|p| p.is_resident()).count();
     metrics::gauge!(m::RESIDENT_PROFILES).set(resident as f64);
@@ -511,6 +531,9 @@ impl Registry {
             persist(&next)?;
         }
         record(&next);
+        if !Arc::ptr_eq(&next.activations, &before.activations) {
+            record_activations(before, &next);
+        }
         let next = Arc::new(next);
         self.table.store(next.clone());
         metrics::counter!(m::PROFILE_CHANGES, "op" => op).increment(1);

@@ -22,6 +22,7 @@ use crate::serve::profile::{self, Choice, LoadedSignature, Profile};
 use crate::serve::state::sha256;
 
 pub mod client;
+pub mod events;
 pub mod kserve;
 
 pub mod pb {
@@ -635,6 +636,12 @@ pub async fn serve(
         .add_service(inference)
         .add_service(kserve::service(engine.clone(), max))
         .add_service(admin)
+        .add_service(InterceptedService::new(
+            pb::events_server::EventsServer::new(events::EventsService {
+                engine: engine.clone(),
+            }),
+            admin_guard(opts.admin_token.clone()),
+        ))
         // Socket options must be set on the incoming stream (the builder's are
         // ignored here). Without TCP_NODELAY, 1% of requests waited 40 ms for a
         // delayed ACK under load.

@@ -173,6 +173,8 @@ pub struct RwsProcess {
     pub addr: String,
     /// `http://127.0.0.1:PORT/metrics`
     pub metrics: String,
+    /// `http://127.0.0.1:PORT/v1/events`
+    pub events: String,
     /// The rest of stdout, for tests that read what comes after start-up.
     pub stdout: std::io::BufReader<std::process::ChildStdout>,
 }
@@ -184,13 +186,14 @@ impl RwsProcess {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
             .arg("serve")
             .args(["--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--events-addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let (mut addr, mut metrics) = (String::new(), String::new());
+        let (mut addr, mut metrics, mut events) = (String::new(), String::new(), String::new());
         while addr.is_empty() {
             let mut line = String::new();
             if stdout.read_line(&mut line).unwrap() == 0 {
@@ -201,12 +204,15 @@ impl RwsProcess {
                 addr = format!("http://{a}");
             } else if let Some(m) = line.trim().strip_prefix("rws metrics on ") {
                 metrics = m.to_string();
+            } else if let Some(e) = line.trim().strip_prefix("rws events on ") {
+                events = e.to_string();
             }
         }
         RwsProcess {
             child,
             addr,
             metrics,
+            events,
             stdout,
         }
     }
@@ -333,4 +339,29 @@ pub fn sample(all: &[(String, f64)], name: &str) -> f64 {
         .find(|(n, _)| n == name)
         .unwrap_or_else(|| panic!("no sample {name}"))
         .1
+}
+
+/// A plain HTTP/1 POST of a JSON body over loopback: the status code and the body.
+pub async fn http_post(url: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // A body the server refuses unread may meet a closed socket.
+    let _ = s.write_all(body).await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let buf = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
 }

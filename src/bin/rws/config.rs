@@ -2,7 +2,8 @@
 //! `serve`'s flags (`max_batch = 16` or `max-batch = 16`). Its entries become
 //! flags placed before the command line's own, and later flags win, so a flag
 //! given on the command line overrides the file and every key means exactly
-//! what its flag means (an unknown key is an unknown flag).
+//! what its flag means (an unknown key is an unknown flag). The one table is
+//! `[events]`, the event rules (what `--event-rules FILE` holds).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -63,6 +64,11 @@ fn flags(path: &OsString) -> Result<Vec<OsString>> {
             })
         };
         match &value {
+            // The event rules are a table of their own: handed over whole.
+            toml::Value::Table(t) if key == "events" => {
+                out.push("--event-rules-inline".into());
+                out.push(toml::to_string(t)?.into());
+            }
             toml::Value::Boolean(true) => out.push(flag.into()),
             toml::Value::Boolean(false) => {}
             toml::Value::Array(items) => {
@@ -107,6 +113,19 @@ mod tests {
             file.display()
         );
         assert_eq!(got, args(&want));
+    }
+
+    #[test]
+    fn the_events_table_is_handed_over_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rws.toml");
+        let rules = "[events]\nmin_hold = \"5m\"\n[[events.rule]]\nkind = \"fog\"\nseverity = [2, 5]\nprofile = \"fog\"\nttl = \"1h\"\n";
+        std::fs::write(&file, rules).unwrap();
+        let got = expand(args(&format!("rws serve --config {}", file.display()))).unwrap();
+        assert_eq!(got[2], "--event-rules-inline");
+        let parsed = rws::serve::events::Rules::parse(got[3].to_str().unwrap()).unwrap();
+        assert_eq!(parsed.rules[0].profile, "fog");
+        assert_eq!(parsed.min_hold, std::time::Duration::from_secs(300));
     }
 
     #[test]

@@ -81,6 +81,17 @@ pub struct ServeArgs {
     /// be opened).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// TOML file of event rules (`min_hold`, `cooldown`, `[[rule]]` entries of kind,
+    /// severity = [low, high], profile, ttl); or an `[events]` table in --config.
+    /// Without rules, event reports are refused.
+    #[arg(long, conflicts_with = "event_rules_inline")]
+    event_rules: Option<PathBuf>,
+    /// The `[events]` table of a config file, as TOML text.
+    #[arg(long, hide = true)]
+    event_rules_inline: Option<String>,
+    /// Where event reports are POSTed as JSON (`/v1/events`); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    events_addr: String,
 }
 
 /// A token file's content, without surrounding whitespace.
@@ -131,6 +142,17 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         _ => None,
     };
     let dir = ModelDir::open(&a.repo, a.model.as_deref())?;
+    let rules = match (&a.event_rules, &a.event_rules_inline) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the event rules {}", path.display()))?,
+        ),
+        (None, inline) => inline.clone(),
+    };
+    let events = rules
+        .map(|text| rws::serve::events::Rules::parse(&text))
+        .transpose()
+        .context("in the event rules")?;
     let opts = EngineOptions {
         max_resident_profiles: a.max_resident_profiles,
         batch: rws::serve::batch::BatchConfig {
@@ -141,6 +163,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         },
         auto_profiles: !a.no_auto_profiles,
         state: a.state_dir.clone().map(StateDir::new),
+        events,
     };
     let name = dir.name.clone();
     let device = a.device.clone();
@@ -180,6 +203,22 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             }
         });
     }
+    let (stop_events, events_stopped) = tokio::sync::oneshot::channel::<()>();
+    if a.events_addr != "off" {
+        let el = tokio::net::TcpListener::bind(&a.events_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for events", a.events_addr))?;
+        println!("rws events on http://{}/v1/events", el.local_addr()?);
+        let (engine, token) = (engine.clone(), admin_token.clone());
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = events_stopped.await;
+            };
+            if let Err(e) = rws::server::events::serve_http(el, engine, token, stopped).await {
+                tracing::error!(error = %e, "events endpoint stopped");
+            }
+        });
+    }
     println!("rws listening on {addr}");
     let table = engine.registry().snapshot();
     tracing::info!(
@@ -210,6 +249,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     };
     rws::server::serve(engine, listener, opts, shutdown_signal()).await?;
     let _ = stop_metrics.send(());
+    let _ = stop_events.send(());
     tracing::info!("drained; exiting");
     Ok(())
 }

@@ -1,6 +1,9 @@
-//! Activations over real loopback gRPC: a profile switched on for a scope of
-//! sources serves exactly those sources, ends on time by itself with no request
-//! failing across the instant, and survives a restart with its absolute end.
+//! Robustness for events, over real loopback gRPC and HTTP: a profile switched
+//! on for a scope of sources serves exactly those sources, ends on time by
+//! itself with no request failing across the instant, and survives a restart
+//! with its absolute end; event reports become activations by rules, with
+//! hysteresis, and bad reports change nothing; every change is in the audit
+//! trail once, in generation order.
 
 mod common;
 
@@ -413,4 +416,225 @@ async fn every_acknowledged_change_is_in_the_audit_trail_once_in_generation_orde
     newest_first.reverse();
     assert_eq!(newest_first, gens);
     server.stop().await;
+}
+
+/// Fog (severity 2-5) and sensor noise switch their profiles on; holds,
+/// cooldowns and TTLs short enough for a test.
+const RULES: &str = r#"
+min_hold = "1s"
+cooldown = "1s"
+[[rule]]
+name = "fog"
+kind = "fog"
+severity = [2, 5]
+profile = "fog"
+ttl = "200ms"
+[[rule]]
+kind = "gaussian_noise"
+severity = [1, 5]
+profile = "noise"
+ttl = "1h"
+"#;
+
+fn with_rules(repo: &std::path::Path) -> (RwsProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let p = RwsProcess::start(&[
+        "--repo",
+        repo.to_str().unwrap(),
+        "--model",
+        common::MODEL,
+        "--event-rules",
+        rules.to_str().unwrap(),
+    ]);
+    (p, dir)
+}
+
+async fn history(ch: &Channel) -> Vec<pb::AuditEntry> {
+    rws::server::admin_client(ch.clone(), None)
+        .unwrap()
+        .history(pb::HistoryRequest {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+#[tokio::test]
+async fn reports_switch_profiles_on_by_rule_and_a_flapping_sensor_does_not_thrash() {
+    let repo = tiny_repo();
+    let (server, _rules) = with_rules(repo.path());
+    let ch = server.channel().await;
+    // Over HTTP: noise on one camera, an hour long.
+    let (code, body) = common::http_post(
+        &server.events,
+        br#"{"kind": "gaussian_noise", "severity": 2, "scope": "site-c/cam-3", "id": "noise-1"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["outcome"], "activated");
+    assert_eq!(r["profile"], "noise");
+    let id = r["activation_id"].as_str().unwrap().to_string();
+    let served = classify(&ch, from("site-c/cam-3", 2)).await;
+    assert_eq!(
+        (served.profile.as_str(), served.activation_id.as_str()),
+        ("noise", id.as_str())
+    );
+    assert_eq!(
+        classify(&ch, from("site-c/cam-4", 2)).await.profile,
+        "clean"
+    );
+    // The same report again: already covered.
+    let (_, body) = common::http_post(
+        &server.events,
+        br#"{"kind": "gaussian_noise", "severity": 2, "scope": "site-c/cam-3"}"#,
+    )
+    .await;
+    assert!(body.contains("\"held\""), "{body}");
+    // No rule for this severity: nothing changes.
+    let mut events = pb::events_client::EventsClient::new(ch.clone());
+    let report = |kind: &str, severity, scope: &str| pb::EventReport {
+        kind: kind.into(),
+        severity,
+        scope: scope.into(),
+        ..Default::default()
+    };
+    let r = events
+        .report(report("fog", 1, "site-a/"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome, "no_rule");
+
+    // A flapping fog sensor: a report every 300 ms for 4.2 s, each holding 200 ms,
+    // so without hysteresis every report would start a new activation (14 of them).
+    let mut outcomes = Vec::new();
+    let start = Instant::now();
+    for k in 0..14u32 {
+        tokio::time::sleep_until((start + Duration::from_millis(300) * k).into()).await;
+        let r = events
+            .report(report("fog", 3, "site-a/"))
+            .await
+            .unwrap()
+            .into_inner();
+        outcomes.push(r.outcome);
+    }
+    let h = history(&ch).await;
+    let fog = |op: &str| {
+        h.iter()
+            .filter(|e| e.op == op && e.who.starts_with("event:fog@site-a/"))
+            .count()
+    };
+    // Each activation holds >= 1 s, then the rule rests >= 1 s: at most 4 in 4.2 s.
+    assert!((2..=4).contains(&fog("activate")), "{outcomes:?}");
+    assert!(fog("activate") + fog("extend") <= 8, "{outcomes:?}");
+    assert!(outcomes.iter().any(|o| o == "cooldown"), "{outcomes:?}");
+    assert!(outcomes.iter().any(|o| o == "held"), "{outcomes:?}");
+    // Events are counted by kind and outcome.
+    let all = common::samples(&common::http_get(&server.metrics).await);
+    let cooldowns = common::sample(&all, r#"rws_events_total{kind="fog",outcome="cooldown"}"#);
+    assert!(cooldowns >= 1.0);
+}
+
+#[tokio::test]
+async fn bad_reports_are_refused_and_change_nothing() {
+    let repo = tiny_repo();
+    let (server, _rules) = with_rules(repo.path());
+    let ch = server.channel().await;
+    common::wait_ready(&ch).await;
+    let before = (history(&ch).await, common::profile_table(&ch).await);
+    let big = format!(
+        r#"{{"kind": "fog", "severity": 3, "scope": "site-a/", "id": "{}"}}"#,
+        "x".repeat(20_000)
+    );
+    let bad: [(&str, &[u8], u16); 11] = [
+        ("malformed JSON", b"{\"kind\": \"fog\", ", 400),
+        ("not JSON", b"fog at site a", 400),
+        (
+            "unknown kind",
+            br#"{"kind": "volcano", "severity": 3, "scope": "site-a/"}"#,
+            400,
+        ),
+        (
+            "severity 0",
+            br#"{"kind": "fog", "severity": 0, "scope": "site-a/"}"#,
+            400,
+        ),
+        (
+            "severity 6",
+            br#"{"kind": "fog", "severity": 6, "scope": "site-a/"}"#,
+            400,
+        ),
+        (
+            "negative ttl",
+            br#"{"kind": "fog", "severity": 3, "scope": "site-a/", "ttl_seconds": -5}"#,
+            400,
+        ),
+        (
+            "absurd ttl",
+            br#"{"kind": "fog", "severity": 3, "scope": "site-a/", "ttl_seconds": 1e12}"#,
+            400,
+        ),
+        (
+            "bad scope",
+            br#"{"kind": "fog", "severity": 3, "scope": "/site a"}"#,
+            400,
+        ),
+        (
+            "unknown field",
+            br#"{"kind": "fog", "severity": 3, "scope": "site-a/", "wind": 4}"#,
+            400,
+        ),
+        (
+            "bad time",
+            br#"{"kind": "fog", "severity": 3, "scope": "site-a/", "observed_at": "dawn"}"#,
+            400,
+        ),
+        ("oversized body", big.as_bytes(), 413),
+    ];
+    for (what, body, want) in bad {
+        let (code, text) = common::http_post(&server.events, body).await;
+        assert_eq!(code, want, "{what}: {text}");
+        assert!(text.len() < 1000, "{what}: the message echoes too much");
+    }
+    let mut events = pb::events_client::EventsClient::new(ch.clone());
+    for (kind, severity, scope, ttl) in [
+        ("volcano", 3, "site-a/", 0.0),
+        ("fog", 300, "site-a/", 0.0),
+        ("fog", 3, "", 0.0),
+        ("fog", 3, "site-a/", f64::NAN),
+    ] {
+        let err = events
+            .report(pb::EventReport {
+                kind: kind.into(),
+                severity,
+                scope: scope.into(),
+                ttl_seconds: ttl,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{kind} {severity} {scope:?} {ttl}"
+        );
+    }
+    let after = (history(&ch).await, common::profile_table(&ch).await);
+    assert_eq!(
+        before, after,
+        "a refused report changed the state or the trail"
+    );
+    let listed = rws::server::admin_client(ch.clone(), None)
+        .unwrap()
+        .list_activations(pb::ListActivationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.activations.is_empty());
 }

@@ -1,0 +1,392 @@
+//! Events: weather and sensor reports that switch robustness on by rules.
+//!
+//! A report (`kind`, `severity`, `scope`, `observed_at`, optional `ttl`) is
+//! matched against the rules: the first rule for its kind whose severity range
+//! holds it names the profile to activate for the report's scope, and for how
+//! long. Each (rule, scope) has one activation, whose id is derived from both:
+//! a report while it runs extends it (a refresh), and once it has ended a new
+//! report starts it again. Hysteresis keeps a flapping sensor from thrashing
+//! the profile: an activation lasts at least `min_hold`, a refresh only moves
+//! the end when at least half the rule's TTL would be gained, and after an end
+//! the (rule, scope) stays off for `cooldown`.
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::serve::activation::{Activation, MAX_TTL_MS, validate_scope};
+use crate::serve::change::Change;
+use crate::serve::profile::{Table, validate_name};
+use crate::{Error, Result, bail};
+
+/// The corruption kinds an event may report: ImageNet-C's, its extras, and rain.
+pub const KINDS: &[&str] = &[
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "gaussian_blur",
+    "snow",
+    "frost",
+    "fog",
+    "rain",
+    "spatter",
+    "brightness",
+    "contrast",
+    "saturate",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+];
+/// Severities run from 1 to 5, as in ImageNet-C.
+pub const SEVERITIES: RangeInclusive<u8> = 1..=5;
+/// Largest event body accepted over HTTP.
+pub const MAX_EVENT_BYTES: usize = 16 << 10;
+/// How far an observation may lie in the future (clock skew) or the past.
+const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+const MAX_AGE_MS: u64 = 24 * 3600 * 1000;
+
+/// One report, as it arrives (JSON over HTTP, or the gRPC message).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub kind: String,
+    pub severity: u8,
+    pub scope: String,
+    /// When it was observed, RFC 3339; absent: now.
+    #[serde(default)]
+    pub observed_at: Option<String>,
+    /// How long it holds, in seconds; absent: the rule's TTL.
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+    /// The reporter's own id for it, for the audit trail.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// What became of a report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// No rule covers its kind and severity; nothing changes.
+    NoRule,
+    /// A new activation began.
+    Activated,
+    /// The running activation's end moved later.
+    Extended,
+    /// The running activation already lasts long enough.
+    Held,
+    /// Its (rule, scope) ended less than `cooldown` ago; nothing changes.
+    Cooldown,
+}
+
+impl Outcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::NoRule => "no_rule",
+            Outcome::Activated => "activated",
+            Outcome::Extended => "extended",
+            Outcome::Held => "held",
+            Outcome::Cooldown => "cooldown",
+        }
+    }
+}
+
+/// The decision on one report: what to change, if anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// The activation it concerns, and its end after the change.
+    pub activation: Option<Activation>,
+    pub change: Option<Change>,
+}
+
+/// One rule: reports of `kind` with a severity in `severity` switch `profile` on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub kind: String,
+    pub severity: RangeInclusive<u8>,
+    pub profile: String,
+    pub ttl: Duration,
+}
+
+/// The `[events]` table of the config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub rules: Vec<Rule>,
+    pub min_hold: Duration,
+    pub cooldown: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    min_hold: Option<String>,
+    #[serde(default)]
+    cooldown: Option<String>,
+    #[serde(default)]
+    rule: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    name: Option<String>,
+    kind: String,
+    severity: [u8; 2],
+    profile: String,
+    ttl: String,
+}
+
+fn duration(what: &str, s: &str) -> Result<Duration> {
+    humantime::parse_duration(s).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{what} {s:?} is not a duration like 90s or 2h: {e}"
+        ))
+    })
+}
+
+impl Rules {
+    /// Parses the `[events]` table: `min_hold`, `cooldown` and `[[events.rule]]`
+    /// entries of `kind`, `severity = [low, high]`, `profile`, `ttl`.
+    pub fn parse(toml_text: &str) -> Result<Rules> {
+        let f: RulesFile = toml::from_str(toml_text)
+            .map_err(|e| Error::InvalidArgument(format!("event rules: {e}")))?;
+        let mut rules = Vec::new();
+        for (i, r) in f.rule.into_iter().enumerate() {
+            let name = r.name.unwrap_or_else(|| format!("{}-{}", r.kind, i + 1));
+            validate_name("rule", &name)?;
+            validate_name("profile", &r.profile)?;
+            if !KINDS.contains(&r.kind.as_str()) {
+                bail!(
+                    InvalidArgument,
+                    "rule {name:?}: unknown kind {:?}; known: {}",
+                    r.kind,
+                    KINDS.join(", ")
+                );
+            }
+            let [lo, hi] = r.severity;
+            if lo > hi || !SEVERITIES.contains(&lo) || !SEVERITIES.contains(&hi) {
+                bail!(
+                    InvalidArgument,
+                    "rule {name:?}: severity [{lo}, {hi}] is not a range within 1..=5"
+                );
+            }
+            let ttl = duration("ttl", &r.ttl)?;
+            if ttl.is_zero() || ttl.as_millis() > MAX_TTL_MS as u128 {
+                bail!(
+                    InvalidArgument,
+                    "rule {name:?}: ttl must be between 1 ms and 30 days"
+                );
+            }
+            rules.push(Rule {
+                name,
+                kind: r.kind,
+                severity: lo..=hi,
+                profile: r.profile,
+                ttl,
+            });
+        }
+        let or_zero =
+            |what, v: Option<String>| v.map_or(Ok(Duration::ZERO), |s| duration(what, &s));
+        Ok(Rules {
+            rules,
+            min_hold: or_zero("min_hold", f.min_hold)?,
+            cooldown: or_zero("cooldown", f.cooldown)?,
+        })
+    }
+
+    /// The first rule for `kind` at `severity`.
+    pub fn rule_for(&self, kind: &str, severity: u8) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|r| r.kind == kind && r.severity.contains(&severity))
+    }
+}
+
+/// A report, checked: its observation instant and hold in milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub event: Event,
+    pub observed_ms: u64,
+    pub ttl_ms: Option<u64>,
+}
+
+impl Event {
+    /// Refuses what no rule should see: an unknown kind, a severity out of
+    /// range, a bad scope, a negative or absurd TTL, an observation time that
+    /// is not RFC 3339 or lies far from `now_ms`.
+    pub fn check(self, now_ms: u64) -> Result<Checked> {
+        if !KINDS.contains(&self.kind.as_str()) {
+            bail!(
+                InvalidArgument,
+                "unknown event kind {}; known: {}",
+                crate::error::clip(&self.kind),
+                KINDS.join(", ")
+            );
+        }
+        if !SEVERITIES.contains(&self.severity) {
+            bail!(
+                InvalidArgument,
+                "severity {} is outside 1..=5",
+                self.severity
+            );
+        }
+        validate_scope(&self.scope)?;
+        if let Some(id) = &self.id {
+            validate_name("event id", id)?;
+        }
+        let ttl_ms = match self.ttl_seconds {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t * 1000.0 <= MAX_TTL_MS as f64 => {
+                Some((t * 1000.0).ceil() as u64)
+            }
+            Some(t) => bail!(
+                InvalidArgument,
+                "ttl_seconds {t} must be a positive number of at most 30 days"
+            ),
+        };
+        let observed_ms = match &self.observed_at {
+            None => now_ms,
+            Some(t) => {
+                let at = humantime::parse_rfc3339_weak(t).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "observed_at {} is not an RFC 3339 time like 2026-11-29T06:00:00Z",
+                        crate::error::clip(t)
+                    ))
+                })?;
+                let ms = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                if ms > now_ms + MAX_SKEW_MS || ms + MAX_AGE_MS < now_ms {
+                    bail!(
+                        InvalidArgument,
+                        "observed_at {} is more than 5 minutes ahead or a day behind the server's clock",
+                        crate::error::clip(t)
+                    );
+                }
+                ms
+            }
+        };
+        Ok(Checked {
+            event: self,
+            observed_ms,
+            ttl_ms,
+        })
+    }
+}
+
+/// The rules and what they remember between reports.
+pub struct Events {
+    rules: Rules,
+    /// The last planned end of each activation the rules made, for the cooldown.
+    ends: Mutex<HashMap<String, u64>>,
+}
+
+impl Events {
+    pub fn new(rules: Rules) -> Self {
+        Events {
+            rules,
+            ends: Mutex::default(),
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Decides what a checked report changes, against `table` at `now_ms`.
+    pub fn decide(&self, ev: &Checked, table: &Table, now_ms: u64) -> Decision {
+        let e = &ev.event;
+        let Some(rule) = self.rules.rule_for(&e.kind, e.severity) else {
+            return Decision {
+                outcome: Outcome::NoRule,
+                activation: None,
+                change: None,
+            };
+        };
+        let id = activation_id(&rule.name, &e.scope);
+        let ttl = ev.ttl_ms.unwrap_or(rule.ttl.as_millis() as u64);
+        let hold = self.rules.min_hold.as_millis() as u64;
+        // The hold runs from the observation, so a late report does not outlast its event.
+        let wanted = ev.observed_ms.saturating_add(ttl).max(now_ms + 1);
+        let current = table.activations.all().iter().find(|a| a.id == id);
+        let reason = format!("{} severity {} at {}", e.kind, e.severity, e.scope);
+        match current {
+            Some(a) if a.is_active(now_ms) => {
+                let until = wanted.max(a.since_ms.saturating_add(hold));
+                // Only a gain of half a TTL moves the end: a report per
+                // second makes one change per half TTL, not one per second.
+                if until < a.until_ms.saturating_add(ttl / 2) {
+                    return Decision {
+                        outcome: Outcome::Held,
+                        activation: Some((**a).clone()),
+                        change: None,
+                    };
+                }
+                let mut next = (**a).clone();
+                next.until_ms = until;
+                Decision {
+                    outcome: Outcome::Extended,
+                    change: Some(Change::Extend {
+                        id,
+                        until_ms: until,
+                    }),
+                    activation: Some(next),
+                }
+            }
+            _ => {
+                let ended = self.ends().get(&id).copied();
+                let cooling = self.rules.cooldown.as_millis() as u64;
+                if ended.is_some_and(|t| now_ms < t.saturating_add(cooling)) {
+                    return Decision {
+                        outcome: Outcome::Cooldown,
+                        activation: None,
+                        change: None,
+                    };
+                }
+                let a = Activation {
+                    id,
+                    scope: e.scope.clone(),
+                    profile: rule.profile.clone(),
+                    since_ms: now_ms,
+                    until_ms: wanted.max(now_ms.saturating_add(hold)),
+                    reason,
+                };
+                Decision {
+                    outcome: Outcome::Activated,
+                    change: Some(Change::Activate(a.clone())),
+                    activation: Some(a),
+                }
+            }
+        }
+    }
+
+    /// Remembers the end an applied decision set, for the cooldown.
+    pub fn applied(&self, d: &Decision) {
+        if let Some(a) = &d.activation {
+            self.ends().insert(a.id.clone(), a.until_ms);
+        }
+    }
+
+    fn ends(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.ends.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The activation id of a rule's activation for a scope: `ev-<rule>-<hash>`.
+fn activation_id(rule: &str, scope: &str) -> String {
+    let h = Sha256::digest(scope.as_bytes());
+    let rule: String = rule.chars().take(40).collect();
+    format!("ev-{rule}-{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+}
