@@ -390,3 +390,156 @@ fn activation_id(rule: &str, scope: &str) -> String {
     let rule: String = rule.chars().take(40).collect();
     format!("ev-{rule}-{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::activation::Activations;
+    use std::sync::Arc;
+
+    const RULES: &str = r#"
+min_hold = "10s"
+cooldown = "20s"
+[[rule]]
+kind = "fog"
+severity = [2, 5]
+profile = "fog"
+ttl = "4s"
+"#;
+
+    fn table(activations: Vec<Activation>) -> Table {
+        Table {
+            generation: 0,
+            signatures: Default::default(),
+            profiles: Default::default(),
+            default_profile: "clean".into(),
+            activations: Arc::new(Activations::new(activations)),
+        }
+    }
+
+    fn fog(severity: u8, now: u64) -> Checked {
+        let e = Event {
+            kind: "fog".into(),
+            severity,
+            scope: "site-a/".into(),
+            observed_at: None,
+            ttl_seconds: None,
+            id: None,
+        };
+        e.check(now).unwrap()
+    }
+
+    #[test]
+    fn holds_refreshes_and_cooldowns_follow_the_rules() {
+        let events = Events::new(Rules::parse(RULES).unwrap());
+        let t0 = 1_000_000;
+        let d = events.decide(&fog(1, t0), &table(vec![]), t0);
+        assert_eq!(d.outcome, Outcome::NoRule);
+        let d = events.decide(&fog(3, t0), &table(vec![]), t0);
+        assert_eq!(d.outcome, Outcome::Activated);
+        let a = d.activation.clone().unwrap();
+        assert_eq!(a.until_ms, t0 + 10_000, "the minimum hold, not the 4 s TTL");
+        events.applied(&d);
+        let running = || table(vec![a.clone()]);
+        // Inside the hold a report gains nothing.
+        let d = events.decide(&fog(3, t0 + 5_000), &running(), t0 + 5_000);
+        assert_eq!(d.outcome, Outcome::Held);
+        // Near the end it moves the end, once it gains half a TTL.
+        let d = events.decide(&fog(3, t0 + 7_500), &running(), t0 + 7_500);
+        assert_eq!(d.outcome, Outcome::Held, "gains 1.5 s < 2 s");
+        let d = events.decide(&fog(3, t0 + 8_000), &running(), t0 + 8_000);
+        assert_eq!(d.outcome, Outcome::Extended);
+        assert_eq!(d.activation.as_ref().unwrap().until_ms, t0 + 12_000);
+        events.applied(&d);
+        // After the end, the rule rests for the cooldown, then starts again.
+        let ended = table(vec![Activation {
+            until_ms: t0 + 12_000,
+            ..a.clone()
+        }]);
+        let d = events.decide(&fog(3, t0 + 20_000), &ended, t0 + 20_000);
+        assert_eq!(d.outcome, Outcome::Cooldown);
+        let d = events.decide(&fog(3, t0 + 32_000), &ended, t0 + 32_000);
+        assert_eq!(d.outcome, Outcome::Activated);
+        assert_eq!(
+            d.activation.unwrap().id,
+            a.id,
+            "one activation per rule and scope"
+        );
+    }
+
+    #[test]
+    fn reports_and_rules_are_checked() {
+        let ok = Event {
+            kind: "fog".into(),
+            severity: 3,
+            scope: "site-a/".into(),
+            observed_at: Some("2027-01-15T08:00:00Z".into()),
+            ttl_seconds: Some(60.0),
+            id: Some("e1".into()),
+        };
+        let at = humantime::parse_rfc3339("2027-01-15T08:00:00Z").unwrap();
+        let at_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let c = ok.clone().check(at_ms + 1000).unwrap();
+        assert_eq!((c.observed_ms, c.ttl_ms), (at_ms, Some(60_000)));
+        let bad = [
+            Event {
+                kind: "volcano".into(),
+                ..ok.clone()
+            },
+            Event {
+                severity: 0,
+                ..ok.clone()
+            },
+            Event {
+                severity: 6,
+                ..ok.clone()
+            },
+            Event {
+                scope: "/x".into(),
+                ..ok.clone()
+            },
+            Event {
+                ttl_seconds: Some(-1.0),
+                ..ok.clone()
+            },
+            Event {
+                ttl_seconds: Some(f64::INFINITY),
+                ..ok.clone()
+            },
+            Event {
+                ttl_seconds: Some(1e9),
+                ..ok.clone()
+            },
+            Event {
+                observed_at: Some("dawn".into()),
+                ..ok.clone()
+            },
+            Event {
+                id: Some("a b".into()),
+                ..ok.clone()
+            },
+        ];
+        for e in bad {
+            assert!(e.clone().check(at_ms).is_err(), "{e:?}");
+        }
+        assert!(
+            ok.clone().check(at_ms + 2 * MAX_AGE_MS).is_err(),
+            "observed long before now"
+        );
+        assert!(
+            ok.check(at_ms - 2 * MAX_SKEW_MS).is_err(),
+            "observed far ahead of now"
+        );
+        for rules in [
+            "[[rule]]\nkind = \"volcano\"\nseverity = [1, 2]\nprofile = \"x\"\nttl = \"1h\"",
+            "[[rule]]\nkind = \"fog\"\nseverity = [4, 2]\nprofile = \"x\"\nttl = \"1h\"",
+            "[[rule]]\nkind = \"fog\"\nseverity = [1, 2]\nprofile = \"x\"\nttl = \"soon\"",
+            "[[rule]]\nkind = \"fog\"\nseverity = [1, 2]\nprofile = \"x\"\nttl = \"1h\"\nwind = 3",
+        ] {
+            assert!(Rules::parse(rules).is_err(), "{rules}");
+        }
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use super::{AdminClient, MAX_MESSAGE_BYTES, admin_client, pb};
+use super::{AdminClient, EventsClient, MAX_MESSAGE_BYTES, admin_client, events_client, pb};
 use crate::serve::activation::End;
 use crate::serve::profile::SignatureRef;
 use crate::{Error, Result};
@@ -41,6 +41,7 @@ pub fn server_uri(addr: &str) -> Result<Uri> {
 pub struct RwsClient {
     inference: InferenceClient,
     admin: AdminClient,
+    events: EventsClient,
 }
 
 /// Maps a refusal to the library's error of the same kind, keeping its message.
@@ -90,7 +91,9 @@ impl RwsClient {
             inference: InferenceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            admin: admin_client(channel, admin_token)?.max_encoding_message_size(MAX_MESSAGE_BYTES),
+            admin: admin_client(channel.clone(), admin_token)?
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            events: events_client(channel, admin_token)?,
         })
     }
 
@@ -274,6 +277,16 @@ impl RwsClient {
             limit,
         };
         Ok(self.admin.history(req).await.map_err(refused)?.into_inner())
+    }
+
+    /// Reports a weather or sensor event; the server's rules decide what it changes.
+    pub async fn report(&mut self, event: pb::EventReport) -> Result<pb::EventOutcome> {
+        Ok(self
+            .events
+            .report(event)
+            .await
+            .map_err(refused)?
+            .into_inner())
     }
 
     pub async fn list_activations(&mut self) -> Result<pb::ListActivationsResponse> {

@@ -532,17 +532,30 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 pub type AdminClient = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
+pub type EventsClient = pb::events_client::EventsClient<InterceptedService<Channel, Bearer>>;
 
 /// An Admin client that presents `token`, if any.
 pub fn admin_client(channel: Channel, token: Option<&str>) -> crate::Result<AdminClient> {
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        bearer(token)?,
+    ))
+}
+
+/// An Events client that presents `token`, as Events calls need it like Admin's.
+pub fn events_client(channel: Channel, token: Option<&str>) -> crate::Result<EventsClient> {
+    Ok(pb::events_client::EventsClient::with_interceptor(
+        channel,
+        bearer(token)?,
+    ))
+}
+
+fn bearer(token: Option<&str>) -> crate::Result<Bearer> {
     let header = token
         .map(|t| format!("Bearer {t}").parse())
         .transpose()
         .map_err(|_| Error::InvalidArgument("the admin token must be printable ASCII".into()))?;
-    Ok(pb::admin_client::AdminClient::with_interceptor(
-        channel,
-        Bearer(header),
-    ))
+    Ok(Bearer(header))
 }
 
 /// Serves rws.v1 (Inference, Admin), health and reflection on `listener`

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod config;
+mod events;
 mod lab;
 mod serve;
 
@@ -52,6 +53,9 @@ enum Cmd {
     Activations(client::ActivationsArgs),
     /// The audit trail: every change, who made it, why, newest first.
     History(client::HistoryArgs),
+    /// Report weather and sensor events, or replay a recorded day of them.
+    #[command(subcommand)]
+    Events(events::EventsCmd),
     /// Inspect a fleet of replicas that share their state through etcd.
     #[command(subcommand)]
     Fleet(client::FleetCmd),
@@ -97,6 +101,7 @@ async fn main() -> Result<()> {
         Cmd::Deactivate(args) => client::deactivate(args).await,
         Cmd::Activations(args) => client::activations(args).await,
         Cmd::History(args) => client::history(args).await,
+        Cmd::Events(cmd) => events::events(cmd).await,
         Cmd::Fleet(cmd) => client::fleet(cmd).await,
         Cmd::Inspect(args) => lab::inspect(args),
         Cmd::Data(args) => lab::data(args),
