@@ -221,6 +221,51 @@ async fn infer_matches_rws_v1_bitwise_and_follows_the_profile() {
     );
     assert_ne!(fog[0], clean, "the fog profile must change the logits");
 
+    // The parameter "source": an activation covering it chooses, and says so.
+    let a = server
+        .admin()
+        .activate(rws::server::pb::ActivateRequest {
+            scope: "site-a/".into(),
+            profile: "fog".into(),
+            ttl_seconds: 600.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let text = |s: &str| param(ParameterChoice::StringParam(s.into()));
+    for (source, want, selection) in [
+        ("site-a/cam-1", &fog[0], "activation"),
+        ("site-b/cam-1", &clean, "default"),
+    ] {
+        let mut req = fp32_request(&[1], None);
+        req.parameters.insert("source".into(), text(source));
+        let r = infer(&mut client, req).await;
+        assert_eq!(&decode(&r).0[0], want, "{source}");
+        assert_eq!(
+            param_of(&r, "selection"),
+            &ParameterChoice::StringParam(selection.into())
+        );
+        if selection == "activation" {
+            assert_eq!(
+                param_of(&r, "activation_id"),
+                &ParameterChoice::StringParam(a.id.clone())
+            );
+        }
+    }
+    let mut req = fp32_request(&[1], None);
+    req.parameters.insert("source".into(), text("site a"));
+    let err = client.model_infer(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    server
+        .admin()
+        .deactivate(rws::server::pb::DeactivateRequest {
+            id: a.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     // The same data in the typed contents instead of raw_input_contents.
     let mut req = fp32_request(&[1], Some("fog"));
     req.raw_input_contents.clear();
