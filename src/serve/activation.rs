@@ -157,10 +157,6 @@ impl Activations {
         &self.all
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.all.is_empty()
-    }
-
     /// The activation that chooses the profile for `source` at `now_ms`: the
     /// most specific matching scope with an active entry, the newest in it.
     pub fn lookup(&self, source: &str, now_ms: u64) -> Option<&Arc<Activation>> {

@@ -301,10 +301,6 @@ impl Events {
         }
     }
 
-    pub fn rules(&self) -> &Rules {
-        &self.rules
-    }
-
     /// Decides what a checked report changes, against `table` at `now_ms`.
     pub fn decide(&self, ev: &Checked, table: &Table, now_ms: u64) -> Decision {
         let e = &ev.event;
