@@ -36,7 +36,10 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
     assert_eq!(common::top_label(&fog), label, "{fog}");
 
     let out = rws(&["classify", png, "--addr", &addr]);
-    assert!(out.starts_with("profile clean (generation 0)"), "{out}");
+    assert!(
+        out.starts_with("profile clean (generation 0, default)"),
+        "{out}"
+    );
     assert_eq!(out.lines().count(), 6, "profile line + top 5: {out}");
 
     let out = rws(&["signature", "ls", "--addr", &addr]);
@@ -65,6 +68,43 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
     assert!(err.contains("default profile"), "{err}");
     let err = rws_err(&["profile", "put", "x", "fog", "--addr", &addr]);
     assert!(err.contains("SIGNATURE@ALPHA"), "{err}");
+
+    // Fog at one site: an activation, a classification from there, the record.
+    let out = rws(&[
+        "activate",
+        "fog",
+        "--scope",
+        "site-a/",
+        "--for",
+        "1h",
+        "--reason",
+        "fog warning",
+        "--addr",
+        &addr,
+    ]);
+    let id = out.split_whitespace().next().unwrap().to_string();
+    assert!(out.contains("site-a/") && out.contains("ends in "), "{out}");
+    let out = rws(&["classify", png, "--source", "site-a/cam-1", "--addr", &addr]);
+    assert!(
+        out.starts_with(&format!("profile fog (generation")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("activation {id})")), "{out}");
+    let out = rws(&["classify", png, "--source", "site-b/cam-1", "--addr", &addr]);
+    assert!(out.starts_with("profile storm"), "{out}");
+    let out = rws(&["activations", "--addr", &addr]);
+    assert!(out.contains(&id) && out.contains("fog warning"), "{out}");
+    let out = rws(&["history", "--scope", "site-a/", "--addr", &addr]);
+    assert!(
+        out.contains("activate") && out.contains("fog warning"),
+        "{out}"
+    );
+    rws(&["deactivate", &id, "--addr", &addr]);
+    assert!(rws(&["activations", "--addr", &addr]).contains("no activations"));
+    let err = rws_err(&[
+        "activate", "fog", "--scope", "/x", "--for", "1h", "--addr", &addr,
+    ]);
+    assert!(err.contains("scope"), "{err}");
 
     let out = rws(&[
         "inspect",

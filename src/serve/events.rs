@@ -7,8 +7,9 @@
 //! a report while it runs extends it (a refresh), and once it has ended a new
 //! report starts it again. Hysteresis keeps a flapping sensor from thrashing
 //! the profile: an activation lasts at least `min_hold`, a refresh only moves
-//! the end when at least half the rule's TTL would be gained, and after an end
-//! the (rule, scope) stays off for `cooldown`.
+//! the end when it gains at least a quarter of the TTL, and after an end the
+//! (rule, scope) stays off for `cooldown`. Reports less than three quarters of a
+//! TTL apart therefore keep an activation on without a gap.
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -321,9 +322,10 @@ impl Events {
         match current {
             Some(a) if a.is_active(now_ms) => {
                 let until = wanted.max(a.since_ms.saturating_add(hold));
-                // Only a gain of half a TTL moves the end: a report per
-                // second makes one change per half TTL, not one per second.
-                if until < a.until_ms.saturating_add(ttl / 2) {
+                // Only a gain of a quarter TTL moves the end: a report per
+                // second makes one change per quarter TTL, not one per second,
+                // and any report in the last three quarters extends it.
+                if until < a.until_ms.saturating_add(ttl / 4) {
                     return Decision {
                         outcome: Outcome::Held,
                         activation: Some((**a).clone()),
@@ -440,18 +442,36 @@ ttl = "4s"
         // Inside the hold a report gains nothing.
         let d = events.decide(&fog(3, t0 + 5_000), &running(), t0 + 5_000);
         assert_eq!(d.outcome, Outcome::Held);
-        // Near the end it moves the end, once it gains half a TTL.
-        let d = events.decide(&fog(3, t0 + 7_500), &running(), t0 + 7_500);
-        assert_eq!(d.outcome, Outcome::Held, "gains 1.5 s < 2 s");
-        let d = events.decide(&fog(3, t0 + 8_000), &running(), t0 + 8_000);
+        // Near the end it moves the end, once it gains a quarter TTL.
+        let d = events.decide(&fog(3, t0 + 6_900), &running(), t0 + 6_900);
+        assert_eq!(d.outcome, Outcome::Held, "gains 0.9 s < 1 s");
+        let d = events.decide(&fog(3, t0 + 7_000), &running(), t0 + 7_000);
         assert_eq!(d.outcome, Outcome::Extended);
-        assert_eq!(d.activation.as_ref().unwrap().until_ms, t0 + 12_000);
+        assert_eq!(d.activation.as_ref().unwrap().until_ms, t0 + 11_000);
         events.applied(&d);
+        // Reports every TTL/2 keep it on with no gap.
+        let mut current = d.activation.clone().unwrap();
+        for k in 1..20 {
+            let now = t0 + 7_000 + k * 2_000;
+            assert!(current.is_active(now), "lapsed at {k}");
+            let d = events.decide(&fog(3, now), &table(vec![current.clone()]), now);
+            if let Some(next) = d.activation.filter(|_| d.outcome == Outcome::Extended) {
+                current = next;
+            }
+        }
         // After the end, the rule rests for the cooldown, then starts again.
         let ended = table(vec![Activation {
-            until_ms: t0 + 12_000,
+            until_ms: t0 + 11_000,
             ..a.clone()
         }]);
+        events.applied(&Decision {
+            outcome: Outcome::Extended,
+            activation: Some(Activation {
+                until_ms: t0 + 11_000,
+                ..a.clone()
+            }),
+            change: None,
+        });
         let d = events.decide(&fog(3, t0 + 20_000), &ended, t0 + 20_000);
         assert_eq!(d.outcome, Outcome::Cooldown);
         let d = events.decide(&fog(3, t0 + 32_000), &ended, t0 + 32_000);
