@@ -85,10 +85,7 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
     let id = out.split_whitespace().next().unwrap().to_string();
     assert!(out.contains("site-a/") && out.contains("ends in "), "{out}");
     let out = rws(&["classify", png, "--source", "site-a/cam-1", "--addr", &addr]);
-    assert!(
-        out.starts_with(&format!("profile fog (generation")),
-        "{out}"
-    );
+    assert!(out.starts_with("profile fog (generation"), "{out}");
     assert!(out.contains(&format!("activation {id})")), "{out}");
     let out = rws(&["classify", png, "--source", "site-b/cam-1", "--addr", &addr]);
     assert!(out.starts_with("profile storm"), "{out}");
