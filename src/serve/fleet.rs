@@ -733,6 +733,10 @@ impl Fleet {
             let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
             self.transaction(&m, &change, &next)?
         };
+        if ops.is_empty() {
+            // Nothing to write (another replica cleaned up first): no record either.
+            return Ok(Applied::new(&change, &before, &before, start.elapsed(), 0));
+        }
         // The audit line commits with the change, or not at all.
         let n = self
             .audit_seq
