@@ -388,6 +388,8 @@ fn json_logs_are_one_object_per_line() {
             "off",
             "--events-addr",
             "off",
+            "--console-addr",
+            "off",
         ])
         .args(repo_args(repo.path()))
         .env("RUST_LOG", "info")

@@ -23,6 +23,7 @@ use crate::serve::preprocess::{self, Input};
 use crate::serve::profile::{Choice, LoadedSignature, Origin, SignatureRef, Source, validate_name};
 use crate::serve::registry::Registry;
 use crate::serve::state::{self, State, StateDir};
+use crate::serve::traffic::Traffic;
 use crate::{Error, Result, bail};
 
 pub struct EngineOptions {
@@ -61,6 +62,8 @@ pub struct Engine {
     /// Set by [`Engine::join_fleet`]: admin changes go through etcd.
     fleet: OnceLock<Arc<Fleet>>,
     events: Option<Events>,
+    /// The last minutes of requests per profile, for the console.
+    traffic: Traffic,
 }
 
 /// Where a signature to load comes from.
@@ -84,6 +87,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             fleet: OnceLock::new(),
             events: opts.events.clone().map(Events::new),
+            traffic: Traffic::default(),
         };
         let saved = match &opts.state {
             Some(dir) => {
@@ -295,6 +299,11 @@ impl Engine {
         .await
     }
 
+    /// Requests per profile over the last minutes.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -411,6 +420,7 @@ impl Engine {
             }
         };
         let status = result.as_ref().map_or_else(|e| e.kind(), |_| "ok");
+        self.traffic.record(&label, start.elapsed(), result.is_ok());
         metrics::counter!(m::REQUESTS, "profile" => label.clone(), "status" => status).increment(1);
         metrics::histogram!(m::REQUEST_SECONDS, "profile" => label)
             .record(start.elapsed().as_secs_f64());

@@ -24,3 +24,4 @@ pub mod preprocess;
 pub mod profile;
 pub mod registry;
 pub mod state;
+pub mod traffic;

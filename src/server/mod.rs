@@ -22,6 +22,7 @@ use crate::serve::profile::{self, Choice, LoadedSignature, Profile};
 use crate::serve::state::sha256;
 
 pub mod client;
+pub mod console;
 pub mod events;
 pub mod kserve;
 

@@ -175,6 +175,8 @@ pub struct RwsProcess {
     pub metrics: String,
     /// `http://127.0.0.1:PORT/v1/events`
     pub events: String,
+    /// `http://127.0.0.1:PORT/`
+    pub console: String,
     /// The rest of stdout, for tests that read what comes after start-up.
     pub stdout: std::io::BufReader<std::process::ChildStdout>,
 }
@@ -186,14 +188,20 @@ impl RwsProcess {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
             .arg("serve")
             .args(["--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-            .args(["--events-addr", "127.0.0.1:0"])
+            .args([
+                "--events-addr",
+                "127.0.0.1:0",
+                "--console-addr",
+                "127.0.0.1:0",
+            ])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let (mut addr, mut metrics, mut events) = (String::new(), String::new(), String::new());
+        let (mut addr, mut metrics, mut events, mut console) =
+            (String::new(), String::new(), String::new(), String::new());
         while addr.is_empty() {
             let mut line = String::new();
             if stdout.read_line(&mut line).unwrap() == 0 {
@@ -206,6 +214,8 @@ impl RwsProcess {
                 metrics = m.to_string();
             } else if let Some(e) = line.trim().strip_prefix("rws events on ") {
                 events = e.to_string();
+            } else if let Some(c) = line.trim().strip_prefix("rws console on ") {
+                console = c.to_string();
             }
         }
         RwsProcess {
@@ -213,6 +223,7 @@ impl RwsProcess {
             addr,
             metrics,
             events,
+            console,
             stdout,
         }
     }

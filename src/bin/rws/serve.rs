@@ -92,6 +92,9 @@ pub struct ServeArgs {
     /// Where event reports are POSTed as JSON (`/v1/events`); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9465")]
     events_addr: String,
+    /// The operator console (a web page); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:9466")]
+    console_addr: String,
 }
 
 /// A token file's content, without surrounding whitespace.
@@ -219,6 +222,22 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             }
         });
     }
+    let (stop_console, console_stopped) = tokio::sync::oneshot::channel::<()>();
+    if a.console_addr != "off" {
+        let cl = tokio::net::TcpListener::bind(&a.console_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for the console", a.console_addr))?;
+        println!("rws console on http://{}/", cl.local_addr()?);
+        let (engine, token) = (engine.clone(), admin_token.clone());
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = console_stopped.await;
+            };
+            if let Err(e) = rws::server::console::serve(cl, engine, token, stopped).await {
+                tracing::error!(error = %e, "console stopped");
+            }
+        });
+    }
     println!("rws listening on {addr}");
     let table = engine.registry().snapshot();
     tracing::info!(
@@ -250,6 +269,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     rws::server::serve(engine, listener, opts, shutdown_signal()).await?;
     let _ = stop_metrics.send(());
     let _ = stop_events.send(());
+    let _ = stop_console.send(());
     tracing::info!("drained; exiting");
     Ok(())
 }

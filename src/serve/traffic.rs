@@ -1,0 +1,177 @@
+//! Live traffic, per profile, over the last few minutes: requests per second and
+//! latency percentiles, for the console's chart. Prometheus keeps the long
+//! history; this keeps a small ring of one-second buckets in memory, so the
+//! console can draw without a metrics stack.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Seconds of history kept.
+pub const WINDOW: usize = 300;
+/// Latency buckets: upper bounds in microseconds, roughly 25% apart, up to 10 s.
+const BOUNDS_US: usize = 64;
+
+fn bucket_of(us: u64) -> usize {
+    // Bucket i holds latencies up to 50 µs · 1.25^i.
+    let mut bound = 50.0f64;
+    for i in 0..BOUNDS_US {
+        if us as f64 <= bound {
+            return i;
+        }
+        bound *= 1.25;
+    }
+    BOUNDS_US - 1
+}
+
+fn bound_us(i: usize) -> f64 {
+    50.0 * 1.25f64.powi(i as i32)
+}
+
+#[derive(Clone)]
+struct Second {
+    /// Seconds since the recorder started.
+    at: u64,
+    count: u64,
+    errors: u64,
+    latency: [u32; BOUNDS_US],
+}
+
+impl Second {
+    fn empty(at: u64) -> Self {
+        Second {
+            at,
+            count: 0,
+            errors: 0,
+            latency: [0; BOUNDS_US],
+        }
+    }
+}
+
+/// One profile's figures for one second.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Point {
+    /// Seconds before now (0: the second in progress).
+    pub ago: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Upper bounds of the latency percentiles, microseconds; 0 without requests.
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+pub struct Traffic {
+    start: Instant,
+    profiles: Mutex<BTreeMap<String, Vec<Second>>>,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            start: Instant::now(),
+            profiles: Mutex::default(),
+        }
+    }
+}
+
+impl Traffic {
+    /// Records one answered (or refused) request of `profile`.
+    pub fn record(&self, profile: &str, latency: Duration, ok: bool) {
+        let at = self.start.elapsed().as_secs();
+        let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
+        if !profiles.contains_key(profile) {
+            profiles.insert(profile.to_string(), Vec::new());
+        }
+        let ring = profiles.get_mut(profile).expect("inserted above");
+        if ring.len() < WINDOW {
+            ring.resize(WINDOW, Second::empty(u64::MAX));
+        }
+        let slot = &mut ring[(at % WINDOW as u64) as usize];
+        if slot.at != at {
+            *slot = Second::empty(at);
+        }
+        slot.count += 1;
+        slot.errors += u64::from(!ok);
+        slot.latency[bucket_of(latency.as_micros() as u64)] += 1;
+    }
+
+    /// The last `seconds` (at most [`WINDOW`]) of each profile, newest first.
+    pub fn recent(&self, seconds: usize) -> BTreeMap<String, Vec<Point>> {
+        let now = self.start.elapsed().as_secs();
+        let seconds = seconds.min(WINDOW) as u64;
+        let profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
+        profiles
+            .iter()
+            .map(|(name, ring)| {
+                let points = (0..seconds)
+                    .filter_map(|ago| now.checked_sub(ago).map(|at| (ago, at)))
+                    .map(|(ago, at)| match &ring[(at % WINDOW as u64) as usize] {
+                        s if s.at == at => point(ago, s),
+                        _ => point(ago, &Second::empty(at)),
+                    })
+                    .collect();
+                (name.clone(), points)
+            })
+            .collect()
+    }
+}
+
+fn point(ago: u64, s: &Second) -> Point {
+    let pct = |q: f64| {
+        if s.count == 0 {
+            return 0.0;
+        }
+        let rank = (q * s.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in s.latency.iter().enumerate() {
+            seen += u64::from(*n);
+            if seen >= rank {
+                return bound_us(i);
+            }
+        }
+        bound_us(BOUNDS_US - 1)
+    };
+    Point {
+        ago,
+        requests: s.count,
+        errors: s.errors,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_hold_counts_and_percentile_bounds() {
+        let t = Traffic::default();
+        for us in [100, 120, 130, 5000] {
+            t.record("fog", Duration::from_micros(us), true);
+        }
+        t.record("fog", Duration::from_micros(90), false);
+        let r = t.recent(3);
+        let now = &r["fog"][0];
+        assert_eq!((now.requests, now.errors), (5, 1));
+        assert!(
+            now.p50_us >= 120.0 && now.p50_us < 120.0 * 1.25 + 1.0,
+            "{now:?}"
+        );
+        assert!(
+            now.p99_us >= 5000.0 && now.p99_us < 5000.0 * 1.25,
+            "{now:?}"
+        );
+        assert_eq!(r["fog"].len(), 3);
+        assert_eq!(r["fog"][1].requests, 0);
+    }
+
+    #[test]
+    fn buckets_grow_by_a_quarter() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(50), 0);
+        assert_eq!(bucket_of(51), 1);
+        assert!(bound_us(bucket_of(1_000_000)) >= 1_000_000.0);
+        assert_eq!(bucket_of(u64::MAX), BOUNDS_US - 1);
+    }
+}

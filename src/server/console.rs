@@ -1,0 +1,453 @@
+//! The operator console: one page, served by `rws serve` on `--console-addr`, that
+//! shows what is active, where and until when, how traffic is served, and acts.
+//!
+//! It is built on the same engine calls as the Admin service, so it can do
+//! nothing the API cannot, and its inputs meet the same checks. Security:
+//! - **Login**: with an admin token, the login form exchanges it for a session
+//!   (a random id in an `HttpOnly; SameSite=Strict` cookie; the token itself never
+//!   goes back to the browser). Without one, loopback clients only, still
+//!   through a session.
+//! - **CSRF**: every change carries the session's random token in `X-CSRF-Token`.
+//! - **No change through GET**; changes are POSTs of JSON.
+//!
+//! The assets are in the repository and embedded in the binary: nothing is
+//! fetched from the internet at run time.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::serve::activation::{Activation, End, now_ms};
+use crate::serve::change::Change;
+use crate::serve::engine::Engine;
+use crate::serve::journal::Cause;
+use crate::serve::state::sha256;
+use crate::{Error, Result};
+
+const INDEX: &str = include_str!("console/index.html");
+const APP: &str = include_str!("console/app.js");
+const STYLE: &str = include_str!("console/style.css");
+
+/// How long a session lasts without use.
+const SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
+const COOKIE: &str = "rws_session";
+
+struct Session {
+    csrf: String,
+    who: String,
+    used: Instant,
+}
+
+struct Console {
+    engine: Arc<Engine>,
+    token: Option<String>,
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+/// 128 random bits, hex.
+fn random_id() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| Error::Internal(format!("no randomness: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A refusal before any engine call: its status and message.
+type Refusal = (StatusCode, &'static str);
+
+fn json_error(code: StatusCode, message: &str) -> Response {
+    (code, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// An engine refusal as the console shows it.
+fn refused(e: Error) -> Response {
+    let code = match &e {
+        Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::AlreadyExists(_) | Error::Aborted(_) => StatusCode::CONFLICT,
+        Error::FailedPrecondition(_) => StatusCode::PRECONDITION_FAILED,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_error(code, &e.to_string())
+}
+
+fn cookie_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+impl Console {
+    /// The session a request carries, refreshed; `None` when absent or idle too long.
+    fn session(&self, headers: &HeaderMap) -> Option<(String, String)> {
+        let id = cookie_of(headers)?;
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.retain(|_, s| s.used.elapsed() < SESSION_IDLE);
+        let s = sessions.get_mut(&id)?;
+        s.used = Instant::now();
+        Some((s.csrf.clone(), s.who.clone()))
+    }
+
+    /// The session's audit identity, after checking its CSRF token.
+    fn authorize_change(&self, headers: &HeaderMap) -> std::result::Result<String, Refusal> {
+        let Some((csrf, who)) = self.session(headers) else {
+            return Err((StatusCode::UNAUTHORIZED, "log in first"));
+        };
+        let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+        match given {
+            Some(g) if constant_time_eq::constant_time_eq(g.as_bytes(), csrf.as_bytes()) => Ok(who),
+            _ => Err((
+                StatusCode::FORBIDDEN,
+                "missing or wrong CSRF token; reload the page",
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Login {
+    #[serde(default)]
+    token: String,
+}
+
+async fn login(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    axum::Json(form): axum::Json<Login>,
+) -> Response {
+    let who = match &c.token {
+        Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), form.token.as_bytes()) => {
+            format!("console:token:{}", &sha256(t.as_bytes())[7..19])
+        }
+        Some(_) => return json_error(StatusCode::UNAUTHORIZED, "wrong admin token"),
+        None if peer.ip().is_loopback() => format!("console:peer:{peer}"),
+        None => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "without --admin-token-file the console accepts loopback clients only",
+            );
+        }
+    };
+    let (Ok(id), Ok(csrf)) = (random_id(), random_id()) else {
+        return json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no randomness for a session",
+        );
+    };
+    c.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        id.clone(),
+        Session {
+            csrf: csrf.clone(),
+            who,
+            used: Instant::now(),
+        },
+    );
+    let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/");
+    (
+        [(header::SET_COOKIE, cookie)],
+        axum::Json(serde_json::json!({ "csrf": csrf })),
+    )
+        .into_response()
+}
+
+async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if let Err((code, msg)) = c.authorize_change(&headers) {
+        return json_error(code, msg);
+    }
+    if let Some(id) = cookie_of(&headers) {
+        c.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    (
+        [(header::SET_COOKIE, cookie)],
+        axum::Json(serde_json::json!({})),
+    )
+        .into_response()
+}
+
+async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    match c.session(&headers) {
+        Some((csrf, who)) => axum::Json(serde_json::json!({ "csrf": csrf, "who": who,
+            "token_required": c.token.is_some() }))
+        .into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({ "error": "log in first",
+                "token_required": c.token.is_some() })),
+        )
+            .into_response(),
+    }
+}
+
+/// The state the pages show, in one read of the table.
+async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if c.session(&headers).is_none() {
+        return json_error(StatusCode::UNAUTHORIZED, "log in first");
+    }
+    let table = c.engine.registry().snapshot();
+    let profiles: Vec<_> = table
+        .profiles
+        .values()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "signatures": p.signatures,
+                "resident": p.is_resident(),
+                "default": p.name == table.default_profile,
+                "generation": p.generation,
+            })
+        })
+        .collect();
+    let signatures: Vec<_> = table
+        .signatures
+        .values()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "corruption": s.signature.meta.corruption,
+                "storage": s.signature.quant_summary(),
+                "bytes": s.signature.stored_bytes(),
+                "fingerprint": s.signature.meta.base_fingerprint,
+                "transferred": s.transferred,
+            })
+        })
+        .collect();
+    let activations: Vec<&Activation> = table.activations.all().iter().map(|a| &**a).collect();
+    axum::Json(serde_json::json!({
+        "generation": table.generation,
+        "default_profile": table.default_profile,
+        "profiles": profiles,
+        "signatures": signatures,
+        "activations": activations,
+        "now_ms": now_ms(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    scope: String,
+}
+
+async fn history(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    if c.session(&headers).is_none() {
+        return json_error(StatusCode::UNAUTHORIZED, "log in first");
+    }
+    if !q.scope.is_empty()
+        && let Err(e) = crate::serve::activation::validate_scope(&q.scope)
+    {
+        return refused(e);
+    }
+    match c.engine.history(&q.scope, 200).await {
+        Ok(entries) => axum::Json(entries).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+/// Traffic per profile, pushed every second: the last 120 s of requests per
+/// second and p50/p99 latency.
+async fn traffic(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    if c.session(&headers).is_none() {
+        return json_error(StatusCode::UNAUTHORIZED, "log in first");
+    }
+    let engine = c.engine.clone();
+    let ticks =
+        tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
+    let stream = tokio_stream::StreamExt::map(ticks, move |_| {
+        let data = serde_json::to_string(&engine.traffic().recent(120)).unwrap_or_default();
+        Ok::<_, std::convert::Infallible>(SseEvent::default().data(data))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivateForm {
+    scope: String,
+    profile: String,
+    minutes: f64,
+    #[serde(default)]
+    reason: String,
+}
+
+fn minutes(m: f64) -> std::result::Result<Duration, Refusal> {
+    if !(m.is_finite() && m > 0.0) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the duration must be a positive number of minutes",
+        ));
+    }
+    Duration::try_from_secs_f64(m * 60.0)
+        .map_err(|_| (StatusCode::BAD_REQUEST, "the duration is too long"))
+}
+
+async fn activate(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    axum::Json(f): axum::Json<ActivateForm>,
+) -> Response {
+    let who = match c.authorize_change(&headers) {
+        Ok(w) => w,
+        Err((code, msg)) => return json_error(code, msg),
+    };
+    let d = match minutes(f.minutes) {
+        Ok(d) => d,
+        Err((code, msg)) => return json_error(code, msg),
+    };
+    let cause = Cause::new(who, f.reason.clone());
+    let a = Activation::starting_now(f.scope, f.profile, End::After(d), f.reason);
+    match c
+        .engine
+        .change(Change::Activate(a.clone()), cause, false)
+        .await
+    {
+        Ok(_) => axum::Json(a).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtendForm {
+    id: String,
+    minutes: f64,
+}
+
+async fn extend(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    axum::Json(f): axum::Json<ExtendForm>,
+) -> Response {
+    let who = match c.authorize_change(&headers) {
+        Ok(w) => w,
+        Err((code, msg)) => return json_error(code, msg),
+    };
+    let d = match minutes(f.minutes) {
+        Ok(d) => d,
+        Err((code, msg)) => return json_error(code, msg),
+    };
+    let table = c.engine.registry().snapshot();
+    let Some(a) = table.activations.all().iter().find(|a| a.id == f.id) else {
+        return refused(Error::NotFound(format!(
+            "no activation {} (it may have ended)",
+            crate::error::clip(&f.id)
+        )));
+    };
+    let until_ms = a
+        .until_ms
+        .max(now_ms())
+        .saturating_add(d.as_millis() as u64);
+    let change = Change::Extend { id: f.id, until_ms };
+    match c
+        .engine
+        .change(change, Cause::new(who, "extended in the console"), false)
+        .await
+    {
+        Ok(_) => axum::Json(serde_json::json!({ "until_ms": until_ms })).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndForm {
+    id: String,
+}
+
+async fn deactivate(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    axum::Json(f): axum::Json<EndForm>,
+) -> Response {
+    let who = match c.authorize_change(&headers) {
+        Ok(w) => w,
+        Err((code, msg)) => return json_error(code, msg),
+    };
+    let cause = Cause::new(who, "ended in the console");
+    match c
+        .engine
+        .change(Change::Deactivate(f.id), cause, false)
+        .await
+    {
+        Ok(_) => axum::Json(serde_json::json!({})).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse + Clone {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            // Nothing from elsewhere: no inline script, no third-party origin.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+            ),
+        ],
+        body,
+    )
+}
+
+/// Serves the console on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let console = Arc::new(Console {
+        engine,
+        token,
+        sessions: Mutex::default(),
+    });
+    let index = asset("text/html; charset=utf-8", INDEX);
+    let app = asset("text/javascript; charset=utf-8", APP);
+    let style = asset("text/css; charset=utf-8", STYLE);
+    let router = axum::Router::new()
+        .route("/", get(move || async move { index }))
+        .route("/app.js", get(move || async move { app }))
+        .route("/style.css", get(move || async move { style }))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/api/session", get(session))
+        .route("/api/overview", get(overview))
+        .route("/api/history", get(history))
+        .route("/api/traffic", get(traffic))
+        .route("/api/activate", post(activate))
+        .route("/api/extend", post(extend))
+        .route("/api/deactivate", post(deactivate))
+        .layer(axum::extract::DefaultBodyLimit::max(16 << 10))
+        .with_state(console);
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| Error::Internal(format!("console: {e}")))
+}
