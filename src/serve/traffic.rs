@@ -103,11 +103,13 @@ impl Traffic {
         profiles
             .iter()
             .map(|(name, ring)| {
+                // Seconds before the recorder started, or not seen since, are empty.
                 let points = (0..seconds)
-                    .filter_map(|ago| now.checked_sub(ago).map(|at| (ago, at)))
-                    .map(|(ago, at)| match &ring[(at % WINDOW as u64) as usize] {
-                        s if s.at == at => point(ago, s),
-                        _ => point(ago, &Second::empty(at)),
+                    .map(|ago| match now.checked_sub(ago) {
+                        Some(at) if ring[(at % WINDOW as u64) as usize].at == at => {
+                            point(ago, &ring[(at % WINDOW as u64) as usize])
+                        }
+                        _ => point(ago, &Second::empty(0)),
                     })
                     .collect();
                 (name.clone(), points)
