@@ -21,6 +21,14 @@ fi
 # Here a missing etcd is a failure; plain `cargo test` skips those tests and says so.
 export RWS_REQUIRE_ETCD=1
 
+# Headless Chromium and its WebDriver for the console test (tests/console.rs).
+if ! command -v chromedriver >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null ||
+        { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+fi
+export RWS_REQUIRE_CHROMIUM=1
+
 export RWS_PYTHON="$PWD/.venv/bin/python"
 # Without the clients tests/python.rs skips; here a missing one is a failure.
 export RWS_REQUIRE_PYTHON=1

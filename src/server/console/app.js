@@ -100,7 +100,11 @@ function renderActivations() {
   $('default-name').textContent = state.default_profile;
   const select = $('profile');
   const chosen = select.value;
-  select.replaceChildren(...state.profiles.map((p) => text('option', p.name)));
+  select.replaceChildren(...state.profiles.map((p) => {
+    const o = text('option', p.name);
+    o.value = p.name;
+    return o;
+  }));
   if (chosen) select.value = chosen;
 }
 
