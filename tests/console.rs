@@ -290,3 +290,155 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
     shot(&c, "history").await;
     c.close().await.unwrap();
 }
+
+/// One HTTP/1 request over loopback: status, response head, body.
+async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    let mut head = format!(
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+#[tokio::test]
+async fn refused_without_a_session_a_csrf_token_or_good_input_and_nothing_changes() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-console\n").unwrap();
+    let server = RwsProcess::start(&[
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--model",
+        common::MODEL,
+        "--admin-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let ch = server.channel().await;
+    let base = server.console.trim_end_matches('/').to_string();
+    let url = |p: &str| format!("{base}{p}");
+    // What a refused request must leave as it was: the trail and the activations.
+    let state = || async {
+        let mut admin = rws::server::admin_client(ch.clone(), Some("s3cret-console")).unwrap();
+        let history = admin
+            .history(pb::HistoryRequest {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let activations = admin
+            .list_activations(pb::ListActivationsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .activations;
+        (history, activations)
+    };
+    let before = state().await;
+    let good = r#"{"scope": "site-a/", "profile": "fog", "minutes": 10, "reason": "x"}"#;
+
+    // No session: reads and changes are refused.
+    assert_eq!(http("GET", &url("/api/overview"), &[], "").await.0, 401);
+    assert_eq!(http("POST", &url("/api/activate"), &[], good).await.0, 401);
+    // A wrong token does not log in; the right one does, with a strict cookie.
+    let (code, _, _) = http("POST", &url("/login"), &[], r#"{"token": "guess"}"#).await;
+    assert_eq!(code, 401);
+    let (code, head, body) = http(
+        "POST",
+        &url("/login"),
+        &[],
+        r#"{"token": "s3cret-console"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .expect("a session cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let csrf: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let csrf = csrf["csrf"].as_str().unwrap().to_string();
+    // No change through GET.
+    let (code, _, _) = http("GET", &url("/api/activate"), &[("Cookie", &session)], "").await;
+    assert_eq!(code, 405);
+    // A session without the CSRF token, or with a wrong one, changes nothing.
+    let with = |csrf: &str| {
+        vec![
+            ("Cookie", session.clone()),
+            ("X-CSRF-Token", csrf.to_string()),
+        ]
+    };
+    let no_csrf = [("Cookie", session.as_str())];
+    assert_eq!(
+        http("POST", &url("/api/activate"), &no_csrf, good).await.0,
+        403
+    );
+    let wrong = with("0000");
+    let wrong: Vec<(&str, &str)> = wrong.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(
+        http("POST", &url("/api/activate"), &wrong, good).await.0,
+        403
+    );
+    // Bad input gets a message, checked by the API's own rules.
+    let right = with(&csrf);
+    let right: Vec<(&str, &str)> = right.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for (what, body, want) in [
+        (
+            "empty scope",
+            r#"{"scope": "", "profile": "fog", "minutes": 10}"#,
+            400,
+        ),
+        (
+            "unknown profile",
+            r#"{"scope": "site-a/", "profile": "hail", "minutes": 10}"#,
+            404,
+        ),
+        (
+            "negative duration",
+            r#"{"scope": "site-a/", "profile": "fog", "minutes": -5}"#,
+            400,
+        ),
+        (
+            "unknown field",
+            r#"{"scope": "site-a/", "profile": "fog", "minutes": 5, "x": 1}"#,
+            422,
+        ),
+        ("not JSON", "scope=site-a/", 400),
+    ] {
+        let (code, _, text) = http("POST", &url("/api/activate"), &right, body).await;
+        assert_eq!(code, want, "{what}: {text}");
+        assert!(!text.is_empty() && text.len() < 600, "{what}: {text}");
+    }
+    let (code, _, text) = http("POST", &url("/api/deactivate"), &right, r#"{"id": "nope"}"#).await;
+    assert_eq!(code, 404, "{text}");
+    assert_eq!(before, state().await);
+    // And the right request, for contrast, goes through.
+    let (code, _, text) = http("POST", &url("/api/activate"), &right, good).await;
+    assert_eq!(code, 200, "{text}");
+}
