@@ -78,6 +78,7 @@ fn run(registry: &Registry, inputs: &[Vec<f32>], profiles: &[&str]) {
                 with_logits: false,
                 deadline: None,
                 queued: std::time::Instant::now(),
+                span: tracing::Span::none(),
                 reply,
             }
         })

@@ -117,6 +117,7 @@ fn job(seed: u64, deadline: Option<std::time::Instant>) -> (rws::serve::batch::J
         with_logits: false,
         deadline,
         queued: std::time::Instant::now(),
+        span: tracing::Span::none(),
         reply,
     };
     (job, rx)

@@ -78,6 +78,8 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// When the job entered the queue.
     pub queued: Instant,
+    /// The request's span, which the batch that computes it links to.
+    pub span: tracing::Span,
     pub reply: oneshot::Sender<Result<Classification>>,
 }
 
@@ -171,7 +173,11 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
         queue_us = queue_us.max(waited.as_micros() as u64);
     }
     metrics::histogram!(m::BATCH_SIZE).record(live.len() as f64);
-    let _span = tracing::debug_span!("batch", size = live.len(), queue_us).entered();
+    let span = tracing::debug_span!("batch", size = live.len(), queue_us);
+    for j in &live {
+        span.follows_from(&j.span);
+    }
+    let _span = span.entered();
     // One snapshot and one instant for the whole batch: every job in it sees
     // the same table, and the same activations in force.
     let table = registry.snapshot();

@@ -406,7 +406,28 @@ impl Engine {
     pub async fn classify(self: &Arc<Self>, input: Input, ask: Ask) -> Result<Classification> {
         let start = Instant::now();
         let requested = ask.profile.clone();
-        let result = self.classify_inner(input, ask).await;
+        // One span per request: what it asked, and (once answered) which profile
+        // served it and why; its batch links to it.
+        let span = tracing::info_span!(
+            "classify",
+            source = %crate::error::clip(&ask.source),
+            profile = tracing::field::Empty,
+            selection = tracing::field::Empty,
+            activation = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        let result =
+            tracing::Instrument::instrument(self.classify_inner(input, ask), span.clone()).await;
+        if let Ok(c) = &result {
+            span.record("profile", c.profile.as_str());
+            let (selection, activation) = match &c.chosen {
+                Choice::Explicit => ("explicit", ""),
+                Choice::Activation(id) => ("activation", id.as_str()),
+                Choice::Default => ("default", ""),
+            };
+            span.record("selection", selection);
+            span.record("activation", activation);
+        }
         // Label by profile name only when it is a defined one (or the default),
         // so clients cannot grow the label set with made-up names.
         let label = match &result {
@@ -420,6 +441,7 @@ impl Engine {
             }
         };
         let status = result.as_ref().map_or_else(|e| e.kind(), |_| "ok");
+        span.record("status", status);
         self.traffic.record(&label, start.elapsed(), result.is_ok());
         metrics::counter!(m::REQUESTS, "profile" => label.clone(), "status" => status).increment(1);
         metrics::histogram!(m::REQUEST_SECONDS, "profile" => label)
@@ -442,8 +464,9 @@ impl Engine {
             validate_source(&ask.source)?;
         }
         let engine = self.clone();
+        let request = tracing::Span::current();
         let input = tokio::task::spawn_blocking(move || {
-            let _s = tracing::debug_span!("decode").entered();
+            let _s = tracing::debug_span!(parent: &request, "decode").entered();
             preprocess::to_chw(&input, &engine.model().config)
         })
         .await
@@ -457,6 +480,7 @@ impl Engine {
             with_logits: ask.with_logits,
             deadline: ask.deadline,
             queued: Instant::now(),
+            span: tracing::Span::current(),
             reply,
         })?;
         answer

@@ -11,6 +11,7 @@ mod config;
 mod events;
 mod lab;
 mod serve;
+mod telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -83,16 +84,18 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse_from(config::expand(std::env::args_os().collect())?);
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
-    match cli.cmd {
+    let otlp = match &cli.cmd {
+        Cmd::Serve(args) => args.otlp_endpoint.clone(),
+        _ => None,
+    };
+    let telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json), otlp.as_deref())?;
+    let result = run(cli.cmd).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Serve(args) => serve::run(*args).await,
         Cmd::Classify(args) => client::classify(args).await,
         Cmd::Profile(cmd) => client::profile(cmd).await,

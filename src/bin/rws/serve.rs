@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Where event reports are POSTed as JSON (`/v1/events`); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9465")]
     events_addr: String,
+    /// Export the server's spans to this OpenTelemetry collector over OTLP/gRPC
+    /// (http://host:4317). Off by default.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// The operator console (a web page); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9466")]
     console_addr: String,
