@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Arch;
+use crate::model::arch::Arch;
 use crate::{Error, Result, bail};
 
 /// `model.toml`: what the server needs to know beyond the tensors.

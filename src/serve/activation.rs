@@ -51,7 +51,7 @@ pub enum End {
 }
 
 impl Activation {
-    /// An activation starting now, with a fresh id; [`crate::serve::change::Change`]
+    /// An activation starting now, with a fresh id; the change that applies it
     /// checks the rest.
     pub fn starting_now(scope: String, profile: String, end: End, reason: String) -> Self {
         let since_ms = now_ms();

@@ -457,12 +457,7 @@ impl Engine {
             );
         }
         // Before any lookup: names are refused without echoing more than their start.
-        if !ask.profile.is_empty() {
-            validate_name("profile", &ask.profile)?;
-        }
-        if !ask.source.is_empty() {
-            validate_source(&ask.source)?;
-        }
+        check_request_names(&ask.profile, &ask.source)?;
         let engine = self.clone();
         let request = tracing::Span::current();
         let input = tokio::task::spawn_blocking(move || {
@@ -491,12 +486,7 @@ impl Engine {
     /// The profile a request naming `profile` from `source` gets now, and why:
     /// for protocols that fix one profile for several inputs.
     pub fn resolve(&self, profile: &str, source: &str) -> Result<(String, Choice)> {
-        if !profile.is_empty() {
-            validate_name("profile", profile)?;
-        }
-        if !source.is_empty() {
-            validate_source(source)?;
-        }
+        check_request_names(profile, source)?;
         let table = self.registry.snapshot();
         let (p, chosen) = table.resolve(profile, source, now_ms())?;
         Ok((p.name.clone(), chosen))
@@ -541,6 +531,17 @@ impl Engine {
             }
         });
     }
+}
+
+/// A request's profile and source, each optional, checked before any lookup.
+fn check_request_names(profile: &str, source: &str) -> Result<()> {
+    if !profile.is_empty() {
+        validate_name("profile", profile)?;
+    }
+    if !source.is_empty() {
+        validate_source(source)?;
+    }
+    Ok(())
 }
 
 /// What a request asks for, beyond its input.

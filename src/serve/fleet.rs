@@ -709,7 +709,9 @@ impl Fleet {
     ) -> Result<Applied> {
         let start = Instant::now();
         let before = self.registry.snapshot();
-        let (next, prepare, entry) = {
+        // The rules and the guards read one view of the fleet's state, so a
+        // change made meanwhile (while the stem is folded) aborts the write.
+        let (guards, mut ops, prepare, entry) = {
             let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
             let (state, _) = m.state();
             let entry = change.entry(&state, cause);
@@ -721,7 +723,9 @@ impl Fleet {
                 }
                 _ => None,
             };
-            (change.next(state)?, prepare, entry)
+            let next = change.next(state)?;
+            let (guards, ops) = self.transaction(&m, &change, &next)?;
+            (guards, ops, prepare, entry)
         };
         if let Some((name, refs)) = prepare {
             let registry = self.registry.clone();
@@ -729,10 +733,6 @@ impl Fleet {
                 .await
                 .map_err(|e| Error::Internal(format!("worker failed: {e}")))??;
         }
-        let (guards, mut ops) = {
-            let m = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            self.transaction(&m, &change, &next)?
-        };
         if ops.is_empty() {
             // Nothing to write (another replica cleaned up first): no record either.
             return Ok(Applied::new(&change, &before, &before, start.elapsed(), 0));

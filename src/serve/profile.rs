@@ -2,7 +2,7 @@
 //!
 //! A profile is a named list of `signature@alpha`. A [`Table`] is one immutable,
 //! consistent view of the loaded signatures, the profiles and the default; the
-//! registry ([`crate::serve::registry`]) publishes a new one for every change.
+//! registry publishes a new one for every change.
 //! Each profile keeps its patched stem in a slot that LRU eviction may empty and
 //! a request refills; refilling is deterministic, so an evicted profile comes back
 //! bit-identical.
