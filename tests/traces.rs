@@ -48,8 +48,8 @@ fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
         })
 }
 
-#[tokio::test]
-#[ignore = "WIP: the server does not exit after SIGTERM with --otlp-endpoint yet (the span flush at shutdown hangs)"]
+// Multi-threaded: the receiver must answer while this thread waits for the server to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_receiver_with_profile_source_and_activation() {
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -122,6 +122,11 @@ async fn spans_reach_an_otlp_receiver_with_profile_source_and_activation() {
     assert_eq!(attr(request, "activation"), Some(a.id.as_str()));
     assert_eq!(attr(request, "status"), Some("ok"));
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let change = spans
+        .iter()
+        .find(|s| s.name == "admin_change" && attr(s, "op") == Some("activate"))
+        .unwrap_or_else(|| panic!("no admin_change span for the activation: {names:?}"));
+    assert_eq!(attr(change, "status"), Some("ok"));
     for name in ["decode", "batch", "stem", "trunk", "patch_apply"] {
         assert!(names.contains(&name), "no {name} span: {names:?}");
     }

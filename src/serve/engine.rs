@@ -176,6 +176,35 @@ impl Engine {
         cause: Cause,
         wait_fleet: bool,
     ) -> Result<Applied> {
+        // Traced like a request, so an operator's change shows next to the
+        // traffic it redirected.
+        let span = tracing::info_span!(
+            "admin_change",
+            op = change.op(),
+            who = %cause.who,
+            generation = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(
+            self.change_inner(change, cause, wait_fleet),
+            span.clone(),
+        )
+        .await;
+        match &result {
+            Ok(a) => span
+                .record("generation", a.generation)
+                .record("status", "ok"),
+            Err(e) => span.record("status", e.kind()),
+        };
+        result
+    }
+
+    async fn change_inner(
+        self: &Arc<Self>,
+        change: Change,
+        cause: Cause,
+        wait_fleet: bool,
+    ) -> Result<Applied> {
         if let Some(f) = self.fleet() {
             return f.submit(change, &cause, wait_fleet).await;
         }
@@ -406,11 +435,11 @@ impl Engine {
     pub async fn classify(self: &Arc<Self>, input: Input, ask: Ask) -> Result<Classification> {
         let start = Instant::now();
         let requested = ask.profile.clone();
-        // One span per request: what it asked, and (once answered) which profile
-        // served it and why; its batch links to it.
+        // One span per request: where it came from (once its name is checked), and
+        // (once answered) which profile served it and why; its batch links to it.
         let span = tracing::info_span!(
             "classify",
-            source = %crate::error::clip(&ask.source),
+            source = tracing::field::Empty,
             profile = tracing::field::Empty,
             selection = tracing::field::Empty,
             activation = tracing::field::Empty,
@@ -458,8 +487,9 @@ impl Engine {
         }
         // Before any lookup: names are refused without echoing more than their start.
         check_request_names(&ask.profile, &ask.source)?;
-        let engine = self.clone();
         let request = tracing::Span::current();
+        request.record("source", ask.source.as_str());
+        let engine = self.clone();
         let input = tokio::task::spawn_blocking(move || {
             let _s = tracing::debug_span!(parent: &request, "decode").entered();
             preprocess::to_chw(&input, &engine.model().config)

@@ -90,7 +90,7 @@ async fn main() -> Result<()> {
     };
     let telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json), otlp.as_deref())?;
     let result = run(cli.cmd).await;
-    telemetry.shutdown();
+    telemetry.shutdown().await;
     result
 }
 

@@ -64,12 +64,17 @@ pub fn init(json: bool, otlp_endpoint: Option<&str>) -> Result<Telemetry> {
 }
 
 impl Telemetry {
-    /// Exports the spans still buffered.
-    pub fn shutdown(self) {
-        if let Some(p) = self.provider
-            && let Err(e) = p.shutdown()
-        {
-            eprintln!("rws: OTLP export did not finish: {e}");
+    /// Exports the spans still buffered. The exporter's flush blocks its thread
+    /// while it waits on a task of this runtime, so it runs off the runtime's
+    /// workers, and a collector that does not answer delays exit by 5 s at most.
+    pub async fn shutdown(self) {
+        let Some(p) = self.provider else { return };
+        let flush = tokio::task::spawn_blocking(move || p.shutdown());
+        match tokio::time::timeout(std::time::Duration::from_secs(5), flush).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("rws: OTLP export did not finish: {e}"),
+            Ok(Err(e)) => eprintln!("rws: OTLP export did not finish: {e}"),
+            Err(_) => eprintln!("rws: OTLP export did not finish within 5 s; spans dropped"),
         }
     }
 }
