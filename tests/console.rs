@@ -244,6 +244,14 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
         .unwrap();
     assert_ne!(first, later, "the countdown does not move");
     shot(&c, "activations").await;
+    // A few seconds of traffic from both sites, for the traffic page to show.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        for source in ["site-a/cam-1", "site-b/cam-1", "site-b/cam-2"] {
+            served(&ch, source).await;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
     for page in ["traffic", "profiles", "signatures"] {
         c.find(Locator::Css(&format!("#tabs button[data-page={page}]")))
             .await
@@ -260,6 +268,19 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
         .click()
         .await
         .unwrap();
+
+    // Extend it by 30 minutes: the countdown jumps past 39 minutes.
+    c.find(Locator::XPath("//button[text()='+30 min']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#message", |t| t.starts_with("Extended ")).await;
+    wait_text(&c, ".countdown", |t| {
+        t.starts_with("39m") || t.starts_with("40m")
+    })
+    .await;
 
     // 5. End it early.
     let end = c
@@ -283,7 +304,9 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
         .unwrap();
     let history = wait_text(&c, "#history-table tbody", |t| t.contains("deactivate")).await;
     assert!(
-        history.contains("activate") && history.contains("fog warning"),
+        history.contains("activate")
+            && history.contains("extend")
+            && history.contains("fog warning"),
         "{history}"
     );
     assert!(history.contains("console:token:"), "{history}");

@@ -5,7 +5,7 @@
 const KIND_COLOURS = {
   fog: '#6b7b8c', snow: '#2f8fd8', rain: '#1d4fa0', frost: '#58b4c9',
   contrast: '#b8860b', brightness: '#c9a400', saturate: '#b0588f',
-  gaussian_noise: '#7a3fa0', shot_noise: '#8e5cb5', impulse_noise: '#a02f6b', speckle_noise: '#6f3f8f',
+  noise: '#7a3fa0', gaussian_noise: '#7a3fa0', shot_noise: '#8e5cb5', impulse_noise: '#a02f6b', speckle_noise: '#6f3f8f',
   defocus_blur: '#2f7f6f', glass_blur: '#3f8f7f', motion_blur: '#1f6f5f', zoom_blur: '#4f9f8f', gaussian_blur: '#2f6f7f',
   pixelate: '#8b5a2b', jpeg_compression: '#a0522d', elastic_transform: '#6b8e23', spatter: '#556b2f',
   clean: '#333333',
@@ -45,16 +45,20 @@ async function api(path, body) {
   return data;
 }
 
-// The colour of a profile: its first signature's corruption, else one of a few.
+// A corruption kind's colour; a kind not in the table keeps one picked by its name.
+function kindColour(kind) {
+  if (KIND_COLOURS[kind]) return KIND_COLOURS[kind];
+  let h = 0;
+  for (const c of kind) h = (h * 31 + c.charCodeAt(0)) >>> 0;
+  return OTHER[h % OTHER.length];
+}
+
+// The colour of a profile: its first signature's corruption, else its own name's.
 function profileColour(name) {
   const p = state && state.profiles.find((x) => x.name === name);
   const first = p && p.signatures[0];
   const sig = first && state.signatures.find((s) => s.name === first.name);
-  const kind = (sig && sig.corruption) || name;
-  if (KIND_COLOURS[kind]) return KIND_COLOURS[kind];
-  let h = 0;
-  for (const c of name) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-  return OTHER[h % OTHER.length];
+  return kindColour((sig && sig.corruption) || name);
 }
 
 function badge(name) {
@@ -121,8 +125,11 @@ function renderProfiles() {
 function renderSignatures() {
   fill($('signature-table').tBodies[0], state.signatures.map((s) => {
     const kind = text('span', s.corruption, 'kind');
-    kind.style.background = KIND_COLOURS[s.corruption] || '#444';
-    return [s.name, kind, s.storage, (s.bytes / 1024).toFixed(1) + ' KiB', s.fingerprint, s.transferred ? 'yes' : 'no'];
+    kind.style.background = kindColour(s.corruption);
+    // The fingerprint's start tells bases apart at a glance; the whole is its tooltip.
+    const print = text('span', s.fingerprint.replace(/^(sha256:[0-9a-f]{12}).*/, '$1…'), 'mono');
+    print.title = s.fingerprint;
+    return [s.name, kind, s.storage, (s.bytes / 1024).toFixed(1) + '\u00a0KiB', print, s.transferred ? 'yes' : 'no'];
   }));
 }
 
@@ -167,9 +174,11 @@ async function change(path, body, done) {
   await refresh();
 }
 
+// A line per series over the last 120 s, with its legend in a margin of its own
+// so that it never covers the newest points.
 function draw(canvas, series, value, label) {
   const ctx = canvas.getContext('2d');
-  const w = canvas.width, h = canvas.height, pad = 40;
+  const w = canvas.width, h = canvas.height, pad = 40, right = w - 190;
   ctx.clearRect(0, 0, w, h);
   let max = 1;
   for (const s of series) for (const p of s.points) max = Math.max(max, value(p));
@@ -177,28 +186,31 @@ function draw(canvas, series, value, label) {
   ctx.fillStyle = '#555';
   ctx.font = '13px system-ui';
   ctx.beginPath();
-  ctx.moveTo(pad, 10); ctx.lineTo(pad, h - 20); ctx.lineTo(w - 10, h - 20);
+  ctx.moveTo(pad, 10); ctx.lineTo(pad, h - 20); ctx.lineTo(right, h - 20);
   ctx.stroke();
   ctx.fillText(label(max), 2, 18);
   ctx.fillText('0', 24, h - 22);
   ctx.fillText('-120 s', pad, h - 4);
-  ctx.fillText('now', w - 34, h - 4);
-  let y = 30;
+  ctx.fillText('now', right - 24, h - 4);
+  let y = 24;
   for (const s of series) {
     ctx.strokeStyle = s.colour;
     ctx.lineWidth = s.dashed ? 1.5 : 2.5;
     ctx.setLineDash(s.dashed ? [6, 4] : []);
     ctx.beginPath();
     s.points.forEach((p, i) => {
-      const x = w - 10 - (p.ago / 120) * (w - 10 - pad);
+      const x = right - (p.ago / 120) * (right - pad);
       const yy = h - 20 - (value(p) / max) * (h - 40);
       if (i === 0) ctx.moveTo(x, yy); else ctx.lineTo(x, yy);
     });
     ctx.stroke();
+    ctx.beginPath();
+    ctx.moveTo(right + 16, y - 4); ctx.lineTo(right + 46, y - 4);
+    ctx.stroke();
     ctx.setLineDash([]);
     ctx.fillStyle = s.colour;
-    ctx.fillText(s.name, w - 180, y);
-    y += 16;
+    ctx.fillText(s.name, right + 54, y);
+    y += 18;
   }
 }
 
