@@ -431,6 +431,7 @@ async fn refused_without_a_session_a_csrf_token_or_good_input_and_nothing_change
     // Bad input gets a message, checked by the API's own rules.
     let right = with(&csrf);
     let right: Vec<(&str, &str)> = right.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let long = format!(r#"{{"scope": "site-a/", "{}": 1}}"#, "y".repeat(10_000));
     for (what, body, want) in [
         (
             "empty scope",
@@ -450,8 +451,9 @@ async fn refused_without_a_session_a_csrf_token_or_good_input_and_nothing_change
         (
             "unknown field",
             r#"{"scope": "site-a/", "profile": "fog", "minutes": 5, "x": 1}"#,
-            422,
+            400,
         ),
+        ("a long unknown field, not echoed whole", long.as_str(), 400),
         ("not JSON", "scope=site-a/", 400),
     ] {
         let (code, _, text) = http("POST", &url("/api/activate"), &right, body).await;
@@ -464,4 +466,17 @@ async fn refused_without_a_session_a_csrf_token_or_good_input_and_nothing_change
     // And the right request, for contrast, goes through.
     let (code, _, text) = http("POST", &url("/api/activate"), &right, good).await;
     assert_eq!(code, 200, "{text}");
+    // Logins do not pile up: past 256 sessions, the least recently used one ends.
+    for _ in 0..256 {
+        let (code, _, _) = http(
+            "POST",
+            &url("/login"),
+            &[],
+            r#"{"token": "s3cret-console"}"#,
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    let (code, _, _) = http("GET", &url("/api/overview"), &no_csrf, "").await;
+    assert_eq!(code, 401);
 }

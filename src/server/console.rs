@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -40,6 +41,9 @@ const STYLE: &str = include_str!("console/style.css");
 
 /// How long a session lasts without use.
 const SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
+/// Sessions kept at once; a login beyond it ends the least recently used one,
+/// so repeated logins cannot grow the server's memory.
+const MAX_SESSIONS: usize = 256;
 const COOKIE: &str = "rws_session";
 
 struct Session {
@@ -66,6 +70,21 @@ type Refusal = (StatusCode, &'static str);
 
 fn json_error(code: StatusCode, message: &str) -> Response {
     (code, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// A request body read as `T`: after the session is checked, so that a stranger
+/// learns nothing from parse errors, and refused with a message that quotes at
+/// most the start of what serde saw (field names are the client's).
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> std::result::Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        json_error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "not a valid request ({}); the page sends JSON",
+                crate::error::clip(&e.to_string())
+            ),
+        )
+    })
 }
 
 /// An engine refusal as the console shows it.
@@ -128,8 +147,12 @@ struct Login {
 async fn login(
     State(c): State<Arc<Console>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    axum::Json(form): axum::Json<Login>,
+    body: Bytes,
 ) -> Response {
+    let form: Login = match parse(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
     let who = match &c.token {
         Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), form.token.as_bytes()) => {
             format!("console:token:{}", &sha256(t.as_bytes())[7..19])
@@ -149,7 +172,16 @@ async fn login(
             "no randomness for a session",
         );
     };
-    c.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(
+    let mut sessions = c.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    if sessions.len() >= MAX_SESSIONS
+        && let Some(oldest) = sessions
+            .iter()
+            .min_by_key(|(_, s)| s.used)
+            .map(|(k, _)| k.clone())
+    {
+        sessions.remove(&oldest);
+    }
+    sessions.insert(
         id.clone(),
         Session {
             csrf: csrf.clone(),
@@ -157,6 +189,7 @@ async fn login(
             used: Instant::now(),
         },
     );
+    drop(sessions);
     let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/");
     (
         [(header::SET_COOKIE, cookie)],
@@ -306,14 +339,14 @@ fn minutes(m: f64) -> std::result::Result<Duration, Refusal> {
         .map_err(|_| (StatusCode::BAD_REQUEST, "the duration is too long"))
 }
 
-async fn activate(
-    State(c): State<Arc<Console>>,
-    headers: HeaderMap,
-    axum::Json(f): axum::Json<ActivateForm>,
-) -> Response {
+async fn activate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
     let who = match c.authorize_change(&headers) {
         Ok(w) => w,
         Err((code, msg)) => return json_error(code, msg),
+    };
+    let f: ActivateForm = match parse(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
     };
     let d = match minutes(f.minutes) {
         Ok(d) => d,
@@ -338,14 +371,14 @@ struct ExtendForm {
     minutes: f64,
 }
 
-async fn extend(
-    State(c): State<Arc<Console>>,
-    headers: HeaderMap,
-    axum::Json(f): axum::Json<ExtendForm>,
-) -> Response {
+async fn extend(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
     let who = match c.authorize_change(&headers) {
         Ok(w) => w,
         Err((code, msg)) => return json_error(code, msg),
+    };
+    let f: ExtendForm = match parse(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
     };
     let d = match minutes(f.minutes) {
         Ok(d) => d,
@@ -379,14 +412,14 @@ struct EndForm {
     id: String,
 }
 
-async fn deactivate(
-    State(c): State<Arc<Console>>,
-    headers: HeaderMap,
-    axum::Json(f): axum::Json<EndForm>,
-) -> Response {
+async fn deactivate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
     let who = match c.authorize_change(&headers) {
         Ok(w) => w,
         Err((code, msg)) => return json_error(code, msg),
+    };
+    let f: EndForm = match parse(&body) {
+        Ok(f) => f,
+        Err(r) => return r,
     };
     let cause = Cause::new(who, "ended in the console");
     match c
