@@ -137,11 +137,9 @@ async fn served(ch: &tonic::transport::Channel, source: &str) -> pb::ClassifyRes
         .into_inner()
 }
 
-#[tokio::test]
-async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
-    let Some(driver) = Driver::start() else {
-        return;
-    };
+/// A server on the tiny model whose admin token is `s3cret-console`, and the
+/// files it reads, to keep until it stops.
+fn with_token() -> (RwsProcess, (tempfile::TempDir, tempfile::TempDir)) {
     let repo = tiny_repo();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
@@ -154,6 +152,15 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
         "--admin-token-file",
         token.to_str().unwrap(),
     ]);
+    (server, (repo, dir))
+}
+
+#[tokio::test]
+async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let (server, _files) = with_token();
     let ch = server.channel().await;
     common::wait_ready(&ch).await;
     let c = driver.browser().await;
@@ -344,18 +351,7 @@ async fn http(
 
 #[tokio::test]
 async fn refused_without_a_session_a_csrf_token_or_good_input_and_nothing_changes() {
-    let repo = tiny_repo();
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "s3cret-console\n").unwrap();
-    let server = RwsProcess::start(&[
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--model",
-        common::MODEL,
-        "--admin-token-file",
-        token.to_str().unwrap(),
-    ]);
+    let (server, _files) = with_token();
     let ch = server.channel().await;
     let base = server.console.trim_end_matches('/').to_string();
     let url = |p: &str| format!("{base}{p}");

@@ -26,8 +26,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
+use super::http::{json_error, refused};
 use crate::serve::activation::{Activation, End, now_ms};
 use crate::serve::change::Change;
 use crate::serve::engine::Engine;
@@ -65,17 +67,12 @@ fn random_id() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// A refusal before any engine call: its status and message.
-type Refusal = (StatusCode, &'static str);
+/// A handler's answer: the response, or the refusal that ends it early.
+type Answer<T = Response> = std::result::Result<T, Response>;
 
-fn json_error(code: StatusCode, message: &str) -> Response {
-    (code, axum::Json(serde_json::json!({ "error": message }))).into_response()
-}
-
-/// A request body read as `T`: after the session is checked, so that a stranger
-/// learns nothing from parse errors, and refused with a message that quotes at
-/// most the start of what serde saw (field names are the client's).
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> std::result::Result<T, Response> {
+/// A request body read as `T`, refused with a message that quotes at most the
+/// start of what serde saw (field names are the client's).
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Answer<T> {
     serde_json::from_slice(body).map_err(|e| {
         json_error(
             StatusCode::BAD_REQUEST,
@@ -85,19 +82,6 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> std::result::Result<T, 
             ),
         )
     })
-}
-
-/// An engine refusal as the console shows it.
-fn refused(e: Error) -> Response {
-    let code = match &e {
-        Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::AlreadyExists(_) | Error::Aborted(_) => StatusCode::CONFLICT,
-        Error::FailedPrecondition(_) => StatusCode::PRECONDITION_FAILED,
-        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    json_error(code, &e.to_string())
 }
 
 fn cookie_of(headers: &HeaderMap) -> Option<String> {
@@ -123,18 +107,29 @@ impl Console {
     }
 
     /// The session's audit identity, after checking its CSRF token.
-    fn authorize_change(&self, headers: &HeaderMap) -> std::result::Result<String, Refusal> {
+    fn authorize_change(&self, headers: &HeaderMap) -> Answer<String> {
         let Some((csrf, who)) = self.session(headers) else {
-            return Err((StatusCode::UNAUTHORIZED, "log in first"));
+            return Err(json_error(StatusCode::UNAUTHORIZED, "log in first"));
         };
         let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
         match given {
             Some(g) if constant_time_eq::constant_time_eq(g.as_bytes(), csrf.as_bytes()) => Ok(who),
-            _ => Err((
+            _ => Err(json_error(
                 StatusCode::FORBIDDEN,
                 "missing or wrong CSRF token; reload the page",
             )),
         }
+    }
+
+    /// A change's author and its form: the session and CSRF token are checked
+    /// before the body is read, so a stranger learns nothing from parse errors.
+    fn change_request<T: DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Answer<(String, T)> {
+        let who = self.authorize_change(headers)?;
+        Ok((who, parse(body)?))
     }
 }
 
@@ -148,30 +143,23 @@ async fn login(
     State(c): State<Arc<Console>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
-) -> Response {
-    let form: Login = match parse(&body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let form: Login = parse(&body)?;
     let who = match &c.token {
         Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), form.token.as_bytes()) => {
             format!("console:token:{}", &sha256(t.as_bytes())[7..19])
         }
-        Some(_) => return json_error(StatusCode::UNAUTHORIZED, "wrong admin token"),
+        Some(_) => return Err(json_error(StatusCode::UNAUTHORIZED, "wrong admin token")),
         None if peer.ip().is_loopback() => format!("console:peer:{peer}"),
         None => {
-            return json_error(
+            return Err(json_error(
                 StatusCode::FORBIDDEN,
                 "without --admin-token-file the console accepts loopback clients only",
-            );
+            ));
         }
     };
-    let (Ok(id), Ok(csrf)) = (random_id(), random_id()) else {
-        return json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "no randomness for a session",
-        );
-    };
+    let id = random_id().map_err(refused)?;
+    let csrf = random_id().map_err(refused)?;
     let mut sessions = c.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if sessions.len() >= MAX_SESSIONS
         && let Some(oldest) = sessions
@@ -191,17 +179,15 @@ async fn login(
     );
     drop(sessions);
     let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/");
-    (
+    Ok((
         [(header::SET_COOKIE, cookie)],
         axum::Json(serde_json::json!({ "csrf": csrf })),
     )
-        .into_response()
+        .into_response())
 }
 
-async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if let Err((code, msg)) = c.authorize_change(&headers) {
-        return json_error(code, msg);
-    }
+async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    c.authorize_change(&headers)?;
     if let Some(id) = cookie_of(&headers) {
         c.sessions
             .lock()
@@ -209,11 +195,11 @@ async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
             .remove(&id);
     }
     let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
-    (
+    Ok((
         [(header::SET_COOKIE, cookie)],
         axum::Json(serde_json::json!({})),
     )
-        .into_response()
+        .into_response())
 }
 
 async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
@@ -328,40 +314,28 @@ struct ActivateForm {
     reason: String,
 }
 
-fn minutes(m: f64) -> std::result::Result<Duration, Refusal> {
+fn minutes(m: f64) -> Answer<Duration> {
     if !(m.is_finite() && m > 0.0) {
-        return Err((
+        return Err(json_error(
             StatusCode::BAD_REQUEST,
             "the duration must be a positive number of minutes",
         ));
     }
     Duration::try_from_secs_f64(m * 60.0)
-        .map_err(|_| (StatusCode::BAD_REQUEST, "the duration is too long"))
+        .map_err(|_| json_error(StatusCode::BAD_REQUEST, "the duration is too long"))
 }
 
-async fn activate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
-    let who = match c.authorize_change(&headers) {
-        Ok(w) => w,
-        Err((code, msg)) => return json_error(code, msg),
-    };
-    let f: ActivateForm = match parse(&body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    let d = match minutes(f.minutes) {
-        Ok(d) => d,
-        Err((code, msg)) => return json_error(code, msg),
-    };
+async fn activate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let (who, f): (_, ActivateForm) = c.change_request(&headers, &body)?;
+    let d = minutes(f.minutes)?;
     let cause = Cause::new(who, f.reason.clone());
     let a = Activation::starting_now(f.scope, f.profile, End::After(d), f.reason);
-    match c
-        .engine
-        .change(Change::Activate(a.clone()), cause, false)
+    let change = Change::Activate(a.clone());
+    c.engine
+        .change(change, cause, false)
         .await
-    {
-        Ok(_) => axum::Json(a).into_response(),
-        Err(e) => refused(e),
-    }
+        .map_err(refused)?;
+    Ok(axum::Json(a).into_response())
 }
 
 #[derive(Deserialize)]
@@ -371,39 +345,27 @@ struct ExtendForm {
     minutes: f64,
 }
 
-async fn extend(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
-    let who = match c.authorize_change(&headers) {
-        Ok(w) => w,
-        Err((code, msg)) => return json_error(code, msg),
-    };
-    let f: ExtendForm = match parse(&body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    let d = match minutes(f.minutes) {
-        Ok(d) => d,
-        Err((code, msg)) => return json_error(code, msg),
-    };
+async fn extend(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let (who, f): (_, ExtendForm) = c.change_request(&headers, &body)?;
+    let d = minutes(f.minutes)?;
     let table = c.engine.registry().snapshot();
     let Some(a) = table.activations.all().iter().find(|a| a.id == f.id) else {
-        return refused(Error::NotFound(format!(
+        return Err(refused(Error::NotFound(format!(
             "no activation {} (it may have ended)",
             crate::error::clip(&f.id)
-        )));
+        ))));
     };
     let until_ms = a
         .until_ms
         .max(now_ms())
         .saturating_add(d.as_millis() as u64);
     let change = Change::Extend { id: f.id, until_ms };
-    match c
-        .engine
-        .change(change, Cause::new(who, "extended in the console"), false)
+    let cause = Cause::new(who, "extended in the console");
+    c.engine
+        .change(change, cause, false)
         .await
-    {
-        Ok(_) => axum::Json(serde_json::json!({ "until_ms": until_ms })).into_response(),
-        Err(e) => refused(e),
-    }
+        .map_err(refused)?;
+    Ok(axum::Json(serde_json::json!({ "until_ms": until_ms })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -412,24 +374,15 @@ struct EndForm {
     id: String,
 }
 
-async fn deactivate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
-    let who = match c.authorize_change(&headers) {
-        Ok(w) => w,
-        Err((code, msg)) => return json_error(code, msg),
-    };
-    let f: EndForm = match parse(&body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+async fn deactivate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Answer {
+    let (who, f): (_, EndForm) = c.change_request(&headers, &body)?;
     let cause = Cause::new(who, "ended in the console");
-    match c
-        .engine
-        .change(Change::Deactivate(f.id), cause, false)
+    let change = Change::Deactivate(f.id);
+    c.engine
+        .change(change, cause, false)
         .await
-    {
-        Ok(_) => axum::Json(serde_json::json!({})).into_response(),
-        Err(e) => refused(e),
-    }
+        .map_err(refused)?;
+    Ok(axum::Json(serde_json::json!({})).into_response())
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse + Clone {
@@ -476,11 +429,5 @@ pub async fn serve(
         .route("/api/deactivate", post(deactivate))
         .layer(axum::extract::DefaultBodyLimit::max(16 << 10))
         .with_state(console);
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| Error::Internal(format!("console: {e}")))
+    super::http::serve(listener, router, "console", shutdown).await
 }

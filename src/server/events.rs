@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tonic::{Request, Status};
 
+use super::http::{json_error, refused};
 use super::{pb, status};
 use crate::serve::engine::Engine;
 use crate::serve::events::{Decision, Event, MAX_EVENT_BYTES};
@@ -60,25 +61,6 @@ struct Http {
     token: Option<String>,
 }
 
-/// An error as the JSON endpoint answers it: the status gRPC would use, mapped
-/// to HTTP, and `{"error": message}`.
-fn refused(e: Error) -> Response {
-    let code = match &e {
-        Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::AlreadyExists(_) | Error::Aborted(_) => StatusCode::CONFLICT,
-        Error::FailedPrecondition(_) => StatusCode::PRECONDITION_FAILED,
-        Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (
-        code,
-        axum::Json(serde_json::json!({ "error": e.to_string() })),
-    )
-        .into_response()
-}
-
 async fn post_event(
     State(http): State<Arc<Http>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -99,11 +81,7 @@ async fn post_event(
             Some(_) => "events need an `Authorization: Bearer <admin token>` header",
             None => "events are accepted from loopback clients only without --admin-token-file",
         };
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({ "error": msg })),
-        )
-            .into_response();
+        return json_error(StatusCode::UNAUTHORIZED, msg);
     }
     let event: Event = match serde_json::from_slice(&body) {
         Ok(e) => e,
@@ -141,11 +119,5 @@ pub async fn serve_http(
         .route("/v1/events", axum::routing::post(post_event))
         .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES))
         .with_state(Arc::new(Http { engine, token }));
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| Error::Internal(format!("events endpoint: {e}")))
+    super::http::serve(listener, app, "events endpoint", shutdown).await
 }

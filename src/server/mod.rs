@@ -24,6 +24,7 @@ use crate::serve::state::sha256;
 pub mod client;
 pub mod console;
 pub mod events;
+mod http;
 pub mod kserve;
 
 pub mod pb {

@@ -1,7 +1,9 @@
 //! `rws serve`: flags (or a config file) to a running server.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use rws::model::repo::ModelDir;
 use rws::serve::engine::{Engine, EngineOptions};
 use rws::serve::state::StateDir;
 use rws::server::ServeOptions;
+use tokio::net::TcpListener;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -180,7 +183,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         })
         .await??,
     );
-    let listener = tokio::net::TcpListener::bind(&a.addr)
+    let listener = TcpListener::bind(&a.addr)
         .await
         .with_context(|| format!("cannot listen on {}", a.addr))?;
     let addr = listener.local_addr()?;
@@ -193,53 +196,24 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot join the fleet at {}{}", url.endpoint, url.prefix))?;
         tracing::info!(replica = %id, etcd = %url.endpoint, prefix = %url.prefix, "joined the fleet");
     }
-    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    if a.metrics_addr != "off" {
+    // The side endpoints run until the gRPC server has drained.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    if let Some(l) = bind_side(&a.metrics_addr, "metrics", "/metrics").await? {
         let handle = rws::serve::metrics::install()?;
-        let ml = tokio::net::TcpListener::bind(&a.metrics_addr)
-            .await
-            .with_context(|| format!("cannot listen on {} for metrics", a.metrics_addr))?;
-        // On stdout, like the gRPC address, so scripts can learn ports chosen for :0.
-        println!("rws metrics on http://{}/metrics", ml.local_addr()?);
-        tokio::spawn(async move {
-            let stopped = async {
-                let _ = metrics_stopped.await;
-            };
-            if let Err(e) = rws::serve::metrics::serve(ml, handle, stopped).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
+        run_side("metrics server", &stopped, |s| {
+            rws::serve::metrics::serve(l, handle, s)
         });
     }
-    let (stop_events, events_stopped) = tokio::sync::oneshot::channel::<()>();
-    if a.events_addr != "off" {
-        let el = tokio::net::TcpListener::bind(&a.events_addr)
-            .await
-            .with_context(|| format!("cannot listen on {} for events", a.events_addr))?;
-        println!("rws events on http://{}/v1/events", el.local_addr()?);
+    if let Some(l) = bind_side(&a.events_addr, "events", "/v1/events").await? {
         let (engine, token) = (engine.clone(), admin_token.clone());
-        tokio::spawn(async move {
-            let stopped = async {
-                let _ = events_stopped.await;
-            };
-            if let Err(e) = rws::server::events::serve_http(el, engine, token, stopped).await {
-                tracing::error!(error = %e, "events endpoint stopped");
-            }
+        run_side("events endpoint", &stopped, |s| {
+            rws::server::events::serve_http(l, engine, token, s)
         });
     }
-    let (stop_console, console_stopped) = tokio::sync::oneshot::channel::<()>();
-    if a.console_addr != "off" {
-        let cl = tokio::net::TcpListener::bind(&a.console_addr)
-            .await
-            .with_context(|| format!("cannot listen on {} for the console", a.console_addr))?;
-        println!("rws console on http://{}/", cl.local_addr()?);
+    if let Some(l) = bind_side(&a.console_addr, "console", "/").await? {
         let (engine, token) = (engine.clone(), admin_token.clone());
-        tokio::spawn(async move {
-            let stopped = async {
-                let _ = console_stopped.await;
-            };
-            if let Err(e) = rws::server::console::serve(cl, engine, token, stopped).await {
-                tracing::error!(error = %e, "console stopped");
-            }
+        run_side("console", &stopped, |s| {
+            rws::server::console::serve(l, engine, token, s)
         });
     }
     println!("rws listening on {addr}");
@@ -271,11 +245,42 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         drain_grace: Duration::from_millis(a.drain_grace_ms),
     };
     rws::server::serve(engine, listener, opts, shutdown_signal()).await?;
-    let _ = stop_metrics.send(());
-    let _ = stop_events.send(());
-    let _ = stop_console.send(());
+    drop(stop);
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Binds one of the side HTTP endpoints unless its address is `off`, and says
+/// where on stdout, like the gRPC address, so scripts can learn ports chosen for :0.
+async fn bind_side(addr: &str, what: &str, path: &str) -> Result<Option<TcpListener>> {
+    if addr == "off" {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))?;
+    println!("rws {what} on http://{}{path}", listener.local_addr()?);
+    Ok(Some(listener))
+}
+
+/// Runs a side endpoint until `stopped` says the server is done; a failure is logged.
+fn run_side<F>(
+    what: &'static str,
+    stopped: &tokio::sync::watch::Receiver<()>,
+    serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+) where
+    F: Future<Output = rws::Result<()>> + Send + 'static,
+{
+    let mut stopped = stopped.clone();
+    let running = serve(Box::pin(async move {
+        // Fires when the sender is dropped.
+        let _ = stopped.changed().await;
+    }));
+    tokio::spawn(async move {
+        if let Err(e) = running.await {
+            tracing::error!(error = %e, "{what} stopped");
+        }
+    });
 }
 
 fn default_replica_id() -> String {
