@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{RwsProcess, tensor_request, tiny_repo};
+use common::{RwsProcess, http, tensor_request, tiny_repo};
 use fantoccini::{Client, ClientBuilder, Locator};
 use rws::server::pb;
 
@@ -60,7 +60,6 @@ impl Driver {
     }
 
     async fn browser(&self) -> Client {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let profile = self._profile.path().display().to_string();
         let caps = serde_json::json!({
             "goog:chromeOptions": {
@@ -76,8 +75,7 @@ impl Driver {
         let serde_json::Value::Object(caps) = caps else {
             unreachable!()
         };
-        ClientBuilder::rustls()
-            .unwrap()
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
             .connect(&format!("http://127.0.0.1:{}", self.port))
             .await
@@ -126,6 +124,19 @@ async fn wait_text(c: &Client, selector: &str, f: impl Fn(&str) -> bool) -> Stri
     }
 }
 
+async fn click(c: &Client, at: Locator<'_>) {
+    c.find(at).await.unwrap().click().await.unwrap();
+}
+
+async fn type_into(c: &Client, id: &str, text: &str) {
+    c.find(Locator::Id(id))
+        .await
+        .unwrap()
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
 async fn served(ch: &tonic::transport::Channel, source: &str) -> pb::ClassifyResponse {
     common::InferenceClient::new(ch.clone())
         .classify(pb::ClassifyRequest {
@@ -169,29 +180,14 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
     c.goto(&server.console).await.unwrap();
     wait_text(&c, "#login h2", |t| t == "Log in").await;
     shot(&c, "login").await;
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys("s3cret-console")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "token", "s3cret-console").await;
+    click(&c, Locator::Css("#login-form button")).await;
     wait_text(&c, "#who", |t| t.starts_with("console:token:")).await;
 
     // 2. Activate fog on site-a/ for 10 minutes, with a reason.
     wait_text(&c, "#profile", |t| t.contains("fog")).await;
     let form = |id: &'static str| c.find(Locator::Id(id));
-    form("scope")
-        .await
-        .unwrap()
-        .send_keys("site-a/")
-        .await
-        .unwrap();
+    type_into(&c, "scope", "site-a/").await;
     form("profile")
         .await
         .unwrap()
@@ -199,24 +195,9 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
         .await
         .unwrap();
     form("minutes").await.unwrap().clear().await.unwrap();
-    form("minutes")
-        .await
-        .unwrap()
-        .send_keys("10")
-        .await
-        .unwrap();
-    form("reason")
-        .await
-        .unwrap()
-        .send_keys("fog warning")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#activate-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "minutes", "10").await;
+    type_into(&c, "reason", "fog warning").await;
+    click(&c, Locator::Css("#activate-form button")).await;
     wait_text(&c, "#message", |t| {
         t.starts_with("Activated fog on site-a/")
     })
@@ -260,29 +241,14 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     for page in ["traffic", "profiles", "signatures"] {
-        c.find(Locator::Css(&format!("#tabs button[data-page={page}]")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, Locator::Css(&format!("#tabs button[data-page={page}]"))).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         shot(&c, page).await;
     }
-    c.find(Locator::Css("#tabs button[data-page=activations]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::Css("#tabs button[data-page=activations]")).await;
 
     // Extend it by 30 minutes: the countdown jumps past 39 minutes.
-    c.find(Locator::XPath("//button[text()='+30 min']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::XPath("//button[text()='+30 min']")).await;
     wait_text(&c, "#message", |t| t.starts_with("Extended ")).await;
     wait_text(&c, ".countdown", |t| {
         t.starts_with("39m") || t.starts_with("40m")
@@ -303,12 +269,7 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
     })
     .await;
     assert_eq!(served(&ch, "site-a/cam-1").await.profile, "clean");
-    c.find(Locator::Css("#tabs button[data-page=history]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::Css("#tabs button[data-page=history]")).await;
     let history = wait_text(&c, "#history-table tbody", |t| t.contains("deactivate")).await;
     assert!(
         history.contains("activate")
@@ -319,34 +280,6 @@ async fn an_operator_activates_fog_for_one_site_and_ends_it_in_chromium() {
     assert!(history.contains("console:token:"), "{history}");
     shot(&c, "history").await;
     c.close().await.unwrap();
-}
-
-/// One HTTP/1 request over loopback: status, response head, body.
-async fn http(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    let mut head = format!(
-        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body.as_bytes()).await.unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, head.to_string(), body.to_string())
 }
 
 #[tokio::test]

@@ -318,20 +318,9 @@ pub async fn profile_table(channel: &Channel) -> (Vec<(String, Vec<(String, f32)
 
 /// A plain HTTP/1 GET over loopback (what Prometheus does to `/metrics`); the body.
 pub async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let (code, head, body) = http("GET", url, &[], b"").await;
+    assert_eq!(code, 200, "{head}");
+    body
 }
 
 /// `name{labels} value` lines of a Prometheus text exposition.
@@ -354,14 +343,31 @@ pub fn sample(all: &[(String, f64)], name: &str) -> f64 {
 
 /// A plain HTTP/1 POST of a JSON body over loopback: the status code and the body.
 pub async fn http_post(url: &str, body: &[u8]) -> (u16, String) {
+    let (code, _, body) = http("POST", url, &[], body).await;
+    (code, body)
+}
+
+/// One HTTP/1 request with a JSON body over loopback: the status code (0 if
+/// none came back), the response head and the body.
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl AsRef<[u8]>,
+) -> (u16, String, String) {
+    let body = body.as_ref();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    let head = format!(
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let mut head = format!(
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     // A body the server refuses unread may meet a closed socket.
     let _ = s.write_all(body).await;
@@ -374,5 +380,5 @@ pub async fn http_post(url: &str, body: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (code, body.to_string())
+    (code, head.to_string(), body.to_string())
 }
