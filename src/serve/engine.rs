@@ -176,27 +176,9 @@ impl Engine {
         cause: Cause,
         wait_fleet: bool,
     ) -> Result<Applied> {
-        // Traced like a request, so an operator's change shows next to the
-        // traffic it redirected.
-        let span = tracing::info_span!(
-            "admin_change",
-            op = change.op(),
-            who = %cause.who,
-            generation = tracing::field::Empty,
-            status = tracing::field::Empty,
-        );
-        let result = tracing::Instrument::instrument(
-            self.change_inner(change, cause, wait_fleet),
-            span.clone(),
-        )
-        .await;
-        match &result {
-            Ok(a) => span
-                .record("generation", a.generation)
-                .record("status", "ok"),
-            Err(e) => span.record("status", e.kind()),
-        };
-        result
+        let op = change.op();
+        let who = cause.who.clone();
+        traced_change(op, &who, self.change_inner(change, cause, wait_fleet)).await
     }
 
     async fn change_inner(
@@ -279,6 +261,19 @@ impl Engine {
     }
 
     pub async fn load_signature(
+        self: &Arc<Self>,
+        name: String,
+        source: SignatureSource,
+        allow_transfer: bool,
+        cause: Cause,
+        wait_fleet: bool,
+    ) -> Result<Arc<LoadedSignature>> {
+        let who = cause.who.clone();
+        let load = self.load_signature_inner(name, source, allow_transfer, cause, wait_fleet);
+        traced_change("load_signature", &who, load).await
+    }
+
+    async fn load_signature_inner(
         self: &Arc<Self>,
         name: String,
         source: SignatureSource,
@@ -564,6 +559,22 @@ impl Engine {
 }
 
 /// A request's profile and source, each optional, checked before any lookup.
+/// Runs an admin change in an `admin_change` span that says how it ended, so an
+/// operator's change shows in a trace next to the traffic it redirected.
+async fn traced_change<T>(
+    op: &'static str,
+    who: &str,
+    change: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let span = tracing::info_span!("admin_change", op, who, status = tracing::field::Empty);
+    let result = tracing::Instrument::instrument(change, span.clone()).await;
+    span.record(
+        "status",
+        result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
+    );
+    result
+}
+
 fn check_request_names(profile: &str, source: &str) -> Result<()> {
     if !profile.is_empty() {
         validate_name("profile", profile)?;

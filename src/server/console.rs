@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
-use super::http::{json_error, refused};
+use super::http::Refusal;
 use crate::serve::activation::{Activation, End, now_ms};
 use crate::serve::change::Change;
 use crate::serve::engine::Engine;
@@ -68,15 +68,15 @@ fn random_id() -> Result<String> {
 }
 
 /// A handler's answer: the response, or the refusal that ends it early.
-type Answer<T = Response> = std::result::Result<T, Response>;
+type Answer<T = Response> = std::result::Result<T, Refusal>;
 
 /// A request body read as `T`, refused with a message that quotes at most the
 /// start of what serde saw (field names are the client's).
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Answer<T> {
     serde_json::from_slice(body).map_err(|e| {
-        json_error(
+        Refusal::new(
             StatusCode::BAD_REQUEST,
-            &format!(
+            format!(
                 "not a valid request ({}); the page sends JSON",
                 crate::error::clip(&e.to_string())
             ),
@@ -106,15 +106,23 @@ impl Console {
         Some((s.csrf.clone(), s.who.clone()))
     }
 
+    /// Refuses a read without a session.
+    fn reader(&self, headers: &HeaderMap) -> Answer<()> {
+        match self.session(headers) {
+            Some(_) => Ok(()),
+            None => Err(Refusal::new(StatusCode::UNAUTHORIZED, "log in first")),
+        }
+    }
+
     /// The session's audit identity, after checking its CSRF token.
     fn authorize_change(&self, headers: &HeaderMap) -> Answer<String> {
         let Some((csrf, who)) = self.session(headers) else {
-            return Err(json_error(StatusCode::UNAUTHORIZED, "log in first"));
+            return Err(Refusal::new(StatusCode::UNAUTHORIZED, "log in first"));
         };
         let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
         match given {
             Some(g) if constant_time_eq::constant_time_eq(g.as_bytes(), csrf.as_bytes()) => Ok(who),
-            _ => Err(json_error(
+            _ => Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "missing or wrong CSRF token; reload the page",
             )),
@@ -149,17 +157,17 @@ async fn login(
         Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), form.token.as_bytes()) => {
             format!("console:token:{}", &sha256(t.as_bytes())[7..19])
         }
-        Some(_) => return Err(json_error(StatusCode::UNAUTHORIZED, "wrong admin token")),
+        Some(_) => return Err(Refusal::new(StatusCode::UNAUTHORIZED, "wrong admin token")),
         None if peer.ip().is_loopback() => format!("console:peer:{peer}"),
         None => {
-            return Err(json_error(
+            return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "without --admin-token-file the console accepts loopback clients only",
             ));
         }
     };
-    let id = random_id().map_err(refused)?;
-    let csrf = random_id().map_err(refused)?;
+    let id = random_id()?;
+    let csrf = random_id()?;
     let mut sessions = c.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if sessions.len() >= MAX_SESSIONS
         && let Some(oldest) = sessions
@@ -217,10 +225,8 @@ async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response 
 }
 
 /// The state the pages show, in one read of the table.
-async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if c.session(&headers).is_none() {
-        return json_error(StatusCode::UNAUTHORIZED, "log in first");
-    }
+async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    c.reader(&headers)?;
     let table = c.engine.registry().snapshot();
     let profiles: Vec<_> = table
         .profiles
@@ -250,7 +256,7 @@ async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response
         })
         .collect();
     let activations: Vec<&Activation> = table.activations.all().iter().map(|a| &**a).collect();
-    axum::Json(serde_json::json!({
+    Ok(axum::Json(serde_json::json!({
         "generation": table.generation,
         "default_profile": table.default_profile,
         "profiles": profiles,
@@ -258,7 +264,7 @@ async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response
         "activations": activations,
         "now_ms": now_ms(),
     }))
-    .into_response()
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -271,27 +277,19 @@ async fn history(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
     Query(q): Query<HistoryQuery>,
-) -> Response {
-    if c.session(&headers).is_none() {
-        return json_error(StatusCode::UNAUTHORIZED, "log in first");
+) -> Answer {
+    c.reader(&headers)?;
+    if !q.scope.is_empty() {
+        crate::serve::activation::validate_scope(&q.scope)?;
     }
-    if !q.scope.is_empty()
-        && let Err(e) = crate::serve::activation::validate_scope(&q.scope)
-    {
-        return refused(e);
-    }
-    match c.engine.history(&q.scope, 200).await {
-        Ok(entries) => axum::Json(entries).into_response(),
-        Err(e) => refused(e),
-    }
+    let entries = c.engine.history(&q.scope, 200).await?;
+    Ok(axum::Json(entries).into_response())
 }
 
 /// Traffic per profile, pushed every second: the last 120 s of requests per
 /// second and p50/p99 latency.
-async fn traffic(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
-    if c.session(&headers).is_none() {
-        return json_error(StatusCode::UNAUTHORIZED, "log in first");
-    }
+async fn traffic(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
+    c.reader(&headers)?;
     let engine = c.engine.clone();
     let ticks =
         tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
@@ -299,9 +297,9 @@ async fn traffic(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response 
         let data = serde_json::to_string(&engine.traffic().recent(120)).unwrap_or_default();
         Ok::<_, std::convert::Infallible>(SseEvent::default().data(data))
     });
-    Sse::new(stream)
+    Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -316,13 +314,13 @@ struct ActivateForm {
 
 fn minutes(m: f64) -> Answer<Duration> {
     if !(m.is_finite() && m > 0.0) {
-        return Err(json_error(
+        return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "the duration must be a positive number of minutes",
         ));
     }
     Duration::try_from_secs_f64(m * 60.0)
-        .map_err(|_| json_error(StatusCode::BAD_REQUEST, "the duration is too long"))
+        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the duration is too long"))
 }
 
 async fn activate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Answer {
@@ -331,10 +329,7 @@ async fn activate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes
     let cause = Cause::new(who, f.reason.clone());
     let a = Activation::starting_now(f.scope, f.profile, End::After(d), f.reason);
     let change = Change::Activate(a.clone());
-    c.engine
-        .change(change, cause, false)
-        .await
-        .map_err(refused)?;
+    c.engine.change(change, cause, false).await?;
     Ok(axum::Json(a).into_response())
 }
 
@@ -350,10 +345,11 @@ async fn extend(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) 
     let d = minutes(f.minutes)?;
     let table = c.engine.registry().snapshot();
     let Some(a) = table.activations.all().iter().find(|a| a.id == f.id) else {
-        return Err(refused(Error::NotFound(format!(
+        return Err(Error::NotFound(format!(
             "no activation {} (it may have ended)",
             crate::error::clip(&f.id)
-        ))));
+        ))
+        .into());
     };
     let until_ms = a
         .until_ms
@@ -361,10 +357,7 @@ async fn extend(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes) 
         .saturating_add(d.as_millis() as u64);
     let change = Change::Extend { id: f.id, until_ms };
     let cause = Cause::new(who, "extended in the console");
-    c.engine
-        .change(change, cause, false)
-        .await
-        .map_err(refused)?;
+    c.engine.change(change, cause, false).await?;
     Ok(axum::Json(serde_json::json!({ "until_ms": until_ms })).into_response())
 }
 
@@ -378,10 +371,7 @@ async fn deactivate(State(c): State<Arc<Console>>, headers: HeaderMap, body: Byt
     let (who, f): (_, EndForm) = c.change_request(&headers, &body)?;
     let cause = Cause::new(who, "ended in the console");
     let change = Change::Deactivate(f.id);
-    c.engine
-        .change(change, cause, false)
-        .await
-        .map_err(refused)?;
+    c.engine.change(change, cause, false).await?;
     Ok(axum::Json(serde_json::json!({})).into_response())
 }
 

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tonic::{Request, Status};
 
-use super::http::{json_error, refused};
+use super::http::Refusal;
 use super::{pb, status};
 use crate::serve::engine::Engine;
 use crate::serve::events::{Decision, Event, MAX_EVENT_BYTES};
@@ -81,15 +81,16 @@ async fn post_event(
             Some(_) => "events need an `Authorization: Bearer <admin token>` header",
             None => "events are accepted from loopback clients only without --admin-token-file",
         };
-        return json_error(StatusCode::UNAUTHORIZED, msg);
+        return Refusal::new(StatusCode::UNAUTHORIZED, msg).into_response();
     }
     let event: Event = match serde_json::from_slice(&body) {
         Ok(e) => e,
         Err(e) => {
-            return refused(Error::InvalidArgument(format!(
+            let e = Error::InvalidArgument(format!(
                 "not an event ({}); send JSON like {{\"kind\": \"fog\", \"severity\": 3, \"scope\": \"site-a/\"}}",
                 crate::error::clip(&e.to_string())
-            )));
+            ));
+            return Refusal::from(e).into_response();
         }
     };
     match http.engine.report(event).await {
@@ -103,7 +104,7 @@ async fn post_event(
             }))
             .into_response()
         }
-        Err(e) => refused(e),
+        Err(e) => Refusal::from(e).into_response(),
     }
 }
 
