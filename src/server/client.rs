@@ -74,6 +74,7 @@ impl RwsClient {
     ) -> Result<RwsClient> {
         let mut endpoint = Endpoint::from(server_uri(addr)?);
         if let Some(pem) = tls_ca {
+            super::use_ring_for_tls();
             endpoint = endpoint
                 .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
                 .map_err(|e| Error::InvalidArgument(format!("TLS setup failed: {e}")))?;

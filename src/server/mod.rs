@@ -39,6 +39,14 @@ use pb::inference_server::{Inference, InferenceServer};
 /// Largest request accepted: uploads of big signatures go through Admin.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Makes ring rustls' process-wide provider, as tonic's `tls-ring` intends:
+/// rustls refuses to pick one when the build enables two (a dependency of a
+/// dependency may add aws-lc-rs), and TLS would then fail at the first handshake.
+fn use_ring_for_tls() {
+    // Already set (by an earlier call, or by the embedding program): keep it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn status(e: Error) -> Status {
     let msg = e.to_string();
     match e {
@@ -640,6 +648,7 @@ pub async fn serve(
     };
     let mut builder = tonic::transport::Server::builder();
     if let Some(identity) = opts.tls {
+        use_ring_for_tls();
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
