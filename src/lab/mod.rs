@@ -1,11 +1,12 @@
 //! The research pipeline that makes signatures, apart from the server: corruptions
-//! ([`corrupt`]), MNIST ([`data`]), training ([`train`]), signature extraction
+//! ([`corrupt`]), MNIST ([`data`]), training ([`train`]), the corruption detector ([`detector`]), signature extraction
 //! ([`extract`]), evaluation and plots ([`eval`], [`plot`]), and synthetic models for
 //! tests and benchmarks ([`synth`]). It uses the model and patching code; the
 //! serving core never uses it.
 
 pub mod corrupt;
 pub mod data;
+pub mod detector;
 pub mod eval;
 pub mod extract;
 pub mod plot;

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod detector;
 pub mod device;
 mod fit;
 mod folded;

@@ -68,6 +68,8 @@ enum Cmd {
     Corrupt(lab::CorruptArgs),
     /// Train theta_pre, theta_std, one theta_rob per corruption and theta_std_v2.
     Train(lab::TrainArgs),
+    /// Train the corruption detector the `auto` profile consults.
+    TrainDetector(lab::TrainDetectorArgs),
     /// Extract a Robust Weight Signature from three checkpoints.
     Extract(lab::ExtractArgs),
     /// Print where robustness lives: per-layer change and signature cosines.
@@ -106,6 +108,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::History(args) => client::history(args).await,
         Cmd::Events(cmd) => events::events(cmd).await,
         Cmd::Fleet(cmd) => client::fleet(cmd).await,
+        Cmd::TrainDetector(args) => lab::train_detector(args),
         Cmd::Inspect(args) => lab::inspect(args),
         Cmd::Data(args) => lab::data(args),
         Cmd::Corrupt(args) => lab::corrupt(args),
