@@ -11,7 +11,7 @@
 //! - [`model`]: architectures, the stem/trunk split, BatchNorm folding, conv ops,
 //!   model directories and devices.
 //! - [`patch`]: the signature format, quantized storage and the add-scale kernels.
-//! - [`error`], [`fsutil`], [`rng`]: small helpers everything may use.
+//! - [`error`], [`fsutil`], [`rng`], [`tensorfile`]: small helpers everything may use.
 
 pub mod bench;
 pub mod error;
@@ -22,5 +22,6 @@ pub mod patch;
 pub mod rng;
 pub mod serve;
 pub mod server;
+pub mod tensorfile;
 
 pub use error::{Error, Result};

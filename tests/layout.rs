@@ -4,7 +4,7 @@
 //! (comments and its `#[cfg(test)] mod tests` left out) is an import of the deepest
 //! module that path names. Two rules:
 //!
-//! 1. **Areas are layered.** `error`, `fsutil` and `rng` are helpers; then `patch`,
+//! 1. **Areas are layered.** `error`, `fsutil`, `rng` and `tensorfile` are helpers; then `patch`,
 //!    `model`, `serve`, then `lab` and `server` side by side, then `bench`, then the
 //!    binary. A module imports only from its own area or a lower one, so the serving
 //!    core never reaches the research pipeline, the patching code knows no model, and
@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
     ("fsutil", 0),
     ("rng", 0),
+    ("tensorfile", 0),
     ("patch", 1),
     ("model", 2),
     ("serve", 3),

@@ -120,7 +120,8 @@ impl Digits {
         ]);
         let bytes =
             safetensors::serialize([("images", images), ("labels", labels)], Some(metadata))
-                .map_err(ser)?;
+                .map_err(ser)
+                .and_then(crate::tensorfile::canonical)?;
         crate::fsutil::write_atomic(path, &bytes)
     }
 

@@ -435,6 +435,7 @@ impl Detector {
             .map_err(|e| Error::Internal(format!("cannot serialize the detector: {e}")))?;
         safetensors::serialize(views, Some(md))
             .map_err(|e| Error::Internal(format!("cannot serialize the detector: {e}")))
+            .and_then(crate::tensorfile::canonical)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {

@@ -337,6 +337,7 @@ impl Signature {
             .map_err(|e| Error::Internal(format!("cannot serialize signature: {e}")))?;
         safetensors::serialize(views, Some(md))
             .map_err(|e| Error::Internal(format!("cannot serialize signature: {e}")))
+            .and_then(crate::tensorfile::canonical)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
