@@ -17,6 +17,8 @@ use crate::{Result, bail};
 /// One training or evaluation example: an image's statistics and its truth.
 #[derive(Debug, Clone)]
 pub struct Sample {
+    /// The normalized model input.
+    pub input: Vec<f32>,
     pub features: Vec<f32>,
     /// 0: clean; k: `kinds[k - 1]`.
     pub kind: usize,
@@ -79,6 +81,7 @@ pub fn samples(digits: &Digits, cfg: &ModelConfig, o: &DetectorOptions) -> Vec<S
             let input: Vec<f32> = g.pixels.iter().map(|p| (p - mean) / std).collect();
             Sample {
                 features: features(&input, cfg),
+                input,
                 kind,
                 severity,
                 label: digits.labels[i],
@@ -108,7 +111,7 @@ pub fn train(
             *m += f / n;
         }
     }
-    let mut feature_std = vec![0f32; FEATURES];
+    let mut feature_std = [0f32; FEATURES];
     for s in train {
         for ((v, f), m) in feature_std.iter_mut().zip(&s.features).zip(&feature_mean) {
             *v += (f - m) * (f - m) / n;
@@ -255,26 +258,37 @@ pub struct Report {
     pub accuracy: f32,
     /// Mean absolute severity error on the corrupted held-out examples.
     pub severity_error: f32,
+    /// The policy tuned on them.
+    pub policy: crate::serve::auto::Policy,
 }
 
-/// Draws the examples, holds every fifth digit out, trains on the rest and
-/// scores on the held-out ones.
+/// Draws the examples, holds every fifth digit out, trains on the rest, scores
+/// on the held-out ones and tunes the `auto` policy on them, which the detector
+/// then carries. `signatures[k]` is the model's signature for `o.kinds[k]`.
 pub fn run(
     digits: &Digits,
-    cfg: &ModelConfig,
-    base_fingerprint: &str,
+    model: &crate::model::Model,
+    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
     o: &DetectorOptions,
 ) -> Result<(Detector, Report)> {
-    let all = samples(digits, cfg, o);
+    if signatures.len() != o.kinds.len() {
+        bail!(
+            InvalidArgument,
+            "one signature per kind is needed to tune the policy"
+        );
+    }
     let copies = o.copies.max(1);
-    let (held, fit): (Vec<(usize, Sample)>, Vec<(usize, Sample)>) = all
-        .into_iter()
-        .enumerate()
-        .partition(|(n, _)| (n / copies) % 5 == 4);
-    let fit: Vec<Sample> = fit.into_iter().map(|(_, s)| s).collect();
-    let held: Vec<Sample> = held.into_iter().map(|(_, s)| s).collect();
-    let detector = train(&fit, &o.kinds, base_fingerprint, o)?;
+    let (mut held, mut fit) = (Vec::new(), Vec::new());
+    for (n, s) in samples(digits, &model.config, o).into_iter().enumerate() {
+        match (n / copies) % 5 {
+            4 => held.push(s),
+            _ => fit.push(s),
+        }
+    }
+    let mut detector = train(&fit, &o.kinds, model.fingerprint(), o)?;
     let (accuracy, severity_error) = score(&detector, &held);
+    let policy = tune_policy(&detector, model, &o.kinds, signatures, &held)?;
+    detector.metadata = policy.to_metadata();
     Ok((
         detector,
         Report {
@@ -282,6 +296,199 @@ pub fn run(
             held_out_samples: held.len(),
             accuracy,
             severity_error,
+            policy,
         },
     ))
+}
+
+/// Alphas the policy may choose from; 0 serves clean.
+pub const ALPHA_GRID: [f32; 7] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5];
+/// Thresholds tried for the top kind's probability.
+pub const THRESHOLD_GRID: [f32; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+
+/// For each sample, whether the model classifies it right with each kind's
+/// signature at each alpha of [`ALPHA_GRID`] (`[kind][alpha]`; alpha 0 is the
+/// clean model).
+fn correctness(
+    model: &crate::model::Model,
+    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    samples: &[Sample],
+) -> Result<Vec<Vec<Vec<bool>>>> {
+    let cfg = &model.config;
+    let [h, w] = cfg.input_size;
+    let mut per_choice = Vec::new();
+    for sig in signatures {
+        let mut per_alpha = Vec::new();
+        for alpha in ALPHA_GRID {
+            let stem = model.materialize(&[(sig, alpha)])?;
+            let mut right = Vec::with_capacity(samples.len());
+            for chunk in samples.chunks(256) {
+                let x: Vec<f32> = chunk.iter().flat_map(|s| s.input.iter().copied()).collect();
+                let x = Tensor::from_vec(x, (chunk.len(), cfg.channels, h, w), model.device())?;
+                let logits = model.forward(&stem, &x)?.to_vec2::<f32>()?;
+                for (l, s) in logits.iter().zip(chunk) {
+                    let best = (0..l.len())
+                        .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+                        .unwrap_or(0);
+                    right.push(best == usize::from(s.label));
+                }
+            }
+            per_alpha.push(right);
+        }
+        per_choice.push(per_alpha);
+    }
+    // Transposed to [sample][kind][alpha].
+    Ok((0..samples.len())
+        .map(|i| {
+            per_choice
+                .iter()
+                .map(|a| a.iter().map(|r| r[i]).collect())
+                .collect()
+        })
+        .collect())
+}
+
+/// Tunes the `auto` policy on held-out samples: per kind and true severity, the
+/// alpha of [`ALPHA_GRID`] that classifies most of them right (the smaller on a
+/// tie); then the threshold of [`THRESHOLD_GRID`] that classifies most of the
+/// whole held-out stream right. `signatures[k]` is the signature of `kinds[k]`.
+pub fn tune_policy(
+    detector: &Detector,
+    model: &crate::model::Model,
+    kinds: &[Corruption],
+    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    held: &[Sample],
+) -> Result<crate::serve::auto::Policy> {
+    use std::collections::BTreeMap;
+    let right = correctness(model, signatures, held)?;
+    let mut alphas = BTreeMap::new();
+    for (k, kind) in kinds.iter().enumerate() {
+        let mut five = [1f32; 5];
+        for (sev, slot) in five.iter_mut().enumerate() {
+            let of: Vec<usize> = (0..held.len())
+                .filter(|&i| held[i].kind == k + 1 && usize::from(held[i].severity) == sev + 1)
+                .collect();
+            if of.is_empty() {
+                continue;
+            }
+            let best = (0..ALPHA_GRID.len())
+                .max_by_key(|&a| {
+                    (
+                        of.iter().filter(|&&i| right[i][k][a]).count(),
+                        std::cmp::Reverse(a),
+                    )
+                })
+                .unwrap_or(4);
+            *slot = ALPHA_GRID[best];
+        }
+        alphas.insert(kind.name().to_string(), five);
+    }
+    let detections: Vec<_> = held
+        .iter()
+        .map(|s| detector.detect_features(&s.features))
+        .collect();
+    let mut best = (0usize, THRESHOLD_GRID[0]);
+    for threshold in THRESHOLD_GRID {
+        let policy = crate::serve::auto::Policy {
+            threshold,
+            alphas: alphas.clone(),
+        };
+        let correct = detections
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| {
+                let choice = policy.choose(d, &detector.kinds);
+                match choice.signatures.first() {
+                    None => right[*i][0][0],
+                    Some(r) => {
+                        let k = kinds.iter().position(|c| c.name() == r.name).unwrap_or(0);
+                        let a = ALPHA_GRID.iter().position(|x| *x == r.alpha).unwrap_or(0);
+                        right[*i][k][a]
+                    }
+                }
+            })
+            .count();
+        if correct > best.0 {
+            best = (correct, threshold);
+        }
+    }
+    Ok(crate::serve::auto::Policy {
+        threshold: best.1,
+        alphas,
+    })
+}
+
+/// Accuracies, in percent, of ways to serve one stream of samples.
+#[derive(Debug, Clone)]
+pub struct StreamAccuracy {
+    pub samples: usize,
+    pub clean_model: f64,
+    pub auto: f64,
+    /// The true kind's signature at alpha 1 (clean images served clean).
+    pub oracle: f64,
+    /// The best single profile (one kind at alpha 1) for the whole stream, and its name.
+    pub best_fixed: (f64, String),
+    /// On the clean images of the stream only: the clean model and `auto`.
+    pub clean_images: (f64, f64),
+}
+
+/// Serves `stream` every way [`StreamAccuracy`] lists, with the policy the
+/// detector carries.
+pub fn stream_accuracy(
+    detector: &Detector,
+    model: &crate::model::Model,
+    kinds: &[Corruption],
+    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    stream: &[Sample],
+) -> Result<StreamAccuracy> {
+    let policy = crate::serve::auto::Policy::from_metadata(&detector.metadata)?;
+    let right = correctness(model, signatures, stream)?;
+    let one = ALPHA_GRID.iter().position(|a| *a == 1.0).unwrap_or(0);
+    let pct = |hits: usize, n: usize| 100.0 * hits as f64 / n.max(1) as f64;
+    let n = stream.len();
+    let clean_model = (0..n).filter(|&i| right[i][0][0]).count();
+    let oracle = (0..n)
+        .filter(|&i| match stream[i].kind {
+            0 => right[i][0][0],
+            k => right[i][k - 1][one],
+        })
+        .count();
+    let auto_right: Vec<bool> = (0..n)
+        .map(|i| {
+            let d = detector.detect_features(&stream[i].features);
+            match policy.choose(&d, &detector.kinds).signatures.first() {
+                None => right[i][0][0],
+                Some(r) => {
+                    let k = kinds.iter().position(|c| c.name() == r.name).unwrap_or(0);
+                    let a = ALPHA_GRID.iter().position(|x| *x == r.alpha).unwrap_or(0);
+                    right[i][k][a]
+                }
+            }
+        })
+        .collect();
+    let best_fixed = (0..kinds.len())
+        .map(|k| {
+            let hits = (0..n).filter(|&i| right[i][k][one]).count();
+            (pct(hits, n), kinds[k].name().to_string())
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((0.0, String::new()));
+    let clean: Vec<usize> = (0..n).filter(|&i| stream[i].kind == 0).collect();
+    Ok(StreamAccuracy {
+        samples: n,
+        clean_model: pct(clean_model, n),
+        auto: pct(auto_right.iter().filter(|r| **r).count(), n),
+        oracle: pct(oracle, n),
+        best_fixed,
+        clean_images: (
+            pct(
+                clean.iter().filter(|&&i| right[i][0][0]).count(),
+                clean.len(),
+            ),
+            pct(
+                clean.iter().filter(|&&i| auto_right[i]).count(),
+                clean.len(),
+            ),
+        ),
+    })
 }

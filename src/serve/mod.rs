@@ -13,6 +13,7 @@
 //! wire protocol (that is [`crate::server`]) or the research pipeline ([`crate::lab`]).
 
 pub mod activation;
+pub mod auto;
 pub mod batch;
 pub mod change;
 pub mod engine;

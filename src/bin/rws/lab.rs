@@ -80,6 +80,10 @@ pub struct TrainDetectorArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Also serve a mixed stream of these digits (a third clean) every way:
+    /// clean, auto, oracle, best fixed profile.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +239,17 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
         &dir.base_path(),
         &candle_core::Device::Cpu,
     )?;
+    let signatures = args
+        .kinds
+        .iter()
+        .map(|k| {
+            let path = dir
+                .dir
+                .join("signatures")
+                .join(format!("{k}.rws.safetensors"));
+            Ok(std::sync::Arc::new(Signature::load(&path)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let opts = rws::lab::detector::DetectorOptions {
         kinds: args.kinds,
         copies: args.copies,
@@ -243,8 +258,7 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
         ..Default::default()
     };
     let start = std::time::Instant::now();
-    let (detector, report) =
-        rws::lab::detector::run(&digits, &model.config, model.fingerprint(), &opts)?;
+    let (detector, report) = rws::lab::detector::run(&digits, &model, &signatures, &opts)?;
     let out = args
         .out
         .unwrap_or_else(|| args.model.join("detector.safetensors"));
@@ -258,6 +272,37 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
         report.train_samples,
         start.elapsed().as_secs_f64()
     );
+    println!("policy: threshold {}", report.policy.threshold);
+    for (kind, alphas) in &report.policy.alphas {
+        println!("  {kind:<16} alpha by severity {alphas:?}");
+    }
+    if let Some(test) = args.test {
+        let digits = rws::lab::data::Digits::load(&test)?;
+        let stream_opts = rws::lab::detector::DetectorOptions {
+            copies: 1,
+            seed: opts.seed ^ 0x7e57,
+            ..opts.clone()
+        };
+        let stream = rws::lab::detector::samples(&digits, &model.config, &stream_opts);
+        let a = rws::lab::detector::stream_accuracy(
+            &detector,
+            &model,
+            &opts.kinds,
+            &signatures,
+            &stream,
+        )?;
+        println!(
+            "mixed stream of {} test digits: clean model {:.1}%, auto {:.1}%, oracle {:.1}%, best fixed ({}) {:.1}%; on its clean images: clean model {:.1}%, auto {:.1}%",
+            a.samples,
+            a.clean_model,
+            a.auto,
+            a.oracle,
+            a.best_fixed.1,
+            a.best_fixed.0,
+            a.clean_images.0,
+            a.clean_images.1
+        );
+    }
     Ok(())
 }
 
