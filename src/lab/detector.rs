@@ -430,6 +430,9 @@ pub struct StreamAccuracy {
     pub best_fixed: (f64, String),
     /// On the clean images of the stream only: the clean model and `auto`.
     pub clean_images: (f64, f64),
+    /// Per corruption kind in the stream: its images, and the accuracy of the
+    /// clean model, `auto` and the oracle on them.
+    pub per_kind: Vec<(String, usize, f64, f64, f64)>,
 }
 
 /// Serves `stream` every way [`StreamAccuracy`] lists, with the policy the
@@ -474,6 +477,20 @@ pub fn stream_accuracy(
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .unwrap_or((0.0, String::new()));
     let clean: Vec<usize> = (0..n).filter(|&i| stream[i].kind == 0).collect();
+    let per_kind = (0..kinds.len())
+        .map(|k| {
+            let of: Vec<usize> = (0..n).filter(|&i| stream[i].kind == k + 1).collect();
+            let count =
+                |f: &dyn Fn(usize) -> bool| pct(of.iter().filter(|&&i| f(i)).count(), of.len());
+            (
+                kinds[k].name().to_string(),
+                of.len(),
+                count(&|i| right[i][0][0]),
+                count(&|i| auto_right[i]),
+                count(&|i| right[i][k][one]),
+            )
+        })
+        .collect();
     Ok(StreamAccuracy {
         samples: n,
         clean_model: pct(clean_model, n),
@@ -490,5 +507,6 @@ pub fn stream_accuracy(
                 clean.len(),
             ),
         ),
+        per_kind,
     })
 }
