@@ -41,6 +41,8 @@ pub struct DetectorOptions {
     pub batch: usize,
     pub lr: f64,
     pub seed: u64,
+    /// Share of a kind's own training images deemed familiar for it.
+    pub familiar_quantile: f32,
 }
 
 impl Default for DetectorOptions {
@@ -54,6 +56,7 @@ impl Default for DetectorOptions {
             batch: 128,
             lr: 3e-3,
             seed: 7,
+            familiar_quantile: 0.99,
         }
     }
 }
@@ -211,7 +214,8 @@ pub fn train(
         opt.backward_step(&loss)?;
     }
     let flat = |v: &Var| -> Result<Vec<f32>> { Ok(v.as_tensor().flatten_all()?.to_vec1()?) };
-    Ok(Detector {
+    let (kind_mean, kind_std) = kind_moments(train, k);
+    let mut d = Detector {
         kinds: std::iter::once("clean".to_string())
             .chain(kinds.iter().map(|c| c.name().to_string()))
             .collect(),
@@ -224,8 +228,46 @@ pub fn train(
         b2: flat(&b2)?,
         ws: flat(&ws)?,
         bs: flat(&bs)?[0],
+        kind_mean,
+        kind_std,
+        kind_limit: vec![f32::INFINITY; k],
         metadata: Default::default(),
-    })
+    };
+    // Familiar: within the given quantile of the kind's own training distances.
+    for kind in 0..k {
+        let mut dist: Vec<f32> = train
+            .iter()
+            .filter(|s| s.kind == kind)
+            .map(|s| d.distance(&s.features, kind))
+            .collect();
+        dist.sort_by(f32::total_cmp);
+        if let Some(&last) = dist.last() {
+            let at = ((dist.len() - 1) as f32 * o.familiar_quantile) as usize;
+            d.kind_limit[kind] = dist[at].min(last);
+        }
+    }
+    Ok(d)
+}
+
+/// Per kind (`0..k`), the mean and standard deviation of each raw feature over
+/// its samples; a kind without samples, or a constant feature, gets unit scale.
+fn kind_moments(samples: &[Sample], k: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut mean = vec![0f32; k * FEATURES];
+    let mut std = vec![1f32; k * FEATURES];
+    for kind in 0..k {
+        let of: Vec<&Sample> = samples.iter().filter(|s| s.kind == kind).collect();
+        let n = of.len() as f32;
+        if of.is_empty() {
+            continue;
+        }
+        for i in 0..FEATURES {
+            let m = of.iter().map(|s| s.features[i]).sum::<f32>() / n;
+            let v = of.iter().map(|s| (s.features[i] - m).powi(2)).sum::<f32>() / n;
+            mean[kind * FEATURES + i] = m;
+            std[kind * FEATURES + i] = if v.sqrt() > 1e-6 { v.sqrt() } else { 1.0 };
+        }
+    }
+    (mean, std)
 }
 
 /// Share of `samples` whose kind the detector names, and the mean absolute

@@ -198,6 +198,10 @@ pub struct Detection {
     pub probs: Vec<f32>,
     /// Estimated severity, 1 to 5 (meaningless for "clean").
     pub severity: f32,
+    /// Whether the image's statistics lie within what the top kind's training
+    /// images showed. A kind the detector never saw is still given the closest
+    /// name, often with confidence; this is what tells it apart.
+    pub familiar: bool,
 }
 
 /// A trained detector: feature standardization, one hidden layer, a kind head
@@ -219,6 +223,12 @@ pub struct Detector {
     /// `[hidden]`, `[1]`: the severity head.
     pub ws: Vec<f32>,
     pub bs: f32,
+    /// `[kinds, FEATURES]`: each kind's training features, mean and standard
+    /// deviation, and `[kinds]`: the largest mean squared z-score deemed
+    /// familiar for it.
+    pub kind_mean: Vec<f32>,
+    pub kind_std: Vec<f32>,
+    pub kind_limit: Vec<f32>,
     /// Extra metadata the serving policy reads (`rws.policy.*`).
     pub metadata: HashMap<String, String>,
 }
@@ -250,10 +260,27 @@ impl Detector {
         let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
         let sum: f32 = exp.iter().sum();
         let severity = self.ws.iter().zip(&hidden).map(|(a, b)| a * b).sum::<f32>() + self.bs;
+        let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
+        let top = (0..probs.len())
+            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
         Detection {
-            probs: exp.iter().map(|e| e / sum).collect(),
+            probs,
             severity: severity.clamp(1.0, 5.0),
+            familiar: self.distance(f, top) <= self.kind_limit[top],
         }
+    }
+
+    /// Mean squared z-score of features `f` against kind `k`'s training images.
+    pub fn distance(&self, f: &[f32], k: usize) -> f32 {
+        let (m, s) = (
+            &self.kind_mean[k * FEATURES..(k + 1) * FEATURES],
+            &self.kind_std[k * FEATURES..(k + 1) * FEATURES],
+        );
+        (0..FEATURES)
+            .map(|i| ((f[i] - m[i]) / s[i]).powi(2))
+            .sum::<f32>()
+            / FEATURES as f32
     }
 
     /// Classifies one `[C, H, W]` model input.
@@ -290,6 +317,9 @@ impl Detector {
             ("kind.weight", self.w2.len(), k * h),
             ("kind.bias", self.b2.len(), k),
             ("severity.weight", self.ws.len(), h),
+            ("kinds.mean", self.kind_mean.len(), k * FEATURES),
+            ("kinds.std", self.kind_std.len(), k * FEATURES),
+            ("kinds.limit", self.kind_limit.len(), k),
         ] {
             if len != want {
                 bail!(
@@ -306,11 +336,19 @@ impl Detector {
             &self.w2,
             &self.b2,
             &self.ws,
+            &self.kind_mean,
+            &self.kind_std,
+            &self.kind_limit,
         ];
         if !self.bs.is_finite() || all.iter().any(|t| t.iter().any(|v| !v.is_finite())) {
             bail!(InvalidArgument, "the detector holds NaN or Inf");
         }
-        if self.feature_std.iter().any(|s| *s <= 0.0) {
+        if self
+            .feature_std
+            .iter()
+            .chain(&self.kind_std)
+            .any(|s| *s <= 0.0)
+        {
             bail!(
                 InvalidArgument,
                 "the detector's feature scales must be positive"
@@ -373,6 +411,9 @@ impl Detector {
                     "detector tensor severity.bias must hold one value"
                 ),
             },
+            kind_mean: tensor("kinds.mean")?,
+            kind_std: tensor("kinds.std")?,
+            kind_limit: tensor("kinds.limit")?,
             metadata: md
                 .into_iter()
                 .filter(|(k, _)| k.starts_with("rws.policy."))
@@ -401,7 +442,7 @@ impl Detector {
         md.insert("rws.base_fingerprint".into(), self.base_fingerprint.clone());
         let h = self.hidden();
         let bs = [self.bs];
-        let parts: [(&str, Vec<usize>, &[f32]); 8] = [
+        let parts: [(&str, Vec<usize>, &[f32]); 11] = [
             (
                 "features.mean",
                 vec![self.feature_mean.len()],
@@ -422,6 +463,17 @@ impl Detector {
             ("kind.bias", vec![self.b2.len()], &self.b2),
             ("severity.weight", vec![1, self.ws.len()], &self.ws),
             ("severity.bias", vec![1], &bs),
+            (
+                "kinds.mean",
+                vec![self.kind_mean.len() / FEATURES, FEATURES],
+                &self.kind_mean,
+            ),
+            (
+                "kinds.std",
+                vec![self.kind_std.len() / FEATURES, FEATURES],
+                &self.kind_std,
+            ),
+            ("kinds.limit", vec![self.kind_limit.len()], &self.kind_limit),
         ];
         let bytes: Vec<Vec<u8>> = parts
             .iter()
@@ -493,6 +545,9 @@ patchable_blocks = 1"#,
             b2: rng.vec(3, -1.0, 1.0),
             ws: rng.vec(h, -1.0, 1.0),
             bs: 2.5,
+            kind_mean: rng.vec(3 * FEATURES, -1.0, 1.0),
+            kind_std: rng.vec(3 * FEATURES, 0.5, 2.0),
+            kind_limit: vec![1e9; 3],
             metadata: HashMap::from([("rws.policy.threshold".into(), "0.6".into())]),
         }
     }

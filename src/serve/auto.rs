@@ -1,9 +1,9 @@
 //! The `auto` profile's policy: from what the detector says about one image to
 //! the signatures and alphas that serve it.
 //!
-//! - The most probable kind wins if its probability reaches the threshold and
-//!   it is a corruption with a loaded signature of the same name; otherwise the
-//!   image is served clean. A detector unsure between kinds, or facing one it
+//! - The most probable kind wins if its probability reaches the threshold, the
+//!   image's statistics are familiar for that kind, and it is a corruption with
+//!   a loaded signature of the same name; otherwise the image is served clean. A detector unsure between kinds, or facing one it
 //!   never saw, should not patch: a wrong signature costs clean accuracy.
 //! - Alpha follows the estimated severity, rounded to 1..=5, from a table per
 //!   kind: the best alpha grows with severity (the alpha sweep in RESULTS.md),
@@ -52,10 +52,12 @@ impl Policy {
         let confidence = d.probs.get(top).copied().unwrap_or(0.0);
         let severity = d.severity.round().clamp(1.0, 5.0) as u8;
         let signatures = match self.alphas.get(&kind) {
-            Some(alphas) if top > 0 && confidence >= self.threshold => vec![SignatureRef {
-                name: kind.clone(),
-                alpha: alphas[usize::from(severity) - 1],
-            }],
+            Some(alphas) if top > 0 && d.familiar && confidence >= self.threshold => {
+                vec![SignatureRef {
+                    name: kind.clone(),
+                    alpha: alphas[usize::from(severity) - 1],
+                }]
+            }
             _ => Vec::new(),
         };
         AutoChoice {
@@ -147,6 +149,7 @@ mod tests {
         Detection {
             probs: probs.to_vec(),
             severity,
+            familiar: true,
         }
     }
 
@@ -175,6 +178,12 @@ mod tests {
                 .signatures
                 .is_empty()
         );
+        // Sure, but of statistics unlike that kind's training images.
+        let unfamiliar = Detection {
+            familiar: false,
+            ..det([0.0, 0.95, 0.05], 3.0)
+        };
+        assert!(policy().choose(&unfamiliar, &kinds()).signatures.is_empty());
         // Clean on top, however sure of a severity.
         let c = policy().choose(&det([0.9, 0.05, 0.05], 5.0), &kinds());
         assert_eq!((c.kind.as_str(), c.signatures.len()), ("clean", 0));

@@ -88,6 +88,10 @@ pub struct TrainDetectorArgs {
     /// does on a corruption its detector never saw.
     #[arg(long)]
     pub holdout: Option<Corruption>,
+    /// Share of each kind's training images whose statistics count as
+    /// familiar for it; an image beyond is served clean.
+    #[arg(long, default_value_t = 0.99)]
+    pub familiar_quantile: f32,
 }
 
 #[derive(clap::Args)]
@@ -261,6 +265,7 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
     let opts = rws::lab::detector::DetectorOptions {
         kinds,
         copies: args.copies,
+        familiar_quantile: args.familiar_quantile,
         steps: args.steps,
         seed: args.seed,
         ..Default::default()
