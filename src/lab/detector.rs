@@ -475,6 +475,9 @@ pub struct StreamAccuracy {
     /// Per corruption kind in the stream: its images, and the accuracy of the
     /// clean model, `auto` and the oracle on them.
     pub per_kind: Vec<(String, usize, f64, f64, f64)>,
+    /// Per corruption kind in the stream: how often `auto` chose each signature
+    /// for its images (`clean` when none), most often first.
+    pub choices: Vec<(String, Vec<(String, usize)>)>,
 }
 
 /// Serves `stream` every way [`StreamAccuracy`] lists, with the policy the
@@ -498,6 +501,15 @@ pub fn stream_accuracy(
             k => right[i][k - 1][one],
         })
         .count();
+    let chosen: Vec<String> = (0..n)
+        .map(|i| {
+            let d = detector.detect_features(&stream[i].features);
+            let c = policy.choose(&d, &detector.kinds);
+            c.signatures
+                .first()
+                .map_or_else(|| "clean".to_string(), |r| r.name.clone())
+        })
+        .collect();
     let auto_right: Vec<bool> = (0..n)
         .map(|i| {
             let d = detector.detect_features(&stream[i].features);
@@ -533,8 +545,23 @@ pub fn stream_accuracy(
             )
         })
         .collect();
+    let choices = (0..kinds.len())
+        .map(|k| {
+            let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+            for i in (0..n).filter(|&i| stream[i].kind == k + 1) {
+                *counts.entry(chosen[i].as_str()).or_default() += 1;
+            }
+            let mut counts: Vec<(String, usize)> = counts
+                .into_iter()
+                .map(|(c, n)| (c.to_string(), n))
+                .collect();
+            counts.sort_by(|a, b| b.1.cmp(&a.1));
+            (kinds[k].name().to_string(), counts)
+        })
+        .collect();
     Ok(StreamAccuracy {
         samples: n,
+        choices,
         clean_model: pct(clean_model, n),
         auto: pct(auto_right.iter().filter(|r| **r).count(), n),
         oracle: pct(oracle, n),

@@ -25,7 +25,7 @@ use crate::{Error, Result, bail};
 /// Format of the detector file.
 const FORMAT_VERSION: &str = "1";
 /// The length of [`features`]' output.
-pub const FEATURES: usize = 34;
+pub const FEATURES: usize = 35;
 
 /// Image statistics the detector classifies, from a `[C, H, W]` model input.
 pub fn features(input: &[f32], cfg: &ModelConfig) -> Vec<f32> {
@@ -54,7 +54,7 @@ struct Stats {
     outliers: [f32; 3],
     blocks: [f32; 2],
     bright_spots: [f32; 2],
-    anisotropy: [f32; 2],
+    anisotropy: [f32; 3],
 }
 
 impl Stats {
@@ -167,6 +167,14 @@ impl Stats {
             anisotropy: [
                 (dx - dy) / (dx + dy + 1e-6),
                 (d1 - d2) / (d1 + d2 + 1e-6) * f32::from(edge > 0.0),
+                // Blur along one direction leaves its edges weak and the others
+                // not: the weakest direction against the strongest, whichever it is.
+                {
+                    let e = [dx, dy, d1, d2];
+                    let lo = e.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = e.iter().copied().fold(0.0, f32::max);
+                    lo / (hi + 1e-6)
+                },
             ],
         }
     }
@@ -271,7 +279,9 @@ impl Detector {
         }
     }
 
-    /// Mean squared z-score of features `f` against kind `k`'s training images.
+    /// The largest squared z-score among features `f` against kind `k`'s
+    /// training images: one statistic far from that kind's is enough to doubt
+    /// the name (a mean over all of them let motion blur pass as fog).
     pub fn distance(&self, f: &[f32], k: usize) -> f32 {
         let (m, s) = (
             &self.kind_mean[k * FEATURES..(k + 1) * FEATURES],
@@ -279,8 +289,7 @@ impl Detector {
         );
         (0..FEATURES)
             .map(|i| ((f[i] - m[i]) / s[i]).powi(2))
-            .sum::<f32>()
-            / FEATURES as f32
+            .fold(0.0, f32::max)
     }
 
     /// Classifies one `[C, H, W]` model input.

@@ -316,9 +316,11 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
             a.clean_images.0,
             a.clean_images.1
         );
-        for (kind, n, clean, auto, oracle) in &a.per_kind {
+        for ((kind, n, clean, auto, oracle), (_, chose)) in a.per_kind.iter().zip(&a.choices) {
+            let chose: Vec<String> = chose.iter().map(|(c, n)| format!("{c} {n}")).collect();
             println!(
-                "  {kind:<16} {n:>4} images: clean {clean:5.1}%  auto {auto:5.1}%  oracle {oracle:5.1}%"
+                "  {kind:<16} {n:>4} images: clean {clean:5.1}%  auto {auto:5.1}%  oracle {oracle:5.1}%  (auto chose {})",
+                chose.join(", ")
             );
         }
     }
