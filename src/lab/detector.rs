@@ -555,7 +555,7 @@ pub fn stream_accuracy(
                 .into_iter()
                 .map(|(c, n)| (c.to_string(), n))
                 .collect();
-            counts.sort_by(|a, b| b.1.cmp(&a.1));
+            counts.sort_by_key(|c| std::cmp::Reverse(c.1));
             (kinds[k].name().to_string(), counts)
         })
         .collect();
