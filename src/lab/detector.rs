@@ -390,9 +390,45 @@ fn correctness(
         .collect())
 }
 
-/// Tunes the `auto` policy on held-out samples: per kind and true severity, the
-/// alpha of [`ALPHA_GRID`] that classifies most of them right (the smaller on a
-/// tie); then the threshold of [`THRESHOLD_GRID`] that classifies most of the
+/// The alphas, one per severity, that classify the most images right under
+/// the constraint that alpha never falls as severity rises (the sweep's
+/// finding; per-severity maxima on a few dozen images each came out jagged).
+/// `hits[s][a]` counts images at severity `s + 1` right with `ALPHA_GRID[a]`;
+/// ties go to the smaller alpha. Exact, by dynamic programming over severities.
+fn rising_alphas(hits: &[Vec<usize>]) -> [f32; 5] {
+    let n = ALPHA_GRID.len();
+    // best[s][a]: most hits over severities 0..=s with alpha a at severity s,
+    // and the alpha at s - 1 that achieved it.
+    let mut best: Vec<Vec<(usize, usize)>> = Vec::with_capacity(5);
+    for s in 0..5 {
+        let row = (0..n)
+            .map(|a| match s {
+                0 => (hits[0][a], 0),
+                _ => {
+                    let (prev, from) = (0..=a)
+                        .map(|p| (best[s - 1][p].0, p))
+                        .max_by_key(|&(h, p)| (h, std::cmp::Reverse(p)))
+                        .unwrap_or((0, 0));
+                    (prev + hits[s][a], from)
+                }
+            })
+            .collect();
+        best.push(row);
+    }
+    let mut a = (0..n)
+        .max_by_key(|&a| (best[4][a].0, std::cmp::Reverse(a)))
+        .unwrap_or(0);
+    let mut five = [0f32; 5];
+    for s in (0..5).rev() {
+        five[s] = ALPHA_GRID[a];
+        a = best[s][a].1;
+    }
+    five
+}
+
+/// Tunes the `auto` policy on held-out samples: per kind, the alphas of
+/// [`ALPHA_GRID`] by severity that classify most of them right, never falling
+/// as severity rises ([`rising_alphas`]); then the threshold of [`THRESHOLD_GRID`] that classifies most of the
 /// whole held-out stream right. `signatures[k]` is the signature of `kinds[k]`.
 pub fn tune_policy(
     detector: &Detector,
@@ -405,24 +441,19 @@ pub fn tune_policy(
     let right = correctness(model, signatures, held)?;
     let mut alphas = BTreeMap::new();
     for (k, kind) in kinds.iter().enumerate() {
-        let mut five = [1f32; 5];
-        for (sev, slot) in five.iter_mut().enumerate() {
-            let of: Vec<usize> = (0..held.len())
-                .filter(|&i| held[i].kind == k + 1 && usize::from(held[i].severity) == sev + 1)
-                .collect();
-            if of.is_empty() {
-                continue;
-            }
-            let best = (0..ALPHA_GRID.len())
-                .max_by_key(|&a| {
-                    (
-                        of.iter().filter(|&&i| right[i][k][a]).count(),
-                        std::cmp::Reverse(a),
-                    )
-                })
-                .unwrap_or(4);
-            *slot = ALPHA_GRID[best];
-        }
+        // hits[s][a]: held-out images of this kind at severity s+1 classified
+        // right with alpha ALPHA_GRID[a].
+        let hits: Vec<Vec<usize>> = (1..=5u8)
+            .map(|sev| {
+                let of: Vec<usize> = (0..held.len())
+                    .filter(|&i| held[i].kind == k + 1 && held[i].severity == sev)
+                    .collect();
+                (0..ALPHA_GRID.len())
+                    .map(|a| of.iter().filter(|&&i| right[i][k][a]).count())
+                    .collect()
+            })
+            .collect();
+        let five = rising_alphas(&hits);
         alphas.insert(kind.name().to_string(), five);
     }
     let detections: Vec<_> = held
@@ -578,4 +609,26 @@ pub fn stream_accuracy(
         ),
         per_kind,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alphas_rise_with_severity_and_maximize_hits() {
+        // Severity 2 alone would pick alpha 0.25 (index 1) after 1.0 at
+        // severity 1; rising, 1.0 at both loses 1 hit there but no more.
+        let mut hits = vec![vec![0usize; ALPHA_GRID.len()]; 5];
+        hits[0][4] = 10;
+        hits[1][1] = 10;
+        hits[1][4] = 9;
+        hits[2][4] = 10;
+        hits[3][5] = 10;
+        hits[4][6] = 10;
+        assert_eq!(rising_alphas(&hits), [1.0, 1.0, 1.0, 1.25, 1.5]);
+        // No data: the smallest alpha everywhere.
+        let none = vec![vec![0usize; ALPHA_GRID.len()]; 5];
+        assert_eq!(rising_alphas(&none), [0.0; 5]);
+    }
 }
