@@ -395,6 +395,9 @@ async fn refused_without_a_session_a_csrf_token_or_good_input_and_nothing_change
     // And the right request, for contrast, goes through.
     let (code, _, text) = http("POST", &url("/api/activate"), &right, good).await;
     assert_eq!(code, 200, "{text}");
+    // A history scope is checked by the engine's own rules.
+    let (code, _, text) = http("GET", &url("/api/history?scope=no%20spaces"), &no_csrf, "").await;
+    assert_eq!(code, 400, "{text}");
     // Logins do not pile up: past 256 sessions, the least recently used one ends.
     for _ in 0..256 {
         let (code, _, _) = http(

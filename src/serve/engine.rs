@@ -176,22 +176,15 @@ impl Engine {
         cause: Cause,
         wait_fleet: bool,
     ) -> Result<Applied> {
-        let op = change.op();
-        let who = cause.who.clone();
-        traced_change(op, &who, self.change_inner(change, cause, wait_fleet)).await
-    }
-
-    async fn change_inner(
-        self: &Arc<Self>,
-        change: Change,
-        cause: Cause,
-        wait_fleet: bool,
-    ) -> Result<Applied> {
-        if let Some(f) = self.fleet() {
-            return f.submit(change, &cause, wait_fleet).await;
-        }
-        let this = self.clone();
-        blocking(move || this.registry.apply(&change, &cause)).await
+        let (op, who) = (change.op(), cause.who.clone());
+        traced_change(op, &who, async move {
+            if let Some(f) = self.fleet() {
+                return f.submit(change, &cause, wait_fleet).await;
+            }
+            let this = self.clone();
+            blocking(move || this.registry.apply(&change, &cause)).await
+        })
+        .await
     }
 
     /// Applies the rules to an event report: starts, extends or holds the
@@ -254,6 +247,9 @@ impl Engine {
     /// Up to `limit` audit entries for `scope` (a prefix; empty: all), newest
     /// first: this server's trail, or in fleet mode the fleet's, from etcd.
     pub async fn history(&self, scope: &str, limit: usize) -> Result<Vec<Entry>> {
+        if !scope.is_empty() {
+            crate::serve::activation::validate_scope(scope)?;
+        }
         match self.fleet() {
             Some(f) => f.history(scope, limit).await,
             None => Ok(self.registry.journal().history(scope, limit)),
@@ -269,56 +265,47 @@ impl Engine {
         wait_fleet: bool,
     ) -> Result<Arc<LoadedSignature>> {
         let who = cause.who.clone();
-        let load = self.load_signature_inner(name, source, allow_transfer, cause, wait_fleet);
-        traced_change("load_signature", &who, load).await
-    }
-
-    async fn load_signature_inner(
-        self: &Arc<Self>,
-        name: String,
-        source: SignatureSource,
-        allow_transfer: bool,
-        cause: Cause,
-        wait_fleet: bool,
-    ) -> Result<Arc<LoadedSignature>> {
-        // A file loaded without a name is named after the file.
-        let name = match &source {
-            SignatureSource::Path(rel) if name.is_empty() => {
-                repo::signature_name(std::path::Path::new(rel))
-            }
-            _ => name,
-        };
-        validate_name("signature", &name)?;
-        if let Some(f) = self.fleet() {
-            let SignatureSource::Path(rel) = source else {
-                bail!(
-                    FailedPrecondition,
-                    "in fleet mode signatures are loaded by repository path, which every replica reads; uploads would reach one replica only"
-                );
+        traced_change("load_signature", &who, async move {
+            // A file loaded without a name is named after the file.
+            let name = match &source {
+                SignatureSource::Path(rel) if name.is_empty() => {
+                    repo::signature_name(std::path::Path::new(rel))
+                }
+                _ => name,
             };
+            validate_name("signature", &name)?;
+            if let Some(f) = self.fleet() {
+                let SignatureSource::Path(rel) = source else {
+                    bail!(
+                        FailedPrecondition,
+                        "in fleet mode signatures are loaded by repository path, which every replica reads; uploads would reach one replica only"
+                    );
+                };
+                let this = self.clone();
+                let origin = blocking(move || {
+                    let (sig, origin) = state::read_repo(&this.dir, &rel, allow_transfer)?;
+                    // Checked here as it will be on every replica: it fits the model.
+                    this.model().check_signature(&sig, allow_transfer)?;
+                    Ok(origin)
+                })
+                .await?;
+                let change = Change::Load(state::SignatureEntry { name, origin });
+                return f
+                    .submit(change, &cause, wait_fleet)
+                    .await?
+                    .signature()
+                    .cloned();
+            }
             let this = self.clone();
-            let origin = blocking(move || {
-                let (sig, origin) = state::read_repo(&this.dir, &rel, allow_transfer)?;
-                // Checked here as it will be on every replica: it fits the model.
-                this.model().check_signature(&sig, allow_transfer)?;
-                Ok(origin)
+            blocking(move || match source {
+                SignatureSource::Path(rel) => {
+                    this.load_signature_path(&name, &rel, allow_transfer, &cause)
+                }
+                SignatureSource::Bytes(bytes) => {
+                    this.load_signature_bytes(&name, &bytes, allow_transfer, &cause)
+                }
             })
-            .await?;
-            let change = Change::Load(state::SignatureEntry { name, origin });
-            return f
-                .submit(change, &cause, wait_fleet)
-                .await?
-                .signature()
-                .cloned();
-        }
-        let this = self.clone();
-        blocking(move || match source {
-            SignatureSource::Path(rel) => {
-                this.load_signature_path(&name, &rel, allow_transfer, &cause)
-            }
-            SignatureSource::Bytes(bytes) => {
-                this.load_signature_bytes(&name, &bytes, allow_transfer, &cause)
-            }
+            .await
         })
         .await
     }

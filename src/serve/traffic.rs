@@ -79,13 +79,11 @@ impl Traffic {
     pub fn record(&self, profile: &str, latency: Duration, ok: bool) {
         let at = self.start.elapsed().as_secs();
         let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
+        // A name is allocated once per profile, not per request.
         if !profiles.contains_key(profile) {
-            profiles.insert(profile.to_string(), Vec::new());
+            profiles.insert(profile.to_string(), vec![Second::empty(u64::MAX); WINDOW]);
         }
         let ring = profiles.get_mut(profile).expect("inserted above");
-        if ring.len() < WINDOW {
-            ring.resize(WINDOW, Second::empty(u64::MAX));
-        }
         let slot = &mut ring[(at % WINDOW as u64) as usize];
         if slot.at != at {
             *slot = Second::empty(at);
