@@ -6,12 +6,20 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use rayon::prelude::*;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
 use crate::lab::corrupt::Corruption;
 use crate::lab::data::Digits;
 use crate::lab::train::shuffled;
-use crate::model::detector::{Detector, FEATURES, features};
+use crate::model::Model;
+use crate::model::detector::{Detection, Detector, FEATURES, features};
 use crate::model::repo::ModelConfig;
+use crate::patch::signature::Signature;
 use crate::rng::Rng;
+use crate::serve::auto::{AutoChoice, Policy};
 use crate::{Result, bail};
 
 /// One training or evaluation example: an image's statistics and its truth.
@@ -43,6 +51,9 @@ pub struct DetectorOptions {
     pub seed: u64,
     /// Share of a kind's own training images deemed familiar for it.
     pub familiar_quantile: f32,
+    /// Points below the clean model that no kind may fall, served as if the
+    /// detector had never seen it, when the policy's threshold is tuned.
+    pub unseen_margin: f64,
 }
 
 impl Default for DetectorOptions {
@@ -57,6 +68,7 @@ impl Default for DetectorOptions {
             lr: 3e-3,
             seed: 7,
             familiar_quantile: 0.99,
+            unseen_margin: 0.0,
         }
     }
 }
@@ -291,17 +303,28 @@ pub fn score(d: &Detector, samples: &[Sample]) -> (f32, f32) {
     )
 }
 
-/// How a trained detector did on the digits held out of its training.
-#[derive(Debug, Clone)]
+/// How a trained detector did on the digits held out of its training, and the
+/// policy tuned on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// The corruption kinds it names.
+    pub kinds: Vec<String>,
+    /// Its training steps.
+    pub steps: usize,
+    /// [`DetectorOptions::unseen_margin`], which the threshold was tuned for.
+    pub unseen_margin: f64,
     pub train_samples: usize,
     pub held_out_samples: usize,
     /// Share of held-out examples whose kind (or "clean") it names.
     pub accuracy: f32,
     /// Mean absolute severity error on the corrupted held-out examples.
     pub severity_error: f32,
-    /// The policy tuned on them.
-    pub policy: crate::serve::auto::Policy,
+    /// The policy's threshold and alphas by kind and severity.
+    pub threshold: f32,
+    pub alphas: BTreeMap<String, [f32; 5]>,
+    /// Per kind, its held-out images served by the tuned policy as if the
+    /// detector had never seen the kind ([`without_kind`]).
+    pub unseen: BTreeMap<String, Tally>,
 }
 
 /// Draws the examples, holds every fifth digit out, trains on the rest, scores
@@ -309,8 +332,8 @@ pub struct Report {
 /// then carries. `signatures[k]` is the model's signature for `o.kinds[k]`.
 pub fn run(
     digits: &Digits,
-    model: &crate::model::Model,
-    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    model: &Model,
+    signatures: &[Arc<Signature>],
     o: &DetectorOptions,
 ) -> Result<(Detector, Report)> {
     if signatures.len() != o.kinds.len() {
@@ -329,16 +352,21 @@ pub fn run(
     }
     let mut detector = train(&fit, &o.kinds, model.fingerprint(), o)?;
     let (accuracy, severity_error) = score(&detector, &held);
-    let policy = tune_policy(&detector, model, &o.kinds, signatures, &held)?;
+    let (policy, unseen) = tune_policy(&detector, model, &o.kinds, signatures, &held, o)?;
     detector.metadata = policy.to_metadata();
     Ok((
         detector,
         Report {
+            kinds: o.kinds.iter().map(|k| k.name().to_string()).collect(),
+            steps: o.steps,
+            unseen_margin: o.unseen_margin,
             train_samples: fit.len(),
             held_out_samples: held.len(),
             accuracy,
             severity_error,
-            policy,
+            threshold: policy.threshold,
+            alphas: policy.alphas,
+            unseen,
         },
     ))
 }
@@ -346,14 +374,16 @@ pub fn run(
 /// Alphas the policy may choose from; 0 serves clean.
 pub const ALPHA_GRID: [f32; 7] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5];
 /// Thresholds tried for the top kind's probability.
-pub const THRESHOLD_GRID: [f32; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+pub const THRESHOLD_GRID: [f32; 12] = [
+    0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998,
+];
 
 /// For each sample, whether the model classifies it right with each kind's
 /// signature at each alpha of [`ALPHA_GRID`] (`[kind][alpha]`; alpha 0 is the
 /// clean model).
 fn correctness(
-    model: &crate::model::Model,
-    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    model: &Model,
+    signatures: &[Arc<Signature>],
     samples: &[Sample],
 ) -> Result<Vec<Vec<Vec<bool>>>> {
     let cfg = &model.config;
@@ -428,16 +458,22 @@ fn rising_alphas(hits: &[Vec<usize>]) -> [f32; 5] {
 
 /// Tunes the `auto` policy on held-out samples: per kind, the alphas of
 /// [`ALPHA_GRID`] by severity that classify most of them right, never falling
-/// as severity rises ([`rising_alphas`]); then the threshold of [`THRESHOLD_GRID`] that classifies most of the
-/// whole held-out stream right. `signatures[k]` is the signature of `kinds[k]`.
+/// as severity rises ([`rising_alphas`]); then the threshold of
+/// [`THRESHOLD_GRID`]. The held-out kinds alone favour the lowest threshold, so
+/// it is chosen on them and on their corrupted images once more as a detector
+/// that never saw their kind might take them ([`without_kind`]): first so that
+/// no kind served so falls more than `o.unseen_margin` points below the clean
+/// model (or the least below, when none does), then for the most images right
+/// in both. `signatures[k]` is the signature of `kinds[k]`. Returns the policy
+/// and, per kind, its images served as unseen.
 pub fn tune_policy(
     detector: &Detector,
-    model: &crate::model::Model,
+    model: &Model,
     kinds: &[Corruption],
-    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    signatures: &[Arc<Signature>],
     held: &[Sample],
-) -> Result<crate::serve::auto::Policy> {
-    use std::collections::BTreeMap;
+    o: &DetectorOptions,
+) -> Result<(Policy, BTreeMap<String, Tally>)> {
     let right = correctness(model, signatures, held)?;
     let mut alphas = BTreeMap::new();
     for (k, kind) in kinds.iter().enumerate() {
@@ -456,158 +492,231 @@ pub fn tune_policy(
         let five = rising_alphas(&hits);
         alphas.insert(kind.name().to_string(), five);
     }
-    let detections: Vec<_> = held
+    let known: Vec<Detection> = held
         .iter()
         .map(|s| detector.detect_features(&s.features))
         .collect();
-    let mut best = (0usize, THRESHOLD_GRID[0]);
+    let unseen: Vec<(usize, Detection)> = held
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.kind > 0)
+        .map(|(i, s)| (i, without_kind(detector, &known[i], &s.features, s.kind)))
+        .collect();
+    let mut best: Option<((f64, usize), Policy, BTreeMap<String, Tally>)> = None;
     for threshold in THRESHOLD_GRID {
-        let policy = crate::serve::auto::Policy {
+        let policy = Policy {
             threshold,
             alphas: alphas.clone(),
         };
-        let correct = detections
-            .iter()
-            .enumerate()
-            .filter(|(i, d)| {
-                let choice = policy.choose(d, &detector.kinds);
-                match choice.signatures.first() {
-                    None => right[*i][0][0],
-                    Some(r) => {
-                        let k = kinds.iter().position(|c| c.name() == r.name).unwrap_or(0);
-                        let a = ALPHA_GRID.iter().position(|x| *x == r.alpha).unwrap_or(0);
-                        right[*i][k][a]
-                    }
-                }
+        let served = |i: usize, d: &Detection| {
+            served_right(&right[i], kinds, &policy.choose(d, &detector.kinds))
+        };
+        let mut per_kind = BTreeMap::new();
+        for (k, kind) in kinds.iter().enumerate() {
+            let of = unseen.iter().filter(|(i, _)| held[*i].kind == k + 1);
+            let tally = of.fold(Tally::default(), |t, (i, d)| Tally {
+                images: t.images + 1,
+                clean_model: t.clean_model + usize::from(right[*i][0][0]),
+                auto: t.auto + usize::from(served(*i, d)),
+                ..t
+            });
+            per_kind.insert(kind.name().to_string(), tally);
+        }
+        let worst = per_kind
+            .values()
+            .map(|t| {
+                let [clean, auto, ..] = t.percents();
+                auto - clean
             })
-            .count();
-        if correct > best.0 {
-            best = (correct, threshold);
+            .fold(f64::INFINITY, f64::min)
+            .min(-o.unseen_margin);
+        let right_known = known.iter().enumerate().filter(|(i, d)| served(*i, d));
+        let correct = right_known.count() + per_kind.values().map(|t| t.auto).sum::<usize>();
+        let score = (worst, correct);
+        if best.as_ref().is_none_or(|(b, ..)| score > *b) {
+            best = Some((score, policy, per_kind));
         }
     }
-    Ok(crate::serve::auto::Policy {
-        threshold: best.1,
-        alphas,
-    })
+    let (_, policy, unseen) = best.expect("THRESHOLD_GRID is not empty");
+    Ok((policy, unseen))
 }
 
-/// Accuracies, in percent, of ways to serve one stream of samples.
-#[derive(Debug, Clone)]
-pub struct StreamAccuracy {
-    pub samples: usize,
-    pub clean_model: f64,
-    pub auto: f64,
+/// What a detector trained without `kind` might say of an image of it: that
+/// kind's probability taken out and the rest renormalized, familiarity judged
+/// against the new top kind.
+fn without_kind(detector: &Detector, d: &Detection, features: &[f32], kind: usize) -> Detection {
+    let rest = (1.0 - d.probs[kind]).max(f32::MIN_POSITIVE);
+    let probs: Vec<f32> = (0..d.probs.len())
+        .map(|k| if k == kind { 0.0 } else { d.probs[k] / rest })
+        .collect();
+    let top = (0..probs.len())
+        .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
+        .unwrap_or(0);
+    Detection {
+        familiar: detector.distance(features, top) <= detector.kind_limit[top],
+        probs,
+        severity: d.severity,
+    }
+}
+
+/// Whether the image whose [`correctness`] row is `right` is classified right
+/// when served as `choice` says; `kinds[k]` is the signature of row `k`.
+fn served_right(right: &[Vec<bool>], kinds: &[Corruption], choice: &AutoChoice) -> bool {
+    match choice.signatures.first() {
+        None => right[0][0],
+        Some(r) => {
+            let k = kinds.iter().position(|c| c.name() == r.name).unwrap_or(0);
+            let a = ALPHA_GRID.iter().position(|x| *x == r.alpha).unwrap_or(0);
+            right[k][a]
+        }
+    }
+}
+
+/// How many images of a group each way of serving them classified right.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub images: usize,
+    pub clean_model: usize,
+    pub auto: usize,
     /// The true kind's signature at alpha 1 (clean images served clean).
-    pub oracle: f64,
-    /// The best single profile (one kind at alpha 1) for the whole stream, and its name.
-    pub best_fixed: (f64, String),
-    /// On the clean images of the stream only: the clean model and `auto`.
-    pub clean_images: (f64, f64),
-    /// Per corruption kind in the stream: its images, and the accuracy of the
-    /// clean model, `auto` and the oracle on them.
-    pub per_kind: Vec<(String, usize, f64, f64, f64)>,
-    /// Per corruption kind in the stream: how often `auto` chose each signature
-    /// for its images (`clean` when none), most often first.
-    pub choices: Vec<(String, Vec<(String, usize)>)>,
+    pub oracle: usize,
+    /// The single profile (one kind at alpha 1) that serves the whole stream best.
+    pub best_fixed: usize,
 }
 
-/// Serves `stream` every way [`StreamAccuracy`] lists, with the policy the
-/// detector carries.
-pub fn stream_accuracy(
+/// The ways a [`Tally`] counts, in the order of [`Tally::percents`].
+pub const WAYS: [&str; 4] = ["clean model", "auto", "oracle", "best fixed"];
+
+impl Tally {
+    /// Accuracy of each of [`WAYS`], in percent (0 without images).
+    pub fn percents(&self) -> [f64; 4] {
+        [self.clean_model, self.auto, self.oracle, self.best_fixed]
+            .map(|hits| 100.0 * hits as f64 / self.images.max(1) as f64)
+    }
+}
+
+impl std::ops::Add for Tally {
+    type Output = Tally;
+    fn add(self, o: Tally) -> Tally {
+        Tally {
+            images: self.images + o.images,
+            clean_model: self.clean_model + o.clean_model,
+            auto: self.auto + o.auto,
+            oracle: self.oracle + o.oracle,
+            best_fixed: self.best_fixed + o.best_fixed,
+        }
+    }
+}
+
+/// The images of one corruption kind at one severity (`clean`, severity 0, for
+/// clean images) in a served stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamGroup {
+    pub kind: String,
+    pub severity: u8,
+    pub tally: Tally,
+    /// How often `auto` served them with each signature (`clean` for none).
+    pub chose: BTreeMap<String, usize>,
+}
+
+/// One stream of samples served every way [`WAYS`] lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stream {
+    /// The name of the best single profile.
+    pub best_fixed: String,
+    pub groups: Vec<StreamGroup>,
+}
+
+impl Stream {
+    /// The groups `keep` selects, summed.
+    pub fn tally(&self, keep: impl Fn(&StreamGroup) -> bool) -> Tally {
+        self.groups
+            .iter()
+            .filter(|g| keep(g))
+            .fold(Tally::default(), |t, g| t + g.tally)
+    }
+
+    /// What `auto` served the groups `keep` selects with, most often first.
+    pub fn chose(&self, keep: impl Fn(&StreamGroup) -> bool) -> Vec<(String, usize)> {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for g in self.groups.iter().filter(|g| keep(g)) {
+            for (c, n) in &g.chose {
+                *counts.entry(c.as_str()).or_default() += n;
+            }
+        }
+        let mut counts: Vec<(String, usize)> = counts
+            .into_iter()
+            .map(|(c, n)| (c.to_string(), n))
+            .collect();
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+        counts
+    }
+}
+
+/// What `rws train-detector` measured, saved as JSON for `rws eval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoReport {
+    /// The training run's seed, which the detector and its test stream drew from.
+    pub seed: u64,
+    /// The kind the detector was trained without, if any.
+    pub holdout: Option<String>,
+    pub detector: Report,
+    /// The test stream, when one was served.
+    pub stream: Option<Stream>,
+}
+
+/// Serves `stream` every way [`WAYS`] lists, with the policy the detector
+/// carries. `signatures[k]` is the signature of `kinds[k]`, the kinds the
+/// stream's samples index.
+pub fn serve_stream(
     detector: &Detector,
-    model: &crate::model::Model,
+    model: &Model,
     kinds: &[Corruption],
-    signatures: &[std::sync::Arc<crate::patch::signature::Signature>],
+    signatures: &[Arc<Signature>],
     stream: &[Sample],
-) -> Result<StreamAccuracy> {
-    let policy = crate::serve::auto::Policy::from_metadata(&detector.metadata)?;
+) -> Result<Stream> {
+    let policy = Policy::from_metadata(&detector.metadata)?;
     let right = correctness(model, signatures, stream)?;
     let one = ALPHA_GRID.iter().position(|a| *a == 1.0).unwrap_or(0);
-    let pct = |hits: usize, n: usize| 100.0 * hits as f64 / n.max(1) as f64;
-    let n = stream.len();
-    let clean_model = (0..n).filter(|&i| right[i][0][0]).count();
-    let oracle = (0..n)
-        .filter(|&i| match stream[i].kind {
-            0 => right[i][0][0],
-            k => right[i][k - 1][one],
-        })
-        .count();
-    let chosen: Vec<String> = (0..n)
-        .map(|i| {
-            let d = detector.detect_features(&stream[i].features);
-            let c = policy.choose(&d, &detector.kinds);
-            c.signatures
-                .first()
-                .map_or_else(|| "clean".to_string(), |r| r.name.clone())
-        })
-        .collect();
-    let auto_right: Vec<bool> = (0..n)
-        .map(|i| {
-            let d = detector.detect_features(&stream[i].features);
-            match policy.choose(&d, &detector.kinds).signatures.first() {
-                None => right[i][0][0],
-                Some(r) => {
-                    let k = kinds.iter().position(|c| c.name() == r.name).unwrap_or(0);
-                    let a = ALPHA_GRID.iter().position(|x| *x == r.alpha).unwrap_or(0);
-                    right[i][k][a]
-                }
-            }
-        })
-        .collect();
-    let best_fixed = (0..kinds.len())
-        .map(|k| {
-            let hits = (0..n).filter(|&i| right[i][k][one]).count();
-            (pct(hits, n), kinds[k].name().to_string())
-        })
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .unwrap_or((0.0, String::new()));
-    let clean: Vec<usize> = (0..n).filter(|&i| stream[i].kind == 0).collect();
-    let per_kind = (0..kinds.len())
-        .map(|k| {
-            let of: Vec<usize> = (0..n).filter(|&i| stream[i].kind == k + 1).collect();
-            let count =
-                |f: &dyn Fn(usize) -> bool| pct(of.iter().filter(|&&i| f(i)).count(), of.len());
-            (
-                kinds[k].name().to_string(),
-                of.len(),
-                count(&|i| right[i][0][0]),
-                count(&|i| auto_right[i]),
-                count(&|i| right[i][k][one]),
-            )
-        })
-        .collect();
-    let choices = (0..kinds.len())
-        .map(|k| {
-            let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-            for i in (0..n).filter(|&i| stream[i].kind == k + 1) {
-                *counts.entry(chosen[i].as_str()).or_default() += 1;
-            }
-            let mut counts: Vec<(String, usize)> = counts
-                .into_iter()
-                .map(|(c, n)| (c.to_string(), n))
-                .collect();
-            counts.sort_by_key(|c| std::cmp::Reverse(c.1));
-            (kinds[k].name().to_string(), counts)
-        })
-        .collect();
-    Ok(StreamAccuracy {
-        samples: n,
-        choices,
-        clean_model: pct(clean_model, n),
-        auto: pct(auto_right.iter().filter(|r| **r).count(), n),
-        oracle: pct(oracle, n),
-        best_fixed,
-        clean_images: (
-            pct(
-                clean.iter().filter(|&&i| right[i][0][0]).count(),
-                clean.len(),
-            ),
-            pct(
-                clean.iter().filter(|&&i| auto_right[i]).count(),
-                clean.len(),
-            ),
-        ),
-        per_kind,
+    let (best_fixed, best_name) = (0..kinds.len())
+        .map(|k| (right.iter().filter(|r| r[k][one]).count(), k))
+        .max_by_key(|&(hits, k)| (hits, std::cmp::Reverse(k)))
+        .map(|(_, k)| (k, kinds[k].name().to_string()))
+        .unwrap_or((0, String::new()));
+    let mut groups: BTreeMap<(usize, u8), StreamGroup> = BTreeMap::new();
+    for (s, right) in stream.iter().zip(&right) {
+        let choice = policy.choose(&detector.detect_features(&s.features), &detector.kinds);
+        let chose = choice
+            .signatures
+            .first()
+            .map_or_else(|| "clean".to_string(), |r| r.name.clone());
+        let g = groups
+            .entry((s.kind, s.severity))
+            .or_insert_with(|| StreamGroup {
+                kind: match s.kind {
+                    0 => "clean".to_string(),
+                    k => kinds[k - 1].name().to_string(),
+                },
+                severity: s.severity,
+                tally: Tally::default(),
+                chose: BTreeMap::new(),
+            });
+        g.tally = g.tally
+            + Tally {
+                images: 1,
+                clean_model: usize::from(right[0][0]),
+                auto: usize::from(served_right(right, kinds, &choice)),
+                oracle: usize::from(match s.kind {
+                    0 => right[0][0],
+                    k => right[k - 1][one],
+                }),
+                best_fixed: usize::from(right[best_fixed][one]),
+            };
+        *g.chose.entry(chose).or_default() += 1;
+    }
+    Ok(Stream {
+        best_fixed: best_name,
+        groups: groups.into_values().collect(),
     })
 }
 

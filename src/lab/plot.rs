@@ -13,6 +13,9 @@
 //! Colours follow the Okabe–Ito colour-blind-safe palette, and each series of a
 //! line chart also gets its own marker shape, so charts stay readable in greyscale.
 //! Legends sit in a column right of the plot and never cover data.
+//!
+//! Every value is an [`Estimate`] over training seeds: charts draw its mean, and
+//! an error bar of ± its standard deviation where there is more than one seed.
 
 use std::error::Error as StdError;
 use std::ops::Range;
@@ -21,16 +24,18 @@ use std::sync::OnceLock;
 
 use ab_glyph::{Font, FontRef, GlyphId, PxScale, ScaleFont, point};
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::element::{DynElement, IntoDynElement};
 use plotters::prelude::*;
 
+pub use crate::lab::stats::Estimate;
 use crate::{Error, Result};
 
 /// One named series of (x, y) points.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
     pub name: String,
-    pub points: Vec<(f64, f64)>,
+    pub points: Vec<(f64, Estimate)>,
 }
 
 /// Default image size; a bar chart with many groups grows wider.
@@ -65,8 +70,8 @@ type DrawResult<T = ()> = std::result::Result<T, Box<dyn StdError>>;
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
 /// A line chart with markers, one colour per series (a fixed, colour-blind-friendly
-/// palette), legend, grid. The x range spans all points; y is fixed to `y_range`.
-/// Non-finite points are skipped. Writes a 900×540 PNG to `path`, creating its parent
+/// palette), error bars in the series' colour, legend, grid. The x range spans all
+/// points; y is fixed to `y_range`. Non-finite points are skipped. Writes a 900×540 PNG to `path`, creating its parent
 /// directories.
 pub fn line_chart(
     path: &Path,
@@ -78,7 +83,7 @@ pub fn line_chart(
 ) -> Result<()> {
     check_range(&y_range)?;
     let font = font()?;
-    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let finite = |p: &&(f64, Estimate)| p.0.is_finite() && p.1.mean.is_finite();
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for &(x, _) in series.iter().flat_map(|s| s.points.iter().filter(finite)) {
         lo = lo.min(x);
@@ -122,12 +127,16 @@ pub fn line_chart(
         axes(root, &px, &py)?;
         for (i, s) in series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            let pts: Vec<(f64, f64)> = s.points.iter().filter(finite).copied().collect();
+            let pts: Vec<(f64, Estimate)> = s.points.iter().filter(finite).copied().collect();
+            let means: Vec<(f64, f64)> = pts.iter().map(|(x, e)| (*x, e.mean)).collect();
             chart
                 .plotting_area()
-                .draw(&PathElement::new(pts.clone(), color.stroke_width(2)))?;
-            for &p in &pts {
-                root.draw(&marker(chart.backend_coord(&p), i, color))?;
+                .draw(&PathElement::new(means.clone(), color.stroke_width(2)))?;
+            for (x, e) in &pts {
+                error_bar(root, &chart, *x, e, 5, color)?;
+            }
+            for p in &means {
+                root.draw(&marker(chart.backend_coord(p), i, color))?;
             }
         }
         let mid_x = (px.start + px.end) as f32 / 2.0;
@@ -146,7 +155,8 @@ pub fn line_chart(
 
 /// Grouped bars: `groups` along x (e.g. corruption names), one bar per series in each
 /// group (e.g. "clean model", "patched"), values in `y_range` (bars rise from
-/// `y_range.start`, values outside are clipped, non-finite values leave a gap); legend.
+/// `y_range.start` to the mean, values outside are clipped, non-finite values leave a
+/// gap) with a dark error bar; legend.
 /// Each series must hold one value per group. The image is 900×540, wider when there
 /// are many groups; long group names wrap onto several lines under their group
 /// (after '_' or '-', or at spaces), and a single word too long for its slot is cut
@@ -157,7 +167,7 @@ pub fn bar_chart(
     y_label: &str,
     y_range: Range<f64>,
     groups: &[String],
-    series: &[(String, Vec<f64>)],
+    series: &[(String, Vec<Estimate>)],
 ) -> Result<()> {
     check_range(&y_range)?;
     if let Some((name, v)) = series.iter().find(|(_, v)| v.len() != groups.len()) {
@@ -206,12 +216,18 @@ pub fn bar_chart(
         let bw = 0.8 / k as f64;
         for (s, (_, values)) in series.iter().enumerate() {
             let color = PALETTE[s % PALETTE.len()];
-            for (g, &v) in values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+            for (g, e) in values
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.mean.is_finite())
+            {
                 let x0 = g as f64 + 0.1 + s as f64 * bw;
-                let top = v.clamp(y_range.start, y_range.end);
+                let top = e.mean.clamp(y_range.start, y_range.end);
                 let (l, t) = chart.backend_coord(&(x0 + bw * 0.06, top));
                 let (r, b) = chart.backend_coord(&(x0 + bw * 0.94, base));
                 root.draw(&Rectangle::new([(l, t), (r.max(l + 1), b)], color.filled()))?;
+                let cap = ((r - l) / 4).clamp(2, 6);
+                error_bar(root, &chart, x0 + bw / 2.0, e, cap, INK)?;
             }
         }
         axes(root, &px, &py)?;
@@ -347,6 +363,34 @@ fn y_grid<X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
         ))?;
         let label = Text::new(fmt_tick(y, decimals), TICK_SIZE, INK);
         text.push(label.at((px.start - 9) as f32, cy as f32, Align::End, Align::Center));
+    }
+    Ok(())
+}
+
+/// A vertical bar from mean − sd to mean + sd at `x` (clipped to the y range),
+/// capped `cap` pixels either side; nothing when there is no spread.
+fn error_bar<X: Ranged<ValueType = f64>>(
+    root: &Area,
+    chart: &ChartContext<BitMapBackend, Cartesian2d<X, RangedCoordf64>>,
+    x: f64,
+    e: &Estimate,
+    cap: i32,
+    color: RGBColor,
+) -> DrawResult {
+    if !(e.sd > 0.0 && e.sd.is_finite()) {
+        return Ok(());
+    }
+    let y = chart.y_range();
+    let clip = |v: f64| v.clamp(y.start, y.end);
+    let (cx, hi) = chart.backend_coord(&(x, clip(e.mean + e.sd)));
+    let (_, lo) = chart.backend_coord(&(x, clip(e.mean - e.sd)));
+    let stroke = color.stroke_width(2);
+    root.draw(&PathElement::new(vec![(cx, hi), (cx, lo)], stroke))?;
+    for at in [hi, lo] {
+        root.draw(&PathElement::new(
+            vec![(cx - cap, at), (cx + cap, at)],
+            stroke,
+        ))?;
     }
     Ok(())
 }
@@ -635,11 +679,16 @@ fn line_height(font: &FontRef, size: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// Three seeds' mean and standard deviation.
+    fn est(mean: f64, sd: f64) -> Estimate {
+        Estimate { mean, sd, n: 3 }
+    }
+
     fn example_series() -> Vec<Series> {
         let sev: Vec<f64> = (0..=5).map(f64::from).collect();
         let curve = |a: f64, b: f64| {
             sev.iter()
-                .map(|&s| (s, a - b * s * s.sqrt() / 11.2))
+                .map(|&s| (s, est(a - b * s * s.sqrt() / 11.2, 0.01 * s)))
                 .collect()
         };
         vec![
@@ -662,7 +711,7 @@ mod tests {
         ]
     }
 
-    fn example_bars() -> (Vec<String>, Vec<(String, Vec<f64>)>) {
+    fn example_bars() -> (Vec<String>, Vec<(String, Vec<Estimate>)>) {
         let groups: Vec<String> = [
             "gaussian_noise",
             "shot_noise",
@@ -678,9 +727,17 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let clean: Vec<f64> = (0..10).map(|i| 0.35 + 0.05 * f64::from(i % 7)).collect();
-        let patched: Vec<f64> = clean.iter().map(|v| (v + 0.3).min(0.95)).collect();
-        let expert: Vec<f64> = clean.iter().map(|v| (v + 0.33).min(0.97)).collect();
+        let clean: Vec<Estimate> = (0..10)
+            .map(|i| est(0.35 + 0.05 * f64::from(i % 7), 0.02))
+            .collect();
+        let patched = clean
+            .iter()
+            .map(|e| est((e.mean + 0.3).min(0.95), 0.03))
+            .collect();
+        let expert = clean
+            .iter()
+            .map(|e| est((e.mean + 0.33).min(0.97), 0.0))
+            .collect();
         let series = vec![
             ("clean model".to_string(), clean),
             ("patched".to_string(), patched),
@@ -730,7 +787,7 @@ mod tests {
         assert_eq!(decode(&p).dimensions(), (WIDTH, HEIGHT));
         let one = [Series {
             name: "one".into(),
-            points: vec![(3.0, 0.5), (f64::NAN, 0.2)],
+            points: vec![(3.0, est(0.5, 0.1)), (f64::NAN, est(0.2, 0.0))],
         }];
         line_chart(&p, "one point", "x", "y", -1.0..1.0, &one).unwrap();
         assert_eq!(decode(&p).dimensions(), (WIDTH, HEIGHT));
@@ -757,19 +814,44 @@ mod tests {
         // A few short groups keep the default size.
         let short = vec!["fog".to_string(), "snow".to_string()];
         let s = vec![
-            ("a".to_string(), vec![0.2, 0.4]),
-            ("b".to_string(), vec![0.3, f64::NAN]),
+            ("a".to_string(), vec![est(0.2, 0.05), est(0.4, 0.0)]),
+            ("b".to_string(), vec![est(0.3, 2.0), est(f64::NAN, 0.1)]),
         ];
         bar_chart(&b, "short", "acc", 0.0..1.0, &short, &s).unwrap();
         assert_eq!(decode(&b).dimensions(), (WIDTH, HEIGHT));
         bar_chart(&b, "nothing", "acc", 0.0..1.0, &[], &[]).unwrap();
         assert_eq!(decode(&b).dimensions(), (WIDTH, HEIGHT));
         // A series with the wrong number of values is refused.
-        let bad = vec![("a".to_string(), vec![0.2])];
+        let bad = vec![("a".to_string(), vec![est(0.2, 0.0)])];
         assert!(matches!(
             bar_chart(&b, "bad", "acc", 0.0..1.0, &short, &bad),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn error_bars_show_the_spread() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e.png");
+        let groups = vec!["fog".to_string()];
+        // Dark pixels below the title: the bar's error bar is drawn in ink.
+        let bar_ink = |sd: f64| {
+            let s = vec![("a".to_string(), vec![est(0.5, sd)])];
+            bar_chart(&p, "t", "acc", 0.0..1.0, &groups, &s).unwrap();
+            dark_pixels(&decode(&p), 60..HEIGHT - 60)
+        };
+        assert!(bar_ink(0.2) > bar_ink(0.0) + 40);
+        // A line's error bars take its colour: count the blue pixels.
+        let blue = |sd: f64| {
+            let s = [Series {
+                name: "a".into(),
+                points: vec![(0.0, est(0.5, sd)), (1.0, est(0.6, sd))],
+            }];
+            line_chart(&p, "t", "x", "y", 0.0..1.0, &s).unwrap();
+            let img = decode(&p);
+            img.pixels().filter(|px| px.0 == [0, 114, 178]).count()
+        };
+        assert!(blue(0.2) > blue(0.0) + 80);
     }
 
     #[test]

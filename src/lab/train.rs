@@ -311,6 +311,33 @@ pub struct PipelineOptions {
     pub seed: u64,
 }
 
+/// What a run was trained with, recorded next to its checkpoints
+/// ([`RUN_INFO`]) so that a report can name its seed and sizes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunInfo {
+    pub seed: u64,
+    pub train_digits: usize,
+    pub pre_steps: usize,
+    pub finetune_steps: usize,
+    pub batch: usize,
+}
+
+/// The file in a run directory that holds its [`RunInfo`].
+pub const RUN_INFO: &str = "train.json";
+
+impl RunInfo {
+    pub fn load(dir: &Path) -> Result<RunInfo> {
+        let path = dir.join(RUN_INFO);
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| {
+            crate::Error::InvalidArgument(format!(
+                "{}: {e}; retrain the run with `rws train`",
+                path.display()
+            ))
+        })
+    }
+}
+
 /// Checkpoint file names in a run directory.
 pub fn checkpoint_name(role: &str) -> String {
     format!("{role}.safetensors")
@@ -320,13 +347,23 @@ pub fn checkpoint_name(role: &str) -> String {
 /// theta_rob per corruption kind (that kind, mixed severities) from it, with the
 /// same seeds and data order so that only the data differs; then trains theta_std
 /// further into theta_std_v2, the "updated backbone". Writes every checkpoint and
-/// `model.toml` into `out`.
+/// `model.toml` and [`RunInfo`] into `out`.
 pub fn run_pipeline(train: &Digits, o: &PipelineOptions, out: &Path) -> Result<()> {
     let cfg = mnist_config();
     let device = Device::Cpu;
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let toml = toml::to_string_pretty(&cfg).map_err(|e| crate::Error::Internal(e.to_string()))?;
     crate::fsutil::write_atomic(&out.join("model.toml"), toml.as_bytes())?;
+    let info = RunInfo {
+        seed: o.seed,
+        train_digits: train.len(),
+        pre_steps: o.pre_steps,
+        finetune_steps: o.finetune_steps,
+        batch: o.batch,
+    };
+    let info =
+        serde_json::to_string_pretty(&info).map_err(|e| crate::Error::Internal(e.to_string()))?;
+    crate::fsutil::write_atomic(&out.join(RUN_INFO), info.as_bytes())?;
     let save = |role: &str, t: &HashMap<String, Tensor>| -> Result<()> {
         Ok(candle_core::safetensors::save(
             t,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use rws::lab::corrupt::Corruption;
+use rws::lab::detector::{Stream, StreamGroup, Tally, WAYS};
 use rws::patch::quant::Quant;
 use rws::patch::signature::Signature;
 
@@ -92,6 +93,13 @@ pub struct TrainDetectorArgs {
     /// familiar for it; an image beyond is served clean.
     #[arg(long, default_value_t = 0.99)]
     pub familiar_quantile: f32,
+    /// Points below the clean model that no kind may fall when served as if
+    /// the detector had never seen it, as the threshold is tuned.
+    #[arg(long, default_value_t = 0.0)]
+    pub unseen_margin: f64,
+    /// Also save what was measured, as JSON for `rws eval` (its run's `auto/`).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -132,8 +140,20 @@ pub struct AnalyzeArgs {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    #[arg(long, default_value = "runs/mnist")]
-    pub run: PathBuf,
+    /// Runs of `rws train`, one per seed; the report gives every number as
+    /// mean ± sd over them. Each run's `auto/*.json` (`rws train-detector
+    /// --report`) adds the `auto` section.
+    #[arg(
+        long,
+        alias = "run",
+        value_delimiter = ',',
+        default_value = "runs/mnist"
+    )]
+    pub runs: Vec<PathBuf>,
+    /// The seed whose model is shipped, which the report names; its results
+    /// also go to `results.json`, its fogged digit to `fog-digit.png`.
+    #[arg(long)]
+    pub shipped: Option<u64>,
     #[arg(long, default_value = "data/mnist/test.safetensors")]
     pub test: PathBuf,
     #[arg(long, default_value = "docs")]
@@ -236,6 +256,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
+    use rws::lab::detector::{self, AutoReport, DetectorOptions};
     let digits = rws::lab::data::Digits::load(&args.data)?.take_per_class(args.per_class);
     let (repo, name) = match (args.model.parent(), args.model.file_name()) {
         (Some(repo), Some(name)) => (repo, name.to_string_lossy()),
@@ -262,16 +283,17 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
         .filter(|k| Some(*k) != args.holdout)
         .collect();
     let signatures = kinds.iter().map(load).collect::<Result<Vec<_>>>()?;
-    let opts = rws::lab::detector::DetectorOptions {
+    let opts = DetectorOptions {
         kinds,
         copies: args.copies,
         familiar_quantile: args.familiar_quantile,
+        unseen_margin: args.unseen_margin,
         steps: args.steps,
         seed: args.seed,
         ..Default::default()
     };
     let start = std::time::Instant::now();
-    let (detector, report) = rws::lab::detector::run(&digits, &model, &signatures, &opts)?;
+    let (detector, report) = detector::run(&digits, &model, &signatures, &opts)?;
     let out = args
         .out
         .unwrap_or_else(|| args.model.join("detector.safetensors"));
@@ -285,46 +307,87 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
         report.train_samples,
         start.elapsed().as_secs_f64()
     );
-    println!("policy: threshold {}", report.policy.threshold);
-    for (kind, alphas) in &report.policy.alphas {
-        println!("  {kind:<16} alpha by severity {alphas:?}");
-    }
-    if let Some(test) = args.test {
-        let digits = rws::lab::data::Digits::load(&test)?;
-        let stream_opts = rws::lab::detector::DetectorOptions {
-            copies: 1,
-            seed: opts.seed ^ 0x7e57,
-            kinds: all_kinds.clone(),
-            ..opts.clone()
-        };
-        let stream = rws::lab::detector::samples(&digits, &model.config, &stream_opts);
-        let a = rws::lab::detector::stream_accuracy(
-            &detector,
-            &model,
-            &all_kinds,
-            &all_signatures,
-            &stream,
-        )?;
+    println!("policy: threshold {}", report.threshold);
+    for (kind, alphas) in &report.alphas {
+        let [clean, auto, ..] = report.unseen[kind].percents();
         println!(
-            "mixed stream of {} test digits: clean model {:.1}%, auto {:.1}%, oracle {:.1}%, best fixed ({}) {:.1}%; on its clean images: clean model {:.1}%, auto {:.1}%",
-            a.samples,
-            a.clean_model,
-            a.auto,
-            a.oracle,
-            a.best_fixed.1,
-            a.best_fixed.0,
-            a.clean_images.0,
-            a.clean_images.1
+            "  {kind:<16} alpha by severity {alphas:?}; as an unseen kind: clean model {clean:.1}%, auto {auto:.1}%"
         );
-        for ((kind, n, clean, auto, oracle), (_, chose)) in a.per_kind.iter().zip(&a.choices) {
-            let chose: Vec<String> = chose.iter().map(|(c, n)| format!("{c} {n}")).collect();
-            println!(
-                "  {kind:<16} {n:>4} images: clean {clean:5.1}%  auto {auto:5.1}%  oracle {oracle:5.1}%  (auto chose {})",
-                chose.join(", ")
-            );
+    }
+    let stream = match args.test {
+        Some(test) => {
+            let digits = rws::lab::data::Digits::load(&test)?;
+            let stream_opts = DetectorOptions {
+                copies: 1,
+                seed: opts.seed ^ 0x7e57,
+                kinds: all_kinds.clone(),
+                ..opts.clone()
+            };
+            let samples = detector::samples(&digits, &model.config, &stream_opts);
+            let stream =
+                detector::serve_stream(&detector, &model, &all_kinds, &all_signatures, &samples)?;
+            print_stream(&stream);
+            Some(stream)
         }
+        None => None,
+    };
+    if let Some(path) = args.report {
+        let report = AutoReport {
+            seed: args.seed,
+            holdout: args.holdout.map(|k| k.name().to_string()),
+            detector: report,
+            stream,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The test stream's accuracies: whole, its clean images, then per kind with
+/// what `auto` chose for them.
+fn print_stream(stream: &Stream) {
+    let line = |t: Tally| -> String {
+        let cells: Vec<String> = WAYS
+            .iter()
+            .zip(t.percents())
+            .map(|(w, p)| format!("{w} {p:5.1}%"))
+            .collect();
+        format!("{:>4} images: {}", t.images, cells.join("  "))
+    };
+    println!(
+        "mixed test stream (best fixed profile: {}):",
+        stream.best_fixed
+    );
+    println!("  {:<16} {}", "all", line(stream.tally(|_| true)));
+    println!(
+        "  {:<16} {}",
+        "clean images",
+        line(stream.tally(|g| g.severity == 0))
+    );
+    let mut kinds: Vec<&str> = stream
+        .groups
+        .iter()
+        .filter(|g| g.severity > 0)
+        .map(|g| g.kind.as_str())
+        .collect();
+    kinds.dedup();
+    for kind in kinds {
+        let of = |g: &StreamGroup| g.kind == kind;
+        let chose: Vec<String> = stream
+            .chose(of)
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        println!(
+            "  {kind:<16} {}  (auto chose {})",
+            line(stream.tally(of)),
+            chose.join(", ")
+        );
+    }
 }
 
 pub fn extract(args: ExtractArgs) -> Result<()> {
@@ -380,7 +443,8 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     let EvalArgs {
-        run,
+        runs,
+        shipped,
         test,
         out,
         units,
@@ -391,44 +455,57 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(n) = per_class {
         digits = digits.take_per_class(n);
     }
-    let run = rws::lab::eval::Run::load(&run)?;
     let opts = rws::lab::eval::EvalOptions {
         blocks: units,
         pairs: rws::lab::eval::default_pairs(),
         seed: 1,
     };
-    let results = rws::lab::eval::evaluate(&run, &digits, &opts)?;
-    let analysis = run.analyze(units)?;
+    let seeds = runs
+        .iter()
+        .map(|run| rws::lab::eval::Seed::evaluate(run, &digits, &opts))
+        .collect::<rws::Result<Vec<_>>>()?;
+    let study = rws::lab::eval::Study::new(seeds, shipped)?;
     std::fs::create_dir_all(out.join("plots"))?;
-    results.plots(&out.join("plots"))?;
+    study.plots(&out.join("plots"))?;
+    let main = &study.main().results;
     std::fs::write(
         out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
+        serde_json::to_string_pretty(main)?,
     )?;
     std::fs::write(
-        out.join("RESULTS.md"),
-        results.markdown(&command, &analysis),
+        out.join("seeds.json"),
+        serde_json::to_string_pretty(&study)?,
     )?;
+    std::fs::write(out.join("RESULTS.md"), study.markdown(&command))?;
     // Every corruption at every severity, on the first test 7.
     let seven = (0..digits.len())
         .find(|&i| digits.labels[i] == 7)
         .unwrap_or(0);
     rws::lab::corrupt::contact_sheet(&digits.gray(seven), 4, 1)
         .save(out.join("corruptions.png"))?;
-    if let Some(sc) = &results.showcase {
+    if let Some(sc) = &main.showcase {
         if let Some(img) = &sc.image {
             img.save(out.join("fog-digit.png"))?;
         }
         println!(
-            "fog-digit.png: a {}, the clean model says {}, the fog profile says {}",
-            sc.label, sc.clean_says, sc.fog_says
+            "fog-digit.png (seed {}): a {}, the clean model says {}, the fog profile says {}",
+            main.seed, sc.label, sc.clean_says, sc.fog_says
         );
     }
+    let gain = |sev: u8| {
+        let per_seed: Vec<f64> = study
+            .seeds
+            .iter()
+            .map(|s| s.results.mean_gain(sev))
+            .collect();
+        rws::lab::stats::Estimate::of(&per_seed).gain()
+    };
     println!(
-        "wrote {}: mean gain {:+.1} points at severity 3, {:+.1} at severity 5",
+        "wrote {} over {} seed(s): mean gain {} points at severity 3, {} at severity 5",
         out.join("RESULTS.md").display(),
-        results.mean_gain(3),
-        results.mean_gain(5)
+        study.seeds.len(),
+        gain(3),
+        gain(5)
     );
     Ok(())
 }
