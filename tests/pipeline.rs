@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rws::lab::corrupt::Corruption;
 use rws::lab::data::Digits;
-use rws::lab::detector::{AutoReport, Report, Stream, StreamGroup, Tally};
+use rws::lab::detector::{AutoReport, Report, Stream, StreamGroup, Tally, Unseen};
 use rws::lab::eval::{self, EvalOptions, Run, Seed, Study};
 use rws::lab::stats::Estimate;
 use rws::lab::train::PipelineOptions;
@@ -195,7 +195,15 @@ fn auto_report(seed: u64, holdout: Option<&str>, fog: usize, right: [usize; 4]) 
             severity_error: 0.5,
             threshold: 0.9,
             alphas: [("fog".to_string(), [0.5, 0.75, 1.0, 1.0, 1.25])].into(),
-            unseen: [("fog".to_string(), fogged)].into(),
+            unseen: [(
+                "fog".to_string(),
+                Unseen {
+                    images: fog,
+                    clean_model,
+                    auto,
+                },
+            )]
+            .into(),
         },
         stream: Some(Stream {
             best_fixed: "fog".into(),

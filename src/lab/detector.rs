@@ -324,7 +324,23 @@ pub struct Report {
     pub alphas: BTreeMap<String, [f32; 5]>,
     /// Per kind, its held-out images served by the tuned policy as if the
     /// detector had never seen the kind ([`without_kind`]).
-    pub unseen: BTreeMap<String, Tally>,
+    pub unseen: BTreeMap<String, Unseen>,
+}
+
+/// A kind's held-out images served as if the detector had never seen it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Unseen {
+    pub images: usize,
+    /// Classified right by the clean model, and by `auto`.
+    pub clean_model: usize,
+    pub auto: usize,
+}
+
+impl Unseen {
+    /// Points `auto` gains over the clean model on them.
+    pub fn margin(&self) -> f64 {
+        100.0 * (self.auto as f64 - self.clean_model as f64) / self.images.max(1) as f64
+    }
 }
 
 /// Draws the examples, holds every fifth digit out, trains on the rest, scores
@@ -473,7 +489,7 @@ pub fn tune_policy(
     signatures: &[Arc<Signature>],
     held: &[Sample],
     o: &DetectorOptions,
-) -> Result<(Policy, BTreeMap<String, Tally>)> {
+) -> Result<(Policy, BTreeMap<String, Unseen>)> {
     let right = correctness(model, signatures, held)?;
     let mut alphas = BTreeMap::new();
     for (k, kind) in kinds.iter().enumerate() {
@@ -502,8 +518,7 @@ pub fn tune_policy(
         .filter(|(_, s)| s.kind > 0)
         .map(|(i, s)| (i, without_kind(detector, &known[i], &s.features, s.kind)))
         .collect();
-    let mut best: Option<((f64, usize), Policy, BTreeMap<String, Tally>)> = None;
-    for threshold in THRESHOLD_GRID {
+    let tuned = THRESHOLD_GRID.map(|threshold| {
         let policy = Policy {
             threshold,
             alphas: alphas.clone(),
@@ -514,30 +529,26 @@ pub fn tune_policy(
         let mut per_kind = BTreeMap::new();
         for (k, kind) in kinds.iter().enumerate() {
             let of = unseen.iter().filter(|(i, _)| held[*i].kind == k + 1);
-            let tally = of.fold(Tally::default(), |t, (i, d)| Tally {
+            let tally = of.fold(Unseen::default(), |t, (i, d)| Unseen {
                 images: t.images + 1,
                 clean_model: t.clean_model + usize::from(right[*i][0][0]),
                 auto: t.auto + usize::from(served(*i, d)),
-                ..t
             });
             per_kind.insert(kind.name().to_string(), tally);
         }
         let worst = per_kind
             .values()
-            .map(|t| {
-                let [clean, auto, ..] = t.percents();
-                auto - clean
-            })
+            .map(Unseen::margin)
             .fold(f64::INFINITY, f64::min)
             .min(-o.unseen_margin);
         let right_known = known.iter().enumerate().filter(|(i, d)| served(*i, d));
         let correct = right_known.count() + per_kind.values().map(|t| t.auto).sum::<usize>();
-        let score = (worst, correct);
-        if best.as_ref().is_none_or(|(b, ..)| score > *b) {
-            best = Some((score, policy, per_kind));
-        }
-    }
-    let (_, policy, unseen) = best.expect("THRESHOLD_GRID is not empty");
+        ((worst, correct), policy, per_kind)
+    });
+    // The best score; of equals, the lowest threshold.
+    let (_, policy, unseen) = (tuned.into_iter())
+        .reduce(|best, t| if t.0 > best.0 { t } else { best })
+        .expect("THRESHOLD_GRID is not empty");
     Ok((policy, unseen))
 }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::lab::corrupt::Corruption;
 use crate::lab::data::Digits;
-use crate::lab::detector::{AutoReport, Stream, StreamGroup, WAYS};
+use crate::lab::detector::{AutoReport, Stream, StreamGroup, Unseen, WAYS};
 use crate::lab::extract::{self, Checkpoint, Extraction};
 use crate::lab::plot::{Series, bar_chart, line_chart};
 use crate::lab::stats::Estimate;
@@ -1064,7 +1064,7 @@ impl Study {
         let _ = writeln!(s, "### Targets\n");
         let _ = writeln!(
             s,
-            "Each is judged on the mean over the {n} seeds; how many seeds meet it alone is given too.\n"
+            "Each is judged on the mean over the seeds; how many seeds meet it alone is given too.\n"
         );
         let mark = |met: bool| if met { "**met**" } else { "**missed**" };
         let seeds_meeting = |e: &[f64], limit: f64| e.iter().filter(|v| **v >= limit).count();
@@ -1101,17 +1101,14 @@ impl Study {
         );
         let on_clean = diff(&d, &clean, 1, 0);
         let met = on_clean.mean >= -0.5;
-        let patched: Vec<String> = chose_share(&d, &clean)
-            .into_iter()
-            .filter(|(c, _)| c != "clean")
-            .map(|(c, p)| format!("{c} {p:.1}%"))
-            .collect();
+        let mut patched = served_with(&d, &clean);
+        patched.retain(|(c, _)| c != "clean");
         let why = match (met, patched.is_empty()) {
             (_, true) => " It served every clean image clean.".to_string(),
-            (true, false) => format!(" It patched a few clean images ({}).", patched.join(", ")),
+            (true, false) => format!(" It patched a few clean images ({}).", shares(&patched)),
             (false, false) => format!(
                 " It patched clean images it took for corrupted ones ({}), and those signatures cost them accuracy.",
-                patched.join(", ")
+                shares(&patched)
             ),
         };
         let _ = writeln!(
@@ -1144,16 +1141,13 @@ impl Study {
             );
             for (k, u) in misses {
                 let of = |g: &StreamGroup| &g.kind == k;
-                let chose: Vec<String> = chose_share(u, &of)
-                    .into_iter()
-                    .map(|(c, p)| format!("{c} {p:.0}%"))
-                    .collect();
+                let chose = shares(&served_with(u, &of));
                 let _ = writeln!(
                     s,
                     "  - Missed on {k}: auto − clean model = {} points ({} of {n} seeds within 1 point). Trained without {k}, the detector took its images for other kinds confidently and within their familiar statistics, and served them with: {}; those signatures cost accuracy on {k}.",
                     diff(u, &of, 1, 0).gain(),
                     seeds_meeting(&per_seed_diff(u, &of, 1, 0), -1.0),
-                    chose.join(", ")
+                    chose
                 );
             }
         }
@@ -1198,11 +1192,8 @@ impl Study {
             .map(|k| {
                 let of = |g: &StreamGroup| &g.kind == k;
                 let mut r = row(k.clone(), &d, &of);
-                let chose: Vec<String> = chose_share(&d, &of)
-                    .into_iter()
-                    .map(|(c, p)| format!("{c} {p:.0}%"))
-                    .collect();
-                r.push(chose.join(", "));
+                let chose = shares(&served_with(&d, &of));
+                r.push(chose);
                 r
             })
             .collect();
@@ -1239,10 +1230,7 @@ impl Study {
                 .iter()
                 .map(|(k, u)| {
                     let of = |g: &StreamGroup| &g.kind == k;
-                    let chose: Vec<String> = chose_share(u, &of)
-                        .into_iter()
-                        .map(|(c, p)| format!("{c} {p:.0}%"))
-                        .collect();
+                    let chose = shares(&served_with(u, &of));
                     let margin = diff(u, &of, 1, 0);
                     vec![
                         k.clone(),
@@ -1256,17 +1244,10 @@ impl Study {
                             "**missed**"
                         }
                         .to_string(),
-                        chose.join(", "),
+                        chose,
                         way(&d, &of, 1).cell(),
                         Estimate::over(&d, |(r, _)| {
-                            let [c, a, ..] = r
-                                .detector
-                                .unseen
-                                .get(k)
-                                .copied()
-                                .unwrap_or_default()
-                                .percents();
-                            a - c
+                            r.detector.unseen.get(k).map_or(f64::NAN, Unseen::margin)
                         })
                         .gain(),
                     ]
@@ -1522,7 +1503,7 @@ impl Study {
 
 /// Over every seed's stream, the share (percent) of the images `keep` selects
 /// that `auto` served with each signature (`clean` for none), most first.
-fn chose_share(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool) -> Vec<(String, f64)> {
+fn served_with(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool) -> Vec<(String, f64)> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for (_, st) in d {
         for (c, n) in st.chose(keep) {
@@ -1536,6 +1517,18 @@ fn chose_share(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool) -> Vec<(String
         .collect();
     shares.sort_by(|a, b| b.1.total_cmp(&a.1));
     shares
+}
+
+/// Shares as "fog 71%, clean 29%"; one under half a percent as "<1%".
+fn shares(v: &[(String, f64)]) -> String {
+    let cells: Vec<String> = v
+        .iter()
+        .map(|(c, p)| match *p < 0.5 {
+            true => format!("{c} <1%"),
+            false => format!("{c} {p:.0}%"),
+        })
+        .collect();
+    cells.join(", ")
 }
 
 /// A Markdown table, followed by a blank line.
