@@ -595,14 +595,38 @@ pub struct Tally {
     pub best_fixed: usize,
 }
 
-/// The ways a [`Tally`] counts, in the order of [`Tally::percents`].
-pub const WAYS: [&str; 4] = ["clean model", "auto", "oracle", "best fixed"];
+/// A way of serving a stream's images, as a [`Tally`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    CleanModel,
+    Auto,
+    Oracle,
+    BestFixed,
+}
+
+impl Way {
+    pub const ALL: [Way; 4] = [Way::CleanModel, Way::Auto, Way::Oracle, Way::BestFixed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Way::CleanModel => "clean model",
+            Way::Auto => "auto",
+            Way::Oracle => "oracle",
+            Way::BestFixed => "best fixed",
+        }
+    }
+}
 
 impl Tally {
-    /// Accuracy of each of [`WAYS`], in percent (0 without images).
-    pub fn percents(&self) -> [f64; 4] {
-        [self.clean_model, self.auto, self.oracle, self.best_fixed]
-            .map(|hits| 100.0 * hits as f64 / self.images.max(1) as f64)
+    /// Accuracy of `way`, in percent (0 without images).
+    pub fn percent(&self, way: Way) -> f64 {
+        let hits = match way {
+            Way::CleanModel => self.clean_model,
+            Way::Auto => self.auto,
+            Way::Oracle => self.oracle,
+            Way::BestFixed => self.best_fixed,
+        };
+        100.0 * hits as f64 / self.images.max(1) as f64
     }
 }
 
@@ -630,7 +654,7 @@ pub struct StreamGroup {
     pub chose: BTreeMap<String, usize>,
 }
 
-/// One stream of samples served every way [`WAYS`] lists.
+/// One stream of samples served every [`Way`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stream {
     /// The name of the best single profile.
@@ -676,7 +700,7 @@ pub struct AutoReport {
     pub stream: Option<Stream>,
 }
 
-/// Serves `stream` every way [`WAYS`] lists, with the policy the detector
+/// Serves `stream` every [`Way`], with the policy the detector
 /// carries. `signatures[k]` is the signature of `kinds[k]`, the kinds the
 /// stream's samples index.
 pub fn serve_stream(

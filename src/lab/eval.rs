@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::lab::corrupt::Corruption;
 use crate::lab::data::Digits;
-use crate::lab::detector::{AutoReport, Stream, StreamGroup, Unseen, WAYS};
+use crate::lab::detector::{AutoReport, Stream, StreamGroup, Unseen, Way};
 use crate::lab::extract::{self, Checkpoint, Extraction};
 use crate::lab::plot::{Series, bar_chart, line_chart};
 use crate::lab::stats::Estimate;
@@ -624,15 +624,20 @@ impl Study {
             .collect()
     }
 
-    /// Every seed's detector trained without `kind`, with its test stream.
-    fn unseen(&self, kind: &str) -> Option<Vec<Tested<'_>>> {
-        self.seeds
-            .iter()
-            .map(|s| {
-                s.unseen
-                    .get(kind)
-                    .and_then(|r| Some((r, r.stream.as_ref()?)))
-            })
+    /// For each of `kinds` that every seed has one for, every seed's
+    /// detector trained without it, with its test stream.
+    fn unseen(&self, kinds: &[String]) -> Vec<(String, Vec<Tested<'_>>)> {
+        let without = |kind: &str| -> Option<Vec<Tested>> {
+            (self.seeds.iter())
+                .map(|s| {
+                    s.unseen
+                        .get(kind)
+                        .and_then(|r| Some((r, r.stream.as_ref()?)))
+                })
+                .collect()
+        };
+        (kinds.iter())
+            .filter_map(|k| Some((k.clone(), without(k)?)))
             .collect()
     }
 
@@ -817,14 +822,14 @@ impl Study {
             .gain()
         );
         if let Some(d) = self.detectors() {
-            let whole = |w: usize| Estimate::over(&d, |(_, st)| st.tally(|_| true).percents()[w]);
+            let whole = |w: Way| way(&d, &|_| true, w).cell();
             let _ = writeln!(
                 s,
                 "- `auto`, which picks a signature per image, serves a mixed stream of test digits at **{}%** against {}% for the clean model, {}% for the oracle (the true kind's signature) and {}% for the best single profile.",
-                whole(1).cell(),
-                whole(0).cell(),
-                whole(2).cell(),
-                whole(3).cell()
+                whole(Way::Auto),
+                whole(Way::CleanModel),
+                whole(Way::Oracle),
+                whole(Way::BestFixed)
             );
         }
         let _ = writeln!(s);
@@ -1021,22 +1026,6 @@ impl Study {
         };
         let n = self.seeds.len();
         let (first, stream) = d[0];
-        let way = |d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, w: usize| {
-            Estimate::over(d, |(_, st)| st.tally(keep).percents()[w])
-        };
-        let diff = |d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, a: usize, b: usize| {
-            Estimate::over(d, |(_, st)| {
-                let p = st.tally(keep).percents();
-                p[a] - p[b]
-            })
-        };
-        let images = |d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool| -> String {
-            let all: Vec<String> = d
-                .iter()
-                .map(|(_, st)| st.tally(keep).images.to_string())
-                .collect();
-            all.join("/")
-        };
         let all = |_: &StreamGroup| true;
         let clean = |g: &StreamGroup| g.severity == 0;
         let corrupted = |g: &StreamGroup| g.severity > 0;
@@ -1067,39 +1056,31 @@ impl Study {
             "Each is judged on the mean over the seeds; how many seeds meet it alone is given too.\n"
         );
         let mark = |met: bool| if met { "**met**" } else { "**missed**" };
-        let seeds_meeting = |e: &[f64], limit: f64| e.iter().filter(|v| **v >= limit).count();
-        let per_seed_diff =
-            |d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, a: usize, b: usize| -> Vec<f64> {
-                d.iter()
-                    .map(|(_, st)| {
-                        let p = st.tally(keep).percents();
-                        p[a] - p[b]
-                    })
-                    .collect()
-            };
-        let gap = diff(&d, &all, 1, 2);
-        let met = gap.mean >= -2.0;
+        let behind = gap(&d, &all, Way::Auto, Way::Oracle);
+        let met = behind.mean >= -2.0;
         let mut why = String::new();
         if !met {
             let worst = kinds.iter().min_by(|a, b| {
-                let of = |k: &String| diff(&d, &|g: &StreamGroup| &g.kind == k, 1, 2).mean;
+                let of = |k: &String| {
+                    gap(&d, &|g: &StreamGroup| &g.kind == k, Way::Auto, Way::Oracle).mean
+                };
                 of(a).total_cmp(&of(b))
             });
             if let Some(k) = worst {
                 why = format!(
                     " It falls furthest behind on {k} ({} points).",
-                    diff(&d, &|g: &StreamGroup| &g.kind == k, 1, 2).gain()
+                    gap(&d, &|g: &StreamGroup| &g.kind == k, Way::Auto, Way::Oracle).gain()
                 );
             }
         }
         let _ = writeln!(
             s,
             "- `auto` within 2 points of the oracle on the whole stream: auto − oracle = {} points: {} ({} of {n} seeds).{why}",
-            gap.gain(),
+            behind.gain(),
             mark(met),
-            seeds_meeting(&per_seed_diff(&d, &all, 1, 2), -2.0)
+            seeds_meeting(&d, &all, Way::Oracle, -2.0)
         );
-        let on_clean = diff(&d, &clean, 1, 0);
+        let on_clean = gap(&d, &clean, Way::Auto, Way::CleanModel);
         let met = on_clean.mean >= -0.5;
         let mut patched = served_with(&d, &clean);
         patched.retain(|(c, _)| c != "clean");
@@ -1116,12 +1097,9 @@ impl Study {
             "- On clean images, at most 0.5 points below the clean model: auto − clean model = {} points: {} ({} of {n} seeds).{why}",
             on_clean.gain(),
             mark(met),
-            seeds_meeting(&per_seed_diff(&d, &clean, 1, 0), -0.5)
+            seeds_meeting(&d, &clean, Way::CleanModel, -0.5)
         );
-        let unseen: Vec<(String, Vec<Tested>)> = kinds
-            .iter()
-            .filter_map(|k| Some((k.clone(), self.unseen(k)?)))
-            .collect();
+        let unseen = self.unseen(&kinds);
         if unseen.is_empty() {
             let _ = writeln!(
                 s,
@@ -1130,7 +1108,16 @@ impl Study {
         } else {
             let misses: Vec<&(String, Vec<Tested>)> = unseen
                 .iter()
-                .filter(|(k, u)| diff(u, &|g: &StreamGroup| &g.kind == k, 1, 0).mean < -1.0)
+                .filter(|(k, u)| {
+                    gap(
+                        u,
+                        &|g: &StreamGroup| &g.kind == k,
+                        Way::Auto,
+                        Way::CleanModel,
+                    )
+                    .mean
+                        < -1.0
+                })
                 .collect();
             let _ = writeln!(
                 s,
@@ -1145,8 +1132,8 @@ impl Study {
                 let _ = writeln!(
                     s,
                     "  - Missed on {k}: auto − clean model = {} points ({} of {n} seeds within 1 point). Trained without {k}, the detector took its images for other kinds confidently and within their familiar statistics, and served them with: {}; those signatures cost accuracy on {k}.",
-                    diff(u, &of, 1, 0).gain(),
-                    seeds_meeting(&per_seed_diff(u, &of, 1, 0), -1.0),
+                    gap(u, &of, Way::Auto, Way::CleanModel).gain(),
+                    seeds_meeting(u, &of, Way::CleanModel, -1.0),
                     chose
                 );
             }
@@ -1166,8 +1153,8 @@ impl Study {
         let row =
             |name: String, d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool| -> Vec<String> {
                 let mut r = vec![name, images(d, keep)];
-                r.extend((0..WAYS.len()).map(|w| way(d, keep, w).cell()));
-                r.push(diff(d, keep, 1, 2).gain());
+                r.extend(Way::ALL.map(|w| way(d, keep, w).cell()));
+                r.push(gap(d, keep, Way::Auto, Way::Oracle).gain());
                 r
             };
         let rows = vec![
@@ -1231,12 +1218,12 @@ impl Study {
                 .map(|(k, u)| {
                     let of = |g: &StreamGroup| &g.kind == k;
                     let chose = shares(&served_with(u, &of));
-                    let margin = diff(u, &of, 1, 0);
+                    let margin = gap(u, &of, Way::Auto, Way::CleanModel);
                     vec![
                         k.clone(),
                         images(u, &of),
-                        way(u, &of, 0).cell(),
-                        format!("**{}**", way(u, &of, 1).cell()),
+                        way(u, &of, Way::CleanModel).cell(),
+                        format!("**{}**", way(u, &of, Way::Auto).cell()),
                         margin.gain(),
                         if margin.mean >= -1.0 {
                             "met"
@@ -1245,7 +1232,7 @@ impl Study {
                         }
                         .to_string(),
                         chose,
-                        way(&d, &of, 1).cell(),
+                        way(&d, &of, Way::Auto).cell(),
                         Estimate::over(&d, |(r, _)| {
                             r.detector.unseen.get(k).map_or(f64::NAN, Unseen::margin)
                         })
@@ -1427,16 +1414,14 @@ impl Study {
             return Ok(());
         };
         let kinds = d[0].0.detector.kinds.clone();
-        let way = |d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, w: usize| {
-            Estimate::over(d, |(_, st)| st.tally(keep).percents()[w])
-        };
-        let by_kind: Vec<(String, Vec<Estimate>)> = (0..WAYS.len())
-            .map(|w| {
+        let by_kind: Vec<(String, Vec<Estimate>)> = Way::ALL
+            .iter()
+            .map(|&w| {
                 let values = kinds
                     .iter()
                     .map(|k| way(&d, &|g: &StreamGroup| &g.kind == k, w))
                     .collect();
-                (WAYS[w].to_string(), values)
+                (w.name().to_string(), values)
             })
             .collect();
         bar_chart(
@@ -1447,9 +1432,10 @@ impl Study {
             &kinds,
             &by_kind,
         )?;
-        let by_severity: Vec<Series> = (0..WAYS.len())
-            .map(|w| Series {
-                name: WAYS[w].to_string(),
+        let by_severity: Vec<Series> = Way::ALL
+            .iter()
+            .map(|&w| Series {
+                name: w.name().to_string(),
                 points: (0..=5u8)
                     .map(|sev| {
                         (
@@ -1468,15 +1454,12 @@ impl Study {
             0.0..100.0,
             &by_severity,
         )?;
-        let unseen: Vec<(String, Vec<Tested>)> = kinds
-            .iter()
-            .filter_map(|k| Some((k.clone(), self.unseen(k)?)))
-            .collect();
+        let unseen = self.unseen(&kinds);
         if unseen.is_empty() {
             return Ok(());
         }
         let groups: Vec<String> = unseen.iter().map(|(k, _)| k.clone()).collect();
-        let of = |k: &str, d: &[Tested], w: usize| way(d, &|g: &StreamGroup| g.kind == k, w);
+        let of = |k: &str, d: &[Tested], w: Way| way(d, &|g: &StreamGroup| g.kind == k, w);
         bar_chart(
             &dir.join("auto_unseen.png"),
             "Each kind's images, by a detector trained without it",
@@ -1486,19 +1469,60 @@ impl Study {
             &[
                 (
                     "clean model".to_string(),
-                    unseen.iter().map(|(k, u)| of(k, u, 0)).collect(),
+                    unseen
+                        .iter()
+                        .map(|(k, u)| of(k, u, Way::CleanModel))
+                        .collect(),
                 ),
                 (
                     "auto, never saw it".to_string(),
-                    unseen.iter().map(|(k, u)| of(k, u, 1)).collect(),
+                    unseen.iter().map(|(k, u)| of(k, u, Way::Auto)).collect(),
                 ),
                 (
                     "auto, saw it".to_string(),
-                    unseen.iter().map(|(k, _)| of(k, &d, 1)).collect(),
+                    unseen.iter().map(|(k, _)| of(k, &d, Way::Auto)).collect(),
                 ),
             ],
         )
     }
+}
+
+/// Per seed, the accuracy of `w` on the groups of its stream `keep` selects.
+fn way(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, w: Way) -> Estimate {
+    Estimate::over(d, |(_, st)| st.tally(keep).percent(w))
+}
+
+/// Per seed, the points `a` gains over `b` on the groups `keep` selects.
+fn gaps(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, a: Way, b: Way) -> Vec<f64> {
+    (d.iter())
+        .map(|(_, st)| {
+            let t = st.tally(keep);
+            t.percent(a) - t.percent(b)
+        })
+        .collect()
+}
+
+fn gap(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool, a: Way, b: Way) -> Estimate {
+    Estimate::of(&gaps(d, keep, a, b))
+}
+
+/// Seeds on which `auto` falls no more than `limit` points below `than`.
+fn seeds_meeting(
+    d: &[Tested],
+    keep: &dyn Fn(&StreamGroup) -> bool,
+    than: Way,
+    limit: f64,
+) -> usize {
+    let gaps = gaps(d, keep, Way::Auto, than);
+    gaps.iter().filter(|g| **g >= limit).count()
+}
+
+/// Per seed, the images of the groups `keep` selects, joined by "/".
+fn images(d: &[Tested], keep: &dyn Fn(&StreamGroup) -> bool) -> String {
+    let all: Vec<String> = (d.iter())
+        .map(|(_, st)| st.tally(keep).images.to_string())
+        .collect();
+    all.join("/")
 }
 
 /// Over every seed's stream, the share (percent) of the images `keep` selects

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use rws::lab::corrupt::Corruption;
-use rws::lab::detector::{Stream, StreamGroup, Tally, WAYS};
+use rws::lab::detector::{Stream, StreamGroup, Tally, Way};
 use rws::patch::quant::Quant;
 use rws::patch::signature::Signature;
 
@@ -351,10 +351,9 @@ pub fn train_detector(args: TrainDetectorArgs) -> Result<()> {
 /// what `auto` chose for them.
 fn print_stream(stream: &Stream) {
     let line = |t: Tally| -> String {
-        let cells: Vec<String> = WAYS
+        let cells: Vec<String> = Way::ALL
             .iter()
-            .zip(t.percents())
-            .map(|(w, p)| format!("{w} {p:5.1}%"))
+            .map(|w| format!("{} {:5.1}%", w.name(), t.percent(*w)))
             .collect();
         format!("{:>4} images: {}", t.images, cells.join("  "))
     };
