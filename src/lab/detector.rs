@@ -759,6 +759,73 @@ pub fn serve_stream(
 mod tests {
     use super::*;
 
+    /// Kinds clean, fog and snow; each kind's statistics centred on 0 with
+    /// unit spread; fog familiar only within a squared z-score of 1.
+    fn detector() -> Detector {
+        Detector {
+            kinds: ["clean", "fog", "snow"].map(String::from).to_vec(),
+            base_fingerprint: String::new(),
+            feature_mean: vec![0.0; FEATURES],
+            feature_std: vec![1.0; FEATURES],
+            w1: vec![0.0; FEATURES],
+            b1: vec![0.0],
+            w2: vec![0.0; 3],
+            b2: vec![0.0; 3],
+            ws: vec![0.0],
+            bs: 3.0,
+            kind_mean: vec![0.0; 3 * FEATURES],
+            kind_std: vec![1.0; 3 * FEATURES],
+            kind_limit: vec![f32::INFINITY, 1.0, f32::INFINITY],
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_unseen_kinds_images_go_to_the_next_likeliest_kind_if_familiar() {
+        let d = detector();
+        let mut features = vec![0.0; FEATURES];
+        features[0] = 2.0;
+        let seen = Detection {
+            probs: vec![0.1, 0.3, 0.6],
+            severity: 2.4,
+            familiar: true,
+        };
+        // Without snow: fog at 0.3 / 0.4, but 2 standard deviations off fog's.
+        let no_snow = without_kind(&d, &seen, &features, 2);
+        let near = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(
+            near(&no_snow.probs, &[0.25, 0.75, 0.0]),
+            "{:?}",
+            no_snow.probs
+        );
+        assert!(!no_snow.familiar);
+        assert_eq!(no_snow.severity, 2.4);
+        // Without fog: snow at 0.6 / 0.7, familiar with any statistics.
+        let no_fog = without_kind(&d, &seen, &features, 1);
+        assert!(near(&no_fog.probs, &[0.1 / 0.7, 0.0, 0.6 / 0.7]) && no_fog.familiar);
+        // Served so: snow at severity 2's alpha, or clean below the threshold.
+        let policy = Policy {
+            threshold: 0.8,
+            alphas: [("snow".to_string(), [0.25, 0.5, 0.75, 1.0, 1.25])].into(),
+        };
+        let choice = policy.choose(&no_fog, &d.kinds);
+        assert_eq!(choice.signatures[0].alpha, 0.5);
+        // right[kind][alpha]: snow's signature (row 1) at alpha 0.5 (column 2).
+        let mut right = vec![vec![false; ALPHA_GRID.len()]; 2];
+        right[1][2] = true;
+        let kinds = [Corruption::Fog, Corruption::Snow];
+        assert!(served_right(&right, &kinds, &choice));
+        let unsure = Policy {
+            threshold: 0.9,
+            ..policy
+        };
+        assert!(!served_right(
+            &right,
+            &kinds,
+            &unsure.choose(&no_fog, &d.kinds)
+        ));
+    }
+
     #[test]
     fn alphas_rise_with_severity_and_maximize_hits() {
         // Severity 2 alone would pick alpha 0.25 (index 1) after 1.0 at

@@ -1208,10 +1208,23 @@ impl Study {
                  stream; the table shows that kind's images. *As tuned* is what the policy's tuning expected on held-out \
                  training digits for that kind served as if unseen, by the detector that saw every kind (its probability \
                  taken out, the rest renormalized): the threshold is chosen so that no kind served so falls more than {} \
-                 points below the clean model (or the least, when none can). It is optimistic: a detector that truly never \
-                 saw a kind names its images as another more confidently.\n",
+                 points below the clean model (or the least, when none can), then for the most held-out images right. It \
+                 is optimistic: a detector that truly never saw a kind names its images as another more confidently.\n",
                 steps.join("/"),
                 first.detector.unseen_margin
+            );
+            let _ = writeln!(
+                s,
+                "Why the threshold is tuned so (measured on seed 1 while the rule was chosen): tuned for the known kinds \
+                 alone, it came out at its lowest, 0.3, and the detector trained without motion_blur took motion-blurred \
+                 digits for fog or contrast and served them with those signatures, about 10 points below the clean model. \
+                 The familiarity test could not stop it: it judges each image statistic alone, and these digits lie within \
+                 fog's training range on every one (their largest squared z-score against fog: 6 to 15 for the middle 80%, \
+                 fog's own images: median 5, 90th percentile 15), so a limit that turned them away would turn away half \
+                 of fog. Requiring the kinds served as unseen to stay within 1 point of the clean model raised the \
+                 threshold to 0.98 and left motion_blur 5 points below; within 0 points, the rule above, serves it clean. \
+                 That last choice was made after seeing seed 1's motion_blur figure, so that one figure is not a clean \
+                 test; the other seeds and kinds are.\n"
             );
             let rows: Vec<Vec<String>> = unseen
                 .iter()
