@@ -7,7 +7,6 @@
 //! concatenates the activations and runs the shared trunk once: mixed traffic
 //! keeps the efficiency of batching because only the stem is per profile.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,9 +16,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::serve::activation::now_ms;
+use crate::serve::auto::{self, AutoChoice};
 use crate::serve::metrics as m;
 use crate::serve::preprocess;
-use crate::serve::profile::{Choice, Profile};
+use crate::serve::profile::{AUTO, CLEAN, Choice, Profile, SignatureRef};
 use crate::serve::registry::Registry;
 use crate::{Error, Result};
 
@@ -37,6 +37,10 @@ pub struct Classification {
     pub generation: u64,
     /// Why that profile served it.
     pub chosen: Choice,
+    /// The signatures and alphas that served it: the profile's, or `auto`'s choice.
+    pub signatures: Vec<SignatureRef>,
+    /// For `auto`: what the detector saw, and what it chose.
+    pub auto: Option<AutoChoice>,
     /// Empty unless asked for.
     pub logits: Vec<f32>,
 }
@@ -182,31 +186,62 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     // the same table, and the same activations in force.
     let table = registry.snapshot();
     let at = now_ms();
-    let mut groups: Vec<(Arc<Profile>, Vec<Chosen>)> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    let model = registry.model();
+    let mut groups: Vec<(Route, Vec<Routed>)> = Vec::new();
     for job in live {
-        match table.resolve(&job.profile, &job.source, at) {
-            Ok((p, chosen)) => {
-                let slot = *index.entry(p.name.clone()).or_insert_with(|| {
-                    groups.push((p.clone(), Vec::new()));
-                    groups.len() - 1
-                });
-                groups[slot].1.push((job, chosen));
-            }
+        let (profile, chosen) = match table.resolve(&job.profile, &job.source, at) {
+            Ok((p, chosen)) => (p.clone(), chosen),
             Err(e) => {
                 let _ = job.reply.send(Err(e));
+                continue;
             }
+        };
+        let (route, auto) = match registry.auto().filter(|_| profile.name == AUTO) {
+            Some(auto) => {
+                let pick = {
+                    let _s = tracing::debug_span!("detect").entered();
+                    auto.choose(&job.input, model, &table.signatures)
+                };
+                metrics::counter!(m::AUTO_CHOICES, "choice" => auto::describe(&pick.signatures))
+                    .increment(1);
+                // Served clean: with the clean profile's requests.
+                let clean = table
+                    .profiles
+                    .get(CLEAN)
+                    .filter(|_| pick.signatures.is_empty());
+                let route = match clean {
+                    Some(clean) => Route::Profile(clean.clone()),
+                    None => Route::Auto(pick.signatures.clone()),
+                };
+                (route, Some(pick))
+            }
+            None => (Route::Profile(profile.clone()), None),
+        };
+        let routed = Routed {
+            job,
+            profile,
+            chosen,
+            auto,
+        };
+        match groups.iter_mut().find(|(r, _)| r.same(&route)) {
+            Some((_, jobs)) => jobs.push(routed),
+            None => groups.push((route, vec![routed])),
         }
     }
-    let model = registry.model();
     let mut activations = Vec::with_capacity(groups.len());
     let mut answered = Vec::with_capacity(groups.len());
-    for (profile, jobs) in groups {
+    for (route, jobs) in groups {
         let stem = {
-            let _s =
-                tracing::debug_span!("stem", profile = %profile.name, n = jobs.len()).entered();
-            registry.stem(&table, &profile).and_then(|stem| {
-                let inputs: Vec<&[f32]> = jobs.iter().map(|(j, _)| j.input.as_slice()).collect();
+            let _s = tracing::debug_span!("stem", route = %route, n = jobs.len()).entered();
+            let stem = match &route {
+                Route::Profile(p) => registry.stem(&table, p),
+                Route::Auto(refs) => registry
+                    .auto()
+                    .ok_or_else(|| Error::Internal("auto is not enabled".into()))
+                    .and_then(|a| a.stem(model, refs, &table.signatures)),
+            };
+            stem.and_then(|stem| {
+                let inputs: Vec<&[f32]> = jobs.iter().map(|r| r.job.input.as_slice()).collect();
                 let x = preprocess::batch(&inputs, &model.config, model.device())?;
                 model.forward_stem(&stem, &x)
             })
@@ -214,9 +249,9 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
         match stem {
             Ok(h) => {
                 activations.push(h);
-                answered.push((profile, jobs));
+                answered.extend(jobs);
             }
-            Err(e) => fail(jobs.into_iter().map(|(j, _)| j), &e),
+            Err(e) => fail(jobs.into_iter().map(|r| r.job), &e),
         }
     }
     if activations.is_empty() {
@@ -232,39 +267,81 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     let rows = match logits {
         Ok(rows) => rows,
         Err(e) => {
-            for (_, jobs) in answered {
-                fail(jobs.into_iter().map(|(j, _)| j), &e);
-            }
+            fail(answered.into_iter().map(|r| r.job), &e);
             return;
         }
     };
-    let mut rows = rows.into_iter();
-    for (profile, jobs) in answered {
-        for (job, chosen) in jobs {
-            let logits = rows.next().unwrap_or_default();
-            // A finite input can still overflow inside the network; its "prediction"
-            // would be noise, so it is refused rather than answered.
-            if logits.iter().any(|v| !v.is_finite()) {
-                let _ = job.reply.send(Err(Error::InvalidArgument(
-                    "the input drives the model to non-finite logits (inf or NaN); send an \
-                     image, or a tensor normalized like the model's input (values near [-10, 10])"
-                        .into(),
-                )));
-                continue;
-            }
-            let _ = job.reply.send(Ok(Classification {
-                top_k: top_k_of(&logits, &model.config.labels, job.top_k),
-                profile: profile.name.clone(),
-                generation: profile.generation,
-                chosen,
-                logits: if job.with_logits { logits } else { Vec::new() },
-            }));
+    for (routed, logits) in answered.into_iter().zip(rows) {
+        let Routed {
+            job,
+            profile,
+            chosen,
+            auto,
+        } = routed;
+        // A finite input can still overflow inside the network; its "prediction"
+        // would be noise, so it is refused rather than answered.
+        if logits.iter().any(|v| !v.is_finite()) {
+            let _ = job.reply.send(Err(Error::InvalidArgument(
+                "the input drives the model to non-finite logits (inf or NaN); send an \
+                 image, or a tensor normalized like the model's input (values near [-10, 10])"
+                    .into(),
+            )));
+            continue;
+        }
+        let top_k = top_k_of(&logits, &model.config.labels, job.top_k);
+        if let Some(top) = top_k.first() {
+            metrics::histogram!(m::TOP1_PROBABILITY, "profile" => profile.name.clone())
+                .record(f64::from(top.score));
+        }
+        let _ = job.reply.send(Ok(Classification {
+            top_k,
+            profile: profile.name.clone(),
+            generation: profile.generation,
+            chosen,
+            signatures: match &auto {
+                Some(pick) => pick.signatures.clone(),
+                None => profile.signatures.clone(),
+            },
+            auto,
+            logits: if job.with_logits { logits } else { Vec::new() },
+        }));
+    }
+}
+
+/// What folds the stem a group of jobs is served with.
+enum Route {
+    /// A profile's own stem.
+    Profile(Arc<Profile>),
+    /// `auto`'s choice of signatures and alphas.
+    Auto(Vec<SignatureRef>),
+}
+
+impl Route {
+    fn same(&self, other: &Route) -> bool {
+        match (self, other) {
+            (Route::Profile(a), Route::Profile(b)) => Arc::ptr_eq(a, b),
+            (Route::Auto(a), Route::Auto(b)) => a == b,
+            _ => false,
         }
     }
 }
 
-/// A job and why its profile serves it.
-type Chosen = (Job, Choice);
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Profile(p) => f.write_str(&p.name),
+            Route::Auto(refs) => write!(f, "auto:{}", auto::describe(refs)),
+        }
+    }
+}
+
+/// A job, the profile that serves it and why, and what `auto` chose for it.
+struct Routed {
+    job: Job,
+    profile: Arc<Profile>,
+    chosen: Choice,
+    auto: Option<AutoChoice>,
+}
 
 fn fail(jobs: impl IntoIterator<Item = Job>, e: &Error) {
     for j in jobs {

@@ -26,6 +26,8 @@ pub const FLEET_CONNECTED: &str = "rws_fleet_connected";
 pub const EVENTS: &str = "rws_events_total";
 pub const ACTIVATIONS: &str = "rws_activations";
 pub const FLEET_APPLIED_REVISION: &str = "rws_fleet_applied_revision";
+pub const TOP1_PROBABILITY: &str = "rws_top1_probability";
+pub const AUTO_CHOICES: &str = "rws_auto_choices_total";
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
 pub fn install() -> Result<PrometheusHandle> {
@@ -38,9 +40,14 @@ pub fn install() -> Result<PrometheusHandle> {
         500e-3, 1.0, 2.5, 5.0,
     ];
     let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+    // Fine near 1, where a healthy classifier's answers sit, so drift shows.
+    let probability = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &batch))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("_probability".into()), &probability)
+        })
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
@@ -96,6 +103,15 @@ fn describe() {
     describe_gauge!(
         ACTIVATIONS,
         "Activations in the table by scope and profile (ended ones until cleaned up)."
+    );
+    describe_histogram!(
+        TOP1_PROBABILITY,
+        "Softmax probability of the top class of each answer, by the profile that served it: \
+         a profile drifting from its traffic shows as this falling."
+    );
+    describe_counter!(
+        AUTO_CHOICES,
+        "What the auto profile served images with: signature@alpha, or clean."
     );
 }
 

@@ -147,6 +147,12 @@ impl Inference for InferenceService {
             logits: c.logits,
             selection: selection as i32,
             activation_id,
+            signatures: signature_refs(&c.signatures),
+            detection: c.auto.map(|a| pb::Detection {
+                kind: a.kind,
+                confidence: a.confidence,
+                severity: u32::from(a.severity),
+            }),
         }))
     }
 }
@@ -211,17 +217,19 @@ fn signature_info(s: &LoadedSignature) -> pb::SignatureInfo {
     }
 }
 
+fn signature_refs(refs: &[profile::SignatureRef]) -> Vec<pb::SignatureRef> {
+    refs.iter()
+        .map(|s| pb::SignatureRef {
+            name: s.name.clone(),
+            alpha: s.alpha,
+        })
+        .collect()
+}
+
 fn profile_info(p: &Profile, default: &str) -> pb::ProfileInfo {
     pb::ProfileInfo {
         name: p.name.clone(),
-        signatures: p
-            .signatures
-            .iter()
-            .map(|s| pb::SignatureRef {
-                name: s.name.clone(),
-                alpha: s.alpha,
-            })
-            .collect(),
+        signatures: signature_refs(&p.signatures),
         generation: p.generation,
         resident: p.is_resident(),
         is_default: p.name == default,

@@ -322,6 +322,15 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         .await?
         .classify(bytes, &profile, &args.source, args.top_k, args.json)
         .await?;
+    let refs: Vec<SignatureRef> = r
+        .signatures
+        .iter()
+        .map(|s| SignatureRef {
+            name: s.name.clone(),
+            alpha: s.alpha,
+        })
+        .collect();
+    let served = rws::serve::auto::describe(&refs);
     let why = match (r.selection(), r.activation_id.as_str()) {
         (pb::Selection::Activation, id) => format!("activation {id}"),
         (pb::Selection::Explicit, _) => "named".into(),
@@ -339,10 +348,23 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
             "chosen_by": why,
             "top_k": top,
             "logits": r.logits,
+            "signatures": served.clone(),
+            "detection": r.detection.as_ref().map(|d| serde_json::json!({
+                "kind": d.kind, "confidence": d.confidence, "severity": d.severity
+            })),
         });
         println!("{v}");
     } else {
         println!("profile {} (generation {}, {why})", r.profile, r.generation);
+        match &r.detection {
+            Some(d) => println!(
+                "served with {served}: the detector saw {} (severity {}) with {:.0}% confidence",
+                d.kind,
+                d.severity,
+                d.confidence * 100.0
+            ),
+            None => println!("served with {served}"),
+        }
         for p in r.top_k {
             println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
         }
