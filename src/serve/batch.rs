@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::serve::activation::now_ms;
 use crate::serve::auto::{self, AutoChoice};
+use crate::serve::compute::{Served, compute};
 use crate::serve::metrics as m;
-use crate::serve::preprocess;
-use crate::serve::profile::{AUTO, CLEAN, Choice, Profile, SignatureRef};
+use crate::serve::profile::{Choice, Profile, SignatureRef};
 use crate::serve::registry::Registry;
+use crate::serve::shadow::Shadows;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +90,8 @@ pub struct Job {
 pub struct Batcher {
     tx: Sender<Job>,
     depth: Arc<AtomicUsize>,
+    /// Candidate profiles run on samples of the traffic, off the response path.
+    shadows: Arc<Shadows>,
 }
 
 impl Batcher {
@@ -101,14 +103,20 @@ impl Batcher {
         }
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
         let depth = Arc::new(AtomicUsize::new(0));
+        let shadows = Arc::new(Shadows::start(registry.clone(), depth.clone())?);
         for i in 0..cfg.workers {
             let (rx, registry, depth) = (rx.clone(), registry.clone(), depth.clone());
+            let shadows = shadows.clone();
             std::thread::Builder::new()
                 .name(format!("rws-compute-{i}"))
-                .spawn(move || worker(&registry, &rx, cfg, &depth))
+                .spawn(move || worker(&registry, &rx, cfg, &depth, &shadows))
                 .map_err(|e| Error::Internal(format!("cannot start compute thread: {e}")))?;
         }
-        Ok(Batcher { tx, depth })
+        Ok(Batcher { tx, depth, shadows })
+    }
+
+    pub fn shadows(&self) -> &Shadows {
+        &self.shadows
     }
 
     /// Queues a job; refuses at once when the queue is full.
@@ -139,7 +147,13 @@ impl Batcher {
     }
 }
 
-fn worker(registry: &Registry, rx: &Receiver<Job>, cfg: BatchConfig, depth: &AtomicUsize) {
+fn worker(
+    registry: &Registry,
+    rx: &Receiver<Job>,
+    cfg: BatchConfig,
+    depth: &AtomicUsize,
+    shadows: &Shadows,
+) {
     // Ends when every sender (the Batcher) is dropped.
     while let Ok(first) = rx.recv() {
         let until = Instant::now() + cfg.max_delay;
@@ -152,12 +166,13 @@ fn worker(registry: &Registry, rx: &Receiver<Job>, cfg: BatchConfig, depth: &Ato
         }
         let left = depth.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
         metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
-        run_batch(registry, jobs);
+        run_batch(registry, jobs, Some(shadows));
     }
 }
 
-/// Computes one batch and answers every job in it.
-pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
+/// Computes one batch and answers every job in it, offering each answered one
+/// to the running `shadows`.
+pub fn run_batch(registry: &Registry, jobs: Vec<Job>, shadows: Option<&Shadows>) {
     let now = Instant::now();
     let (live, expired): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
@@ -186,109 +201,39 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     // the same table, and the same activations in force.
     let table = registry.snapshot();
     let at = now_ms();
-    let model = registry.model();
-    let mut groups: Vec<(Route, Vec<Routed>)> = Vec::new();
+    let mut resolved = Vec::with_capacity(live.len());
     for job in live {
-        let (profile, chosen) = match table.resolve(&job.profile, &job.source, at) {
-            Ok((p, chosen)) => (p.clone(), chosen),
+        match table.resolve(&job.profile, &job.source, at) {
+            Ok((p, chosen)) => resolved.push((job, p.clone(), chosen)),
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    let served = {
+        let inputs: Vec<(&[f32], &Arc<Profile>)> = resolved
+            .iter()
+            .map(|(j, p, _)| (j.input.as_slice(), p))
+            .collect();
+        compute(registry, &table, &inputs)
+    };
+    let labels = &registry.model().config.labels;
+    for ((job, profile, chosen), served) in resolved.into_iter().zip(served) {
+        let Served { logits, auto } = match served {
+            Ok(s) => s,
             Err(e) => {
                 let _ = job.reply.send(Err(e));
                 continue;
             }
         };
-        let (route, auto) = match registry.auto().filter(|_| profile.name == AUTO) {
-            Some(auto) => {
-                let pick = {
-                    let _s = tracing::debug_span!("detect").entered();
-                    auto.choose(&job.input, model, &table.signatures)
-                };
-                metrics::counter!(m::AUTO_CHOICES, "choice" => auto::describe(&pick.signatures))
-                    .increment(1);
-                // Served clean: with the clean profile's requests.
-                let clean = table
-                    .profiles
-                    .get(CLEAN)
-                    .filter(|_| pick.signatures.is_empty());
-                let route = match clean {
-                    Some(clean) => Route::Profile(clean.clone()),
-                    None => Route::Auto(pick.signatures.clone()),
-                };
-                (route, Some(pick))
-            }
-            None => (Route::Profile(profile.clone()), None),
-        };
-        let routed = Routed {
-            job,
-            profile,
-            chosen,
-            auto,
-        };
-        match groups.iter_mut().find(|(r, _)| r.same(&route)) {
-            Some((_, jobs)) => jobs.push(routed),
-            None => groups.push((route, vec![routed])),
+        if let Some(pick) = &auto {
+            metrics::counter!(m::AUTO_CHOICES, "choice" => auto::describe(&pick.signatures))
+                .increment(1);
         }
-    }
-    let mut activations = Vec::with_capacity(groups.len());
-    let mut answered = Vec::with_capacity(groups.len());
-    for (route, jobs) in groups {
-        let stem = {
-            let _s = tracing::debug_span!("stem", route = %route, n = jobs.len()).entered();
-            let stem = match &route {
-                Route::Profile(p) => registry.stem(&table, p),
-                Route::Auto(refs) => registry
-                    .auto()
-                    .ok_or_else(|| Error::Internal("auto is not enabled".into()))
-                    .and_then(|a| a.stem(model, refs, &table.signatures)),
-            };
-            stem.and_then(|stem| {
-                let inputs: Vec<&[f32]> = jobs.iter().map(|r| r.job.input.as_slice()).collect();
-                let x = preprocess::batch(&inputs, &model.config, model.device())?;
-                model.forward_stem(&stem, &x)
-            })
-        };
-        match stem {
-            Ok(h) => {
-                activations.push(h);
-                answered.extend(jobs);
-            }
-            Err(e) => fail(jobs.into_iter().map(|r| r.job), &e),
+        if let Some(shadows) = shadows {
+            shadows.offer(&job.input, &logits, &profile.name);
         }
-    }
-    if activations.is_empty() {
-        return;
-    }
-    let logits = {
-        let _s = tracing::debug_span!("trunk", n = activations.len()).entered();
-        Tensor::cat(&activations, 0)
-            .map_err(Error::from)
-            .and_then(|h| model.forward_trunk(&h))
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
-    };
-    let rows = match logits {
-        Ok(rows) => rows,
-        Err(e) => {
-            fail(answered.into_iter().map(|r| r.job), &e);
-            return;
-        }
-    };
-    for (routed, logits) in answered.into_iter().zip(rows) {
-        let Routed {
-            job,
-            profile,
-            chosen,
-            auto,
-        } = routed;
-        // A finite input can still overflow inside the network; its "prediction"
-        // would be noise, so it is refused rather than answered.
-        if logits.iter().any(|v| !v.is_finite()) {
-            let _ = job.reply.send(Err(Error::InvalidArgument(
-                "the input drives the model to non-finite logits (inf or NaN); send an \
-                 image, or a tensor normalized like the model's input (values near [-10, 10])"
-                    .into(),
-            )));
-            continue;
-        }
-        let top_k = top_k_of(&logits, &model.config.labels, job.top_k);
+        let top_k = top_k_of(&logits, labels, job.top_k);
         if let Some(top) = top_k.first() {
             metrics::histogram!(m::TOP1_PROBABILITY, "profile" => profile.name.clone())
                 .record(f64::from(top.score));
@@ -305,47 +250,6 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
             auto,
             logits: if job.with_logits { logits } else { Vec::new() },
         }));
-    }
-}
-
-/// What folds the stem a group of jobs is served with.
-enum Route {
-    /// A profile's own stem.
-    Profile(Arc<Profile>),
-    /// `auto`'s choice of signatures and alphas.
-    Auto(Vec<SignatureRef>),
-}
-
-impl Route {
-    fn same(&self, other: &Route) -> bool {
-        match (self, other) {
-            (Route::Profile(a), Route::Profile(b)) => Arc::ptr_eq(a, b),
-            (Route::Auto(a), Route::Auto(b)) => a == b,
-            _ => false,
-        }
-    }
-}
-
-impl std::fmt::Display for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Route::Profile(p) => f.write_str(&p.name),
-            Route::Auto(refs) => write!(f, "auto:{}", auto::describe(refs)),
-        }
-    }
-}
-
-/// A job, the profile that serves it and why, and what `auto` chose for it.
-struct Routed {
-    job: Job,
-    profile: Arc<Profile>,
-    chosen: Choice,
-    auto: Option<AutoChoice>,
-}
-
-fn fail(jobs: impl IntoIterator<Item = Job>, e: &Error) {
-    for j in jobs {
-        let _ = j.reply.send(Err(Error::Internal(e.to_string())));
     }
 }
 

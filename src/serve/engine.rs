@@ -26,6 +26,7 @@ use crate::serve::profile::{
     AUTO, Choice, LoadedSignature, Origin, SignatureRef, Source, validate_name,
 };
 use crate::serve::registry::Registry;
+use crate::serve::shadow::{self, Shadows};
 use crate::serve::state::{self, State, StateDir};
 use crate::serve::traffic::Traffic;
 use crate::{Error, Result, bail};
@@ -330,6 +331,19 @@ impl Engine {
             .await
         })
         .await
+    }
+
+    /// Starts, restarts (with a fresh tally) or with `fraction` 0 stops the
+    /// shadow of `profile`. Not an admin change: responses stay as they are.
+    pub fn shadow(&self, profile: &str, fraction: f64, who: &str) -> Result<shadow::Report> {
+        let exists = self.registry.snapshot().profiles.contains_key(profile);
+        let report = self.batcher.shadows().set(profile, fraction, exists)?;
+        tracing::info!(profile, fraction, who, "shadow set");
+        Ok(report)
+    }
+
+    pub fn shadows(&self) -> &Shadows {
+        self.batcher.shadows()
     }
 
     /// Requests per profile over the last minutes.
