@@ -46,6 +46,8 @@ pub struct AutoChoice {
     pub confidence: f32,
     /// The estimated severity, rounded.
     pub severity: u8,
+    /// Whether the image looked like the training images of that kind.
+    pub familiar: bool,
 }
 
 /// The detector and its policy, and the stems folded for the choices made so
@@ -184,6 +186,7 @@ impl Policy {
             kind,
             confidence,
             severity,
+            familiar: d.familiar,
         }
     }
 

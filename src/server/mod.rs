@@ -153,6 +153,7 @@ impl Inference for InferenceService {
                 kind: a.kind,
                 confidence: a.confidence,
                 severity: u32::from(a.severity),
+                familiar: a.familiar,
             }),
         }))
     }

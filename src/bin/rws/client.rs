@@ -446,7 +446,8 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
             "logits": r.logits,
             "signatures": served.clone(),
             "detection": r.detection.as_ref().map(|d| serde_json::json!({
-                "kind": d.kind, "confidence": d.confidence, "severity": d.severity
+                "kind": d.kind, "confidence": d.confidence, "severity": d.severity,
+                "familiar": d.familiar
             })),
         });
         println!("{v}");
@@ -454,10 +455,14 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         println!("profile {} (generation {}, {why})", r.profile, r.generation);
         match &r.detection {
             Some(d) => println!(
-                "served with {served}: the detector saw {} (severity {}) with {:.0}% confidence",
+                "served with {served}: the detector saw {} (severity {}) with {:.0}% confidence{}",
                 d.kind,
                 d.severity,
-                d.confidence * 100.0
+                d.confidence * 100.0,
+                match d.familiar {
+                    true => "",
+                    false => ", but unlike its training images of that kind",
+                }
             ),
             None => println!("served with {served}"),
         }
