@@ -84,13 +84,14 @@ async fn shadowing_never_changes_a_response_and_its_queue_stays_bounded() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let l = list(&server).await;
     let s = &l.shadows[0];
+    // (How many were dropped depends on the machine: a busy server drops them.)
     assert_eq!(s.sampled, 96, "every one of the 96 requests is picked");
-    assert_eq!(s.sampled, s.compared + s.dropped + s.failed, "{s:?}");
-    assert!(s.compared > 0, "{s:?} (most queued {most_queued})");
+    assert_eq!(
+        s.sampled,
+        s.compared + s.dropped + s.failed,
+        "{s:?} (most queued {most_queued})"
+    );
     assert_eq!(s.failed, 0);
-    assert!((0.0..=1.0).contains(&s.agreement));
-    assert!(s.served_confidence > 0.0 && s.candidate_confidence > 0.0);
-    assert!(s.served_entropy >= 0.0 && s.candidate_entropy >= 0.0);
 
     // Requests the candidate itself serves are not compared with themselves.
     let before = list(&server).await.shadows[0].sampled;
@@ -133,8 +134,9 @@ async fn the_shadow_tally_compares_the_candidate_with_what_was_served() {
     let s = list(&server).await.shadows.remove(0);
     assert_eq!(s.sampled, 10, "half of 20, evenly");
     assert_eq!(s.compared + s.dropped, 10);
-    assert!(s.compared > 0);
+    assert!(s.compared > 0, "an idle server compares its samples: {s:?}");
     assert_eq!(s.agreement, 1.0);
+    assert!(s.served_confidence > 0.0 && s.served_entropy >= 0.0);
     assert!((s.served_confidence - s.candidate_confidence).abs() < 1e-12);
     assert!((s.served_entropy - s.candidate_entropy).abs() < 1e-12);
     server.stop().await;

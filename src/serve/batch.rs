@@ -8,7 +8,7 @@
 //! keeps the efficiency of batching because only the stem is per profile.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use crate::serve::activation::now_ms;
 use crate::serve::auto::{self, AutoChoice};
 use crate::serve::compute::{Served, compute};
+use crate::serve::load::Load;
 use crate::serve::metrics as m;
 use crate::serve::profile::{Choice, Profile, SignatureRef};
 use crate::serve::registry::Registry;
@@ -89,7 +90,7 @@ pub struct Job {
 
 pub struct Batcher {
     tx: Sender<Job>,
-    depth: Arc<AtomicUsize>,
+    load: Arc<Load>,
     /// Candidate profiles run on samples of the traffic, off the response path.
     shadows: Arc<Shadows>,
 }
@@ -102,17 +103,17 @@ impl Batcher {
             ));
         }
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
-        let depth = Arc::new(AtomicUsize::new(0));
-        let shadows = Arc::new(Shadows::start(registry.clone(), depth.clone())?);
+        let load = Arc::new(Load::new(cfg.workers));
+        let shadows = Arc::new(Shadows::start(registry.clone(), load.clone())?);
         for i in 0..cfg.workers {
-            let (rx, registry, depth) = (rx.clone(), registry.clone(), depth.clone());
+            let (rx, registry, load) = (rx.clone(), registry.clone(), load.clone());
             let shadows = shadows.clone();
             std::thread::Builder::new()
                 .name(format!("rws-compute-{i}"))
-                .spawn(move || worker(&registry, &rx, cfg, &depth, &shadows))
+                .spawn(move || worker(&registry, &rx, cfg, &load, &shadows))
                 .map_err(|e| Error::Internal(format!("cannot start compute thread: {e}")))?;
         }
-        Ok(Batcher { tx, depth, shadows })
+        Ok(Batcher { tx, load, shadows })
     }
 
     pub fn shadows(&self) -> &Shadows {
@@ -122,10 +123,10 @@ impl Batcher {
     /// Queues a job; refuses at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<()> {
         // Counted before it is sent, so a worker never takes it off the count first.
-        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        let depth = self.load.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         let sent = self.tx.try_send(job);
         if sent.is_err() {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => {
@@ -143,7 +144,7 @@ impl Batcher {
 
     /// Requests waiting for a worker.
     pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.load.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -151,7 +152,7 @@ fn worker(
     registry: &Registry,
     rx: &Receiver<Job>,
     cfg: BatchConfig,
-    depth: &AtomicUsize,
+    load: &Load,
     shadows: &Shadows,
 ) {
     // Ends when every sender (the Batcher) is dropped.
@@ -164,9 +165,9 @@ fn worker(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let left = depth.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
+        let left = load.waiting.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
         metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
-        run_batch(registry, jobs, Some(shadows));
+        load.run(|| run_batch(registry, jobs, Some(shadows)));
     }
 }
 

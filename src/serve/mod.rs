@@ -21,6 +21,7 @@ pub mod engine;
 pub mod events;
 pub mod fleet;
 pub mod journal;
+pub mod load;
 pub mod metrics;
 pub mod preprocess;
 pub mod profile;

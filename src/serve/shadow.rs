@@ -6,20 +6,24 @@
 //! are never touched: a sample is a copy of an input and the logits computed
 //! for it, and the candidate runs on its own thread.
 //!
-//! The added latency is bounded by dropping rather than queueing: samples are
-//! taken only while no request waits for a compute worker, the queue holds
-//! [`QUEUE`] of them, and a sample whose turn comes while requests wait is
-//! dropped. Shadows live on one replica and are not persisted.
+//! The added latency is bounded by yielding and dropping rather than queueing:
+//! samples are taken only while no request waits and the compute workers were
+//! busy less than half of the last second; the queue holds [`QUEUE`] of them;
+//! the worker computes one sample at a time, each only once no batch is running
+//! and none waits, and drops a sample that waited [`MAX_WAIT`] for that.
+//! Shadows live on one replica and are not persisted.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::serve::activation::now_ms;
 use crate::serve::compute::compute;
+use crate::serve::load::Load;
 use crate::serve::metrics as m;
 use crate::serve::profile::validate_name;
 use crate::serve::registry::Registry;
@@ -29,8 +33,10 @@ use crate::{Error, Result, bail};
 pub const QUEUE: usize = 64;
 /// Shadows running at once.
 pub const MAX_SHADOWS: usize = 4;
-/// Samples the worker computes together.
-const BATCH: usize = 8;
+/// Above this share of time computing, the server is too busy to sample.
+const MAX_UTILIZATION: f64 = 0.5;
+/// How long a sample may wait for the compute workers to be idle.
+const MAX_WAIT: Duration = Duration::from_millis(20);
 
 /// The shadows of one server, and the queue to their worker.
 pub struct Shadows {
@@ -38,8 +44,8 @@ pub struct Shadows {
     /// Serializes changes to `active`.
     write: Mutex<()>,
     tx: Sender<Sample>,
-    /// Requests waiting for a compute worker: while any do, nothing is sampled.
-    waiting: Arc<AtomicUsize>,
+    /// How busy the compute workers are.
+    load: Arc<Load>,
 }
 
 /// One candidate profile under evaluation.
@@ -101,20 +107,20 @@ struct Sample {
 }
 
 impl Shadows {
-    /// Starts the shadow worker on its own thread; `waiting` counts the
-    /// requests queued for the compute workers.
-    pub fn start(registry: Arc<Registry>, waiting: Arc<AtomicUsize>) -> Result<Shadows> {
+    /// Starts the shadow worker on its own thread, yielding to the compute
+    /// workers whose `load` is given.
+    pub fn start(registry: Arc<Registry>, load: Arc<Load>) -> Result<Shadows> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
-        let idle = waiting.clone();
+        let yield_to = load.clone();
         std::thread::Builder::new()
             .name("rws-shadow".into())
-            .spawn(move || worker(&registry, &rx, &idle))
+            .spawn(move || worker(&registry, &rx, &yield_to))
             .map_err(|e| Error::Internal(format!("cannot start the shadow thread: {e}")))?;
         Ok(Shadows {
             active: ArcSwap::default(),
             write: Mutex::new(()),
             tx,
-            waiting,
+            load,
         })
     }
 
@@ -178,7 +184,7 @@ impl Shadows {
             if !shadow.pick() {
                 continue;
             }
-            let idle = self.waiting.load(Ordering::Relaxed) == 0;
+            let idle = !self.load.busy(MAX_UTILIZATION);
             let sent = idle
                 && self
                     .tx
@@ -220,44 +226,29 @@ impl Shadow {
     }
 }
 
-/// Takes samples in batches and runs each shadow's candidate on them, while
-/// no request waits; ends when [`Shadows`] is dropped.
-fn worker(registry: &Registry, rx: &Receiver<Sample>, waiting: &AtomicUsize) {
-    while let Ok(first) = rx.recv() {
-        let mut samples = vec![first];
-        while samples.len() < BATCH {
-            match rx.try_recv() {
-                Ok(s) => samples.push(s),
-                Err(_) => break,
-            }
+/// Runs each shadow's candidate on its samples, one at a time and only while
+/// the compute workers are idle; ends when [`Shadows`] is dropped.
+fn worker(registry: &Registry, rx: &Receiver<Sample>, load: &Load) {
+    while let Ok(s) = rx.recv() {
+        let waited = Instant::now();
+        while load.active() && waited.elapsed() < MAX_WAIT {
+            std::thread::sleep(Duration::from_micros(100));
         }
-        if waiting.load(Ordering::Relaxed) > 0 {
-            for s in samples {
-                s.shadow.lock().dropped += 1;
-                metrics::counter!(m::SHADOW_SAMPLES, "candidate" => s.shadow.profile.clone(), "outcome" => "dropped")
-                    .increment(1);
-            }
+        if load.active() || load.busy(MAX_UTILIZATION) {
+            s.shadow.lock().dropped += 1;
+            metrics::counter!(m::SHADOW_SAMPLES, "candidate" => s.shadow.profile.clone(), "outcome" => "dropped")
+                .increment(1);
             continue;
         }
-        let _span = tracing::debug_span!("shadow", n = samples.len()).entered();
+        let _span = tracing::debug_span!("shadow", candidate = %s.shadow.profile).entered();
         let table = registry.snapshot();
-        let mut runnable = Vec::with_capacity(samples.len());
-        for s in samples {
-            match table.profile(Some(&s.shadow.profile)) {
-                Ok(p) => runnable.push((s, p.clone())),
-                Err(_) => failed(&s.shadow),
-            }
-        }
-        let inputs: Vec<_> = runnable
-            .iter()
-            .map(|(s, p)| (s.input.as_slice(), p))
-            .collect();
-        let results = compute(registry, &table, &inputs);
-        for ((s, _), result) in runnable.iter().zip(results) {
-            match result {
-                Ok(candidate) => compare(&s.shadow, &s.served, &candidate.logits),
-                Err(_) => failed(&s.shadow),
-            }
+        let Ok(profile) = table.profile(Some(&s.shadow.profile)) else {
+            failed(&s.shadow);
+            continue;
+        };
+        match compute(registry, &table, &[(s.input.as_slice(), profile)]).pop() {
+            Some(Ok(candidate)) => compare(&s.shadow, &s.served, &candidate.logits),
+            _ => failed(&s.shadow),
         }
     }
 }
@@ -365,8 +356,9 @@ mod tests {
         .unwrap();
         let input = vec![0.0; model.config.channels * 28 * 28];
         let registry = Arc::new(Registry::new(Arc::new(model), 4).unwrap());
-        let waiting = Arc::new(AtomicUsize::new(1));
-        let shadows = Shadows::start(registry, waiting.clone()).unwrap();
+        let load = Arc::new(Load::new(1));
+        load.waiting.store(1, Ordering::Relaxed);
+        let shadows = Shadows::start(registry, load.clone()).unwrap();
         shadows.set("clean", 1.0, true).unwrap();
         for _ in 0..100 {
             shadows.offer(&input, &[0.0; 10], "other");
@@ -374,7 +366,7 @@ mod tests {
         let t = &shadows.list()[0].tally;
         assert_eq!((t.sampled, t.dropped, shadows.queued()), (100, 100, 0));
         // Idle again: sampled, computed and compared.
-        waiting.store(0, Ordering::Relaxed);
+        load.waiting.store(0, Ordering::Relaxed);
         shadows.offer(&input, &[0.0; 10], "other");
         for _ in 0..500 {
             if shadows.list()[0].tally.compared == 1 {
