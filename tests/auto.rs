@@ -16,6 +16,10 @@ use rws::model::Model;
 use rws::model::repo::ModelDir;
 use rws::patch::signature::Signature;
 use rws::serve::engine::{Engine, EngineOptions};
+use rws::server::kserve::pb as kserve;
+use rws::server::kserve::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use rws::server::kserve::pb::infer_parameter::ParameterChoice;
+use rws::server::kserve::pb::model_infer_request::InferInputTensor;
 use rws::server::pb;
 
 const KINDS: [Corruption; 2] = [Corruption::Fog, Corruption::GaussianNoise];
@@ -166,6 +170,65 @@ async fn auto_answers_equal_the_explicit_profile_it_reports_using() {
         patched > 0 && clean > 0,
         "a mixed stream gets both ({patched} patched, {clean} clean)"
     );
+
+    // KServe: one request of several images, each with its own choice.
+    let n = 8;
+    let raw: Vec<u8> = stream[..n]
+        .iter()
+        .flat_map(|s| s.input.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    let req = kserve::ModelInferRequest {
+        model_name: MODEL.into(),
+        parameters: [(
+            "profile".to_string(),
+            kserve::InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("auto".into())),
+            },
+        )]
+        .into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![n as i64, 1, 28, 28],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    };
+    let r = GrpcInferenceServiceClient::new(server.channel.clone())
+        .model_infer(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let out = |name: &str| {
+        let i = r.outputs.iter().position(|o| o.name == name).unwrap();
+        r.raw_output_contents[i].clone()
+    };
+    let mut names = Vec::new();
+    let mut rest = out("signatures");
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_le_bytes(*len) as usize;
+        names.push(String::from_utf8(tail[..len].to_vec()).unwrap());
+        rest = tail[len..].to_vec();
+    }
+    let confidence: Vec<f32> = out("detector_confidence")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    for (i, s) in stream[..n].iter().enumerate() {
+        let one = client
+            .classify(request(s, "auto"))
+            .await
+            .unwrap()
+            .into_inner();
+        let want = match one.signatures.as_slice() {
+            [] => "clean".to_string(),
+            [r] => format!("{}@{}", r.name, r.alpha),
+            more => panic!("{more:?}"),
+        };
+        assert_eq!(names[i], want, "image {i}");
+        assert_eq!(confidence[i], one.detection.unwrap().confidence);
+    }
     server.stop().await;
 }
 
