@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::model::repo::ModelConfig;
@@ -358,14 +357,9 @@ impl Detector {
                 row.iter().zip(&hidden).map(|(a, b)| a * b).sum::<f32>() + self.b2[k]
             })
             .collect();
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        let sum: f32 = exp.iter().sum();
         let severity = self.ws.iter().zip(&hidden).map(|(a, b)| a * b).sum::<f32>() + self.bs;
-        let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
-        let top = (0..probs.len())
-            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
-            .unwrap_or(0);
+        let probs = crate::model::softmax(&logits);
+        let top = crate::model::argmax(&probs);
         Detection {
             probs,
             severity: severity.clamp(1.0, 5.0),
@@ -462,25 +456,8 @@ impl Detector {
 
     /// Parses and checks a detector file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |e: safetensors::SafeTensorError| {
-            Error::InvalidArgument(format!("not a valid safetensors file: {e}"))
-        };
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-        let st = SafeTensors::deserialize(bytes).map_err(bad)?;
-        let md = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            md.get(k)
-                .cloned()
-                .ok_or_else(|| Error::InvalidArgument(format!("detector metadata lacks {k:?}")))
-        };
-        let version = get("rws.detector.format")?;
-        if version != FORMAT_VERSION {
-            bail!(
-                InvalidArgument,
-                "detector format version {} is not supported (expected {FORMAT_VERSION})",
-                crate::error::clip(&version)
-            );
-        }
+        let (st, md) = crate::tensorfile::read(bytes, "detector")?;
+        md.check_version("rws.detector.format", FORMAT_VERSION)?;
         let tensor = |name: &str| -> Result<Vec<f32>> {
             let v = st
                 .tensor(name)
@@ -495,11 +472,12 @@ impl Detector {
         };
         let bs = tensor("severity.bias")?;
         let d = Detector {
-            kinds: get("rws.detector.kinds")?
+            kinds: md
+                .require("rws.detector.kinds")?
                 .split(',')
                 .map(str::to_string)
                 .collect(),
-            base_fingerprint: get("rws.base_fingerprint")?,
+            base_fingerprint: md.require("rws.base_fingerprint")?,
             feature_mean: tensor("features.mean")?,
             feature_std: tensor("features.std")?,
             w1: tensor("hidden.weight")?,
@@ -517,10 +495,7 @@ impl Detector {
             kind_mean: tensor("kinds.mean")?,
             kind_std: tensor("kinds.std")?,
             kind_limit: tensor("kinds.limit")?,
-            metadata: md
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("rws.policy."))
-                .collect(),
+            metadata: md.with_prefix("rws.policy."),
         };
         d.check()?;
         Ok(d)

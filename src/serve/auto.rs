@@ -166,9 +166,7 @@ pub fn describe(refs: &[SignatureRef]) -> String {
 impl Policy {
     /// Chooses for one detection; `kinds` are the detector's, `clean` first.
     pub fn choose(&self, d: &Detection, kinds: &[String]) -> AutoChoice {
-        let top = (0..d.probs.len())
-            .max_by(|&a, &b| d.probs[a].total_cmp(&d.probs[b]).then(b.cmp(&a)))
-            .unwrap_or(0);
+        let top = crate::model::argmax(&d.probs);
         let kind = kinds.get(top).cloned().unwrap_or_default();
         let confidence = d.probs.get(top).copied().unwrap_or(0.0);
         let severity = d.severity.round().clamp(1.0, 5.0) as u8;

@@ -260,9 +260,7 @@ pub const DEFAULT_TOP_K: usize = 5;
 /// Softmax scores of the `k` largest logits (0 means [`DEFAULT_TOP_K`]).
 pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
     let k = if k == 0 { DEFAULT_TOP_K } else { k }.min(logits.len());
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
+    let probs = crate::model::softmax(logits);
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     order
@@ -271,7 +269,7 @@ pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> 
         .map(|i| Prediction {
             index: i,
             label: labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
-            score: exp[i] / sum,
+            score: probs[i],
         })
         .collect()
 }

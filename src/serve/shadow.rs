@@ -295,20 +295,15 @@ struct Answer {
 
 impl Answer {
     fn of(logits: &[f32]) -> Answer {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f64> = logits.iter().map(|l| f64::from(l - max).exp()).collect();
-        let sum: f64 = exp.iter().sum();
-        let p: Vec<f64> = exp.iter().map(|e| e / sum).collect();
-        let class = (0..p.len())
-            .max_by(|&i, &j| p[i].total_cmp(&p[j]).then(j.cmp(&i)))
-            .unwrap_or(0);
+        let p = crate::model::softmax(logits);
+        let class = crate::model::argmax(&p);
         Answer {
             class,
-            confidence: p.get(class).copied().unwrap_or(0.0),
+            confidence: p.get(class).copied().map_or(0.0, f64::from),
             entropy: -p
                 .iter()
                 .filter(|&&x| x > 0.0)
-                .map(|x| x * x.ln())
+                .map(|&x| f64::from(x) * f64::from(x).ln())
                 .sum::<f64>(),
         }
     }

@@ -453,8 +453,9 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!("profile {} (generation {}, {why})", r.profile, r.generation);
-        match &r.detection {
-            Some(d) => println!(
+        // What served it, when the server chose: the profile names it otherwise.
+        if let Some(d) = &r.detection {
+            println!(
                 "served with {served}: the detector saw {} (severity {}) with {:.0}% confidence{}",
                 d.kind,
                 d.severity,
@@ -463,8 +464,7 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
                     true => "",
                     false => ", but unlike its training images of that kind",
                 }
-            ),
-            None => println!("served with {served}"),
+            );
         }
         for p in r.top_k {
             println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
