@@ -83,7 +83,7 @@ fn run(registry: &Registry, inputs: &[Vec<f32>], profiles: &[&str]) {
             }
         })
         .collect();
-    run_batch(registry, jobs);
+    run_batch(registry, jobs, None);
     for mut a in answers {
         a.try_recv().unwrap().unwrap();
     }

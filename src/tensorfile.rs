@@ -1,12 +1,69 @@
-//! safetensors files whose bytes depend only on their content. The crate writes
-//! the `__metadata__` map in hash order, which changes from run to run, so the
-//! same signature came out as different bytes (and a different SHA-256) each
-//! time it was extracted. [`canonical`] rewrites the header with sorted keys:
-//! the same length, so every data offset stays valid.
+//! The safetensors files rws writes (signatures, detectors): read with errors
+//! that name the kind of file, and written so that their bytes depend only on
+//! their content. The crate writes the `__metadata__` map in hash order, which
+//! changes from run to run, so the same signature came out as different bytes
+//! (and a different SHA-256) each time it was extracted. [`canonical`] rewrites
+//! the header with sorted keys: the same length, so every data offset stays valid.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::{Error, Result};
+use safetensors::SafeTensors;
+
+use crate::{Error, Result, bail};
+
+/// The metadata of a file of kind `what` (`signature`, `detector`).
+pub struct Metadata {
+    what: &'static str,
+    map: HashMap<String, String>,
+}
+
+impl Metadata {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.map.get(key)
+    }
+
+    /// The entry `key`, which the file must have.
+    pub fn require(&self, key: &str) -> Result<String> {
+        self.map
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("{} metadata lacks {key:?}", self.what)))
+    }
+
+    /// Refuses a file whose format version (`key`) is not `expected`.
+    pub fn check_version(&self, key: &str, expected: &str) -> Result<()> {
+        let version = self.require(key)?;
+        if version != expected {
+            bail!(
+                InvalidArgument,
+                "{} format version {} is not supported (expected {expected})",
+                self.what,
+                crate::error::clip(&version)
+            );
+        }
+        Ok(())
+    }
+
+    /// Every entry whose key starts with `prefix`.
+    pub fn with_prefix(&self, prefix: &str) -> HashMap<String, String> {
+        self.map
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Parses the bytes of a file of kind `what`: its tensors and its metadata.
+pub fn read<'a>(bytes: &'a [u8], what: &'static str) -> Result<(SafeTensors<'a>, Metadata)> {
+    let bad = |e: safetensors::SafeTensorError| {
+        Error::InvalidArgument(format!("not a valid safetensors file: {e}"))
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+    let tensors = SafeTensors::deserialize(bytes).map_err(bad)?;
+    let map = header.metadata().clone().unwrap_or_default();
+    Ok((tensors, Metadata { what, map }))
+}
 
 /// `bytes` (a safetensors file) with its header's keys in sorted order.
 pub fn canonical(mut bytes: Vec<u8>) -> Result<Vec<u8>> {

@@ -130,7 +130,7 @@ fn expired_requests_are_dropped_uncomputed() {
     let past = std::time::Instant::now() - Duration::from_millis(1);
     let (expired, mut expired_rx) = job(1, Some(past));
     let (live, mut live_rx) = job(1, Some(std::time::Instant::now() + Duration::from_secs(60)));
-    rws::serve::batch::run_batch(&registry, vec![expired, live]);
+    rws::serve::batch::run_batch(&registry, vec![expired, live], None);
     let err = expired_rx.try_recv().unwrap().unwrap_err();
     assert!(matches!(err, rws::Error::DeadlineExceeded(_)), "{err}");
     assert_eq!(live_rx.try_recv().unwrap().unwrap().profile, "clean");

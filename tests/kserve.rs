@@ -112,6 +112,18 @@ fn decode(r: &pb::ModelInferResponse) -> (Vec<Vec<u32>>, Vec<i64>) {
     (logits.chunks(classes).map(<[u32]>::to_vec).collect(), class)
 }
 
+/// The alpha of the one signature in profile `name`.
+async fn default_alpha(server: &TestServer, name: &str) -> f32 {
+    let profiles = server
+        .admin()
+        .list_profiles(rws::server::pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .profiles;
+    profiles.iter().find(|p| p.name == name).unwrap().signatures[0].alpha
+}
+
 fn param_of<'a>(r: &'a pb::ModelInferResponse, key: &str) -> &'a ParameterChoice {
     r.parameters[key].parameter_choice.as_ref().unwrap()
 }
@@ -185,6 +197,8 @@ async fn infer_matches_rws_v1_bitwise_and_follows_the_profile() {
             ("input", "FP32", vec![-1, 1, 28, 28]),
             ("logits", "FP32", vec![-1, classes]),
             ("class", "INT64", vec![-1]),
+            ("signatures", "BYTES", vec![-1]),
+            ("detector_confidence", "FP32", vec![-1]),
         ]
     );
 
@@ -212,6 +226,27 @@ async fn infer_matches_rws_v1_bitwise_and_follows_the_profile() {
         assert_eq!(
             param_of(&r, "generation"),
             &ParameterChoice::Int64Param(generation as i64)
+        );
+        // What served each image, by name; no detector ran.
+        let out = outputs(&r);
+        let served = match name {
+            "clean" => "clean".to_string(),
+            sig => format!("{sig}@{}", default_alpha(&server, sig).await),
+        };
+        let element = [
+            (served.len() as u32).to_le_bytes().to_vec(),
+            served.into_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            out["signatures"],
+            ("BYTES".into(), vec![3], element.repeat(3))
+        );
+        let (dt, shape, raw) = &out["detector_confidence"];
+        assert_eq!((dt.as_str(), shape.as_slice()), ("FP32", &[3][..]));
+        assert!(
+            raw.chunks_exact(4)
+                .all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_nan())
         );
     }
     let fog = decode(&infer(&mut client, fp32_request(&[1], Some("fog"))).await).0;

@@ -4,11 +4,11 @@
 //! (comments and its `#[cfg(test)] mod tests` left out) is an import of the deepest
 //! module that path names. Two rules:
 //!
-//! 1. **Areas are layered.** `error`, `fsutil`, `rng` and `tensorfile` are helpers; then `patch`,
-//!    `model`, `serve`, then `lab` and `server` side by side, then `bench`, then the
-//!    binary. A module imports only from its own area or a lower one, so the serving
-//!    core never reaches the research pipeline, the patching code knows no model, and
-//!    only `server` knows the wire.
+//! 1. **Areas are layered.** `error` first; then the helpers `fsutil`, `rng` and
+//!    `tensorfile`; then `patch`, `model`, `serve`, then `lab` and `server` side by
+//!    side, then `bench`, then the binary. A module imports only from its own area
+//!    or a lower one, so the serving core never reaches the research pipeline, the
+//!    patching code knows no model, and only `server` knows the wire.
 //! 2. **No circles between modules**, inside an area too. A submodule naming its own
 //!    parent (`super::Model` in `model/cuda.rs`) is not counted: the parent owns it.
 
@@ -18,16 +18,16 @@ use std::path::{Path, PathBuf};
 /// Each area's layer; an import must point to the same layer's area or a lower one.
 const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
-    ("fsutil", 0),
-    ("rng", 0),
-    ("tensorfile", 0),
-    ("patch", 1),
-    ("model", 2),
-    ("serve", 3),
-    ("lab", 4),
-    ("server", 4),
-    ("bench", 5),
-    ("bin", 6),
+    ("fsutil", 1),
+    ("rng", 1),
+    ("tensorfile", 1),
+    ("patch", 2),
+    ("model", 3),
+    ("serve", 4),
+    ("lab", 5),
+    ("server", 5),
+    ("bench", 6),
+    ("bin", 7),
 ];
 
 fn layer(area: &str) -> u32 {

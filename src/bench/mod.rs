@@ -3,6 +3,7 @@
 //! in-process on a synthetic model; [`gpu`] (the `cuda` feature) validates and
 //! times the CUDA path.
 
+pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
@@ -63,8 +64,8 @@ pub struct LoadOptions {
     pub profiles: Vec<String>,
     /// Switch the default profile between these two every `toggle_every`.
     pub toggle: Option<(String, String, Duration)>,
-    /// Encoded image sent with every request.
-    pub image: Vec<u8>,
+    /// Encoded images, sent in turn (each client starting at its own).
+    pub images: Vec<Vec<u8>>,
     /// Token for the Admin calls of a toggle storm.
     pub admin_token: Option<String>,
 }
@@ -107,6 +108,9 @@ fn check_loopback(addr: &str) -> Result<()> {
 /// an optional toggle storm of the default profile.
 pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
     check_loopback(&o.addr)?;
+    if o.images.is_empty() {
+        bail!(InvalidArgument, "the load needs at least one image to send");
+    }
     let client = RwsClient::connect(&o.addr, None, o.admin_token.as_deref()).await?;
     let stop_at = Instant::now() + o.duration;
     let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
@@ -133,7 +137,7 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
     let mut tasks = Vec::new();
     for c in 0..o.clients.max(1) {
         let mut client = client.clone();
-        let (budget, image) = (budget.clone(), o.image.clone());
+        let (budget, images) = (budget.clone(), o.images.clone());
         let profiles = o.profiles.clone();
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors, mut i) = (Vec::new(), 0usize, c);
@@ -151,9 +155,10 @@ pub async fn load(o: &LoadOptions) -> Result<LoadReport> {
                 } else {
                     profiles[i % profiles.len()].as_str()
                 };
+                let image = images[i % images.len()].clone();
                 i += 1;
                 let t = Instant::now();
-                match client.classify(image.clone(), profile, "", 1, false).await {
+                match client.classify(image, profile, "", 1, false).await {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }

@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::model::repo::ModelConfig;
@@ -39,15 +38,29 @@ pub fn features(input: &[f32], cfg: &ModelConfig) -> Vec<f32> {
             l[i] += (v * s + m) / c as f32;
         }
     }
-    Stats::new(&l, w, h).into_vec()
+    // Clipped and rounded to 8 bits, as cameras send images: the detector is
+    // trained on float corruptions, and exact equalities differ between the two
+    // (every fogged test digit sent as a PNG looked unfamiliar to a detector
+    // trained on float statistics, and was served clean). Integer codes also
+    // make every statistic below exact and cheap.
+    let q: Vec<u8> = l
+        .iter()
+        // Rounded half up (the values are not negative), without a libm call.
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8)
+        .collect();
+    Stats::new(&q, w, h).into_vec()
 }
 
-/// The median of nine values by a fixed network of 19 compare-exchanges (the
-/// classic one for 3×3 median filters), straight-line on registers: a sort per
-/// pixel, or the same network looped over an index table, dominated the detector.
+/// Pixels whose 3×3 median is taken at once: the network below runs on whole
+/// arrays, which the compiler turns into vector min/max instructions.
+const LANES: usize = 32;
+
+/// Lane by lane, the median of nine arrays of values by a fixed network of 19
+/// compare-exchanges (the classic one for 3×3 median filters): a sort per
+/// pixel, or the network per pixel, dominated the detector.
 // Some exchanges near the end write halves the median never reads.
 #[allow(unused_assignments)]
-fn median9(p: &[f32; 9]) -> f32 {
+fn median9(p: [[u8; LANES]; 9]) -> [u8; LANES] {
     let [
         mut p0,
         mut p1,
@@ -58,11 +71,13 @@ fn median9(p: &[f32; 9]) -> f32 {
         mut p6,
         mut p7,
         mut p8,
-    ] = *p;
+    ] = p;
+    let min = |a: [u8; LANES], b: [u8; LANES]| std::array::from_fn(|i| a[i].min(b[i]));
+    let max = |a: [u8; LANES], b: [u8; LANES]| std::array::from_fn(|i| a[i].max(b[i]));
     macro_rules! cx {
         ($a:ident, $b:ident) => {
-            let lo = $a.min($b);
-            $b = $a.max($b);
+            let lo = min($a, $b);
+            $b = max($a, $b);
             $a = lo;
         };
     }
@@ -85,7 +100,7 @@ fn median9(p: &[f32; 9]) -> f32 {
     cx!(p4, p2);
     cx!(p6, p4);
     // The last exchange needs only its lower half.
-    p4.min(p2)
+    min(p4, p2)
 }
 
 /// The statistics, named; [`Stats::into_vec`] fixes their order.
@@ -104,121 +119,144 @@ struct Stats {
 }
 
 impl Stats {
-    fn new(l: &[f32], w: usize, h: usize) -> Stats {
-        let n = l.len().max(1) as f32;
-        let mean = l.iter().sum::<f32>() / n;
-        let var = l.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-        let mut histogram = [0f32; 10];
-        for v in l {
-            histogram[((v.clamp(0.0, 1.0) * 10.0) as usize).min(9)] += 1.0 / n;
+    /// From 8-bit luminance codes (0 black, 255 white), row by row.
+    fn new(q: &[u8], w: usize, h: usize) -> Stats {
+        const FULL: f32 = 255.0;
+        let n = q.len().max(1) as f32;
+        // Everything global comes from the 256-bin histogram of codes.
+        let mut counts = [0u32; 256];
+        for &v in q {
+            counts[usize::from(v)] += 1;
         }
-        // Three selections, not a sort: this runs on every `auto` request.
-        let mut order = l.to_vec();
-        let mut pct = |p: f32| {
-            let at = ((order.len() - 1) as f32 * p) as usize;
-            *order.select_nth_unstable_by(at, f32::total_cmp).1
+        let (mut sum, mut sum2) = (0u64, 0u64);
+        let mut histogram = [0f32; 10];
+        for (k, &c) in counts.iter().enumerate() {
+            sum += k as u64 * u64::from(c);
+            sum2 += (k * k) as u64 * u64::from(c);
+            histogram[(k * 10 / 255).min(9)] += c as f32 / n;
+        }
+        let mean = sum as f32 / n / FULL;
+        let var = (sum2 as f32 / n / (FULL * FULL) - mean * mean).max(0.0);
+        // The value at rank `p` of the sorted codes.
+        let pct = |p: f32| {
+            let at = ((q.len().max(1) - 1) as f32 * p) as u32;
+            let mut seen = 0;
+            for (k, &c) in counts.iter().enumerate() {
+                seen += c;
+                if seen > at {
+                    return k as f32 / FULL;
+                }
+            }
+            1.0
         };
         let percentiles = [pct(0.1), pct(0.5), pct(0.9)];
-        let at = |x: usize, y: usize| l[y * w + x];
 
         // Differences to the right, down and along both diagonals.
-        let (mut dx, mut dy, mut d1, mut d2) = (0f32, 0f32, 0f32, 0f32);
-        let (mut eq_x, mut eq_y, mut fg_x, mut fg_y) = (0f32, 0f32, 0f32, 0f32);
-        let mut pairs = 0f32;
+        let (mut dx, mut dy, mut d1, mut d2) = (0u32, 0u32, 0u32, 0u32);
+        let (mut eq_x, mut eq_y, mut fg_x, mut fg_y) = (0u32, 0u32, 0u32, 0u32);
+        // Foreground: brighter than 0.1.
+        const FG: u8 = 26;
         for y in 0..h.saturating_sub(1) {
+            let (row, below) = (&q[y * w..(y + 1) * w], &q[(y + 1) * w..(y + 2) * w]);
             for x in 0..w.saturating_sub(1) {
-                let v = at(x, y);
-                let (r, d) = (at(x + 1, y), at(x, y + 1));
-                dx += (r - v).abs();
-                dy += (d - v).abs();
-                d1 += (at(x + 1, y + 1) - v).abs();
-                d2 += (r - d).abs();
-                pairs += 1.0;
+                let (v, r, d, rd) = (row[x], row[x + 1], below[x], below[x + 1]);
+                dx += u32::from(r.abs_diff(v));
+                dy += u32::from(d.abs_diff(v));
+                d1 += u32::from(rd.abs_diff(v));
+                d2 += u32::from(r.abs_diff(d));
                 // Equal neighbours where the image is not flat background.
-                if v.max(r) > 0.1 {
-                    fg_x += 1.0;
-                    eq_x += f32::from((r - v).abs() < 1e-4);
-                }
-                if v.max(d) > 0.1 {
-                    fg_y += 1.0;
-                    eq_y += f32::from((d - v).abs() < 1e-4);
-                }
+                let (fx, fy) = (v.max(r) >= FG, v.max(d) >= FG);
+                fg_x += u32::from(fx);
+                fg_y += u32::from(fy);
+                eq_x += u32::from(fx && r == v);
+                eq_y += u32::from(fy && d == v);
             }
         }
-        let pairs = pairs.max(1.0);
+        let pairs = (h.saturating_sub(1) * w.saturating_sub(1)).max(1) as f32 * FULL;
+        let [dx, dy, d1, d2] = [dx, dy, d1, d2].map(|d| d as f32 / pairs);
 
         // Laplacian and the residual to the 3×3 median, over interior pixels.
-        let (mut lap, mut lap2, mut res, mut res2, mut interior) = (0f32, 0f32, 0f32, 0f32, 0f32);
-        let (mut out_big, mut out_mid, mut out_dark) = (0f32, 0f32, 0f32);
-        let (mut spots, mut spot_mass) = (0f32, 0f32);
-        let mut window = [0f32; 9];
+        let (mut lap, mut lap2, mut res, mut res2) = (0u32, 0u64, 0u32, 0u64);
+        let (mut out_big, mut out_mid, mut out_dark) = (0u32, 0u32, 0u32);
+        let (mut spots, mut spot_mass) = (0u32, 0u32);
         for y in 1..h.saturating_sub(1) {
-            for x in 1..w.saturating_sub(1) {
-                let v = at(x, y);
-                let lp = 4.0 * v - at(x - 1, y) - at(x + 1, y) - at(x, y - 1) - at(x, y + 1);
-                lap += lp.abs();
-                lap2 += lp * lp;
-                let mut k = 0;
-                for yy in y - 1..=y + 1 {
-                    for xx in x - 1..=x + 1 {
-                        window[k] = at(xx, yy);
-                        k += 1;
+            let rows = [
+                &q[(y - 1) * w..y * w],
+                &q[y * w..(y + 1) * w],
+                &q[(y + 1) * w..(y + 2) * w],
+            ];
+            for x0 in (1..w.saturating_sub(1)).step_by(LANES) {
+                let n = LANES.min(w - 1 - x0);
+                // window[3 * row + column], for pixels x0..x0 + n.
+                let mut window = [[0u8; LANES]; 9];
+                for (k, lane) in window.iter_mut().enumerate() {
+                    let from = x0 - 1 + k % 3;
+                    lane[..n].copy_from_slice(&rows[k / 3][from..from + n]);
+                }
+                let median = median9(window);
+                for i in 0..n {
+                    let at = |k: usize| i32::from(window[k][i]);
+                    let v = window[4][i];
+                    let lp = 4 * at(4) - at(1) - at(3) - at(5) - at(7);
+                    lap += lp.unsigned_abs();
+                    lap2 += (lp * lp) as u64;
+                    let r = i32::from(v) - i32::from(median[i]);
+                    res += r.unsigned_abs();
+                    res2 += (r * r) as u64;
+                    // Beyond 0.5, 0.15 and below -0.5 of full scale.
+                    out_big += u32::from(r.abs() > 127);
+                    out_mid += u32::from(r.abs() > 38);
+                    out_dark += u32::from(r < -127);
+                    // A bright pixel, a local maximum clearly (0.2) above the local median.
+                    if r > 51 && (0..9).all(|k| window[k][i] <= v) {
+                        spots += 1;
+                        spot_mass += r as u32;
                     }
                 }
-                let brightest_neighbour = window
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != 4)
-                    .map(|(_, x)| *x)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let r = v - median9(&window);
-                res += r.abs();
-                res2 += r * r;
-                out_big += f32::from(r.abs() > 0.5);
-                out_mid += f32::from(r.abs() > 0.15);
-                out_dark += f32::from(r < -0.5);
-                // A bright pixel, a local maximum clearly above the local median.
-                if r > 0.2 && v >= brightest_neighbour {
-                    spots += 1.0;
-                    spot_mass += r;
-                }
-                interior += 1.0;
             }
         }
-        let interior = interior.max(1.0);
+        let interior = (h.saturating_sub(2) * w.saturating_sub(2)).max(1) as f32;
 
         // Variation of 4×4 block means: large-scale structure (fog, vignettes).
         let (bw, bh) = ((w / 4).max(1), (h / 4).max(1));
-        let mut block_means = Vec::with_capacity(16);
+        let mut block_means = [0f32; 16];
         for by in 0..4 {
             for bx in 0..4 {
-                let mut s = 0f32;
-                let mut k = 0f32;
+                let (mut s, mut k) = (0u32, 0u32);
                 for y in by * bh..((by + 1) * bh).min(h) {
-                    for x in bx * bw..((bx + 1) * bw).min(w) {
-                        s += at(x, y);
-                        k += 1.0;
+                    let (from, to) = ((bx * bw).min(w), ((bx + 1) * bw).min(w));
+                    for &v in &q[y * w + from..y * w + to] {
+                        s += u32::from(v);
+                        k += 1;
                     }
                 }
-                block_means.push(s / k.max(1.0));
+                block_means[by * 4 + bx] = s as f32 / k.max(1) as f32 / FULL;
             }
         }
         let bm = block_means.iter().sum::<f32>() / 16.0;
         let bvar = block_means.iter().map(|v| (v - bm) * (v - bm)).sum::<f32>() / 16.0;
         let bmin = block_means.iter().copied().fold(f32::INFINITY, f32::min);
 
-        let edge = (dx + dy + d1 + d2) / pairs;
+        let edge = dx + dy + d1 + d2;
+        let scale = interior * FULL;
         Stats {
             moments: [mean, var.sqrt()],
             histogram,
             percentiles,
-            edges: [dx / pairs, dy / pairs, d1 / pairs, d2 / pairs],
-            laplacian: [lap / interior, (lap2 / interior).sqrt()],
-            equal_pairs: [eq_x / fg_x.max(1.0), eq_y / fg_y.max(1.0)],
-            median_residual: [res / interior, (res2 / interior).sqrt()],
-            outliers: [out_big / interior, out_mid / interior, out_dark / interior],
+            edges: [dx, dy, d1, d2],
+            laplacian: [lap as f32 / scale, (lap2 as f32 / interior).sqrt() / FULL],
+            equal_pairs: [
+                eq_x as f32 / fg_x.max(1) as f32,
+                eq_y as f32 / fg_y.max(1) as f32,
+            ],
+            median_residual: [res as f32 / scale, (res2 as f32 / interior).sqrt() / FULL],
+            outliers: [
+                out_big as f32 / interior,
+                out_mid as f32 / interior,
+                out_dark as f32 / interior,
+            ],
             blocks: [bvar.sqrt(), bmin],
-            bright_spots: [spots / interior, spot_mass / interior],
+            bright_spots: [spots as f32 / interior, spot_mass as f32 / scale],
             anisotropy: [
                 (dx - dy) / (dx + dy + 1e-6),
                 (d1 - d2) / (d1 + d2 + 1e-6) * f32::from(edge > 0.0),
@@ -303,14 +341,14 @@ impl Detector {
 
     /// Classifies one image's features.
     pub fn detect_features(&self, f: &[f32]) -> Detection {
+        let z: Vec<f32> = (0..FEATURES)
+            .map(|i| (f[i] - self.feature_mean[i]) / self.feature_std[i])
+            .collect();
         let hidden: Vec<f32> = (0..self.hidden())
             .map(|j| {
                 let row = &self.w1[j * FEATURES..(j + 1) * FEATURES];
-                let z: f32 = (0..FEATURES)
-                    .map(|i| row[i] * (f[i] - self.feature_mean[i]) / self.feature_std[i])
-                    .sum::<f32>()
-                    + self.b1[j];
-                z.max(0.0)
+                let a: f32 = row.iter().zip(&z).map(|(w, z)| w * z).sum::<f32>() + self.b1[j];
+                a.max(0.0)
             })
             .collect();
         let logits: Vec<f32> = (0..self.kinds.len())
@@ -319,14 +357,9 @@ impl Detector {
                 row.iter().zip(&hidden).map(|(a, b)| a * b).sum::<f32>() + self.b2[k]
             })
             .collect();
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        let sum: f32 = exp.iter().sum();
         let severity = self.ws.iter().zip(&hidden).map(|(a, b)| a * b).sum::<f32>() + self.bs;
-        let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
-        let top = (0..probs.len())
-            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
-            .unwrap_or(0);
+        let probs = crate::model::softmax(&logits);
+        let top = crate::model::argmax(&probs);
         Detection {
             probs,
             severity: severity.clamp(1.0, 5.0),
@@ -423,25 +456,8 @@ impl Detector {
 
     /// Parses and checks a detector file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |e: safetensors::SafeTensorError| {
-            Error::InvalidArgument(format!("not a valid safetensors file: {e}"))
-        };
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-        let st = SafeTensors::deserialize(bytes).map_err(bad)?;
-        let md = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            md.get(k)
-                .cloned()
-                .ok_or_else(|| Error::InvalidArgument(format!("detector metadata lacks {k:?}")))
-        };
-        let version = get("rws.detector.format")?;
-        if version != FORMAT_VERSION {
-            bail!(
-                InvalidArgument,
-                "detector format version {} is not supported (expected {FORMAT_VERSION})",
-                crate::error::clip(&version)
-            );
-        }
+        let (st, md) = crate::tensorfile::read(bytes, "detector")?;
+        md.check_version("rws.detector.format", FORMAT_VERSION)?;
         let tensor = |name: &str| -> Result<Vec<f32>> {
             let v = st
                 .tensor(name)
@@ -456,11 +472,12 @@ impl Detector {
         };
         let bs = tensor("severity.bias")?;
         let d = Detector {
-            kinds: get("rws.detector.kinds")?
+            kinds: md
+                .require("rws.detector.kinds")?
                 .split(',')
                 .map(str::to_string)
                 .collect(),
-            base_fingerprint: get("rws.base_fingerprint")?,
+            base_fingerprint: md.require("rws.base_fingerprint")?,
             feature_mean: tensor("features.mean")?,
             feature_std: tensor("features.std")?,
             w1: tensor("hidden.weight")?,
@@ -478,10 +495,7 @@ impl Detector {
             kind_mean: tensor("kinds.mean")?,
             kind_std: tensor("kinds.std")?,
             kind_limit: tensor("kinds.limit")?,
-            metadata: md
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("rws.policy."))
-                .collect(),
+            metadata: md.with_prefix("rws.policy."),
         };
         d.check()?;
         Ok(d)
@@ -617,17 +631,40 @@ patchable_blocks = 1"#,
     }
 
     #[test]
+    fn an_image_and_its_8_bit_encoding_give_the_same_statistics() {
+        let cfg = cfg();
+        for seed in 0..20 {
+            let float = square(0.1, seed);
+            // What a PNG of it decodes to.
+            let png: Vec<f32> = float
+                .iter()
+                .map(|v| {
+                    (((v * 0.25 + 0.5) * 255.0).round().clamp(0.0, 255.0) / 255.0 - 0.5) / 0.25
+                })
+                .collect();
+            let (a, b) = (features(&float, &cfg), features(&png, &cfg));
+            let bits = |f: &[f32]| f.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "seed {seed}");
+        }
+    }
+
+    #[test]
     fn the_median_network_agrees_with_sorting() {
         let mut rng = Rng::new(9);
-        for _ in 0..2000 {
-            let mut w = [0f32; 9];
-            for v in &mut w {
-                // Few distinct values: ties exercise the network too.
-                *v = (rng.uniform() * 4.0).floor();
+        for _ in 0..200 {
+            let mut lanes = [[0u8; LANES]; 9];
+            for lane in &mut lanes {
+                for v in lane.iter_mut() {
+                    // Few distinct values: ties exercise the network too.
+                    *v = (rng.uniform() * 4.0) as u8;
+                }
             }
-            let mut sorted = w;
-            sorted.sort_by(f32::total_cmp);
-            assert_eq!(median9(&w), sorted[4]);
+            let median = median9(lanes);
+            for (i, m) in median.into_iter().enumerate() {
+                let mut sorted = lanes.map(|l| l[i]);
+                sorted.sort();
+                assert_eq!(m, sorted[4]);
+            }
         }
     }
 

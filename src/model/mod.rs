@@ -239,3 +239,18 @@ impl Model {
         self.forward_trunk(&self.forward_stem(stem, x)?)
     }
 }
+
+/// Softmax probabilities of `logits` (shifted by their maximum, so no logit overflows).
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.iter().map(|e| e / sum).collect()
+}
+
+/// The index of the largest value, the first of equals; 0 when empty.
+pub fn argmax(values: &[f32]) -> usize {
+    (0..values.len())
+        .max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
+        .unwrap_or(0)
+}

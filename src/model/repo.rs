@@ -127,6 +127,11 @@ impl ModelDir {
         self.dir.join("base.safetensors")
     }
 
+    /// The corruption detector behind the `auto` profile; optional.
+    pub fn detector_path(&self) -> PathBuf {
+        self.dir.join("detector.safetensors")
+    }
+
     /// Signature files shipped in `signatures/`, sorted by name.
     pub fn signature_files(&self) -> Result<Vec<PathBuf>> {
         let dir = self.dir.join("signatures");

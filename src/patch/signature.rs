@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, tensor::TensorView};
 
 use crate::patch::quant::{Delta, DeltaView, Quant};
 use crate::{Error, Result, bail};
@@ -146,30 +146,15 @@ impl Signature {
 
     /// Parses and checks a signature file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |e: safetensors::SafeTensorError| {
-            Error::InvalidArgument(format!("not a valid safetensors file: {e}"))
-        };
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
-        let st = SafeTensors::deserialize(bytes).map_err(bad)?;
-        let md = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| {
-            md.get(k)
-                .cloned()
-                .ok_or_else(|| Error::InvalidArgument(format!("signature metadata lacks {k:?}")))
-        };
-        let version = get("rws.format")?;
-        if version != FORMAT_VERSION {
-            bail!(
-                InvalidArgument,
-                "signature format version {version:?} is not supported (expected {FORMAT_VERSION})"
-            );
-        }
-        let default_alpha: f32 = get("rws.default_alpha")?
+        let (st, md) = crate::tensorfile::read(bytes, "signature")?;
+        md.check_version("rws.format", FORMAT_VERSION)?;
+        let default_alpha: f32 = md
+            .require("rws.default_alpha")?
             .parse()
             .map_err(|_| Error::InvalidArgument("rws.default_alpha is not a number".into()))?;
         let meta = SignatureMeta {
-            arch: get("rws.arch")?,
-            base_fingerprint: get("rws.base_fingerprint")?,
+            arch: md.require("rws.arch")?,
+            base_fingerprint: md.require("rws.base_fingerprint")?,
             corruption: md.get("rws.corruption").cloned().unwrap_or_default(),
             default_alpha,
             synthetic: md.get("rws.synthetic").is_some_and(|v| v == "true"),

@@ -14,10 +14,16 @@
 //! (`rws.policy.threshold`, `rws.policy.alpha.<kind>` = five alphas).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use crate::model::detector::Detection;
-use crate::serve::profile::SignatureRef;
+use crate::model::detector::{Detection, Detector};
+use crate::model::{Model, Stem};
+use crate::serve::profile::{LoadedSignature, SignatureRef, materialize};
 use crate::{Error, Result, bail};
+
+/// Stems kept for `auto`'s choices: a policy names at most one alpha per kind
+/// and severity, so eight kinds fit.
+const MAX_STEMS: usize = 48;
 
 /// Largest alpha a policy may name.
 const MAX_ALPHA: f32 = 4.0;
@@ -40,14 +46,127 @@ pub struct AutoChoice {
     pub confidence: f32,
     /// The estimated severity, rounded.
     pub severity: u8,
+    /// Whether the image looked like the training images of that kind.
+    pub familiar: bool,
+}
+
+/// The detector and its policy, and the stems folded for the choices made so
+/// far, kept apart from the profiles' stems so that `auto` never evicts them.
+pub struct Auto {
+    detector: Detector,
+    policy: Policy,
+    stems: Mutex<Vec<Folded>>,
+}
+
+/// A stem folded for signatures at alphas; holding the signatures keeps their
+/// addresses, the key, from being reused while it lives.
+struct Folded {
+    patches: Vec<(Arc<LoadedSignature>, u32)>,
+    stem: Arc<Stem>,
+}
+
+impl Auto {
+    /// Takes a detector checked against `model`'s base weights, and the policy it carries.
+    pub fn new(detector: Detector, model: &Model) -> Result<Auto> {
+        detector.check_base(model.fingerprint())?;
+        let policy = Policy::from_metadata(&detector.metadata)?;
+        Ok(Auto {
+            detector,
+            policy,
+            stems: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// What serves one `[C, H, W]` input. A kind whose signature is not loaded
+    /// (an operator unloaded it) is served clean.
+    pub fn choose(
+        &self,
+        input: &[f32],
+        model: &Model,
+        loaded: &BTreeMap<String, Arc<LoadedSignature>>,
+    ) -> AutoChoice {
+        let detection = self.detector.detect(input, &model.config);
+        let mut choice = self.policy.choose(&detection, &self.detector.kinds);
+        choice.signatures.retain(|r| loaded.contains_key(&r.name));
+        choice
+    }
+
+    /// The stem for `refs`, all loaded in `loaded`: from the cache, else folded
+    /// like a profile of the same definition (so bitwise equal to it) and kept,
+    /// the least recently used leaving first.
+    pub fn stem(
+        &self,
+        model: &Model,
+        refs: &[SignatureRef],
+        loaded: &BTreeMap<String, Arc<LoadedSignature>>,
+    ) -> Result<Arc<Stem>> {
+        let resolved = refs
+            .iter()
+            .map(|r| {
+                loaded.get(&r.name).cloned().ok_or_else(|| {
+                    Error::Internal(format!("auto chose {:?}, which is not loaded", r.name))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let same = |f: &Folded| {
+            f.patches.len() == refs.len()
+                && f.patches
+                    .iter()
+                    .zip(resolved.iter().zip(refs))
+                    .all(|((s, a), (t, r))| Arc::ptr_eq(s, t) && *a == r.alpha.to_bits())
+        };
+        {
+            let mut stems = self.stems.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = stems.iter().position(same) {
+                let hit = stems.remove(i);
+                let stem = hit.stem.clone();
+                stems.push(hit);
+                return Ok(stem);
+            }
+        }
+        // Folded outside the lock; two workers folding the same choice at once
+        // both get a correct stem, and one of them is kept.
+        let stem = Arc::new(materialize(model, "auto", &resolved, refs)?);
+        let mut stems = self.stems.lock().unwrap_or_else(|e| e.into_inner());
+        if !stems.iter().any(same) {
+            if stems.len() == MAX_STEMS {
+                stems.remove(0);
+            }
+            let patches = resolved
+                .into_iter()
+                .zip(refs)
+                .map(|(s, r)| (s, r.alpha.to_bits()))
+                .collect();
+            stems.push(Folded {
+                patches,
+                stem: stem.clone(),
+            });
+        }
+        Ok(stem)
+    }
+}
+
+/// `fog@0.75` (several joined by `+`), or `clean` for none: how metrics,
+/// traces and tools name one of `auto`'s choices.
+pub fn describe(refs: &[SignatureRef]) -> String {
+    match refs {
+        [] => crate::serve::profile::CLEAN.to_string(),
+        refs => refs
+            .iter()
+            .map(|r| format!("{}@{}", r.name, r.alpha))
+            .collect::<Vec<_>>()
+            .join("+"),
+    }
 }
 
 impl Policy {
     /// Chooses for one detection; `kinds` are the detector's, `clean` first.
     pub fn choose(&self, d: &Detection, kinds: &[String]) -> AutoChoice {
-        let top = (0..d.probs.len())
-            .max_by(|&a, &b| d.probs[a].total_cmp(&d.probs[b]).then(b.cmp(&a)))
-            .unwrap_or(0);
+        let top = crate::model::argmax(&d.probs);
         let kind = kinds.get(top).cloned().unwrap_or_default();
         let confidence = d.probs.get(top).copied().unwrap_or(0.0);
         let severity = d.severity.round().clamp(1.0, 5.0) as u8;
@@ -65,6 +184,7 @@ impl Policy {
             kind,
             confidence,
             severity,
+            familiar: d.familiar,
         }
     }
 

@@ -7,20 +7,21 @@
 //! concatenates the activations and runs the shared trunk once: mixed traffic
 //! keeps the efficiency of batching because only the stem is per profile.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::serve::activation::now_ms;
+use crate::serve::auto::{self, AutoChoice};
+use crate::serve::compute::{Served, compute};
+use crate::serve::load::Load;
 use crate::serve::metrics as m;
-use crate::serve::preprocess;
-use crate::serve::profile::{Choice, Profile};
+use crate::serve::profile::{Choice, Profile, SignatureRef};
 use crate::serve::registry::Registry;
+use crate::serve::shadow::Shadows;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +38,10 @@ pub struct Classification {
     pub generation: u64,
     /// Why that profile served it.
     pub chosen: Choice,
+    /// The signatures and alphas that served it: the profile's, or `auto`'s choice.
+    pub signatures: Vec<SignatureRef>,
+    /// For `auto`: what the detector saw, and what it chose.
+    pub auto: Option<AutoChoice>,
     /// Empty unless asked for.
     pub logits: Vec<f32>,
 }
@@ -85,7 +90,9 @@ pub struct Job {
 
 pub struct Batcher {
     tx: Sender<Job>,
-    depth: Arc<AtomicUsize>,
+    load: Arc<Load>,
+    /// Candidate profiles run on samples of the traffic, off the response path.
+    shadows: Arc<Shadows>,
 }
 
 impl Batcher {
@@ -96,24 +103,30 @@ impl Batcher {
             ));
         }
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
-        let depth = Arc::new(AtomicUsize::new(0));
+        let load = Arc::new(Load::new(cfg.workers));
+        let shadows = Arc::new(Shadows::start(registry.clone(), load.clone())?);
         for i in 0..cfg.workers {
-            let (rx, registry, depth) = (rx.clone(), registry.clone(), depth.clone());
+            let (rx, registry, load) = (rx.clone(), registry.clone(), load.clone());
+            let shadows = shadows.clone();
             std::thread::Builder::new()
                 .name(format!("rws-compute-{i}"))
-                .spawn(move || worker(&registry, &rx, cfg, &depth))
+                .spawn(move || worker(&registry, &rx, cfg, &load, &shadows))
                 .map_err(|e| Error::Internal(format!("cannot start compute thread: {e}")))?;
         }
-        Ok(Batcher { tx, depth })
+        Ok(Batcher { tx, load, shadows })
+    }
+
+    pub fn shadows(&self) -> &Shadows {
+        &self.shadows
     }
 
     /// Queues a job; refuses at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<()> {
         // Counted before it is sent, so a worker never takes it off the count first.
-        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        let depth = self.load.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         let sent = self.tx.try_send(job);
         if sent.is_err() {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => {
@@ -131,11 +144,17 @@ impl Batcher {
 
     /// Requests waiting for a worker.
     pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.load.waiting.load(Ordering::Relaxed)
     }
 }
 
-fn worker(registry: &Registry, rx: &Receiver<Job>, cfg: BatchConfig, depth: &AtomicUsize) {
+fn worker(
+    registry: &Registry,
+    rx: &Receiver<Job>,
+    cfg: BatchConfig,
+    load: &Load,
+    shadows: &Shadows,
+) {
     // Ends when every sender (the Batcher) is dropped.
     while let Ok(first) = rx.recv() {
         let until = Instant::now() + cfg.max_delay;
@@ -146,14 +165,15 @@ fn worker(registry: &Registry, rx: &Receiver<Job>, cfg: BatchConfig, depth: &Ato
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let left = depth.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
+        let left = load.waiting.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
         metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
-        run_batch(registry, jobs);
+        load.run(|| run_batch(registry, jobs, Some(shadows)));
     }
 }
 
-/// Computes one batch and answers every job in it.
-pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
+/// Computes one batch and answers every job in it, offering each answered one
+/// to the running `shadows`.
+pub fn run_batch(registry: &Registry, jobs: Vec<Job>, shadows: Option<&Shadows>) {
     let now = Instant::now();
     let (live, expired): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
@@ -182,93 +202,55 @@ pub fn run_batch(registry: &Registry, jobs: Vec<Job>) {
     // the same table, and the same activations in force.
     let table = registry.snapshot();
     let at = now_ms();
-    let mut groups: Vec<(Arc<Profile>, Vec<Chosen>)> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut resolved = Vec::with_capacity(live.len());
     for job in live {
         match table.resolve(&job.profile, &job.source, at) {
-            Ok((p, chosen)) => {
-                let slot = *index.entry(p.name.clone()).or_insert_with(|| {
-                    groups.push((p.clone(), Vec::new()));
-                    groups.len() - 1
-                });
-                groups[slot].1.push((job, chosen));
-            }
+            Ok((p, chosen)) => resolved.push((job, p.clone(), chosen)),
             Err(e) => {
                 let _ = job.reply.send(Err(e));
             }
         }
     }
-    let model = registry.model();
-    let mut activations = Vec::with_capacity(groups.len());
-    let mut answered = Vec::with_capacity(groups.len());
-    for (profile, jobs) in groups {
-        let stem = {
-            let _s =
-                tracing::debug_span!("stem", profile = %profile.name, n = jobs.len()).entered();
-            registry.stem(&table, &profile).and_then(|stem| {
-                let inputs: Vec<&[f32]> = jobs.iter().map(|(j, _)| j.input.as_slice()).collect();
-                let x = preprocess::batch(&inputs, &model.config, model.device())?;
-                model.forward_stem(&stem, &x)
-            })
-        };
-        match stem {
-            Ok(h) => {
-                activations.push(h);
-                answered.push((profile, jobs));
-            }
-            Err(e) => fail(jobs.into_iter().map(|(j, _)| j), &e),
-        }
-    }
-    if activations.is_empty() {
-        return;
-    }
-    let logits = {
-        let _s = tracing::debug_span!("trunk", n = activations.len()).entered();
-        Tensor::cat(&activations, 0)
-            .map_err(Error::from)
-            .and_then(|h| model.forward_trunk(&h))
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
+    let served = {
+        let inputs: Vec<(&[f32], &Arc<Profile>)> = resolved
+            .iter()
+            .map(|(j, p, _)| (j.input.as_slice(), p))
+            .collect();
+        compute(registry, &table, &inputs)
     };
-    let rows = match logits {
-        Ok(rows) => rows,
-        Err(e) => {
-            for (_, jobs) in answered {
-                fail(jobs.into_iter().map(|(j, _)| j), &e);
-            }
-            return;
-        }
-    };
-    let mut rows = rows.into_iter();
-    for (profile, jobs) in answered {
-        for (job, chosen) in jobs {
-            let logits = rows.next().unwrap_or_default();
-            // A finite input can still overflow inside the network; its "prediction"
-            // would be noise, so it is refused rather than answered.
-            if logits.iter().any(|v| !v.is_finite()) {
-                let _ = job.reply.send(Err(Error::InvalidArgument(
-                    "the input drives the model to non-finite logits (inf or NaN); send an \
-                     image, or a tensor normalized like the model's input (values near [-10, 10])"
-                        .into(),
-                )));
+    let labels = &registry.model().config.labels;
+    for ((job, profile, chosen), served) in resolved.into_iter().zip(served) {
+        let Served { logits, auto } = match served {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
                 continue;
             }
-            let _ = job.reply.send(Ok(Classification {
-                top_k: top_k_of(&logits, &model.config.labels, job.top_k),
-                profile: profile.name.clone(),
-                generation: profile.generation,
-                chosen,
-                logits: if job.with_logits { logits } else { Vec::new() },
-            }));
+        };
+        if let Some(pick) = &auto {
+            metrics::counter!(m::AUTO_CHOICES, "choice" => auto::describe(&pick.signatures))
+                .increment(1);
         }
-    }
-}
-
-/// A job and why its profile serves it.
-type Chosen = (Job, Choice);
-
-fn fail(jobs: impl IntoIterator<Item = Job>, e: &Error) {
-    for j in jobs {
-        let _ = j.reply.send(Err(Error::Internal(e.to_string())));
+        if let Some(shadows) = shadows {
+            shadows.offer(&job.input, &logits, &profile.name);
+        }
+        let top_k = top_k_of(&logits, labels, job.top_k);
+        if let Some(top) = top_k.first() {
+            metrics::histogram!(m::TOP1_PROBABILITY, "profile" => profile.name.clone())
+                .record(f64::from(top.score));
+        }
+        let _ = job.reply.send(Ok(Classification {
+            top_k,
+            profile: profile.name.clone(),
+            generation: profile.generation,
+            chosen,
+            signatures: match &auto {
+                Some(pick) => pick.signatures.clone(),
+                None => profile.signatures.clone(),
+            },
+            auto,
+            logits: if job.with_logits { logits } else { Vec::new() },
+        }));
     }
 }
 
@@ -278,9 +260,7 @@ pub const DEFAULT_TOP_K: usize = 5;
 /// Softmax scores of the `k` largest logits (0 means [`DEFAULT_TOP_K`]).
 pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
     let k = if k == 0 { DEFAULT_TOP_K } else { k }.min(logits.len());
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
+    let probs = crate::model::softmax(logits);
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     order
@@ -289,7 +269,7 @@ pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> 
         .map(|i| Prediction {
             index: i,
             label: labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
-            score: exp[i] / sum,
+            score: probs[i],
         })
         .collect()
 }

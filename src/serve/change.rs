@@ -17,7 +17,7 @@ use crate::serve::activation::{
 };
 use crate::serve::journal::{Cause, Entry};
 use crate::serve::profile::{
-    CLEAN, LoadedSignature, Profile, SignatureRef, Table, check_definition, validate_name,
+    LoadedSignature, Profile, SignatureRef, Table, check_definition, is_builtin, validate_name,
 };
 use crate::serve::state::{ProfileEntry, SignatureEntry, State};
 use crate::{Error, Result, bail};
@@ -166,10 +166,10 @@ impl Change {
             }
             Change::Delete(name) => {
                 validate_name("profile", name)?;
-                if name == CLEAN {
+                if is_builtin(name) {
                     bail!(
                         FailedPrecondition,
-                        "{CLEAN:?} is built in and cannot be deleted"
+                        "{name:?} is built in and cannot be deleted"
                     );
                 }
                 if name == &state.default_profile {
@@ -201,7 +201,7 @@ impl Change {
                     bail!(InvalidArgument, "name the profile to make the default");
                 }
                 validate_name("profile", name)?;
-                if name != CLEAN && state.profile(name).is_none() {
+                if !is_builtin(name) && state.profile(name).is_none() {
                     bail!(NotFound, "no profile named {name:?}");
                 }
                 next.default_profile = name.clone();
@@ -210,7 +210,7 @@ impl Change {
                 validate_name("activation id", &a.id)?;
                 validate_scope(&a.scope)?;
                 validate_name("profile", &a.profile)?;
-                if a.profile != CLEAN && state.profile(&a.profile).is_none() {
+                if !is_builtin(&a.profile) && state.profile(&a.profile).is_none() {
                     bail!(NotFound, "no profile named {:?}", a.profile);
                 }
                 let ttl = a.until_ms.saturating_sub(a.since_ms);
@@ -363,7 +363,7 @@ impl Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::profile::{Origin, Source};
+    use crate::serve::profile::{CLEAN, Origin, Source};
 
     fn entry(name: &str) -> SignatureEntry {
         SignatureEntry {

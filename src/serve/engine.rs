@@ -10,9 +10,11 @@ use candle_core::Device;
 use tokio::sync::oneshot;
 
 use crate::model::Model;
+use crate::model::detector::Detector;
 use crate::model::repo::{self, ModelDir};
 use crate::patch::signature::Signature;
 use crate::serve::activation::{now_ms, validate_source};
+use crate::serve::auto::Auto;
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
 use crate::serve::change::{Applied, Change};
 use crate::serve::events::{Decision, Event, Events, KINDS, Rules};
@@ -20,8 +22,11 @@ use crate::serve::fleet::{EtcdUrl, Fleet};
 use crate::serve::journal::{Cause, Entry, Journal};
 use crate::serve::metrics as m;
 use crate::serve::preprocess::{self, Input};
-use crate::serve::profile::{Choice, LoadedSignature, Origin, SignatureRef, Source, validate_name};
+use crate::serve::profile::{
+    AUTO, Choice, LoadedSignature, Origin, SignatureRef, Source, validate_name,
+};
 use crate::serve::registry::Registry;
+use crate::serve::shadow::{self, Shadows};
 use crate::serve::state::{self, State, StateDir};
 use crate::serve::traffic::Traffic;
 use crate::{Error, Result, bail};
@@ -77,6 +82,12 @@ impl Engine {
     pub fn open(dir: ModelDir, device: &Device, opts: &EngineOptions) -> Result<Self> {
         let model = Model::load(dir.config.clone(), &dir.base_path(), device)?;
         let registry = Arc::new(Registry::new(Arc::new(model), opts.max_resident_profiles)?);
+        let detector = dir.detector_path();
+        if detector.exists() {
+            let auto = Auto::new(Detector::load(&detector)?, registry.model())?;
+            registry.enable_auto(auto)?;
+            tracing::info!(detector = %detector.display(), "the auto profile is enabled");
+        }
         let batcher = Batcher::start(registry.clone(), opts.batch)?;
         let engine = Engine {
             dir,
@@ -178,6 +189,18 @@ impl Engine {
     ) -> Result<Applied> {
         let (op, who) = (change.op(), cause.who.clone());
         traced_change(op, &who, async move {
+            let names_auto = match &change {
+                Change::SetDefault(name) => name == AUTO,
+                Change::Activate(a) => a.profile == AUTO,
+                _ => false,
+            };
+            if names_auto && self.registry.auto().is_none() {
+                bail!(
+                    FailedPrecondition,
+                    "{AUTO:?} needs a corruption detector, and this model has none; train one \
+                     with `rws train-detector`"
+                );
+            }
             if let Some(f) = self.fleet() {
                 return f.submit(change, &cause, wait_fleet).await;
             }
@@ -308,6 +331,19 @@ impl Engine {
             .await
         })
         .await
+    }
+
+    /// Starts, restarts (with a fresh tally) or with `fraction` 0 stops the
+    /// shadow of `profile`. Not an admin change: responses stay as they are.
+    pub fn shadow(&self, profile: &str, fraction: f64, who: &str) -> Result<shadow::Report> {
+        let exists = self.registry.snapshot().profiles.contains_key(profile);
+        let report = self.batcher.shadows().set(profile, fraction, exists)?;
+        tracing::info!(profile, fraction, who, "shadow set");
+        Ok(report)
+    }
+
+    pub fn shadows(&self) -> &Shadows {
+        self.batcher.shadows()
     }
 
     /// Requests per profile over the last minutes.

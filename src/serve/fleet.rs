@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::model::repo::ModelDir;
 use crate::serve::change::{Applied, Change};
 use crate::serve::journal::{self, Cause};
-use crate::serve::profile::CLEAN;
+use crate::serve::profile::{CLEAN, is_builtin};
 use crate::serve::registry::Registry;
 use crate::serve::state::{self, State};
 use crate::{Error, Result, bail};
@@ -648,7 +648,7 @@ impl Fleet {
             }
             Change::SetDefault(name) => {
                 let mut guards = vec![self.guard_unchanged(m, "default")];
-                if name != CLEAN {
+                if !is_builtin(name) {
                     guards.push(self.guard_unchanged(m, &format!("profiles/{name}")));
                 }
                 let put = TxnOp::put(self.key("default"), name.as_str(), None);
@@ -661,7 +661,7 @@ impl Fleet {
                     true => self.guard_unchanged(m, &rel),
                     false => absent(&rel),
                 }];
-                if a.profile != CLEAN {
+                if !is_builtin(&a.profile) {
                     guards.push(self.guard_unchanged(m, &format!("profiles/{}", a.profile)));
                 }
                 (guards, vec![TxnOp::put(self.key(&rel), json(a)?, None)])

@@ -26,6 +26,11 @@ pub const FLEET_CONNECTED: &str = "rws_fleet_connected";
 pub const EVENTS: &str = "rws_events_total";
 pub const ACTIVATIONS: &str = "rws_activations";
 pub const FLEET_APPLIED_REVISION: &str = "rws_fleet_applied_revision";
+pub const TOP1_PROBABILITY: &str = "rws_top1_probability";
+pub const AUTO_CHOICES: &str = "rws_auto_choices_total";
+pub const SHADOW_SAMPLES: &str = "rws_shadow_samples_total";
+pub const SHADOW_PROBABILITY: &str = "rws_shadow_top1_probability";
+pub const SHADOW_ENTROPY: &str = "rws_shadow_entropy_nats";
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
 pub fn install() -> Result<PrometheusHandle> {
@@ -38,9 +43,17 @@ pub fn install() -> Result<PrometheusHandle> {
         500e-3, 1.0, 2.5, 5.0,
     ];
     let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+    // Fine near 1, where a healthy classifier's answers sit, so drift shows.
+    let probability = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0];
+    // Up to ln(10), the entropy of a uniform answer over ten classes.
+    let entropy = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &batch))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("_probability".into()), &probability)
+        })
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_nats".into()), &entropy))
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
@@ -96,6 +109,28 @@ fn describe() {
     describe_gauge!(
         ACTIVATIONS,
         "Activations in the table by scope and profile (ended ones until cleaned up)."
+    );
+    describe_histogram!(
+        TOP1_PROBABILITY,
+        "Softmax probability of the top class of each answer, by the profile that served it: \
+         a profile drifting from its traffic shows as this falling."
+    );
+    describe_counter!(
+        AUTO_CHOICES,
+        "What the auto profile served images with: signature@alpha, or clean."
+    );
+    describe_counter!(
+        SHADOW_SAMPLES,
+        "Shadow samples by candidate profile and outcome: agreed or disagreed with the \
+         served answer, dropped (server busy, queue full) or failed."
+    );
+    describe_histogram!(
+        SHADOW_PROBABILITY,
+        "Top-1 probability of the served and the candidate answers of shadow samples."
+    );
+    describe_histogram!(
+        SHADOW_ENTROPY,
+        "Entropy, in nats, of the served and the candidate answers of shadow samples."
     );
 }
 

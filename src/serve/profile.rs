@@ -24,6 +24,16 @@ use crate::{Error, Result, bail};
 /// The built-in profile with no signatures. It always exists and is never evicted.
 pub const CLEAN: &str = "clean";
 
+/// The built-in profile that lets the corruption detector choose signatures per
+/// image. It exists when the model ships a detector; it has no stem of its own.
+pub const AUTO: &str = "auto";
+
+/// Whether `name` is a profile the server defines itself, which no change may
+/// define or delete.
+pub fn is_builtin(name: &str) -> bool {
+    name == CLEAN || name == AUTO
+}
+
 /// At most this many signatures in one profile.
 pub const MAX_SIGNATURES_PER_PROFILE: usize = 16;
 
@@ -230,10 +240,10 @@ impl Table {
 /// profile, the size limit, finite alphas, each signature once.
 pub fn check_definition(name: &str, signatures: &[SignatureRef]) -> Result<()> {
     validate_name("profile", name)?;
-    if name == CLEAN {
+    if is_builtin(name) {
         bail!(
             InvalidArgument,
-            "{CLEAN:?} is built in and cannot be redefined"
+            "{name:?} is built in and cannot be redefined"
         );
     }
     if signatures.len() > MAX_SIGNATURES_PER_PROFILE {

@@ -18,12 +18,13 @@ use arc_swap::ArcSwap;
 use crate::model::{Model, Stem};
 use crate::patch::signature::Signature;
 use crate::serve::activation::{Activation, Activations};
+use crate::serve::auto::Auto;
 use crate::serve::change::{Applied, Change};
 use crate::serve::journal::{Cause, Entry, Journal};
 use crate::serve::metrics as m;
 use crate::serve::profile::{
-    CLEAN, LoadedSignature, Origin, Profile, SignatureRef, Table, check_definition, materialize,
-    validate_name,
+    AUTO, CLEAN, LoadedSignature, Origin, Profile, SignatureRef, Table, check_definition,
+    is_builtin, materialize, validate_name,
 };
 use crate::serve::state::{SignatureEntry, State};
 use crate::{Error, Result, bail};
@@ -55,6 +56,8 @@ pub struct Registry {
     prepared: Mutex<Vec<Prepared>>,
     /// Where every change is recorded (in memory unless set).
     journal: OnceLock<Journal>,
+    /// The detector behind the built-in `auto` profile, when the model has one.
+    auto: OnceLock<Arc<Auto>>,
 }
 
 type Persist = Box<dyn Fn(&Table) -> Result<()> + Send + Sync>;
@@ -106,6 +109,21 @@ fn same_entries<T>(a: &BTreeMap<String, Arc<T>>, b: &BTreeMap<String, Arc<T>>) -
             .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
 }
 
+/// Why `what` cannot name profile `name`: it is not defined, or it is `auto`
+/// on a model without a detector.
+fn undefined(what: &str, name: &str) -> Error {
+    if name == AUTO {
+        return Error::FailedPrecondition(format!(
+            "{what} is {AUTO:?}, which needs a corruption detector: this model has no \
+             detector.safetensors (train one with `rws train-detector`)"
+        ));
+    }
+    Error::NotFound(format!(
+        "{what} {} is not defined",
+        crate::error::clip(name)
+    ))
+}
+
 fn no_bytes(e: &SignatureEntry) -> Result<Arc<Signature>> {
     Err(Error::FailedPrecondition(format!(
         "signature {:?} has no bytes here; load it with its file",
@@ -138,7 +156,29 @@ impl Registry {
             persist: OnceLock::new(),
             prepared: Mutex::default(),
             journal: OnceLock::new(),
+            auto: OnceLock::new(),
         })
+    }
+
+    /// Defines the built-in `auto` profile, served by `auto`'s choices. Set once,
+    /// at start-up.
+    pub fn enable_auto(&self, auto: Auto) -> Result<()> {
+        let _w = self.lock_writer();
+        self.auto
+            .set(Arc::new(auto))
+            .map_err(|_| Error::Internal("auto is already enabled".into()))?;
+        let before = self.snapshot();
+        let mut next = (*before).clone();
+        let profile = Profile::new(AUTO, vec![], vec![], before.generation, None, 0);
+        next.profiles.insert(AUTO.into(), Arc::new(profile));
+        record(&next);
+        self.table.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The detector and policy behind `auto`, if the model has a detector.
+    pub fn auto(&self) -> Option<&Arc<Auto>> {
+        self.auto.get()
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -368,7 +408,13 @@ impl Registry {
             }
         }
         let generation = before.generation + 1;
-        let mut profiles = BTreeMap::from([(CLEAN.to_string(), before.profiles[CLEAN].clone())]);
+        // The built-in profiles carry over unchanged.
+        let mut profiles: BTreeMap<String, Arc<Profile>> = before
+            .profiles
+            .iter()
+            .filter(|(name, _)| is_builtin(name))
+            .map(|(name, p)| (name.clone(), p.clone()))
+            .collect();
         let mut built = Vec::new();
         for p in &desired.profiles {
             let refs = p.refs();
@@ -396,10 +442,7 @@ impl Registry {
         let default_profile = if profiles.contains_key(&desired.default_profile) {
             desired.default_profile.clone()
         } else {
-            errors.push(Error::NotFound(format!(
-                "the default profile {} is not defined",
-                crate::error::clip(&desired.default_profile)
-            )));
+            errors.push(undefined("the default profile", &desired.default_profile));
             match profiles.contains_key(&before.default_profile) {
                 true => before.default_profile.clone(),
                 false => CLEAN.into(),
@@ -408,10 +451,10 @@ impl Registry {
         let activations = desired.activations.iter().filter(|a| {
             let defined = profiles.contains_key(&a.profile);
             if !defined {
-                errors.push(Error::NotFound(format!(
-                    "activation {:?} names profile {:?}, which is not defined",
-                    a.id, a.profile
-                )));
+                errors.push(undefined(
+                    &format!("activation {:?}'s profile", a.id),
+                    &a.profile,
+                ));
             }
             defined
         });
@@ -428,8 +471,10 @@ impl Registry {
         };
         // The default and activated profiles are resident before they are
         // published, so that the first request after a switch pays nothing.
-        let serving =
-            std::iter::once(&default_profile).chain(activations.all().iter().map(|a| &a.profile));
+        // `auto` has no stem of its own; its choices are folded as they come.
+        let serving = std::iter::once(&default_profile)
+            .chain(activations.all().iter().map(|a| &a.profile))
+            .filter(|name| name.as_str() != AUTO);
         for name in serving {
             if let Err(e) = self.fill(&profiles[name]) {
                 errors.push(e);

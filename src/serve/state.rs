@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::model::repo::ModelDir;
 use crate::patch::signature::Signature;
 use crate::serve::activation::Activation;
-use crate::serve::profile::{CLEAN, Origin, SignatureRef, Source, Table};
+use crate::serve::profile::{Origin, SignatureRef, Source, Table, is_builtin};
 use crate::{Error, Result, bail};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -98,7 +98,7 @@ impl State {
             profiles: table
                 .profiles
                 .values()
-                .filter(|p| p.name != CLEAN)
+                .filter(|p| !is_builtin(&p.name))
                 .map(|p| ProfileEntry::new(&p.name, &p.signatures))
                 .collect(),
             default_profile: table.default_profile.clone(),

@@ -290,6 +290,25 @@ impl RwsClient {
             .into_inner())
     }
 
+    /// Starts (or with `fraction` 0 stops) the shadow of `profile`.
+    pub async fn shadow(&mut self, profile: &str, fraction: f64) -> Result<pb::ShadowInfo> {
+        let req = pb::ShadowRequest {
+            profile: profile.into(),
+            fraction,
+        };
+        Ok(self.admin.shadow(req).await.map_err(refused)?.into_inner())
+    }
+
+    pub async fn list_shadows(&mut self) -> Result<pb::ListShadowsResponse> {
+        let req = pb::ListShadowsRequest {};
+        Ok(self
+            .admin
+            .list_shadows(req)
+            .await
+            .map_err(refused)?
+            .into_inner())
+    }
+
     pub async fn list_activations(&mut self) -> Result<pb::ListActivationsResponse> {
         let req = pb::ListActivationsRequest {};
         Ok(self

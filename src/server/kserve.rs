@@ -10,7 +10,11 @@
 //! "source" (a string, e.g. "site-a/cam-12") lets activations covering it choose
 //! when no profile is named. The response parameters "profile" and "generation"
 //! say which definition computed it, "selection" why ("explicit", "activation" or
-//! "default") and "activation_id" which activation, if one chose it.
+//! "default") and "activation_id" which activation, if one chose it. Outputs
+//! "signatures" BYTES `[N]` name what served each image (`fog@0.75`, `clean`): the
+//! profile's signatures, or with the `auto` profile those it chose per image, and
+//! "detector_confidence" FP32 `[N]` the detector's confidence in its reading of
+//! the image (NaN where no detector ran, for every profile but `auto`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use super::{grpc_deadline, status};
 use crate::model::repo::ModelConfig;
+use crate::serve::auto;
 use crate::serve::batch::Classification;
 use crate::serve::engine::Ask;
 use crate::serve::engine::Engine;
@@ -41,11 +46,13 @@ const VERSION: &str = "1";
 const INPUT: &str = "input";
 const LOGITS: &str = "logits";
 const CLASS: &str = "class";
+const SIGNATURES: &str = "signatures";
+const CONFIDENCE: &str = "detector_confidence";
 /// Images per request: each is queued as one engine request at once, so a
 /// batch far beyond the queue's capacity could only fail.
 const MAX_IMAGES: usize = 64;
 /// Every output, in the order returned when a request names none.
-const OUTPUTS: [&str; 2] = [LOGITS, CLASS];
+const OUTPUTS: [&str; 4] = [LOGITS, CLASS, SIGNATURES, CONFIDENCE];
 
 /// The KServe v2 service over `engine`, accepting requests up to `max_message_bytes`.
 pub fn service(
@@ -272,7 +279,7 @@ fn requested(outputs: Vec<InferRequestedOutputTensor>) -> Result<Vec<&'static st
     for o in outputs {
         let Some(&name) = OUTPUTS.iter().find(|&&n| n == o.name) else {
             return Err(invalid(format!(
-                "output '{}' is unknown; the model's outputs are '{LOGITS}' and '{CLASS}'",
+                "output '{}' is unknown; the model's outputs are '{LOGITS}', '{CLASS}', '{SIGNATURES}' and '{CONFIDENCE}'",
                 o.name
             )));
         };
@@ -315,6 +322,26 @@ fn output(name: &str, results: &[Classification]) -> (InferOutputTensor, Vec<u8>
             .flat_map(|v| v.to_le_bytes())
             .collect();
         ("FP32", vec![n, classes], bytes)
+    } else if name == SIGNATURES {
+        let bytes = results
+            .iter()
+            .flat_map(|c| {
+                let s = auto::describe(&c.signatures);
+                [(s.len() as u32).to_le_bytes().to_vec(), s.into_bytes()].concat()
+            })
+            .collect();
+        ("BYTES", vec![n], bytes)
+    } else if name == CONFIDENCE {
+        let bytes = results
+            .iter()
+            .flat_map(|c| {
+                c.auto
+                    .as_ref()
+                    .map_or(f32::NAN, |a| a.confidence)
+                    .to_le_bytes()
+            })
+            .collect();
+        ("FP32", vec![n], bytes)
     } else {
         // top_k is asked as 1: its first entry is the argmax.
         let bytes = results
@@ -398,6 +425,8 @@ impl GrpcInferenceService for KServeService {
             outputs: vec![
                 meta(LOGITS, "FP32", vec![-1, cfg.labels.len() as i64]),
                 meta(CLASS, "INT64", vec![-1]),
+                meta(SIGNATURES, "BYTES", vec![-1]),
+                meta(CONFIDENCE, "FP32", vec![-1]),
             ],
         }))
     }

@@ -19,6 +19,7 @@ use crate::serve::engine::{Ask, Engine, SignatureSource};
 use crate::serve::journal::Cause;
 use crate::serve::preprocess::Input;
 use crate::serve::profile::{self, Choice, LoadedSignature, Profile};
+use crate::serve::shadow;
 use crate::serve::state::sha256;
 
 pub mod client;
@@ -147,6 +148,13 @@ impl Inference for InferenceService {
             logits: c.logits,
             selection: selection as i32,
             activation_id,
+            signatures: signature_refs(&c.signatures),
+            detection: c.auto.map(|a| pb::Detection {
+                kind: a.kind,
+                confidence: a.confidence,
+                severity: u32::from(a.severity),
+                familiar: a.familiar,
+            }),
         }))
     }
 }
@@ -211,17 +219,37 @@ fn signature_info(s: &LoadedSignature) -> pb::SignatureInfo {
     }
 }
 
+fn shadow_info(r: &shadow::Report) -> pb::ShadowInfo {
+    let t = &r.tally;
+    pb::ShadowInfo {
+        profile: r.profile.clone(),
+        fraction: r.fraction,
+        since_unix_ms: r.since_ms,
+        sampled: t.sampled,
+        dropped: t.dropped,
+        compared: t.compared,
+        failed: t.failed,
+        agreement: t.agreement(),
+        served_confidence: t.mean(t.served_confidence),
+        candidate_confidence: t.mean(t.candidate_confidence),
+        served_entropy: t.mean(t.served_entropy),
+        candidate_entropy: t.mean(t.candidate_entropy),
+    }
+}
+
+fn signature_refs(refs: &[profile::SignatureRef]) -> Vec<pb::SignatureRef> {
+    refs.iter()
+        .map(|s| pb::SignatureRef {
+            name: s.name.clone(),
+            alpha: s.alpha,
+        })
+        .collect()
+}
+
 fn profile_info(p: &Profile, default: &str) -> pb::ProfileInfo {
     pb::ProfileInfo {
         name: p.name.clone(),
-        signatures: p
-            .signatures
-            .iter()
-            .map(|s| pb::SignatureRef {
-                name: s.name.clone(),
-                alpha: s.alpha,
-            })
-            .collect(),
+        signatures: signature_refs(&p.signatures),
         generation: p.generation,
         resident: p.is_resident(),
         is_default: p.name == default,
@@ -429,6 +457,31 @@ impl Admin for AdminService {
                     why: e.cause.why,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn shadow(
+        &self,
+        req: Request<pb::ShadowRequest>,
+    ) -> Result<Response<pb::ShadowInfo>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let report = self
+            .engine
+            .shadow(&r.profile, r.fraction, &who)
+            .map_err(status)?;
+        Ok(Response::new(shadow_info(&report)))
+    }
+
+    async fn list_shadows(
+        &self,
+        _: Request<pb::ListShadowsRequest>,
+    ) -> Result<Response<pb::ListShadowsResponse>, Status> {
+        let shadows = self.engine.shadows();
+        Ok(Response::new(pb::ListShadowsResponse {
+            shadows: shadows.list().iter().map(shadow_info).collect(),
+            queued: shadows.queued() as u32,
+            capacity: shadow::QUEUE as u32,
         }))
     }
 

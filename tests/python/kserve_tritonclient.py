@@ -41,7 +41,8 @@ def main():
     check(meta.platform == "rws", f"platform {meta.platform}")
     check([i.name for i in meta.inputs] == ["input"], "inputs")
     check(list(meta.inputs[0].shape) == [-1] + case["shape"][1:], f"input shape {meta.inputs[0].shape}")
-    check([o.name for o in meta.outputs] == ["logits", "class"], "outputs")
+    outputs = [o.name for o in meta.outputs]
+    check(outputs == ["logits", "class", "signatures", "detector_confidence"], f"outputs {outputs}")
 
     x = bits(case["input_bits"]).view(np.float32).reshape(case["shape"])
 
@@ -63,6 +64,10 @@ def main():
     check(np.array_equal(fog.as_numpy("logits").view(np.uint32)[0], bits(case["fog_bits"])), "fog logits differ from rws.v1")
     check(not np.array_equal(fog.as_numpy("logits"), logits), "the fog profile did not change the logits")
     check(fog.get_response().parameters["profile"].string_param == "fog", "fog profile not reported")
+    # What served each image, by name; no detector ran for a named profile.
+    check(clean.as_numpy("signatures")[0] == b"clean", f"clean served by {clean.as_numpy('signatures')}")
+    check(fog.as_numpy("signatures")[0].startswith(b"fog@"), f"fog served by {fog.as_numpy('signatures')}")
+    check(np.isnan(fog.as_numpy("detector_confidence")[0]), "a confidence without a detector")
 
     try:
         infer("no-such-profile")

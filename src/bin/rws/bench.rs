@@ -37,6 +37,43 @@ pub enum BenchCmd {
         #[command(flatten)]
         client: Client,
     },
+    /// Two ways of serving one stream side by side, in alternating phases
+    /// against a running server: e.g. `--a clean --b auto`, or
+    /// `--a clean --b clean --b-shadow fog --fraction 0.1`.
+    Compare {
+        /// Profile side A's requests name.
+        #[arg(long, default_value = "clean")]
+        a: String,
+        /// Profile side B's requests name.
+        #[arg(long, default_value = "auto")]
+        b: String,
+        /// A profile to shadow during side B's phases.
+        #[arg(long)]
+        b_shadow: Option<String>,
+        /// The shadow's share of requests.
+        #[arg(long, default_value_t = 0.1)]
+        fraction: f64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5.0)]
+        phase: f64,
+        /// Phases per side.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// Digits the stream is drawn from: a third clean, the rest corrupted.
+        #[arg(long, default_value = "data/mnist/test.safetensors")]
+        digits: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = crate::lab::DEFAULT_KINDS)]
+        kinds: Vec<rws::lab::corrupt::Corruption>,
+        /// Distinct images in the stream.
+        #[arg(long, default_value_t = 600)]
+        images: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
     /// Convergence of a fleet: changes through one replica, timed until every replica applied each.
     Fleet {
         /// The fleet's state: etcd://HOST:PORT/PREFIX.
@@ -144,6 +181,61 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                 println!("converged    {}", r.converged);
             })?;
         }
+        BenchCmd::Compare {
+            a,
+            b,
+            b_shadow,
+            fraction,
+            clients,
+            phase,
+            rounds,
+            digits,
+            kinds,
+            images,
+            json,
+            client,
+        } => {
+            let digits = rws::lab::data::Digits::load(&digits)?;
+            let opts = rws::bench::compare::CompareOptions {
+                addr: client.addr.clone(),
+                admin_token: client.token()?,
+                clients,
+                phase: std::time::Duration::from_secs_f64(phase),
+                rounds,
+                a: rws::bench::compare::Side {
+                    profile: a,
+                    shadow: None,
+                },
+                b: rws::bench::compare::Side {
+                    profile: b,
+                    shadow: b_shadow.map(|p| (p, fraction)),
+                },
+                images: rws::bench::compare::mixed_stream(&digits, &kinds, images, 17)?,
+            };
+            let r = rws::bench::compare::compare(&opts).await?;
+            print_report(json, &r, |r| {
+                for (name, s) in [("A", &r.a), ("B", &r.b)] {
+                    let shadow = s
+                        .side
+                        .shadow
+                        .as_ref()
+                        .map_or_else(String::new, |(p, f)| format!(" + shadow {p} at {f}"));
+                    println!(
+                        "{name} {}{shadow}: {:.1} req/s, p50 {:.0} µs, p99 {:.0} µs (medians of {} phases, {} errors)",
+                        s.side.profile,
+                        s.median_throughput_rps,
+                        s.median_p50_us,
+                        s.median_p99_us,
+                        s.phases.len(),
+                        s.errors
+                    );
+                }
+                println!(
+                    "B/A: throughput {:.3}x, p50 {:.3}x, p99 {:.3}x",
+                    r.throughput_ratio, r.p50_ratio, r.p99_ratio
+                );
+            })?;
+        }
         BenchCmd::Load {
             clients,
             duration,
@@ -184,7 +276,7 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                 max_requests: requests,
                 profiles,
                 toggle,
-                image,
+                images: vec![image],
                 admin_token: client.token()?,
             };
             let r = rws::bench::load(&opts).await?;

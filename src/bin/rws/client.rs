@@ -194,6 +194,102 @@ pub struct ActivationsArgs {
     client: Client,
 }
 
+/// `rws shadow fog --fraction 0.1`, `rws shadow fog --stop`, `rws shadow ls`
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ShadowArgs {
+    #[command(subcommand)]
+    list: Option<ShadowCmd>,
+    /// The candidate profile to run on sampled traffic.
+    #[arg(required = true)]
+    profile: Option<String>,
+    /// Share of requests to sample, in (0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    fraction: f64,
+    /// Stop the shadow and print what it found.
+    #[arg(long)]
+    stop: bool,
+    #[command(flatten)]
+    client: Client,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ShadowCmd {
+    /// The running shadows and what they found so far.
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
+pub async fn shadow(args: ShadowArgs) -> Result<()> {
+    if let Some(ShadowCmd::Ls { json, client }) = args.list {
+        let r = client.connect().await?.list_shadows().await?;
+        if json {
+            let shadows: Vec<_> = r.shadows.iter().map(shadow_json).collect();
+            let v =
+                serde_json::json!({"shadows": shadows, "queued": r.queued, "capacity": r.capacity});
+            println!("{v}");
+            return Ok(());
+        }
+        if r.shadows.is_empty() {
+            println!("no shadows running");
+        }
+        for s in &r.shadows {
+            println!("{}", shadow_line(s));
+        }
+        println!("queue {}/{}", r.queued, r.capacity);
+        return Ok(());
+    }
+    let profile = args.profile.unwrap_or_default();
+    let fraction = if args.stop { 0.0 } else { args.fraction };
+    let s = args
+        .client
+        .connect()
+        .await?
+        .shadow(&profile, fraction)
+        .await?;
+    match args.stop {
+        true => println!("stopped: {}", shadow_line(&s)),
+        false => println!(
+            "shadowing {} on {:.1}% of requests; see `rws shadow ls` or rws_shadow_* metrics",
+            s.profile,
+            s.fraction * 100.0
+        ),
+    }
+    Ok(())
+}
+
+fn shadow_line(s: &pb::ShadowInfo) -> String {
+    format!(
+        "{:<16} {:>5.1}%  sampled {} (compared {}, dropped {}, failed {})  agreement {:.1}%  \
+         confidence {:.3} served / {:.3} candidate  entropy {:.3} / {:.3} nats",
+        s.profile,
+        s.fraction * 100.0,
+        s.sampled,
+        s.compared,
+        s.dropped,
+        s.failed,
+        s.agreement * 100.0,
+        s.served_confidence,
+        s.candidate_confidence,
+        s.served_entropy,
+        s.candidate_entropy
+    )
+}
+
+fn shadow_json(s: &pb::ShadowInfo) -> serde_json::Value {
+    serde_json::json!({
+        "profile": s.profile, "fraction": s.fraction, "since_unix_ms": s.since_unix_ms,
+        "sampled": s.sampled, "dropped": s.dropped, "compared": s.compared, "failed": s.failed,
+        "agreement": s.agreement, "served_confidence": s.served_confidence,
+        "candidate_confidence": s.candidate_confidence, "served_entropy": s.served_entropy,
+        "candidate_entropy": s.candidate_entropy,
+    })
+}
+
 #[derive(clap::Args)]
 pub struct HistoryArgs {
     /// Only changes to scopes starting with this (site-a/).
@@ -322,6 +418,15 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         .await?
         .classify(bytes, &profile, &args.source, args.top_k, args.json)
         .await?;
+    let refs: Vec<SignatureRef> = r
+        .signatures
+        .iter()
+        .map(|s| SignatureRef {
+            name: s.name.clone(),
+            alpha: s.alpha,
+        })
+        .collect();
+    let served = rws::serve::auto::describe(&refs);
     let why = match (r.selection(), r.activation_id.as_str()) {
         (pb::Selection::Activation, id) => format!("activation {id}"),
         (pb::Selection::Explicit, _) => "named".into(),
@@ -339,10 +444,28 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
             "chosen_by": why,
             "top_k": top,
             "logits": r.logits,
+            "signatures": served.clone(),
+            "detection": r.detection.as_ref().map(|d| serde_json::json!({
+                "kind": d.kind, "confidence": d.confidence, "severity": d.severity,
+                "familiar": d.familiar
+            })),
         });
         println!("{v}");
     } else {
         println!("profile {} (generation {}, {why})", r.profile, r.generation);
+        // What served it, when the server chose: the profile names it otherwise.
+        if let Some(d) = &r.detection {
+            println!(
+                "served with {served}: the detector saw {} (severity {}) with {:.0}% confidence{}",
+                d.kind,
+                d.severity,
+                d.confidence * 100.0,
+                match d.familiar {
+                    true => "",
+                    false => ", but unlike its training images of that kind",
+                }
+            );
+        }
         for p in r.top_k {
             println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
         }

@@ -10,7 +10,7 @@ use rws::patch::quant::Quant;
 use rws::patch::signature::Signature;
 
 /// Corruptions the pipeline trains signatures for: 4 weather, 4 sensor.
-const DEFAULT_KINDS: &str =
+pub const DEFAULT_KINDS: &str =
     "fog,snow,rain,contrast,gaussian_noise,impulse_noise,motion_blur,pixelate";
 
 #[derive(clap::Args)]

@@ -54,6 +54,8 @@ enum Cmd {
     Activations(client::ActivationsArgs),
     /// The audit trail: every change, who made it, why, newest first.
     History(client::HistoryArgs),
+    /// Run a candidate profile on sampled live traffic and compare it with what was served.
+    Shadow(client::ShadowArgs),
     /// Report weather and sensor events, or replay a recorded day of them.
     #[command(subcommand)]
     Events(events::EventsCmd),
@@ -106,6 +108,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Deactivate(args) => client::deactivate(args).await,
         Cmd::Activations(args) => client::activations(args).await,
         Cmd::History(args) => client::history(args).await,
+        Cmd::Shadow(args) => client::shadow(args).await,
         Cmd::Events(cmd) => events::events(cmd).await,
         Cmd::Fleet(cmd) => client::fleet(cmd).await,
         Cmd::TrainDetector(args) => lab::train_detector(args),
