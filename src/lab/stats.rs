@@ -37,11 +37,6 @@ impl Estimate {
         self.show(1, true)
     }
 
-    /// As [`Estimate::cell`], in whole numbers.
-    pub fn whole(&self) -> String {
-        self.show(0, false)
-    }
-
     /// As [`Estimate::cell`], with two decimals (an alpha).
     pub fn alpha(&self) -> String {
         self.show(2, false)
@@ -72,7 +67,7 @@ mod tests {
         assert_eq!(e.cell(), "93.0 ± 3.6");
         assert_eq!(Estimate::of(&[-1.25, -2.75]).gain(), "-2.0 ± 1.1");
         assert_eq!(Estimate::of(&[2.0, 4.0]).gain(), "+3.0 ± 1.4");
-        assert_eq!(Estimate::of(&[91.0, 93.0]).whole(), "92 ± 1");
+        assert_eq!(Estimate::of(&[0.5, 0.75, 1.0]).alpha(), "0.75 ± 0.25");
         // One seed: no spread to show.
         let one = Estimate::of(&[95.44]);
         assert_eq!((one.sd, one.cell()), (0.0, "95.4".to_string()));

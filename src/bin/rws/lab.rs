@@ -471,10 +471,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(main)?,
     )?;
-    std::fs::write(
-        out.join("seeds.json"),
-        serde_json::to_string_pretty(&study)?,
-    )?;
     std::fs::write(out.join("RESULTS.md"), study.markdown(&command))?;
     // Every corruption at every severity, on the first test 7.
     let seven = (0..digits.len())
