@@ -9,7 +9,8 @@ use std::sync::Arc;
 use rws::lab::corrupt::Corruption;
 use rws::lab::data::Digits;
 use rws::lab::detector::{AutoReport, Report, Stream, StreamGroup, Tally, Unseen};
-use rws::lab::eval::{self, EvalOptions, Run, Seed, Study};
+use rws::lab::eval::{self, EvalOptions, Run};
+use rws::lab::report::{self, Seed, Study};
 use rws::lab::stats::Estimate;
 use rws::lab::train::PipelineOptions;
 
@@ -260,7 +261,7 @@ fn several_seeds_make_one_page_of_means_and_spreads() {
             seed,
         };
         rws::lab::train::run_pipeline(&digits, &pipeline, &dir).unwrap();
-        let auto = dir.join(eval::AUTO_DIR);
+        let auto = dir.join(report::AUTO_DIR);
         std::fs::create_dir_all(&auto).unwrap();
         for (file, holdout) in [("all", None), ("without-fog", Some("fog"))] {
             let report = auto_report(seed, holdout, fog, right);

@@ -1,6 +1,12 @@
 //! One number over several training seeds, as the report prints it (`mean ± sd`)
 //! and the plots draw it (a mark at the mean, an error bar of ± sd).
 
+/// The mean of `v`; 0 when it is empty.
+pub fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    sum / n.max(1) as f64
+}
+
 /// The mean of one value per seed and its sample standard deviation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {

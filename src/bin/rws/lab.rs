@@ -461,9 +461,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let seeds = runs
         .iter()
-        .map(|run| rws::lab::eval::Seed::evaluate(run, &digits, &opts))
+        .map(|run| rws::lab::report::Seed::evaluate(run, &digits, &opts))
         .collect::<rws::Result<Vec<_>>>()?;
-    let study = rws::lab::eval::Study::new(seeds, shipped)?;
+    let study = rws::lab::report::Study::new(seeds, shipped)?;
     std::fs::create_dir_all(out.join("plots"))?;
     study.plots(&out.join("plots"))?;
     let main = &study.main().results;
