@@ -10,7 +10,9 @@
 //! samples are taken only while no request waits and the compute workers were
 //! busy less than half of the last second; the queue holds [`QUEUE`] of them;
 //! the worker computes one sample at a time, each only once no batch is running
-//! and none waits, and drops a sample that waited [`MAX_WAIT`] for that.
+//! and none waits, and drops a sample that waited [`MAX_WAIT`] for that. Its
+//! thread is its own one-thread pool, under SCHED_IDLE on Linux, so a sample
+//! under way gives its core to any request.
 //! Shadows live on one replica and are not persisted.
 
 use std::collections::BTreeMap;
@@ -46,6 +48,9 @@ pub struct Shadows {
     tx: Sender<Sample>,
     /// How busy the compute workers are.
     load: Arc<Load>,
+    /// The worker's own one-thread pool: a sample's computation never queues
+    /// work in the pool that computes requests.
+    _pool: rayon::ThreadPool,
 }
 
 /// One candidate profile under evaluation.
@@ -112,15 +117,19 @@ impl Shadows {
     pub fn start(registry: Arc<Registry>, load: Arc<Load>) -> Result<Shadows> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let yield_to = load.clone();
-        std::thread::Builder::new()
-            .name("rws-shadow".into())
-            .spawn(move || worker(&registry, &rx, &yield_to))
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "rws-shadow".into())
+            .start_handler(|_| run_when_idle())
+            .build()
             .map_err(|e| Error::Internal(format!("cannot start the shadow thread: {e}")))?;
+        pool.spawn(move || worker(&registry, &rx, &yield_to));
         Ok(Shadows {
             active: ArcSwap::default(),
             write: Mutex::new(()),
             tx,
             load,
+            _pool: pool,
         })
     }
 
@@ -227,7 +236,9 @@ impl Shadow {
 }
 
 /// Runs each shadow's candidate on its samples, one at a time and only while
-/// the compute workers are idle; ends when [`Shadows`] is dropped.
+/// the compute workers are idle; ends when [`Shadows`] is dropped. It runs on
+/// the shadow pool's only thread, so whatever the model would run in parallel
+/// runs on that thread alone.
 fn worker(registry: &Registry, rx: &Receiver<Sample>, load: &Load) {
     while let Ok(s) = rx.recv() {
         let waited = Instant::now();
@@ -249,6 +260,23 @@ fn worker(registry: &Registry, rx: &Receiver<Sample>, load: &Load) {
         match compute(registry, &table, &[(s.input.as_slice(), profile)]).pop() {
             Some(Ok(candidate)) => compare(&s.shadow, &s.served, &candidate.logits),
             _ => failed(&s.shadow),
+        }
+    }
+}
+
+/// Asks the kernel to run this thread only on a core nothing else wants
+/// (Linux's SCHED_IDLE), so that a sample under way never holds a core a
+/// request needs; elsewhere the worker's own yielding is all there is.
+fn run_when_idle() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a system call on the calling thread (pid 0) with a valid parameter.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+            tracing::warn!(
+                "the shadow thread keeps its priority: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -354,6 +382,8 @@ mod tests {
         let load = Arc::new(Load::new(1));
         load.waiting.store(1, Ordering::Relaxed);
         let shadows = Shadows::start(registry, load.clone()).unwrap();
+        #[cfg(target_os = "linux")]
+        assert_shadow_threads_idle();
         shadows.set("clean", 1.0, true).unwrap();
         for _ in 0..100 {
             shadows.offer(&input, &[0.0; 10], "other");
@@ -370,6 +400,35 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         panic!("the sample taken when idle was never compared");
+    }
+
+    /// Every `rws-shadow` thread of this process runs under SCHED_IDLE (policy
+    /// 5, the 41st field of its /proc stat line), once its pool has started it.
+    #[cfg(target_os = "linux")]
+    fn assert_shadow_threads_idle() {
+        let policies = || -> Vec<String> {
+            let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+            let shadow = |t: &std::path::Path| {
+                std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "rws-shadow")
+            };
+            (tasks.filter_map(|t| Some(t.ok()?.path())))
+                .filter(|t| shadow(t))
+                .filter_map(|t| {
+                    let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    after.split_whitespace().nth(41 - 3).map(String::from)
+                })
+                .collect()
+        };
+        for _ in 0..500 {
+            let p = policies();
+            if !p.is_empty() {
+                assert!(p.iter().all(|p| p == "5"), "shadow thread policies {p:?}");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("no rws-shadow thread started");
     }
 
     #[test]
