@@ -10,7 +10,7 @@
 //! samples are taken only while no request waits and the compute workers were
 //! busy less than half of the last second; the queue holds [`QUEUE`] of them;
 //! the worker computes one sample at a time, each only once no batch is running
-//! and none waits, and drops a sample that waited [`MAX_WAIT`] for that. Its
+//! and none waits, and drops a sample [`MAX_WAIT`] after it was taken. Its
 //! thread is its own one-thread pool, under SCHED_IDLE on Linux, so a sample
 //! under way gives its core to any request.
 //! Shadows live on one replica and are not persisted.
@@ -37,7 +37,7 @@ pub const QUEUE: usize = 64;
 pub const MAX_SHADOWS: usize = 4;
 /// Above this share of time computing, the server is too busy to sample.
 const MAX_UTILIZATION: f64 = 0.5;
-/// How long a sample may wait for the compute workers to be idle.
+/// How long after it was taken a sample may still be computed.
 const MAX_WAIT: Duration = Duration::from_millis(20);
 
 /// The shadows of one server, and the queue to their worker.
@@ -109,6 +109,7 @@ struct Sample {
     shadow: Arc<Shadow>,
     input: Vec<f32>,
     served: Vec<f32>,
+    taken: Instant,
 }
 
 impl Shadows {
@@ -201,6 +202,7 @@ impl Shadows {
                         shadow: shadow.clone(),
                         input: input.to_vec(),
                         served: served.to_vec(),
+                        taken: Instant::now(),
                     })
                     .is_ok();
             let mut t = shadow.lock();
@@ -241,11 +243,12 @@ impl Shadow {
 /// runs on that thread alone.
 fn worker(registry: &Registry, rx: &Receiver<Sample>, load: &Load) {
     while let Ok(s) = rx.recv() {
-        let waited = Instant::now();
-        while load.active() && waited.elapsed() < MAX_WAIT {
+        while load.active() && s.taken.elapsed() < MAX_WAIT {
             std::thread::sleep(Duration::from_micros(100));
         }
-        if load.active() || load.busy(MAX_UTILIZATION) {
+        // Stale too when this thread itself waited: a machine too busy to give
+        // it a core drops samples rather than compare them late.
+        if load.active() || load.busy(MAX_UTILIZATION) || s.taken.elapsed() >= MAX_WAIT {
             s.shadow.lock().dropped += 1;
             metrics::counter!(m::SHADOW_SAMPLES, "candidate" => s.shadow.profile.clone(), "outcome" => "dropped")
                 .increment(1);
