@@ -442,7 +442,7 @@ impl Results {
         )
     }
 
-    /// The rows, their labels and the sizes, which every seed of a [`Study`](crate::lab::report::Study)
+    /// The rows, their labels and the sizes, which every seed of a study
     /// must share for its rows to be averaged.
     pub(crate) fn layout(&self) -> String {
         let rows: Vec<String> = (self.per_corruption.iter())

@@ -1,6 +1,6 @@
 //! Running inputs through their profiles: the one computation behind both
-//! served requests ([`crate::serve::batch`]) and shadow samples
-//! ([`crate::serve::shadow`]).
+//! served requests (the batcher) and shadow samples
+//! (the shadow worker).
 //!
 //! Inputs are grouped by the stem they need (a profile's, or for `auto` the
 //! detector's choice for that image); each stem runs once on its group, and the
