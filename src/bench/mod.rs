@@ -386,16 +386,18 @@ pub struct InferReport {
     pub images_per_second: f64,
 }
 
-/// Forward passes of the clean model in `repo/model` at each batch size, in-process.
+/// Forward passes of the clean model in `repo/model` at each batch size,
+/// in-process, its convs run as `conv` says on the CPU.
 pub fn infer(
     repo: &std::path::Path,
     model: Option<&str>,
     batches: &[usize],
     iterations: usize,
     device: &Device,
+    conv: crate::model::CpuConv,
 ) -> Result<Vec<InferReport>> {
     let dir = crate::model::repo::ModelDir::open(repo, model)?;
-    let m = crate::model::Model::load(dir.config.clone(), &dir.base_path(), device)?;
+    let m = crate::model::Model::load_with(dir.config.clone(), &dir.base_path(), device, conv)?;
     time_forward(&dir.name, &m, &m.materialize(&[])?, batches, iterations)
 }
 

@@ -121,7 +121,7 @@ impl Model {
                 let (w_at, b_at) = stem.layout.offsets(i);
                 let o = l.spec.out_channels;
                 let shape = l.spec.weight_shape();
-                Ok(FoldedConv {
+                Ok(FoldedConv::Candle {
                     weight: flat
                         .narrow(0, w_at, l.weight.len())?
                         .reshape(shape.as_slice())?,

@@ -1,31 +1,55 @@
 //! Layers with BatchNorm folded into the conv, and how a unit (the stem conv or a
-//! residual block) runs them: shared by the served model and, through
-//! [`forward_unit`], by training.
+//! residual block) runs them: shared by the served model on either path and,
+//! through [`forward_unit`], by training.
 
 use candle_core::{Device, Tensor};
 
-use super::{ConvSpec, UnitKind, UnitSpec, conv};
+use super::blocked::{self, Maps, PackedConv};
+use super::{ConvSpec, UnitKind, UnitSpec};
 use crate::Result;
 
 /// A conv with BatchNorm folded in: `conv(x, weight) + bias`.
 #[derive(Debug, Clone)]
-pub struct FoldedConv {
-    pub(super) weight: Tensor,
-    /// Shaped `[1, O, 1, 1]` to broadcast over NCHW.
-    pub(super) bias: Tensor,
-    pub(super) stride: usize,
-    pub(super) padding: usize,
+pub enum FoldedConv {
+    /// On the CPU: packed once for the blocked microkernel.
+    Packed(PackedConv),
+    /// Elsewhere (a GPU), or on the CPU as the stock baseline: candle's conv2d.
+    Candle {
+        weight: Tensor,
+        /// Shaped `[1, O, 1, 1]` to broadcast over NCHW.
+        bias: Tensor,
+        stride: usize,
+        padding: usize,
+    },
+}
+
+/// How the model runs its convs on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuConv {
+    /// rws's blocked direct convolution ([`blocked`]).
+    #[default]
+    Blocked,
+    /// candle's stock `conv2d`, kept as a baseline for benchmarks.
+    Candle,
 }
 
 impl FoldedConv {
+    /// `first` says the conv reads the model's input (planar, not blocked).
     pub(super) fn new(
         spec: &ConvSpec,
         weight: Vec<f32>,
         bias: Vec<f32>,
         device: &Device,
+        conv: CpuConv,
+        first: bool,
     ) -> Result<Self> {
         let o = spec.out_channels;
-        Ok(FoldedConv {
+        if device.is_cpu() && conv == CpuConv::Blocked {
+            let shape = (o, spec.in_channels, spec.kernel);
+            let packed = PackedConv::new(&weight, &bias, shape, spec.stride, spec.padding, first)?;
+            return Ok(FoldedConv::Packed(packed));
+        }
+        Ok(FoldedConv::Candle {
             weight: Tensor::from_vec(weight, spec.weight_shape().as_slice(), device)?,
             bias: Tensor::from_vec(bias, (1, o, 1, 1), device)?,
             stride: spec.stride,
@@ -33,52 +57,102 @@ impl FoldedConv {
         })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, then: Epilogue) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() {
-            let op = conv::Conv2dBias {
-                stride: self.stride,
-                padding: self.padding,
-                residual: then.residual,
-                relu: then.relu,
-            };
-            x.contiguous()?
-                .apply_op3_no_bwd(&self.weight, &self.bias, &op)
-        } else {
-            let y = x
-                .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-                .broadcast_add(&self.bias)?;
-            then.apply(y)
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FoldedConv::Packed(p) => p.len() * 4,
+            FoldedConv::Candle { weight, bias, .. } => {
+                (weight.elem_count() + bias.elem_count()) * 4
+            }
         }
     }
 }
 
+/// Activations a unit passes along: candle tensors, or blocked maps.
+pub(crate) trait Activations: Sized {
+    /// ResNet's 3×3/2 max-pool with padding 1, after the stem's ReLU.
+    fn max_pool(&self) -> Result<Self>;
+}
+
+impl Activations for Tensor {
+    fn max_pool(&self) -> Result<Self> {
+        // Zero padding equals -inf padding here: the input is post-ReLU.
+        let h = self.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+        Ok(h.max_pool2d_with_stride(3, 2)?)
+    }
+}
+
+impl Activations for Maps {
+    fn max_pool(&self) -> Result<Self> {
+        match self {
+            Maps::Blocked(b) => Ok(Maps::Blocked(blocked::max_pool_3x3_s2(b))),
+            Maps::Planar(_) => crate::bail!(Internal, "max-pool reads blocked activations"),
+        }
+    }
+}
+
+impl FoldedConv {
+    /// On candle tensors (the GPU or the stock baseline).
+    pub(super) fn forward_tensor(&self, x: &Tensor, then: Epilogue<Tensor>) -> Result<Tensor> {
+        let FoldedConv::Candle {
+            weight,
+            bias,
+            stride,
+            padding,
+        } = self
+        else {
+            crate::bail!(Internal, "a packed conv runs on blocked activations");
+        };
+        let y = x
+            .conv2d(weight, *padding, *stride, 1, 1)?
+            .broadcast_add(bias)?;
+        then.apply(y)
+    }
+
+    /// On blocked maps, with the epilogue fused into the microkernel.
+    pub(super) fn forward_maps(&self, x: &Maps, then: Epilogue<Maps>) -> Result<Maps> {
+        let FoldedConv::Packed(p) = self else {
+            crate::bail!(Internal, "a candle conv runs on tensors");
+        };
+        p.forward(x, then.residual, then.relu)
+    }
+}
+
 /// What follows a conv inside a unit: a residual block's shortcut added, then
-/// ReLU. The served CPU path fuses both into the conv; this is the plain form.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Epilogue<'a> {
-    pub residual: Option<&'a Tensor>,
+/// ReLU. The blocked path fuses both into the conv; this is the plain form.
+#[derive(Debug)]
+pub(crate) struct Epilogue<'a, A> {
+    pub residual: Option<&'a A>,
     pub relu: bool,
 }
 
-impl Epilogue<'_> {
-    pub(crate) fn apply(self, y: Tensor) -> candle_core::Result<Tensor> {
+impl<A> Clone for Epilogue<'_, A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Epilogue<'_, A> {}
+
+impl Epilogue<'_, Tensor> {
+    pub(crate) fn apply(self, y: Tensor) -> Result<Tensor> {
         let y = match self.residual {
             Some(r) => (y + r)?,
             None => y,
         };
-        if self.relu { y.relu() } else { Ok(y) }
+        Ok(if self.relu { y.relu()? } else { y })
     }
 }
 
 /// Runs one unit, given how to apply one of its convs (conv + BatchNorm, then
-/// the epilogue): the served model passes folded convs with the epilogue fused
-/// in, training passes conv and BatchNorm modules.
-pub(crate) fn forward_unit<C>(
+/// the epilogue): the served model passes folded convs, training passes conv
+/// and BatchNorm modules.
+pub(crate) fn forward_unit<C, A: Activations>(
     unit: &UnitSpec,
     convs: &[C],
-    x: &Tensor,
-    conv: impl Fn(&C, &Tensor, Epilogue) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Tensor> {
+    x: &A,
+    conv: impl Fn(&C, &A, Epilogue<A>) -> Result<A>,
+) -> Result<A> {
     let relu = Epilogue {
         residual: None,
         relu: true,
@@ -86,13 +160,7 @@ pub(crate) fn forward_unit<C>(
     match unit.kind {
         UnitKind::Stem { maxpool } => {
             let h = conv(&convs[0], x, relu)?;
-            if maxpool {
-                // Zero padding equals -inf padding here: the input is post-ReLU.
-                let h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-                h.max_pool2d_with_stride(3, 2)
-            } else {
-                Ok(h)
-            }
+            if maxpool { h.max_pool() } else { Ok(h) }
         }
         UnitKind::Basic | UnitKind::Bottleneck => {
             let (main, shortcut) = if unit.downsample {
@@ -100,39 +168,32 @@ pub(crate) fn forward_unit<C>(
             } else {
                 (convs, &[][..])
             };
-            let identity = match shortcut.first() {
-                Some(c) => conv(
-                    c,
-                    x,
-                    Epilogue {
-                        residual: None,
-                        relu: false,
-                    },
-                )?,
-                None => x.clone(),
+            let plain = Epilogue {
+                residual: None,
+                relu: false,
             };
+            let projected = match shortcut.first() {
+                Some(c) => Some(conv(c, x, plain)?),
+                None => None,
+            };
+            let identity = projected.as_ref().unwrap_or(x);
             let (last, inner) = main.split_last().expect("a block has convs");
-            let mut h = x.clone();
+            let mut h: Option<A> = None;
             for c in inner {
-                h = conv(c, &h, relu)?;
+                h = Some(conv(c, h.as_ref().unwrap_or(x), relu)?);
             }
-            conv(
-                last,
-                &h,
-                Epilogue {
-                    residual: Some(&identity),
-                    relu: true,
-                },
-            )
+            let residual = Epilogue {
+                residual: Some(identity),
+                relu: true,
+            };
+            conv(last, h.as_ref().unwrap_or(x), residual)
         }
     }
 }
 
-/// Global average pooling then the classifier.
-pub(crate) fn classify_head(
-    h: &Tensor,
-    fc_weight_t: &Tensor,
-    fc_bias: &Tensor,
-) -> candle_core::Result<Tensor> {
-    h.mean((2, 3))?.matmul(fc_weight_t)?.broadcast_add(fc_bias)
+/// Global average pooling then the classifier, on tensors.
+pub(crate) fn classify_head(h: &Tensor, fc_weight_t: &Tensor, fc_bias: &Tensor) -> Result<Tensor> {
+    Ok(h.mean((2, 3))?
+        .matmul(fc_weight_t)?
+        .broadcast_add(fc_bias)?)
 }

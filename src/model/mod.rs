@@ -1,9 +1,10 @@
 //! The served classifier, split in two: a patchable **stem** (conv1 plus the first
 //! `patchable_blocks` residual blocks), materialized once per profile by the fused
-//! add-scale kernel, and a shared **trunk** folded once at load time.
+//! add-scale kernel, and a shared **trunk** folded once at load time. On the CPU
+//! both run rws's blocked convolution ([`blocked`]); on a GPU, candle's.
 
 pub mod arch;
-pub mod conv;
+pub mod blocked;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod detector;
@@ -21,7 +22,8 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
-pub use folded::FoldedConv;
+use blocked::{Blocked, Maps, Planar};
+pub use folded::{CpuConv, FoldedConv};
 pub(crate) use folded::{classify_head, forward_unit};
 use stem::PatchLayer;
 pub use stem::Stem;
@@ -34,9 +36,48 @@ use crate::{Error, Result, bail};
 #[derive(Debug)]
 struct Trunk {
     units: Vec<(UnitSpec, Vec<FoldedConv>)>,
-    /// `fc.weight` transposed to `[features, classes]`.
-    fc_weight_t: Tensor,
-    fc_bias: Tensor,
+    /// `fc.weight` transposed to `[features, classes]`, and `fc.bias`.
+    head: Head,
+}
+
+/// The classifier, where the path that runs it wants it.
+#[derive(Debug)]
+enum Head {
+    Tensor { weight_t: Tensor, bias: Tensor },
+    Host { weight_t: Vec<f32>, bias: Vec<f32> },
+}
+
+/// Activations between the stem and the trunk: blocked maps on the CPU,
+/// tensors on a GPU. Batches from several stems are concatenated
+/// ([`Hidden::cat`]) so that the trunk runs once.
+#[derive(Debug, Clone)]
+pub enum Hidden {
+    Maps(Maps),
+    Tensor(Tensor),
+}
+
+impl Hidden {
+    /// The batches one after the other.
+    pub fn cat(parts: Vec<Hidden>) -> Result<Hidden> {
+        if parts.iter().all(|p| matches!(p, Hidden::Tensor(_))) {
+            let tensors: Vec<Tensor> = (parts.into_iter())
+                .filter_map(|p| match p {
+                    Hidden::Tensor(t) => Some(t),
+                    Hidden::Maps(_) => None,
+                })
+                .collect();
+            return Ok(Hidden::Tensor(Tensor::cat(&tensors, 0)?));
+        }
+        let maps = (parts.into_iter())
+            .map(|p| match p {
+                Hidden::Maps(Maps::Blocked(b)) => Ok(b),
+                _ => Err(Error::Internal(
+                    "cannot concatenate these activations".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Hidden::Maps(Maps::Blocked(Blocked::cat(maps)?)))
+    }
 }
 
 /// One loaded model: the clean base, ready to materialize stems for profiles.
@@ -48,6 +89,8 @@ pub struct Model {
     trunk: Trunk,
     fingerprint: String,
     device: Device,
+    /// How convs run on the CPU.
+    conv: CpuConv,
     /// On a CUDA device, the stem's clean parameters there, for the GPU kernel.
     #[cfg(feature = "cuda")]
     cuda_stem: Option<cuda::CudaStem>,
@@ -56,16 +99,35 @@ pub struct Model {
 impl Model {
     /// Loads `base.safetensors` (torchvision names; f32, f16 or bf16).
     pub fn load(config: ModelConfig, path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(config, path, device, CpuConv::default())
+    }
+
+    /// As [`Model::load`], with convs run as `conv` says when on the CPU.
+    pub fn load_with(
+        config: ModelConfig,
+        path: &Path,
+        device: &Device,
+        conv: CpuConv,
+    ) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
             Error::InvalidArgument(format!("cannot read base weights {}: {e}", path.display()))
         })?;
-        Self::from_tensors(config, &tensors, device)
+        Self::from_tensors_with(config, &tensors, device, conv)
     }
 
     pub fn from_tensors(
         config: ModelConfig,
         tensors: &HashMap<String, Tensor>,
         device: &Device,
+    ) -> Result<Self> {
+        Self::from_tensors_with(config, tensors, device, CpuConv::default())
+    }
+
+    fn from_tensors_with(
+        config: ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+        conv: CpuConv,
     ) -> Result<Self> {
         config.validate()?;
         let classes = config.labels.len();
@@ -132,15 +194,25 @@ impl Model {
             let convs = unit
                 .convs
                 .iter()
-                .map(|c| layer(c, &mut take).fold(eps, &[], device))
+                .map(|c| layer(c, &mut take).fold(eps, &[], (device, conv), false))
                 .collect::<Result<Vec<_>>>()?;
             trunk_units.push((unit, convs));
         }
         let feat = config.arch.feature_channels();
-        let fc_weight_t = Tensor::from_vec(take("fc.weight"), (classes, feat), device)?
+        let fc_weight_t = Tensor::from_vec(take("fc.weight"), (classes, feat), &Device::Cpu)?
             .t()?
             .contiguous()?;
-        let fc_bias = Tensor::from_vec(take("fc.bias"), (1, classes), device)?;
+        let fc_bias = take("fc.bias");
+        let head = match device.is_cpu() && conv == CpuConv::Blocked {
+            true => Head::Host {
+                weight_t: fc_weight_t.flatten_all()?.to_vec1()?,
+                bias: fc_bias,
+            },
+            false => Head::Tensor {
+                weight_t: fc_weight_t.to_device(device)?,
+                bias: Tensor::from_vec(fc_bias, (1, classes), device)?,
+            },
+        };
         #[cfg(feature = "cuda")]
         let cuda_stem = match device {
             Device::Cuda(d) => Some(cuda::CudaStem::upload(&stem_layers, eps, d)?),
@@ -155,11 +227,11 @@ impl Model {
             stem_layers,
             trunk: Trunk {
                 units: trunk_units,
-                fc_weight_t,
-                fc_bias,
+                head,
             },
             fingerprint,
             device: device.clone(),
+            conv,
             #[cfg(feature = "cuda")]
             cuda_stem,
         })
@@ -202,37 +274,86 @@ impl Model {
         let patches = patches.as_slice();
         // Sequential over layers: parallel layers gained 25% at the median but
         // doubled the p99 (rayon wake-ups) in `rws bench switch`.
-        let convs = self
-            .stem_layers
-            .iter()
-            .map(|l| l.fold(self.config.bn_eps, patches, &self.device))
+        let on = (&self.device, self.conv);
+        let convs = (self.stem_layers.iter().enumerate())
+            .map(|(i, l)| l.fold(self.config.bn_eps, patches, on, i == 0))
             .collect::<Result<Vec<_>>>()?;
         Ok(Stem { convs })
     }
 
+    /// Whether this model runs on blocked maps (the CPU with rws's convs).
+    fn blocked(&self) -> bool {
+        self.device.is_cpu() && self.conv == CpuConv::Blocked
+    }
+
     /// Runs the stem on a batch `[N, C, H, W]`.
-    pub fn forward_stem(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
+    pub fn forward_stem(&self, stem: &Stem, x: &Tensor) -> Result<Hidden> {
         let mut convs = stem.convs.as_slice();
-        let mut h = x.clone();
+        if !self.blocked() {
+            let mut h = x.clone();
+            for unit in &self.stem_units {
+                let (mine, rest) = convs.split_at(unit.convs.len());
+                h = forward_unit(unit, mine, &h, FoldedConv::forward_tensor)?;
+                convs = rest;
+            }
+            return Ok(Hidden::Tensor(h));
+        }
+        let pad = self.stem_units[0].convs[0].padding;
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut h = Maps::Planar(Planar::new(&data, x.dims4()?, pad));
         for unit in &self.stem_units {
             let (mine, rest) = convs.split_at(unit.convs.len());
-            h = forward_unit(unit, mine, &h, FoldedConv::forward)?;
+            h = forward_unit(unit, mine, &h, FoldedConv::forward_maps)?;
             convs = rest;
         }
-        Ok(h)
+        Ok(Hidden::Maps(h))
     }
 
     /// Runs the shared trunk and the classifier: logits `[N, classes]`.
-    pub fn forward_trunk(&self, h: &Tensor) -> Result<Tensor> {
-        let mut h = h.clone();
-        for (unit, convs) in &self.trunk.units {
-            h = forward_unit(unit, convs, &h, FoldedConv::forward)?;
+    pub fn forward_trunk(&self, h: &Hidden) -> Result<Tensor> {
+        let t = &self.trunk;
+        match h {
+            Hidden::Tensor(h) => {
+                let mut h = h.clone();
+                for (unit, convs) in &t.units {
+                    h = forward_unit(unit, convs, &h, FoldedConv::forward_tensor)?;
+                }
+                let Head::Tensor { weight_t, bias } = &t.head else {
+                    bail!(Internal, "the classifier is not on the device");
+                };
+                classify_head(&h, weight_t, bias)
+            }
+            Hidden::Maps(h) => {
+                let mut h = h.clone();
+                for (unit, convs) in &t.units {
+                    h = forward_unit(unit, convs, &h, FoldedConv::forward_maps)?;
+                }
+                let Maps::Blocked(h) = h else {
+                    bail!(Internal, "the trunk's output is not blocked");
+                };
+                self.classify_blocked(&h)
+            }
         }
-        Ok(classify_head(
-            &h,
-            &self.trunk.fc_weight_t,
-            &self.trunk.fc_bias,
-        )?)
+    }
+
+    /// Global average pooling then the classifier, image by image (so that an
+    /// image's logits do not depend on its batch), vectorized over classes.
+    fn classify_blocked(&self, h: &Blocked) -> Result<Tensor> {
+        let Head::Host { weight_t, bias } = &self.trunk.head else {
+            bail!(Internal, "the classifier is not on the host");
+        };
+        let classes = self.config.labels.len();
+        let mut logits = Vec::with_capacity(h.n * classes);
+        for features in blocked::global_average(h) {
+            let mut out = bias.clone();
+            for (f, row) in features.iter().zip(weight_t.chunks_exact(classes)) {
+                for (o, w) in out.iter_mut().zip(row) {
+                    *o += f * w;
+                }
+            }
+            logits.extend(out);
+        }
+        Ok(Tensor::from_vec(logits, (h.n, classes), &self.device)?)
     }
 
     pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {

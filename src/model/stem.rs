@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 
-use super::{ConvSpec, FoldedConv};
+use super::{ConvSpec, CpuConv, FoldedConv};
 use crate::patch::kernel::{self, ConvBn, LayerDelta};
 use crate::patch::signature::Signature;
 use crate::{Error, Result};
@@ -33,12 +33,14 @@ impl PatchLayer {
         }
     }
 
-    /// Folds this layer with the given signatures applied.
+    /// Folds this layer with the given signatures applied, packed for `device`
+    /// and `conv`; `first` says it reads the model's input.
     pub(super) fn fold(
         &self,
         eps: f32,
         patches: &[(&Signature, f32)],
-        device: &Device,
+        (device, conv): (&Device, CpuConv),
+        first: bool,
     ) -> Result<FoldedConv> {
         let [w, g, b, m, v] = self.spec.tensor_names();
         let deltas: Vec<LayerDelta> = patches
@@ -56,7 +58,7 @@ impl PatchLayer {
         let mut out_b = vec![0f32; self.spec.out_channels];
         kernel::cpu::fused_add_scale(&self.conv_bn(eps), &deltas, &mut out_w, &mut out_b)
             .map_err(|e| Error::InvalidArgument(format!("cannot patch {}: {e}", self.spec.conv)))?;
-        FoldedConv::new(&self.spec, out_w, out_b, device)
+        FoldedConv::new(&self.spec, out_w, out_b, device, conv, first)
     }
 }
 
@@ -70,9 +72,6 @@ pub struct Stem {
 impl Stem {
     /// Bytes of weights this stem holds.
     pub fn bytes(&self) -> usize {
-        self.convs
-            .iter()
-            .map(|c| (c.weight.elem_count() + c.bias.elem_count()) * 4)
-            .sum()
+        self.convs.iter().map(FoldedConv::bytes).sum()
     }
 }

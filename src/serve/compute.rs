@@ -8,8 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
-
+use crate::model::Hidden;
 use crate::serve::auto::{self, AutoChoice};
 use crate::serve::preprocess;
 use crate::serve::profile::{AUTO, CLEAN, Profile, SignatureRef, Table};
@@ -93,8 +92,7 @@ pub fn compute(
     if !activations.is_empty() {
         let logits = {
             let _s = tracing::debug_span!("trunk", n = activations.len()).entered();
-            Tensor::cat(&activations, 0)
-                .map_err(Error::from)
+            Hidden::cat(activations)
                 .and_then(|h| model.forward_trunk(&h))
                 .and_then(|l| Ok(l.to_vec2::<f32>()?))
         };

@@ -115,6 +115,9 @@ pub enum BenchCmd {
         /// auto, cpu or cuda:N (see `rws serve --device`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// On the CPU: rws's blocked convolution, or candle's stock conv2d (the baseline).
+        #[arg(long, default_value = "blocked", value_parser = ["blocked", "candle"])]
+        conv: String,
         #[arg(long)]
         json: bool,
     },
@@ -318,11 +321,16 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
             batch,
             iterations,
             device,
+            conv,
             json,
         } => {
+            let conv = match conv.as_str() {
+                "candle" => rws::model::CpuConv::Candle,
+                _ => rws::model::CpuConv::Blocked,
+            };
             let r = tokio::task::spawn_blocking(move || {
                 let device = rws::model::device::select(&device)?;
-                rws::bench::infer(&repo, model.as_deref(), &batch, iterations, &device)
+                rws::bench::infer(&repo, model.as_deref(), &batch, iterations, &device, conv)
             })
             .await??;
             print_report(json, &r, |r| {

@@ -1,0 +1,431 @@
+//! A convolution with BatchNorm folded in, its weights packed once (when a stem
+//! is materialized or the trunk loaded) into the order the microkernel reads
+//! them, and its forward pass over blocked activations.
+
+use rayon::prelude::*;
+
+use super::kernel::{self, LANES, MAX_PX, Tile, Walk};
+use super::{Blocked, HALO, Maps};
+use crate::{Result, bail};
+
+/// Output blocks per microkernel call; a channel count with an odd number of
+/// blocks ends in a group of one.
+const GROUP: usize = 2;
+
+/// A folded convolution packed for the microkernel: per group of output
+/// blocks, the K loop's weights in order (input block, ky, kx, channel in
+/// block), each a run of `GROUP · LANES` output channels, zero past the real
+/// channels.
+#[derive(Debug, Clone)]
+pub struct PackedConv {
+    weights: Vec<f32>,
+    /// Zero past the real output channels.
+    bias: Vec<f32>,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    /// Packed for a planar input (channels one by one) rather than a blocked one.
+    planar: bool,
+}
+
+impl PackedConv {
+    /// Packs `weight` (`[out, in, k, k]`, row-major) and `bias` (`[out]`).
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        (out_channels, in_channels, kernel): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        planar: bool,
+    ) -> Result<PackedConv> {
+        if weight.len() != out_channels * in_channels * kernel * kernel
+            || bias.len() != out_channels
+            || stride == 0
+            || kernel == 0
+        {
+            bail!(
+                Internal,
+                "cannot pack a conv of {} weights and {} biases as [{out_channels}, {in_channels}, {kernel}, {kernel}] with stride {stride}",
+                weight.len(),
+                bias.len()
+            );
+        }
+        if !planar && padding > HALO {
+            bail!(
+                Internal,
+                "a conv on blocked activations may pad by at most {HALO}, not {padding}"
+            );
+        }
+        let ci = if planar { 1 } else { LANES };
+        let in_blocks = in_channels.div_ceil(ci);
+        let out_blocks = out_channels.div_ceil(LANES);
+        let taps = in_blocks * kernel * kernel * ci;
+        let mut weights = Vec::with_capacity(taps * out_blocks * LANES);
+        for g in (0..out_blocks).step_by(GROUP) {
+            let width = GROUP.min(out_blocks - g) * LANES;
+            for b in 0..in_blocks {
+                for ky in 0..kernel {
+                    for kx in 0..kernel {
+                        for i in 0..ci {
+                            let ic = b * ci + i;
+                            for o in 0..width {
+                                let oc = g * LANES + o;
+                                weights.push(if oc < out_channels && ic < in_channels {
+                                    weight[((oc * in_channels + ic) * kernel + ky) * kernel + kx]
+                                } else {
+                                    0.0
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut padded = bias.to_vec();
+        padded.resize(out_blocks * LANES, 0.0);
+        Ok(PackedConv {
+            weights,
+            bias: padded,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            planar,
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// Floats held: packed weights and bias.
+    pub fn len(&self) -> usize {
+        self.weights.len() + self.bias.len()
+    }
+
+    /// The output size for an input of `h × w`.
+    pub fn out_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
+    }
+
+    /// `relu(conv(x) + bias + residual)`, the residual (same shape as the
+    /// output) and the ReLU optional.
+    pub fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Result<Maps> {
+        let (n, c, (h, w), halo, planar) = match x {
+            Maps::Planar(p) => (p.n, p.channels, (p.h, p.w), p.pad, true),
+            Maps::Blocked(b) => (b.n, b.channels, (b.h, b.w), HALO, false),
+        };
+        let residual = match residual {
+            None => None,
+            Some(Maps::Blocked(r)) => Some(r),
+            Some(Maps::Planar(_)) => bail!(Internal, "a residual must be blocked"),
+        };
+        let k = self.kernel;
+        if c != self.in_channels
+            || planar != self.planar
+            || halo < self.padding
+            || h + 2 * self.padding < k
+            || w + 2 * self.padding < k
+        {
+            bail!(
+                Internal,
+                "a conv packed for {} input channels (planar: {}, padding {}) cannot read {c} channels of {h}×{w} (planar: {planar}, border {halo})",
+                self.in_channels,
+                self.planar,
+                self.padding
+            );
+        }
+        let (ho, wo) = self.out_size((h, w));
+        let mut out = Blocked::zeros(n, self.out_channels, ho, wo);
+        if let Some(r) = residual
+            && (r.n, r.channels, r.h, r.w) != (n, self.out_channels, ho, wo)
+        {
+            bail!(Internal, "the residual does not match the conv's output");
+        }
+        let (hp, wp) = (h + 2 * halo, w + 2 * halo);
+        let (ci, pixel_stride, block_stride) = match planar {
+            true => (1, 1, hp * wp),
+            false => (LANES, LANES, hp * wp * LANES),
+        };
+        let walk = Walk {
+            blocks: c.div_ceil(ci),
+            block_stride,
+            kh: k,
+            kw: k,
+            row_stride: wp * pixel_stride,
+            pixel_stride,
+        };
+        let x_image = walk.blocks * block_stride;
+        let x_data = match x {
+            Maps::Planar(p) => &p.data,
+            Maps::Blocked(b) => &b.data,
+        };
+        let plan = Plan {
+            walk,
+            shift: halo - self.padding,
+            stride: self.stride,
+            out: (ho, wo),
+            relu,
+            planar,
+        };
+        let out_image = out.image_len();
+        let plane = out.plane_len();
+        let group_len = GROUP * plane;
+        let taps = walk.blocks * k * k * ci;
+        let work = n * out.blocks * ho * wo * taps * LANES;
+        // Per image and group of output blocks, its own slice of the output.
+        let job = |i: usize, g: usize, dst: &mut [f32]| {
+            let blocks = dst.len() / plane;
+            let at = g * GROUP * taps * LANES;
+            let at_bias = g * GROUP * LANES;
+            let x = &x_data[i * x_image..][..x_image];
+            let res = residual.map(|r| &r.data[i * out_image + g * group_len..][..dst.len()]);
+            let weights = &self.weights[at..][..taps * blocks * LANES];
+            let bias = &self.bias[at_bias..][..blocks * LANES];
+            match blocks {
+                GROUP => plan.tiles::<GROUP>(x, weights, bias, res, dst, plane),
+                _ => plan.tiles::<1>(x, weights, bias, res, dst, plane),
+            }
+        };
+        // Small convs run on this thread: a fork-join costs more than they do.
+        if work < 1 << 18 || rayon::current_num_threads() == 1 {
+            for (i, image) in out.data.chunks_mut(out_image).enumerate() {
+                for (g, dst) in image.chunks_mut(group_len).enumerate() {
+                    job(i, g, dst);
+                }
+            }
+        } else {
+            out.data
+                .par_chunks_mut(out_image)
+                .enumerate()
+                .for_each(|(i, image)| {
+                    image
+                        .par_chunks_mut(group_len)
+                        .enumerate()
+                        .for_each(|(g, dst)| job(i, g, dst));
+                });
+        }
+        Ok(Maps::Blocked(out))
+    }
+}
+
+/// One conv's geometry, shared by its tiles.
+struct Plan {
+    walk: Walk,
+    /// Input border minus the conv's padding: where tap (0, 0) of output pixel
+    /// (0, 0) sits in the bordered input.
+    shift: usize,
+    stride: usize,
+    out: (usize, usize),
+    relu: bool,
+    planar: bool,
+}
+
+impl Plan {
+    /// Every tile of one image's output, for `OB` output blocks.
+    fn tiles<const OB: usize>(
+        &self,
+        x: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        residual: Option<&[f32]>,
+        dst: &mut [f32],
+        plane: usize,
+    ) {
+        let m = self.out.0 * self.out.1;
+        let mut q = 0;
+        while q + MAX_PX <= m {
+            self.tile::<OB, MAX_PX>(q, x, weights, bias, residual, dst, plane);
+            q += MAX_PX;
+        }
+        match m - q {
+            1 => self.tile::<OB, 1>(q, x, weights, bias, residual, dst, plane),
+            2 => self.tile::<OB, 2>(q, x, weights, bias, residual, dst, plane),
+            3 => self.tile::<OB, 3>(q, x, weights, bias, residual, dst, plane),
+            4 => self.tile::<OB, 4>(q, x, weights, bias, residual, dst, plane),
+            5 => self.tile::<OB, 5>(q, x, weights, bias, residual, dst, plane),
+            _ => {}
+        }
+    }
+
+    /// Output pixels `q .. q + PX` (row-major over the output, rows may wrap).
+    #[allow(clippy::too_many_arguments)]
+    fn tile<const OB: usize, const PX: usize>(
+        &self,
+        q: usize,
+        x: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        residual: Option<&[f32]>,
+        dst: &mut [f32],
+        plane: usize,
+    ) {
+        let wo = self.out.1;
+        let (s, w) = (self.stride, &self.walk);
+        let x_at = std::array::from_fn(|p| {
+            let (oy, ox) = ((q + p) / wo, (q + p) % wo);
+            (oy * s + self.shift) * w.row_stride + (ox * s + self.shift) * w.pixel_stride
+        });
+        let out_at = std::array::from_fn(|p| {
+            let (oy, ox) = ((q + p) / wo, (q + p) % wo);
+            ((oy + HALO) * (wo + 2 * HALO) + ox + HALO) * LANES
+        });
+        let t = Tile {
+            x,
+            x_at,
+            weights,
+            bias,
+            residual,
+            out_at,
+            out_stride: plane,
+            relu: self.relu,
+        };
+        match self.planar {
+            true => kernel::run::<OB, PX, 1>(w, &t, dst),
+            false => kernel::run::<OB, PX, LANES>(w, &t, dst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::model::blocked::Planar;
+    use crate::rng::Rng;
+
+    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect()
+    }
+
+    /// candle's conv2d plus bias, residual and ReLU: the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        weight: &[f32],
+        bias: &[f32],
+        (o, k, s, p): (usize, usize, usize, usize),
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> Vec<f32> {
+        let d = Device::Cpu;
+        let x = Tensor::from_slice(x, (n, c, h, w), &d).unwrap();
+        let wt = Tensor::from_slice(weight, (o, c, k, k), &d).unwrap();
+        let b = Tensor::from_slice(bias, (1, o, 1, 1), &d).unwrap();
+        let mut y = x
+            .conv2d(&wt, p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        if let Some(r) = residual {
+            y = (y.clone() + Tensor::from_slice(r, y.shape(), &d).unwrap()).unwrap();
+        }
+        if relu {
+            y = y.relu().unwrap();
+        }
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn matches_candle_conv2d_with_bias_residual_and_relu() {
+        let mut rng = Rng::new(3);
+        // (in, out, size, kernel, stride, padding, planar input)
+        let cases = [
+            (3, 16, 20, 7, 2, 3, true),
+            (1, 16, 28, 3, 2, 1, true),
+            (16, 16, 9, 3, 1, 1, false),
+            (16, 32, 9, 3, 2, 1, false),
+            (16, 32, 9, 1, 2, 0, false),
+            (32, 24, 7, 1, 1, 0, false),
+            (12, 20, 5, 3, 1, 1, false),
+            (8, 8, 3, 3, 1, 1, false),
+        ];
+        for (c, o, size, k, s, p, planar) in cases {
+            let n = 2;
+            let shape = (n, c, size, size);
+            let x = random(&mut rng, n * c * size * size);
+            let weight = random(&mut rng, o * c * k * k);
+            let bias = random(&mut rng, o);
+            let conv = PackedConv::new(&weight, &bias, (o, c, k), s, p, planar).unwrap();
+            let (ho, wo) = conv.out_size((size, size));
+            let res_nchw = random(&mut rng, n * o * ho * wo);
+            let residual = Maps::Blocked(Blocked::from_nchw(&res_nchw, (n, o, ho, wo)));
+            let input = match planar {
+                true => Maps::Planar(Planar::new(&x, shape, p)),
+                false => Maps::Blocked(Blocked::from_nchw(&x, shape)),
+            };
+            for (res, relu) in [(None, false), (Some(&residual), true)] {
+                let Maps::Blocked(got) = conv.forward(&input, res, relu).unwrap() else {
+                    panic!("a conv's output is blocked")
+                };
+                let want = reference(
+                    &x,
+                    shape,
+                    &weight,
+                    &bias,
+                    (o, k, s, p),
+                    res.map(|_| res_nchw.as_slice()),
+                    relu,
+                );
+                let got_nchw = got.to_nchw();
+                assert_eq!(got_nchw.len(), want.len());
+                for (g, w) in got_nchw.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{c}->{o} k{k} s{s}: {g} vs {w}"
+                    );
+                }
+                // Borders and padding channels stay zero.
+                let sum_abs: f32 = got.data.iter().map(|v| v.abs()).sum();
+                let real: f32 = got_nchw.iter().map(|v| v.abs()).sum();
+                assert!((sum_abs - real).abs() <= 1e-3 * real.max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn an_image_does_not_depend_on_its_batch() {
+        let mut rng = Rng::new(5);
+        let (c, o, size) = (16, 64, 30);
+        let weight = random(&mut rng, o * c * 9);
+        let bias = random(&mut rng, o);
+        let conv = PackedConv::new(&weight, &bias, (o, c, 3), 1, 1, false).unwrap();
+        let x = random(&mut rng, 4 * c * size * size);
+        // Large enough to run in parallel over images and groups.
+        let run = |x: &[f32], n: usize| {
+            let x = Maps::Blocked(Blocked::from_nchw(x, (n, c, size, size)));
+            match conv.forward(&x, None, true).unwrap() {
+                Maps::Blocked(b) => b,
+                Maps::Planar(_) => panic!("a conv's output is blocked"),
+            }
+        };
+        let all = run(&x, 4);
+        let one = run(&x[2 * c * size * size..][..c * size * size], 1);
+        assert_eq!(one.data, all.data[2 * all.image_len()..][..all.image_len()]);
+    }
+
+    #[test]
+    fn overflow_stays_visible_through_relu() {
+        let conv =
+            PackedConv::new(&[f32::MAX; 8 * 8], &[f32::MAX; 8], (8, 8, 1), 1, 0, false).unwrap();
+        let mut x = Blocked::zeros(1, 8, 1, 1);
+        x.data.fill(f32::MAX);
+        let y = conv.forward(&Maps::Blocked(x.clone()), None, true).unwrap();
+        assert!(y.to_nchw().iter().all(|v| *v == f32::INFINITY));
+        // An earlier overflow meets weights of both signs: inf - inf is NaN,
+        // which ReLU must not turn into 0.
+        let signs: Vec<f32> = (0..64)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let mixed = PackedConv::new(&signs, &[0.0; 8], (8, 8, 1), 1, 0, false).unwrap();
+        x.data.fill(f32::INFINITY);
+        let y = mixed.forward(&Maps::Blocked(x), None, true).unwrap();
+        assert!(y.to_nchw().iter().all(|v| v.is_nan()));
+    }
+}

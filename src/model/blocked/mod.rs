@@ -1,0 +1,182 @@
+//! Inference on the CPU in a blocked channel layout (NCHWc): activations are
+//! stored as blocks of [`LANES`] channels, each a plane of pixels whose
+//! [`LANES`] values sit together, so the convolution microkernel
+//! ([`kernel`]) multiplies one vector of output channels by one broadcast input
+//! value at a time, with no im2col and no per-call weight packing. Activations
+//! stay blocked from the first conv to the pooling before the classifier.
+//!
+//! Every plane has a zero border of [`HALO`] pixels, so 3×3 convs with padding
+//! 1 read it instead of testing bounds. The model's input is planar (any
+//! channel count) with a border of the stem conv's padding.
+
+mod conv;
+pub mod kernel;
+mod pool;
+
+pub use conv::PackedConv;
+pub use kernel::LANES;
+pub use pool::{global_average, max_pool_3x3_s2};
+
+/// What a layer reads or writes: the model's planar input, or blocked activations.
+#[derive(Debug, Clone)]
+pub enum Maps {
+    Planar(Planar),
+    Blocked(Blocked),
+}
+
+impl Maps {
+    /// The values as NCHW, borders and padding channels dropped.
+    pub fn to_nchw(&self) -> Vec<f32> {
+        match self {
+            Maps::Planar(p) => p.to_nchw(),
+            Maps::Blocked(b) => b.to_nchw(),
+        }
+    }
+}
+
+/// The zero border around every plane of blocked activations.
+pub const HALO: usize = 1;
+
+/// A batch of blocked activations: per image, `blocks` planes of
+/// `(h + 2·HALO) × (w + 2·HALO)` pixels of [`LANES`] channels; the border and
+/// the channels past `channels` are zero.
+#[derive(Debug, Clone)]
+pub struct Blocked {
+    pub n: usize,
+    pub channels: usize,
+    pub blocks: usize,
+    pub h: usize,
+    pub w: usize,
+    pub data: Vec<f32>,
+}
+
+impl Blocked {
+    pub fn zeros(n: usize, channels: usize, h: usize, w: usize) -> Blocked {
+        let blocks = channels.div_ceil(LANES);
+        let len = n * blocks * (h + 2 * HALO) * (w + 2 * HALO) * LANES;
+        Blocked {
+            n,
+            channels,
+            blocks,
+            h,
+            w,
+            data: vec![0.0; len],
+        }
+    }
+
+    /// Blocked activations holding NCHW `data`.
+    pub fn from_nchw(data: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Blocked {
+        assert_eq!(data.len(), n * c * h * w, "NCHW data");
+        let mut b = Blocked::zeros(n, c, h, w);
+        let (plane, wp) = (b.plane_len(), w + 2 * HALO);
+        for (dst, src) in b
+            .data
+            .chunks_exact_mut(b.blocks * plane)
+            .zip(data.chunks_exact(c * h * w))
+        {
+            for (ch, src) in src.chunks_exact(h * w).enumerate() {
+                let dst = &mut dst[ch / LANES * plane..][..plane];
+                for (i, v) in src.iter().enumerate() {
+                    dst[((i / w + HALO) * wp + i % w + HALO) * LANES + ch % LANES] = *v;
+                }
+            }
+        }
+        b
+    }
+
+    /// Floats in one block's plane, border included.
+    pub fn plane_len(&self) -> usize {
+        (self.h + 2 * HALO) * (self.w + 2 * HALO) * LANES
+    }
+
+    /// Floats per image.
+    pub fn image_len(&self) -> usize {
+        self.blocks * self.plane_len()
+    }
+
+    /// The batches one after the other; they must have the same shape per image.
+    pub fn cat(parts: Vec<Blocked>) -> crate::Result<Blocked> {
+        let mut parts = parts.into_iter();
+        let Some(mut all) = parts.next() else {
+            crate::bail!(Internal, "nothing to concatenate");
+        };
+        for p in parts {
+            if (p.channels, p.h, p.w) != (all.channels, all.h, all.w) {
+                crate::bail!(Internal, "activations of different shapes");
+            }
+            all.n += p.n;
+            all.data.extend_from_slice(&p.data);
+        }
+        Ok(all)
+    }
+
+    /// The values as NCHW, borders and padding channels dropped.
+    pub fn to_nchw(&self) -> Vec<f32> {
+        let (h, w, c) = (self.h, self.w, self.channels);
+        let wp = w + 2 * HALO;
+        let mut out = Vec::with_capacity(self.n * c * h * w);
+        for image in self.data.chunks_exact(self.image_len()) {
+            for ch in 0..c {
+                let plane = &image[(ch / LANES) * self.plane_len()..][..self.plane_len()];
+                for y in 0..h {
+                    for x in 0..w {
+                        out.push(plane[((y + HALO) * wp + x + HALO) * LANES + ch % LANES]);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A batch of planar images (NCHW) with a zero border of `pad` pixels: the
+/// stem conv's input.
+#[derive(Debug, Clone)]
+pub struct Planar {
+    pub n: usize,
+    pub channels: usize,
+    pub h: usize,
+    pub w: usize,
+    pub pad: usize,
+    pub data: Vec<f32>,
+}
+
+impl Planar {
+    /// The values as NCHW, borders dropped.
+    pub fn to_nchw(&self) -> Vec<f32> {
+        let (wp, p) = (self.w + 2 * self.pad, self.pad);
+        let plane = (self.h + 2 * p) * wp;
+        let mut out = Vec::with_capacity(self.n * self.channels * self.h * self.w);
+        for src in self.data.chunks_exact(plane) {
+            for y in 0..self.h {
+                out.extend_from_slice(&src[(y + p) * wp + p..][..self.w]);
+            }
+        }
+        out
+    }
+
+    /// Copies NCHW `data` into bordered planes.
+    pub fn new(
+        data: &[f32],
+        (n, channels, h, w): (usize, usize, usize, usize),
+        pad: usize,
+    ) -> Planar {
+        assert_eq!(data.len(), n * channels * h * w, "NCHW data");
+        let wp = w + 2 * pad;
+        let plane = (h + 2 * pad) * wp;
+        let mut out = vec![0.0; n * channels * plane];
+        for (dst, src) in out.chunks_exact_mut(plane).zip(data.chunks_exact(h * w)) {
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                dst[(y + pad) * wp + pad..][..w].copy_from_slice(row);
+            }
+        }
+        Planar {
+            n,
+            channels,
+            h,
+            w,
+            pad,
+            data: out,
+        }
+    }
+}
