@@ -165,7 +165,7 @@ impl Net {
         }
         let fc_t = self.fc.weight().t()?;
         let bias = self.fc.bias().expect("linear has a bias").unsqueeze(0)?;
-        Ok(classify_head(&h, &fc_t, &bias)?)
+        classify_head(&h, &fc_t, &bias)
     }
 
     /// A snapshot of every parameter and running statistic, copied out of the variables.

@@ -60,7 +60,7 @@ impl FoldedConv {
     /// Bytes of weights held.
     pub fn bytes(&self) -> usize {
         match self {
-            FoldedConv::Packed(p) => p.len() * 4,
+            FoldedConv::Packed(p) => p.bytes(),
             FoldedConv::Candle { weight, bias, .. } => {
                 (weight.elem_count() + bias.elem_count()) * 4
             }
@@ -109,12 +109,12 @@ impl FoldedConv {
         then.apply(y)
     }
 
-    /// On blocked maps, with the epilogue fused into the microkernel.
-    pub(super) fn forward_maps(&self, x: &Maps, then: Epilogue<Maps>) -> Result<Maps> {
-        let FoldedConv::Packed(p) = self else {
-            crate::bail!(Internal, "a candle conv runs on tensors");
-        };
-        p.forward(x, then.residual, then.relu)
+    /// The packed form, which the blocked path runs.
+    pub(super) fn packed(&self) -> Result<&PackedConv> {
+        match self {
+            FoldedConv::Packed(p) => Ok(p),
+            FoldedConv::Candle { .. } => crate::bail!(Internal, "a conv not packed for the CPU"),
+        }
     }
 }
 

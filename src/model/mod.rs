@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
-use blocked::{Blocked, Maps, Planar};
+use blocked::{Blocked, Maps, PackedConv, Planar};
 pub use folded::{CpuConv, FoldedConv};
 pub(crate) use folded::{classify_head, forward_unit};
 use stem::PatchLayer;
@@ -45,39 +45,6 @@ struct Trunk {
 enum Head {
     Tensor { weight_t: Tensor, bias: Tensor },
     Host { weight_t: Vec<f32>, bias: Vec<f32> },
-}
-
-/// Activations between the stem and the trunk: blocked maps on the CPU,
-/// tensors on a GPU. Batches from several stems are concatenated
-/// ([`Hidden::cat`]) so that the trunk runs once.
-#[derive(Debug, Clone)]
-pub enum Hidden {
-    Maps(Maps),
-    Tensor(Tensor),
-}
-
-impl Hidden {
-    /// The batches one after the other.
-    pub fn cat(parts: Vec<Hidden>) -> Result<Hidden> {
-        if parts.iter().all(|p| matches!(p, Hidden::Tensor(_))) {
-            let tensors: Vec<Tensor> = (parts.into_iter())
-                .filter_map(|p| match p {
-                    Hidden::Tensor(t) => Some(t),
-                    Hidden::Maps(_) => None,
-                })
-                .collect();
-            return Ok(Hidden::Tensor(Tensor::cat(&tensors, 0)?));
-        }
-        let maps = (parts.into_iter())
-            .map(|p| match p {
-                Hidden::Maps(Maps::Blocked(b)) => Ok(b),
-                _ => Err(Error::Internal(
-                    "cannot concatenate these activations".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Hidden::Maps(Maps::Blocked(Blocked::cat(maps)?)))
-    }
 }
 
 /// One loaded model: the clean base, ready to materialize stems for profiles.
@@ -286,54 +253,99 @@ impl Model {
         self.device.is_cpu() && self.conv == CpuConv::Blocked
     }
 
-    /// Runs the stem on a batch `[N, C, H, W]`.
-    pub fn forward_stem(&self, stem: &Stem, x: &Tensor) -> Result<Hidden> {
-        let mut convs = stem.convs.as_slice();
-        if !self.blocked() {
-            let mut h = x.clone();
+    /// Logits `[N, classes]` of a batch `[N, C, H, W]`, every image through `stem`.
+    pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
+        self.forward_mixed(&vec![stem; x.dim(0)?], x)
+    }
+
+    /// Logits `[N, classes]` of a batch `[N, C, H, W]`, image `i` through
+    /// `stems[i]` and all through the shared trunk: images served by different
+    /// profiles share one batch. An image's logits do not depend on the rest of
+    /// its batch.
+    pub fn forward_mixed(&self, stems: &[&Stem], x: &Tensor) -> Result<Tensor> {
+        let (n, ..) = x.dims4()?;
+        if stems.len() != n {
+            bail!(Internal, "{} stems for {n} images", stems.len());
+        }
+        match self.blocked() {
+            true => self.forward_blocked(stems, x),
+            false => self.forward_tensor(stems, x),
+        }
+    }
+
+    /// On blocked maps: layer by layer over the whole batch, each image with
+    /// its own stem's weights.
+    fn forward_blocked(&self, stems: &[&Stem], x: &Tensor) -> Result<Tensor> {
+        let run = |convs: &Vec<&PackedConv>, x: &Maps, then: folded::Epilogue<Maps>| {
+            blocked::forward(convs, x, then.residual, then.relu)
+        };
+        let pad = self.stem_units[0].convs[0].padding;
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut h = Maps::Planar(Planar::new(&data, x.dims4()?, pad));
+        // Per stem layer, the conv of each image.
+        let layers = (0..self.stem_layers.len())
+            .map(|l| stems.iter().map(|s| s.convs[l].packed()).collect())
+            .collect::<Result<Vec<Vec<&PackedConv>>>>()?;
+        let mut layers = layers.as_slice();
+        for unit in &self.stem_units {
+            let (mine, rest) = layers.split_at(unit.convs.len());
+            h = forward_unit(unit, mine, &h, run)?;
+            layers = rest;
+        }
+        for (unit, convs) in &self.trunk.units {
+            let mine = (convs.iter())
+                .map(|c| Ok(vec![c.packed()?; stems.len()]))
+                .collect::<Result<Vec<_>>>()?;
+            h = forward_unit(unit, &mine, &h, run)?;
+        }
+        let Maps::Blocked(h) = h else {
+            bail!(Internal, "the trunk's output is not blocked");
+        };
+        self.classify_blocked(&h)
+    }
+
+    /// On candle tensors (a GPU, or the stock baseline): each distinct stem on
+    /// its images, then the trunk once on all of them.
+    fn forward_tensor(&self, stems: &[&Stem], x: &Tensor) -> Result<Tensor> {
+        // Images grouped by stem, in order of first appearance.
+        let mut groups: Vec<(&Stem, Vec<u32>)> = Vec::new();
+        for (i, s) in stems.iter().enumerate() {
+            match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, *s)) {
+                Some((_, members)) => members.push(i as u32),
+                None => groups.push((s, vec![i as u32])),
+            }
+        }
+        let mut hidden = Vec::with_capacity(groups.len());
+        let mut order: Vec<u32> = Vec::with_capacity(stems.len());
+        for (stem, members) in &groups {
+            let idx = Tensor::new(members.as_slice(), x.device())?;
+            let mut h = x.index_select(&idx, 0)?;
+            let mut convs = stem.convs.as_slice();
             for unit in &self.stem_units {
                 let (mine, rest) = convs.split_at(unit.convs.len());
                 h = forward_unit(unit, mine, &h, FoldedConv::forward_tensor)?;
                 convs = rest;
             }
-            return Ok(Hidden::Tensor(h));
+            hidden.push(h);
+            order.extend(members);
         }
-        let pad = self.stem_units[0].convs[0].padding;
-        let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut h = Maps::Planar(Planar::new(&data, x.dims4()?, pad));
-        for unit in &self.stem_units {
-            let (mine, rest) = convs.split_at(unit.convs.len());
-            h = forward_unit(unit, mine, &h, FoldedConv::forward_maps)?;
-            convs = rest;
+        let mut h = Tensor::cat(&hidden, 0)?;
+        for (unit, convs) in &self.trunk.units {
+            h = forward_unit(unit, convs, &h, FoldedConv::forward_tensor)?;
         }
-        Ok(Hidden::Maps(h))
-    }
-
-    /// Runs the shared trunk and the classifier: logits `[N, classes]`.
-    pub fn forward_trunk(&self, h: &Hidden) -> Result<Tensor> {
-        let t = &self.trunk;
-        match h {
-            Hidden::Tensor(h) => {
-                let mut h = h.clone();
-                for (unit, convs) in &t.units {
-                    h = forward_unit(unit, convs, &h, FoldedConv::forward_tensor)?;
-                }
-                let Head::Tensor { weight_t, bias } = &t.head else {
-                    bail!(Internal, "the classifier is not on the device");
-                };
-                classify_head(&h, weight_t, bias)
-            }
-            Hidden::Maps(h) => {
-                let mut h = h.clone();
-                for (unit, convs) in &t.units {
-                    h = forward_unit(unit, convs, &h, FoldedConv::forward_maps)?;
-                }
-                let Maps::Blocked(h) = h else {
-                    bail!(Internal, "the trunk's output is not blocked");
-                };
-                self.classify_blocked(&h)
-            }
+        let Head::Tensor { weight_t, bias } = &self.trunk.head else {
+            bail!(Internal, "the classifier is not on the device");
+        };
+        let logits = classify_head(&h, weight_t, bias)?;
+        if groups.len() == 1 {
+            return Ok(logits);
         }
+        // Row r of `logits` is image order[r]: put each back in its place.
+        let mut back = vec![0u32; order.len()];
+        for (r, i) in order.iter().enumerate() {
+            back[*i as usize] = r as u32;
+        }
+        Ok(logits.index_select(&Tensor::new(back.as_slice(), x.device())?, 0)?)
     }
 
     /// Global average pooling then the classifier, image by image (so that an
@@ -354,10 +366,6 @@ impl Model {
             logits.extend(out);
         }
         Ok(Tensor::from_vec(logits, (h.n, classes), &self.device)?)
-    }
-
-    pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
-        self.forward_trunk(&self.forward_stem(stem, x)?)
     }
 }
 

@@ -3,12 +3,12 @@
 //! (the shadow worker).
 //!
 //! Inputs are grouped by the stem they need (a profile's, or for `auto` the
-//! detector's choice for that image); each stem runs once on its group, and the
-//! shared trunk once on all of them.
+//! detector's choice for that image), so that each stem is looked up or folded
+//! once; then the model runs them all as one batch, each image with its stem.
 
 use std::sync::Arc;
 
-use crate::model::Hidden;
+use crate::model::Stem;
 use crate::serve::auto::{self, AutoChoice};
 use crate::serve::preprocess;
 use crate::serve::profile::{AUTO, CLEAN, Profile, SignatureRef, Table};
@@ -61,44 +61,41 @@ pub fn compute(
         }
     }
     let mut out: Vec<Option<Result<Served>>> = (0..inputs.len()).map(|_| None).collect();
-    let mut activations = Vec::with_capacity(groups.len());
-    let mut computed = Vec::with_capacity(inputs.len());
-    for (route, members) in groups {
+    // Each group's stem, then one batch of every input whose stem is there.
+    let mut stems: Vec<(Arc<Stem>, &[usize])> = Vec::with_capacity(groups.len());
+    for (route, members) in &groups {
         let _s = tracing::debug_span!("stem", route = %route, n = members.len()).entered();
-        let stem = match &route {
+        let stem = match route {
             Route::Profile(p) => registry.stem(table, p),
             Route::Auto(refs) => registry
                 .auto()
                 .ok_or_else(|| Error::Internal("auto is not enabled".into()))
                 .and_then(|a| a.stem(model, refs, &table.signatures)),
         };
-        let h = stem.and_then(|stem| {
-            let batch: Vec<&[f32]> = members.iter().map(|&i| inputs[i].0).collect();
-            let x = preprocess::batch(&batch, &model.config, model.device())?;
-            model.forward_stem(&stem, &x)
-        });
-        match h {
-            Ok(h) => {
-                activations.push(h);
-                computed.extend(members);
-            }
+        match stem {
+            Ok(stem) => stems.push((stem, members)),
             Err(e) => {
-                for i in members {
+                for &i in members {
                     out[i] = Some(Err(Error::Internal(e.to_string())));
                 }
             }
         }
     }
-    if !activations.is_empty() {
+    let computed: Vec<(usize, &Stem)> = (stems.iter())
+        .flat_map(|(stem, members)| members.iter().map(move |&i| (i, &**stem)))
+        .collect();
+    if !computed.is_empty() {
         let logits = {
-            let _s = tracing::debug_span!("trunk", n = activations.len()).entered();
-            Hidden::cat(activations)
-                .and_then(|h| model.forward_trunk(&h))
+            let _s = tracing::debug_span!("forward", n = computed.len()).entered();
+            let batch: Vec<&[f32]> = computed.iter().map(|(i, _)| inputs[*i].0).collect();
+            let each: Vec<&Stem> = computed.iter().map(|(_, s)| *s).collect();
+            preprocess::batch(&batch, &model.config, model.device())
+                .and_then(|x| model.forward_mixed(&each, &x))
                 .and_then(|l| Ok(l.to_vec2::<f32>()?))
         };
         match logits {
             Ok(rows) => {
-                for (i, logits) in computed.into_iter().zip(rows) {
+                for ((i, _), logits) in computed.into_iter().zip(rows) {
                     out[i] = Some(finite(logits).map(|logits| Served {
                         logits,
                         auto: picks[i].take(),
@@ -106,7 +103,7 @@ pub fn compute(
                 }
             }
             Err(e) => {
-                for i in computed {
+                for (i, _) in computed {
                     out[i] = Some(Err(Error::Internal(e.to_string())));
                 }
             }

@@ -101,9 +101,9 @@ impl PackedConv {
         self.out_channels
     }
 
-    /// Floats held: packed weights and bias.
-    pub fn len(&self) -> usize {
-        self.weights.len() + self.bias.len()
+    /// Bytes held: packed weights and bias.
+    pub fn bytes(&self) -> usize {
+        (self.weights.len() + self.bias.len()) * std::mem::size_of::<f32>()
     }
 
     /// The output size for an input of `h × w`.
@@ -115,102 +115,135 @@ impl PackedConv {
     /// `relu(conv(x) + bias + residual)`, the residual (same shape as the
     /// output) and the ReLU optional.
     pub fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Result<Maps> {
-        let (n, c, (h, w), halo, planar) = match x {
-            Maps::Planar(p) => (p.n, p.channels, (p.h, p.w), p.pad, true),
-            Maps::Blocked(b) => (b.n, b.channels, (b.h, b.w), HALO, false),
+        let n = match x {
+            Maps::Planar(p) => p.n,
+            Maps::Blocked(b) => b.n,
         };
-        let residual = match residual {
-            None => None,
-            Some(Maps::Blocked(r)) => Some(r),
-            Some(Maps::Planar(_)) => bail!(Internal, "a residual must be blocked"),
-        };
-        let k = self.kernel;
-        if c != self.in_channels
-            || planar != self.planar
-            || halo < self.padding
-            || h + 2 * self.padding < k
-            || w + 2 * self.padding < k
-        {
-            bail!(
-                Internal,
-                "a conv packed for {} input channels (planar: {}, padding {}) cannot read {c} channels of {h}×{w} (planar: {planar}, border {halo})",
-                self.in_channels,
-                self.planar,
-                self.padding
-            );
-        }
-        let (ho, wo) = self.out_size((h, w));
-        let mut out = Blocked::zeros(n, self.out_channels, ho, wo);
-        if let Some(r) = residual
-            && (r.n, r.channels, r.h, r.w) != (n, self.out_channels, ho, wo)
-        {
-            bail!(Internal, "the residual does not match the conv's output");
-        }
-        let (hp, wp) = (h + 2 * halo, w + 2 * halo);
-        let (ci, pixel_stride, block_stride) = match planar {
-            true => (1, 1, hp * wp),
-            false => (LANES, LANES, hp * wp * LANES),
-        };
-        let walk = Walk {
-            blocks: c.div_ceil(ci),
-            block_stride,
-            kh: k,
-            kw: k,
-            row_stride: wp * pixel_stride,
-            pixel_stride,
-        };
-        let x_image = walk.blocks * block_stride;
-        let x_data = match x {
-            Maps::Planar(p) => &p.data,
-            Maps::Blocked(b) => &b.data,
-        };
-        let plan = Plan {
-            walk,
-            shift: halo - self.padding,
-            stride: self.stride,
-            out: (ho, wo),
-            relu,
-            planar,
-        };
-        let out_image = out.image_len();
-        let plane = out.plane_len();
-        let group_len = GROUP * plane;
-        let taps = walk.blocks * k * k * ci;
-        let work = n * out.blocks * ho * wo * taps * LANES;
-        // Per image and group of output blocks, its own slice of the output.
-        let job = |i: usize, g: usize, dst: &mut [f32]| {
-            let blocks = dst.len() / plane;
-            let at = g * GROUP * taps * LANES;
-            let at_bias = g * GROUP * LANES;
-            let x = &x_data[i * x_image..][..x_image];
-            let res = residual.map(|r| &r.data[i * out_image + g * group_len..][..dst.len()]);
-            let weights = &self.weights[at..][..taps * blocks * LANES];
-            let bias = &self.bias[at_bias..][..blocks * LANES];
-            match blocks {
-                GROUP => plan.tiles::<GROUP>(x, weights, bias, res, dst, plane),
-                _ => plan.tiles::<1>(x, weights, bias, res, dst, plane),
-            }
-        };
-        // Small convs run on this thread: a fork-join costs more than they do.
-        if work < 1 << 18 || rayon::current_num_threads() == 1 {
-            for (i, image) in out.data.chunks_mut(out_image).enumerate() {
-                for (g, dst) in image.chunks_mut(group_len).enumerate() {
-                    job(i, g, dst);
-                }
-            }
-        } else {
-            out.data
-                .par_chunks_mut(out_image)
-                .enumerate()
-                .for_each(|(i, image)| {
-                    image
-                        .par_chunks_mut(group_len)
-                        .enumerate()
-                        .for_each(|(g, dst)| job(i, g, dst));
-                });
-        }
-        Ok(Maps::Blocked(out))
+        forward(&vec![self; n], x, residual, relu)
     }
+
+    fn same_shape(&self, o: &PackedConv) -> bool {
+        (self.in_channels, self.out_channels, self.kernel)
+            == (o.in_channels, o.out_channels, o.kernel)
+            && (self.stride, self.padding, self.planar) == (o.stride, o.padding, o.planar)
+    }
+}
+
+/// As [`PackedConv::forward`], with image `i` of `x` convolved by `convs[i]`
+/// (one conv of the same shape per image): a batch whose images are served
+/// by different profiles runs as one batch. Each image's output is computed
+/// the same way whatever else is in the batch.
+pub fn forward(
+    convs: &[&PackedConv],
+    x: &Maps,
+    residual: Option<&Maps>,
+    relu: bool,
+) -> Result<Maps> {
+    let (n, c, (h, w), halo, planar) = match x {
+        Maps::Planar(p) => (p.n, p.channels, (p.h, p.w), p.pad, true),
+        Maps::Blocked(b) => (b.n, b.channels, (b.h, b.w), HALO, false),
+    };
+    let residual = match residual {
+        None => None,
+        Some(Maps::Blocked(r)) => Some(r),
+        Some(Maps::Planar(_)) => bail!(Internal, "a residual must be blocked"),
+    };
+    let Some(first) = convs.first() else {
+        bail!(Internal, "no conv to run");
+    };
+    if convs.len() != n || convs.iter().any(|c| !c.same_shape(first)) {
+        bail!(
+            Internal,
+            "{} convs for {n} images, or convs of different shapes",
+            convs.len()
+        );
+    }
+    let k = first.kernel;
+    if c != first.in_channels
+        || planar != first.planar
+        || halo < first.padding
+        || h + 2 * first.padding < k
+        || w + 2 * first.padding < k
+    {
+        bail!(
+            Internal,
+            "a conv packed for {} input channels (planar: {}, padding {}) cannot read {c} channels of {h}×{w} (planar: {planar}, border {halo})",
+            first.in_channels,
+            first.planar,
+            first.padding
+        );
+    }
+    let (ho, wo) = first.out_size((h, w));
+    let mut out = Blocked::zeros(n, first.out_channels, ho, wo);
+    if let Some(r) = residual
+        && (r.n, r.channels, r.h, r.w) != (n, first.out_channels, ho, wo)
+    {
+        bail!(Internal, "the residual does not match the conv's output");
+    }
+    let (hp, wp) = (h + 2 * halo, w + 2 * halo);
+    let (ci, pixel_stride, block_stride) = match planar {
+        true => (1, 1, hp * wp),
+        false => (LANES, LANES, hp * wp * LANES),
+    };
+    let walk = Walk {
+        blocks: c.div_ceil(ci),
+        block_stride,
+        kh: k,
+        kw: k,
+        row_stride: wp * pixel_stride,
+        pixel_stride,
+    };
+    let x_image = walk.blocks * block_stride;
+    let x_data = match x {
+        Maps::Planar(p) => &p.data,
+        Maps::Blocked(b) => &b.data,
+    };
+    let plan = Plan {
+        walk,
+        shift: halo - first.padding,
+        stride: first.stride,
+        out: (ho, wo),
+        relu,
+        planar,
+    };
+    let out_image = out.image_len();
+    let plane = out.plane_len();
+    let group_len = GROUP * plane;
+    let taps = walk.blocks * k * k * ci;
+    let work = n * out.blocks * ho * wo * taps * LANES;
+    // Per image and group of output blocks, its own slice of the output.
+    let job = |i: usize, g: usize, dst: &mut [f32]| {
+        let blocks = dst.len() / plane;
+        let at = g * GROUP * taps * LANES;
+        let at_bias = g * GROUP * LANES;
+        let x = &x_data[i * x_image..][..x_image];
+        let res = residual.map(|r| &r.data[i * out_image + g * group_len..][..dst.len()]);
+        let weights = &convs[i].weights[at..][..taps * blocks * LANES];
+        let bias = &convs[i].bias[at_bias..][..blocks * LANES];
+        match blocks {
+            GROUP => plan.tiles::<GROUP>(x, weights, bias, res, dst, plane),
+            _ => plan.tiles::<1>(x, weights, bias, res, dst, plane),
+        }
+    };
+    // Small convs run on this thread: a fork-join costs more than they do.
+    if work < 1 << 18 || rayon::current_num_threads() == 1 {
+        for (i, image) in out.data.chunks_mut(out_image).enumerate() {
+            for (g, dst) in image.chunks_mut(group_len).enumerate() {
+                job(i, g, dst);
+            }
+        }
+    } else {
+        out.data
+            .par_chunks_mut(out_image)
+            .enumerate()
+            .for_each(|(i, image)| {
+                image
+                    .par_chunks_mut(group_len)
+                    .enumerate()
+                    .for_each(|(g, dst)| job(i, g, dst));
+            });
+    }
+    Ok(Maps::Blocked(out))
 }
 
 /// One conv's geometry, shared by its tiles.

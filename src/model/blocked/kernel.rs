@@ -152,6 +152,8 @@ mod avx2 {
 
     use super::{LANES, Tile, Walk};
 
+    // Indices name registers (acc[o][p]); iterators would hide the tile's shape.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile<const OB: usize, const PX: usize, const CI: usize>(
         w: &Walk,

@@ -13,7 +13,7 @@ mod conv;
 pub mod kernel;
 mod pool;
 
-pub use conv::PackedConv;
+pub use conv::{PackedConv, forward};
 pub use kernel::LANES;
 pub use pool::{global_average, max_pool_3x3_s2};
 
@@ -92,22 +92,6 @@ impl Blocked {
     /// Floats per image.
     pub fn image_len(&self) -> usize {
         self.blocks * self.plane_len()
-    }
-
-    /// The batches one after the other; they must have the same shape per image.
-    pub fn cat(parts: Vec<Blocked>) -> crate::Result<Blocked> {
-        let mut parts = parts.into_iter();
-        let Some(mut all) = parts.next() else {
-            crate::bail!(Internal, "nothing to concatenate");
-        };
-        for p in parts {
-            if (p.channels, p.h, p.w) != (all.channels, all.h, all.w) {
-                crate::bail!(Internal, "activations of different shapes");
-            }
-            all.n += p.n;
-            all.data.extend_from_slice(&p.data);
-        }
-        Ok(all)
     }
 
     /// The values as NCHW, borders and padding channels dropped.
