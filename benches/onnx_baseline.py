@@ -7,6 +7,15 @@ torchvision tensor names) with the `onnx` package, then times onnxruntime.
 
     python3 -m venv .venv && .venv/bin/pip install numpy onnx onnxruntime safetensors
     .venv/bin/python benches/onnx_baseline.py models/mnist-resnet --threads 2 --batch 1,8
+
+With `--profiles K`, it times the naive way to serve K robustness profiles with
+onnxruntime instead: K full models (each its own copy of every weight, as K
+fine-tuned models would be), one inference session each, and a stream of
+`--stream` images whose profiles are spread evenly, each image run by its own
+profile's session (batch 1), then the same stream cut into `--batch` runs of
+consecutive images grouped by profile. It reports images/s and the weight bytes
+the sessions hold (initializers, K times), and the process's resident memory
+growth while the sessions were created.
 """
 import argparse
 import json
@@ -85,6 +94,60 @@ def build(model_dir: Path) -> onnx.ModelProto:
     return model, cfg
 
 
+def rss_bytes():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def profiles(a, model, cfg, so):
+    """The naive alternative: one full model and session per profile."""
+    rng = np.random.default_rng(7)
+    base = rss_bytes()
+    sessions, weight_bytes = [], 0
+    for _ in range(a.profiles):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for init in m.graph.initializer:
+            w = numpy_helper.to_array(init)
+            # A fine-tuned copy: every weight its own (nothing shared between sessions).
+            w = (w * (1 + 1e-3 * rng.standard_normal(w.shape))).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+            weight_bytes += w.nbytes
+        sessions.append(ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]))
+    grown = rss_bytes() - base
+    h, wd = cfg["input_size"]
+    x = rng.uniform(-1, 1, (a.stream, cfg["channels"], h, wd)).astype(np.float32)
+    which = np.arange(a.stream) % a.profiles
+    rng.shuffle(which)
+    batch = int(a.batch.split(",")[-1])
+
+    def one_by_one():
+        for i in range(a.stream):
+            sessions[which[i]].run(None, {"input": x[i:i + 1]})
+
+    def grouped():
+        for start in range(0, a.stream, batch):
+            idx = np.arange(start, min(start + batch, a.stream))
+            for k in np.unique(which[idx]):
+                sel = idx[which[idx] == k]
+                sessions[k].run(None, {"input": x[sel]})
+
+    out = []
+    for name, run in (("batch 1, own session", one_by_one), (f"runs of {batch}, grouped by profile", grouped)):
+        run()  # warm-up
+        times = []
+        for _ in range(a.iterations):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        out.append({"model": a.model_dir.name, "profiles": a.profiles, "way": name, "images": a.stream,
+                    "images_per_second": a.stream / med, "weight_bytes": weight_bytes, "rss_growth_bytes": grown})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir", type=Path)
@@ -92,11 +155,23 @@ def main():
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profiles", type=int, default=0, help="time K full models, one session each (see above)")
+    ap.add_argument("--stream", type=int, default=64, help="images in the --profiles stream")
     a = ap.parse_args()
     model, cfg = build(a.model_dir)
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
+    if a.profiles:
+        out = profiles(a, model, cfg, so)
+        if a.json:
+            print(json.dumps(out, indent=2))
+        else:
+            for r in out:
+                print(f"onnxruntime {r['model']}, {r['profiles']} full models, {r['way']}: "
+                      f"{r['images_per_second']:.1f} images/s; weights {r['weight_bytes'] / 2**20:.1f} MiB, "
+                      f"RSS +{r['rss_growth_bytes'] / 2**20:.1f} MiB")
+        return
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     h, wd = cfg["input_size"]
     out = []

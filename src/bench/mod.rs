@@ -439,6 +439,103 @@ pub fn time_forward(
     Ok(out)
 }
 
+/// A stream spread over several profiles, served by one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedReport {
+    pub model: String,
+    pub profiles: Vec<String>,
+    pub images: usize,
+    pub batch: usize,
+    pub iterations: usize,
+    /// Images per second at the median time for the whole stream.
+    pub images_per_second: f64,
+    /// Weights held: the base file, every profile's stem and its signature file.
+    pub weight_bytes: u64,
+    /// Resident memory growth from before the model was loaded until every
+    /// profile's stem was folded.
+    pub rss_growth_bytes: u64,
+}
+
+/// Serves `images` random images spread evenly over `profiles` profiles (the
+/// first of `repo/model`'s signatures, each alone at alpha 1), in batches of
+/// `batch` consecutive images, each batch one forward pass with every image's
+/// own stem: what the server does with a mixed stream. Compare with
+/// `benches/onnx_baseline.py --profiles`, which serves the same kind of stream
+/// with one full model per profile.
+pub fn mixed(
+    repo: &std::path::Path,
+    model: Option<&str>,
+    profiles: usize,
+    (images, batch, iterations): (usize, usize, usize),
+) -> Result<MixedReport> {
+    let before = rss_bytes()?;
+    let dir = crate::model::repo::ModelDir::open(repo, model)?;
+    let m = crate::model::Model::load(dir.config.clone(), &dir.base_path(), &Device::Cpu)?;
+    let files = dir.signature_files()?;
+    if profiles == 0 || files.len() < profiles || batch == 0 || images == 0 {
+        bail!(
+            InvalidArgument,
+            "{} has {} signatures; ask for 1 to {} profiles, and at least one image per batch",
+            dir.name,
+            files.len(),
+            files.len()
+        );
+    }
+    let mut weight_bytes = std::fs::metadata(dir.base_path())
+        .map(|f| f.len())
+        .unwrap_or(0);
+    let mut names = Vec::new();
+    let mut stems = Vec::new();
+    for path in &files[..profiles] {
+        let sig = Arc::new(crate::patch::signature::Signature::load(path)?);
+        let stem = m.materialize(&[(&sig, 1.0)])?;
+        weight_bytes += std::fs::metadata(path).map(|f| f.len()).unwrap_or(0);
+        weight_bytes += stem.bytes() as u64;
+        names.push(crate::model::repo::signature_name(path));
+        stems.push(stem);
+    }
+    let rss_growth_bytes = rss_bytes()?.saturating_sub(before);
+    let [h, w] = m.config.input_size;
+    let c = m.config.channels;
+    let mut rng = crate::rng::Rng::new(7);
+    let x = rng.vec(images * c * h * w, -1.0, 1.0);
+    // Evenly spread, in a shuffled order.
+    let mut which: Vec<usize> = (0..images).map(|i| i % profiles).collect();
+    for i in (1..images).rev() {
+        which.swap(i, rng.next_u64() as usize % (i + 1));
+    }
+    let serve = || -> Result<()> {
+        for (start, chunk) in which.chunks(batch).enumerate().map(|(b, c)| (b * batch, c)) {
+            let xb = candle_core::Tensor::from_slice(
+                &x[start * c * h * w..][..chunk.len() * c * h * w],
+                (chunk.len(), c, h, w),
+                &Device::Cpu,
+            )?;
+            let each: Vec<&crate::model::Stem> = chunk.iter().map(|&k| &stems[k]).collect();
+            m.forward_mixed(&each, &xb)?.to_vec2::<f32>()?;
+        }
+        Ok(())
+    };
+    serve()?; // warm-up
+    let mut times = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        serve()?;
+        times.push(t.elapsed());
+    }
+    let p = Percentiles::of(times);
+    Ok(MixedReport {
+        model: dir.name.clone(),
+        profiles: names,
+        images,
+        batch,
+        iterations,
+        images_per_second: images as f64 / (p.p50_us / 1e6),
+        weight_bytes,
+        rss_growth_bytes,
+    })
+}
+
 /// How fast a fleet converges.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetReport {

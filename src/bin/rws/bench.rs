@@ -121,6 +121,25 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A stream spread evenly over several profiles, served in-process by one
+    /// model in mixed batches (compare: benches/onnx_baseline.py --profiles).
+    Mixed {
+        #[arg(long, default_value = "models")]
+        repo: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+        /// Profiles: the model's first signatures, one each at alpha 1.
+        #[arg(long, default_value_t = 4)]
+        profiles: usize,
+        #[arg(long, default_value_t = 64)]
+        images: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// On a GPU: check the CUDA kernel against the CPU kernel, time it against a
     /// device copy, and time profile switches and inference (scripts/gpu-check.sh).
     /// Exits non-zero if the GPU computes something the CPU does not.
@@ -340,6 +359,37 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                         b.model, b.batch, b.images_per_second, b.batch_latency
                     );
                 }
+            })?;
+        }
+        BenchCmd::Mixed {
+            repo,
+            model,
+            profiles,
+            images,
+            batch,
+            iterations,
+            json,
+        } => {
+            let r = tokio::task::spawn_blocking(move || {
+                rws::bench::mixed(
+                    &repo,
+                    model.as_deref(),
+                    profiles,
+                    (images, batch, iterations),
+                )
+            })
+            .await??;
+            print_report(json, &r, |r| {
+                println!(
+                    "{}, {} profiles ({}), batches of {}: {:.1} images/s; weights {:.1} MiB, RSS +{:.1} MiB",
+                    r.model,
+                    r.profiles.len(),
+                    r.profiles.join(", "),
+                    r.batch,
+                    r.images_per_second,
+                    r.weight_bytes as f64 / (1u64 << 20) as f64,
+                    r.rss_growth_bytes as f64 / (1u64 << 20) as f64,
+                );
             })?;
         }
         #[cfg(feature = "cuda")]
