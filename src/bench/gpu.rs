@@ -674,13 +674,17 @@ fn check_model(f: &Fixture) -> Result<ModelCheck> {
         name: "sig".into(),
         alpha,
     };
-    let put = |refs| f.registry.apply(&Change::put("roundtrip", refs, true));
+    let put = |refs| {
+        f.registry
+            .apply(&Change::put("roundtrip", refs, true), &Default::default())
+    };
     put(vec![sig_ref(0.8)])?;
     let patched = served("roundtrip")?;
     // Removing every signature refolds the stem from the untouched base weights.
     put(vec![])?;
     let removed = served("roundtrip")?;
-    f.registry.apply(&Change::Delete("roundtrip".into()))?;
+    f.registry
+        .apply(&Change::Delete("roundtrip".into()), &Default::default())?;
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let patch_changes_logits = bits(&patched) != bits(&clean);
     let removal_bitwise_equal = bits(&removed) == bits(&clean);
