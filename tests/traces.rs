@@ -127,7 +127,7 @@ async fn spans_reach_an_otlp_receiver_with_profile_source_and_activation() {
         .find(|s| s.name == "admin_change" && attr(s, "op") == Some("activate"))
         .unwrap_or_else(|| panic!("no admin_change span for the activation: {names:?}"));
     assert_eq!(attr(change, "status"), Some("ok"));
-    for name in ["decode", "batch", "stem", "trunk", "patch_apply"] {
+    for name in ["decode", "batch", "stem", "forward", "patch_apply"] {
         assert!(names.contains(&name), "no {name} span: {names:?}");
     }
     // The decode ran inside the request; the batch links to it.

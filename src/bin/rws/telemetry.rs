@@ -1,7 +1,7 @@
 //! Where the process's spans and logs go: log lines to stderr (text or JSON,
 //! level from RUST_LOG), and with `serve --otlp-endpoint`, the server's spans
 //! (classify with its profile, source and activation; decode, batch with its
-//! queue time, stem, trunk, patch_apply) to an OpenTelemetry collector over OTLP.
+//! queue time, stem, forward, patch_apply) to an OpenTelemetry collector over OTLP.
 
 use anyhow::{Context, Result};
 use opentelemetry::trace::TracerProvider as _;
