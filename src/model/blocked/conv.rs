@@ -220,9 +220,16 @@ pub fn forward(
         let res = residual.map(|r| &r.data[i * out_image + g * group_len..][..dst.len()]);
         let weights = &convs[i].weights[at..][..taps * blocks * LANES];
         let bias = &convs[i].bias[at_bias..][..blocks * LANES];
+        let o = Operands {
+            x,
+            weights,
+            bias,
+            residual: res,
+            plane,
+        };
         match blocks {
-            GROUP => plan.tiles::<GROUP>(x, weights, bias, res, dst, plane),
-            _ => plan.tiles::<1>(x, weights, bias, res, dst, plane),
+            GROUP => plan.tiles::<GROUP>(&o, dst),
+            _ => plan.tiles::<1>(&o, dst),
         }
     };
     // Small convs run on this thread: a fork-join costs more than they do.
@@ -258,45 +265,44 @@ struct Plan {
     planar: bool,
 }
 
+/// One image's input and one group's weights, bias and residual.
+struct Operands<'a> {
+    x: &'a [f32],
+    weights: &'a [f32],
+    bias: &'a [f32],
+    residual: Option<&'a [f32]>,
+    /// Floats per output block.
+    plane: usize,
+}
+
 impl Plan {
     /// Every tile of one image's output, for `OB` output blocks.
-    fn tiles<const OB: usize>(
-        &self,
-        x: &[f32],
-        weights: &[f32],
-        bias: &[f32],
-        residual: Option<&[f32]>,
-        dst: &mut [f32],
-        plane: usize,
-    ) {
+    fn tiles<const OB: usize>(&self, o: &Operands<'_>, dst: &mut [f32]) {
         let m = self.out.0 * self.out.1;
         let mut q = 0;
         while q + MAX_PX <= m {
-            self.tile::<OB, MAX_PX>(q, x, weights, bias, residual, dst, plane);
+            self.tile::<OB, MAX_PX>(q, o, dst);
             q += MAX_PX;
         }
         match m - q {
-            1 => self.tile::<OB, 1>(q, x, weights, bias, residual, dst, plane),
-            2 => self.tile::<OB, 2>(q, x, weights, bias, residual, dst, plane),
-            3 => self.tile::<OB, 3>(q, x, weights, bias, residual, dst, plane),
-            4 => self.tile::<OB, 4>(q, x, weights, bias, residual, dst, plane),
-            5 => self.tile::<OB, 5>(q, x, weights, bias, residual, dst, plane),
+            1 => self.tile::<OB, 1>(q, o, dst),
+            2 => self.tile::<OB, 2>(q, o, dst),
+            3 => self.tile::<OB, 3>(q, o, dst),
+            4 => self.tile::<OB, 4>(q, o, dst),
+            5 => self.tile::<OB, 5>(q, o, dst),
             _ => {}
         }
     }
 
     /// Output pixels `q .. q + PX` (row-major over the output, rows may wrap).
-    #[allow(clippy::too_many_arguments)]
-    fn tile<const OB: usize, const PX: usize>(
-        &self,
-        q: usize,
-        x: &[f32],
-        weights: &[f32],
-        bias: &[f32],
-        residual: Option<&[f32]>,
-        dst: &mut [f32],
-        plane: usize,
-    ) {
+    fn tile<const OB: usize, const PX: usize>(&self, q: usize, o: &Operands<'_>, dst: &mut [f32]) {
+        let Operands {
+            x,
+            weights,
+            bias,
+            residual,
+            plane,
+        } = *o;
         let wo = self.out.1;
         let (s, w) = (self.stride, &self.walk);
         let x_at = std::array::from_fn(|p| {
