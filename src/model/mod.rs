@@ -19,10 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
-use blocked::{Blocked, Maps, PackedConv, Planar};
+use blocked::{Blocked, Maps, PackedConv, Planar, Threads};
 pub use folded::{CpuConv, FoldedConv};
 pub(crate) use folded::{classify_head, forward_unit};
 use stem::PatchLayer;
@@ -273,11 +274,32 @@ impl Model {
         }
     }
 
-    /// On blocked maps: layer by layer over the whole batch, each image with
-    /// its own stem's weights.
+    /// On blocked maps. A batch that divides evenly over the rayon pool is
+    /// split into one part per thread, each run through the whole network on
+    /// its thread: one fork-join per batch instead of one per conv, which on
+    /// small models cost more than the convs. Otherwise the batch runs layer
+    /// by layer, each conv split over the pool.
     fn forward_blocked(&self, stems: &[&Stem], x: &Tensor) -> Result<Tensor> {
+        let (n, threads) = (stems.len(), rayon::current_num_threads());
+        if threads == 1 || n < threads || n % threads != 0 {
+            return self.forward_blocked_on(stems, x, Threads::Pool);
+        }
+        let part = n / threads;
+        let logits = (0..threads)
+            .into_par_iter()
+            .map(|t| {
+                let x = x.narrow(0, t * part, part)?;
+                self.forward_blocked_on(&stems[t * part..][..part], &x, Threads::This)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&logits, 0)?)
+    }
+
+    /// Layer by layer over the whole batch, each image with its own stem's
+    /// weights.
+    fn forward_blocked_on(&self, stems: &[&Stem], x: &Tensor, threads: Threads) -> Result<Tensor> {
         let run = |convs: &Vec<&PackedConv>, x: &Maps, then: folded::Epilogue<Maps>| {
-            blocked::forward(convs, x, then.residual, then.relu)
+            blocked::forward(convs, x, then.residual, then.relu, threads)
         };
         let pad = self.stem_units[0].convs[0].padding;
         let data = x.flatten_all()?.to_vec1::<f32>()?;

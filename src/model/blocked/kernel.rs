@@ -12,7 +12,7 @@
 pub const LANES: usize = 8;
 /// Output pixels per tile: `OB · MAX_PX` accumulators, `OB` weight vectors and
 /// one broadcast fit AVX2's 16 registers for `OB` = 2.
-pub const MAX_PX: usize = 6;
+pub const MAX_PX: usize = 5;
 
 /// How the K loop walks the input: `blocks` groups of `CI` channels (`CI` = 8
 /// for a blocked input, 1 for a planar one), each group `block_stride` floats
@@ -31,6 +31,12 @@ pub struct Walk {
 /// One tile's operands. Offsets are in floats; `x_at[p]` is where pixel `p`'s
 /// window starts in `x`, `out_at[p]` where its output vector goes in each of
 /// the `OB` output blocks (`out_stride` apart, likewise in `residual`).
+///
+/// A conv whose weights outgrow L1 runs its K loop in chunks: the first
+/// starts from bias (and residual), each later one (`accumulate`) from the
+/// partial sums the previous chunk stored, and only the last applies the ReLU.
+/// Storing and reloading an f32 is exact, so the chunking leaves every output
+/// bit for bit as one pass would.
 pub struct Tile<'a, const PX: usize> {
     pub x: &'a [f32],
     pub x_at: [usize; PX],
@@ -39,6 +45,7 @@ pub struct Tile<'a, const PX: usize> {
     pub residual: Option<&'a [f32]>,
     pub out_at: [usize; PX],
     pub out_stride: usize,
+    pub accumulate: bool,
     pub relu: bool,
 }
 
@@ -108,6 +115,10 @@ fn portable<const OB: usize, const PX: usize, const CI: usize>(
     let mut acc = [[[0f32; LANES]; PX]; OB];
     for (o, acc) in acc.iter_mut().enumerate() {
         for (p, a) in acc.iter_mut().enumerate() {
+            if t.accumulate {
+                a.copy_from_slice(&out[t.out_at[p] + o * t.out_stride..][..LANES]);
+                continue;
+            }
             a.copy_from_slice(&t.bias[o * LANES..][..LANES]);
             if let Some(r) = t.residual {
                 let r = &r[t.out_at[p] + o * t.out_stride..][..LANES];
@@ -164,14 +175,14 @@ mod avx2 {
         unsafe {
             let x = t.x.as_ptr();
             let mut acc = [[_mm256_setzero_ps(); PX]; OB];
+            let dst = out.as_mut_ptr();
             for o in 0..OB {
                 let b = _mm256_loadu_ps(t.bias.as_ptr().add(o * LANES));
                 for p in 0..PX {
+                    let at = t.out_at[p] + o * t.out_stride;
                     acc[o][p] = match t.residual {
-                        Some(r) => _mm256_add_ps(
-                            b,
-                            _mm256_loadu_ps(r.as_ptr().add(t.out_at[p] + o * t.out_stride)),
-                        ),
+                        _ if t.accumulate => _mm256_loadu_ps(dst.add(at)),
+                        Some(r) => _mm256_add_ps(b, _mm256_loadu_ps(r.as_ptr().add(at))),
                         None => b,
                     };
                 }
@@ -199,7 +210,6 @@ mod avx2 {
                 }
             }
             let zero = _mm256_setzero_ps();
-            let dst = out.as_mut_ptr();
             for o in 0..OB {
                 for p in 0..PX {
                     // With NaN in either operand max_ps returns the second: NaN stays NaN.
