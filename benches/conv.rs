@@ -1,7 +1,9 @@
 //! One conv of each ResNet-18 stage, batch 1, as rws's blocked direct
 //! convolution and as candle's stock `conv2d` (bias added after), with
 //! `Throughput::Elements` set to the conv's FLOPs (2 per multiply-add) so that
-//! criterion's "elem/s" reads as FLOP/s. Run it with `RAYON_NUM_THREADS` set.
+//! criterion's "elem/s" reads as FLOP/s; and the packing of its weights (on
+//! every profile switch) beside a plain copy of them. Run it with
+//! `RAYON_NUM_THREADS` set.
 
 use std::hint::black_box;
 
@@ -28,6 +30,15 @@ fn bench(c: &mut Criterion) {
         let x = rng.vec(ci * size * size, -1.0, 1.0);
         let planar = name == "conv1";
         let conv = PackedConv::new(&weight, &bias, (co, ci, k), s, p, planar).unwrap();
+        g.throughput(Throughput::Bytes((weight.len() * 4) as u64));
+        g.bench_function(BenchmarkId::new("pack", name), |b| {
+            b.iter(|| {
+                black_box(PackedConv::new(&weight, &bias, (co, ci, k), s, p, planar).unwrap())
+            })
+        });
+        g.bench_function(BenchmarkId::new("copy", name), |b| {
+            b.iter(|| black_box(weight.to_vec()))
+        });
         let (ho, wo) = conv.out_size((size, size));
         g.throughput(Throughput::Elements((2 * co * ci * k * k * ho * wo) as u64));
         let input = match planar {

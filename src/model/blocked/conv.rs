@@ -67,27 +67,39 @@ impl PackedConv {
         let ci = if planar { 1 } else { LANES };
         let in_blocks = in_channels.div_ceil(ci);
         let out_blocks = out_channels.div_ceil(LANES);
-        let taps = in_blocks * kernel * kernel * ci;
-        let mut weights = Vec::with_capacity(taps * out_blocks * LANES);
-        for g in (0..out_blocks).step_by(GROUP) {
-            let width = GROUP.min(out_blocks - g) * LANES;
-            for b in 0..in_blocks {
-                for ky in 0..kernel {
-                    for kx in 0..kernel {
-                        for i in 0..ci {
-                            let ic = b * ci + i;
-                            for o in 0..width {
-                                let oc = g * LANES + o;
-                                weights.push(if oc < out_channels && ic < in_channels {
-                                    weight[((oc * in_channels + ic) * kernel + ky) * kernel + kx]
-                                } else {
-                                    0.0
-                                });
-                            }
+        let kk = kernel * kernel;
+        // Per group: `in_blocks` runs of `kk · ci · width` floats.
+        let block_len = |width: usize| kk * ci * width;
+        let mut weights = vec![0f32; in_blocks * kk * ci * out_blocks * LANES];
+        let group_len = in_blocks * block_len(GROUP * LANES);
+        // Zero stays past the real channels. The destination is written front
+        // to back, each run of output channels gathered from their rows.
+        // (8×8 AVX transposes instead were no faster in `rws bench switch`.)
+        let pack = |(g, dst): (usize, &mut [f32])| {
+            let width = dst.len() / (in_blocks * block_len(1));
+            let first_out = g * GROUP * LANES;
+            let outs = out_channels.saturating_sub(first_out).min(width);
+            let rows: Vec<&[f32]> = (first_out..first_out + outs)
+                .map(|o| &weight[o * in_channels * kk..][..in_channels * kk])
+                .collect();
+            for (b, dst) in dst.chunks_exact_mut(block_len(width)).enumerate() {
+                let ins = (in_channels - b * ci).min(ci);
+                for t in 0..kk {
+                    for i in 0..ins {
+                        let at = (b * ci + i) * kk + t;
+                        let run = &mut dst[(t * ci + i) * width..][..outs];
+                        for (d, row) in run.iter_mut().zip(&rows) {
+                            *d = row[at];
                         }
                     }
                 }
             }
+        };
+        // Big convs pack on the pool: a profile switch packs every stem conv.
+        if weights.len() >= 1 << 16 {
+            weights.par_chunks_mut(group_len).enumerate().for_each(pack);
+        } else {
+            weights.chunks_mut(group_len).enumerate().for_each(pack);
         }
         let mut padded = bias.to_vec();
         padded.resize(out_blocks * LANES, 0.0);
