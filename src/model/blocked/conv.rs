@@ -74,7 +74,8 @@ impl PackedConv {
         let group_len = in_blocks * block_len(GROUP * LANES);
         // Zero stays past the real channels. The destination is written front
         // to back, each run of output channels gathered from their rows.
-        // (8×8 AVX transposes instead were no faster in `rws bench switch`.)
+        // (8×8 AVX transposes, or pushing in order with no zero-fill pass,
+        // were no faster in `rws bench switch`.)
         let pack = |(g, dst): (usize, &mut [f32])| {
             let width = dst.len() / (in_blocks * block_len(1));
             let first_out = g * GROUP * LANES;
@@ -453,6 +454,8 @@ mod tests {
             (32, 24, 7, 1, 1, 0, false),
             (12, 20, 5, 3, 1, 1, false),
             (8, 8, 3, 3, 1, 1, false),
+            // 5 input blocks of 3×3: the K loop runs in two chunks.
+            (40, 24, 6, 3, 1, 1, false),
         ];
         for (c, o, size, k, s, p, planar) in cases {
             let n = 2;
