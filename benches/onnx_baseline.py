@@ -94,6 +94,17 @@ def build(model_dir: Path) -> onnx.ModelProto:
     return model, cfg
 
 
+def median_seconds(run, iterations):
+    """Median wall time of `iterations` calls of `run`, after one warm-up call."""
+    run()
+    times = []
+    for _ in range(iterations):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def rss_bytes():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -136,13 +147,7 @@ def profiles(a, model, cfg, so):
 
     out = []
     for name, run in (("batch 1, own session", one_by_one), (f"runs of {batch}, grouped by profile", grouped)):
-        run()  # warm-up
-        times = []
-        for _ in range(a.iterations):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
+        med = median_seconds(run, a.iterations)
         out.append({"model": a.model_dir.name, "profiles": a.profiles, "way": name, "images": a.stream,
                     "images_per_second": a.stream / med, "weight_bytes": weight_bytes, "rss_growth_bytes": grown})
     return out
@@ -178,13 +183,7 @@ def main():
     rng = np.random.default_rng(1)
     for b in [int(x) for x in a.batch.split(",")]:
         x = rng.uniform(-1, 1, (b, cfg["channels"], h, wd)).astype(np.float32)
-        sess.run(None, {"input": x})
-        times = []
-        for _ in range(a.iterations):
-            t = time.perf_counter()
-            sess.run(None, {"input": x})
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
+        med = median_seconds(lambda: sess.run(None, {"input": x}), a.iterations)
         out.append({"model": a.model_dir.name, "batch": b, "median_ms": med * 1e3, "images_per_second": b / med})
     if a.json:
         print(json.dumps(out, indent=2))

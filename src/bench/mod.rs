@@ -28,6 +28,17 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
+    /// Times `iterations` calls of `f`, one after another.
+    pub fn time(iterations: usize, mut f: impl FnMut() -> Result<()>) -> Result<Percentiles> {
+        let mut times = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let t = Instant::now();
+            f()?;
+            times.push(t.elapsed());
+        }
+        Ok(Percentiles::of(times))
+    }
+
     pub fn of(mut v: Vec<Duration>) -> Percentiles {
         if v.is_empty() {
             return Percentiles::default();
@@ -254,24 +265,14 @@ impl Fixture {
         let table = self.registry.snapshot();
         let patches = [(&table.signatures["sig"].signature, 0.8f32)];
         let model = self.registry.model();
-        let mut materialize = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            model.materialize(&patches)?;
-            materialize.push(t.elapsed());
-        }
-        let mut reload = Vec::with_capacity(reloads);
-        for _ in 0..reloads {
-            let t = Instant::now();
-            self.reload(&self.device)?;
-            reload.push(t.elapsed());
-        }
-        let (apply, reload) = (Percentiles::of(apply), Percentiles::of(reload));
+        let materialize = Percentiles::time(n, || model.materialize(&patches).map(drop))?;
+        let reload = Percentiles::time(reloads, || self.reload(&self.device).map(drop))?;
+        let apply = Percentiles::of(apply);
         Ok(SwitchReport {
             arch: self.arch.clone(),
             reload_over_apply_p99: reload.p50_us / apply.p99_us,
             apply,
-            materialize: Percentiles::of(materialize),
+            materialize,
             reload,
         })
     }
@@ -420,14 +421,12 @@ pub fn time_forward(
             (b, channels, h, w),
             m.device(),
         )?;
-        m.forward(stem, &x)?.to_vec2::<f32>()?; // warm-up (and, on a GPU, kernel loading)
-        let mut times = Vec::with_capacity(iterations);
-        for _ in 0..iterations {
-            let t = Instant::now();
+        let pass = || -> Result<()> {
             m.forward(stem, &x)?.to_vec2::<f32>()?;
-            times.push(t.elapsed());
-        }
-        let p = Percentiles::of(times);
+            Ok(())
+        };
+        pass()?; // warm-up (and, on a GPU, kernel loading)
+        let p = Percentiles::time(iterations, pass)?;
         out.push(InferReport {
             model: name.to_string(),
             batch: b,
@@ -481,15 +480,16 @@ pub fn mixed(
             files.len()
         );
     }
-    let mut weight_bytes = std::fs::metadata(dir.base_path())
-        .map(|f| f.len())
-        .unwrap_or(0);
+    let file_bytes = |p: &std::path::Path| -> Result<u64> {
+        Ok(std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len())
+    };
+    let mut weight_bytes = file_bytes(&dir.base_path())?;
     let mut names = Vec::new();
     let mut stems = Vec::new();
     for path in &files[..profiles] {
         let sig = Arc::new(crate::patch::signature::Signature::load(path)?);
         let stem = m.materialize(&[(&sig, 1.0)])?;
-        weight_bytes += std::fs::metadata(path).map(|f| f.len()).unwrap_or(0);
+        weight_bytes += file_bytes(path)?;
         weight_bytes += stem.bytes() as u64;
         names.push(crate::model::repo::signature_name(path));
         stems.push(stem);
@@ -517,13 +517,7 @@ pub fn mixed(
         Ok(())
     };
     serve()?; // warm-up
-    let mut times = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let t = Instant::now();
-        serve()?;
-        times.push(t.elapsed());
-    }
-    let p = Percentiles::of(times);
+    let p = Percentiles::time(iterations, serve)?;
     Ok(MixedReport {
         model: dir.name.clone(),
         profiles: names,

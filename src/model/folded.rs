@@ -33,6 +33,14 @@ pub enum CpuConv {
     Candle,
 }
 
+impl CpuConv {
+    /// Whether a model on `device` runs its convs on blocked maps: rws's convs
+    /// are CPU-only, so a GPU always runs candle's.
+    pub(super) fn blocked_on(self, device: &Device) -> bool {
+        device.is_cpu() && self == CpuConv::Blocked
+    }
+}
+
 impl FoldedConv {
     /// `first` says the conv reads the model's input (planar, not blocked).
     pub(super) fn new(
@@ -44,7 +52,7 @@ impl FoldedConv {
         first: bool,
     ) -> Result<Self> {
         let o = spec.out_channels;
-        if device.is_cpu() && conv == CpuConv::Blocked {
+        if conv.blocked_on(device) {
             let shape = (o, spec.in_channels, spec.kernel);
             let packed = PackedConv::new(&weight, &bias, shape, spec.stride, spec.padding, first)?;
             return Ok(FoldedConv::Packed(packed));

@@ -171,7 +171,7 @@ impl Model {
             .t()?
             .contiguous()?;
         let fc_bias = take("fc.bias");
-        let head = match device.is_cpu() && conv == CpuConv::Blocked {
+        let head = match conv.blocked_on(device) {
             true => Head::Host {
                 weight_t: fc_weight_t.flatten_all()?.to_vec1()?,
                 bias: fc_bias,
@@ -249,11 +249,6 @@ impl Model {
         Ok(Stem { convs })
     }
 
-    /// Whether this model runs on blocked maps (the CPU with rws's convs).
-    fn blocked(&self) -> bool {
-        self.device.is_cpu() && self.conv == CpuConv::Blocked
-    }
-
     /// Logits `[N, classes]` of a batch `[N, C, H, W]`, every image through `stem`.
     pub fn forward(&self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
         self.forward_mixed(&vec![stem; x.dim(0)?], x)
@@ -268,42 +263,71 @@ impl Model {
         if stems.len() != n {
             bail!(Internal, "{} stems for {n} images", stems.len());
         }
-        match self.blocked() {
+        match self.conv.blocked_on(&self.device) {
             true => self.forward_blocked(stems, x),
             false => self.forward_tensor(stems, x),
         }
     }
 
-    /// On blocked maps. A batch that divides evenly over the rayon pool is
-    /// split into one part per thread, each run through the whole network on
-    /// its thread: one fork-join per batch instead of one per conv, which on
-    /// small models cost more than the convs. Otherwise the batch runs layer
-    /// by layer, each conv split over the pool.
+    /// On blocked maps, reading the input where the tensor holds it. A batch
+    /// that divides evenly over the rayon pool is split into one part per
+    /// thread, each run through the whole network on its thread: one fork-join
+    /// per batch instead of one per conv, which on small models cost more than
+    /// the convs. Otherwise the batch runs layer by layer, each conv split over
+    /// the pool.
     fn forward_blocked(&self, stems: &[&Stem], x: &Tensor) -> Result<Tensor> {
-        let (n, threads) = (stems.len(), rayon::current_num_threads());
-        if threads == 1 || n < threads || n % threads != 0 {
-            return self.forward_blocked_on(stems, x, Threads::Pool);
-        }
-        let part = n / threads;
-        let logits = (0..threads)
-            .into_par_iter()
-            .map(|t| {
-                let x = x.narrow(0, t * part, part)?;
-                self.forward_blocked_on(&stems[t * part..][..part], &x, Threads::This)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&logits, 0)?)
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            bail!(
+                Internal,
+                "the blocked path reads a contiguous input on the CPU"
+            );
+        };
+        let data = &cpu.as_slice::<f32>()?[start..end];
+        let (n, c, h, w) = x.dims4()?;
+        let threads = rayon::current_num_threads();
+        let logits = match threads == 1 || n < threads || n % threads != 0 {
+            true => self.forward_blocked_on(stems, data, (n, c, h, w), Threads::Pool)?,
+            false => {
+                let part = n / threads;
+                let parts = (stems
+                    .par_chunks(part)
+                    .zip(data.par_chunks(part * c * h * w)))
+                .map(|(stems, x)| self.forward_blocked_on(stems, x, (part, c, h, w), Threads::This))
+                .collect::<Result<Vec<_>>>()?;
+                parts.concat()
+            }
+        };
+        Ok(Tensor::from_vec(
+            logits,
+            (n, self.config.labels.len()),
+            &self.device,
+        )?)
     }
 
-    /// Layer by layer over the whole batch, each image with its own stem's
-    /// weights.
-    fn forward_blocked_on(&self, stems: &[&Stem], x: &Tensor, threads: Threads) -> Result<Tensor> {
+    /// Logits (`[n, classes]`, row-major) of NCHW `x`, layer by layer over the
+    /// whole batch, each image with its own stem's weights.
+    fn forward_blocked_on(
+        &self,
+        stems: &[&Stem],
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        threads: Threads,
+    ) -> Result<Vec<f32>> {
         let run = |convs: &Vec<&PackedConv>, x: &Maps, then: folded::Epilogue<Maps>| {
-            blocked::forward(convs, x, then.residual, then.relu, threads)
+            Ok(Maps::Blocked(blocked::forward(
+                convs,
+                x,
+                then.residual,
+                then.relu,
+                threads,
+            )?))
         };
         let pad = self.stem_units[0].convs[0].padding;
-        let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut h = Maps::Planar(Planar::new(&data, x.dims4()?, pad));
+        let mut h = Maps::Planar(Planar::new(x, dims, pad));
         // Per stem layer, the conv of each image.
         let layers = (0..self.stem_layers.len())
             .map(|l| stems.iter().map(|s| s.convs[l].packed()).collect())
@@ -371,8 +395,9 @@ impl Model {
     }
 
     /// Global average pooling then the classifier, image by image (so that an
-    /// image's logits do not depend on its batch), vectorized over classes.
-    fn classify_blocked(&self, h: &Blocked) -> Result<Tensor> {
+    /// image's logits do not depend on its batch), vectorized over classes:
+    /// `[n, classes]`, row-major.
+    fn classify_blocked(&self, h: &Blocked) -> Result<Vec<f32>> {
         let Head::Host { weight_t, bias } = &self.trunk.head else {
             bail!(Internal, "the classifier is not on the host");
         };
@@ -387,7 +412,7 @@ impl Model {
             }
             logits.extend(out);
         }
-        Ok(Tensor::from_vec(logits, (h.n, classes), &self.device)?)
+        Ok(logits)
     }
 }
 

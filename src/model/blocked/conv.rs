@@ -96,7 +96,8 @@ impl PackedConv {
                 }
             }
         };
-        // Big convs pack on the pool: a profile switch packs every stem conv.
+        // Big convs (the trunk's, at load) pack on the pool; a stem's are
+        // below the line, where waking the pool would cost more.
         if weights.len() >= 1 << 16 {
             weights.par_chunks_mut(group_len).enumerate().for_each(pack);
         } else {
@@ -116,10 +117,6 @@ impl PackedConv {
         })
     }
 
-    pub fn out_channels(&self) -> usize {
-        self.out_channels
-    }
-
     /// Bytes held: packed weights and bias.
     pub fn bytes(&self) -> usize {
         (self.weights.len() + self.bias.len()) * std::mem::size_of::<f32>()
@@ -133,7 +130,7 @@ impl PackedConv {
 
     /// `relu(conv(x) + bias + residual)`, the residual (same shape as the
     /// output) and the ReLU optional.
-    pub fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Result<Maps> {
+    pub fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Result<Blocked> {
         let n = match x {
             Maps::Planar(p) => p.n,
             Maps::Blocked(b) => b.n,
@@ -167,7 +164,7 @@ pub fn forward(
     residual: Option<&Maps>,
     relu: bool,
     threads: Threads,
-) -> Result<Maps> {
+) -> Result<Blocked> {
     let (n, c, (h, w), halo, planar) = match x {
         Maps::Planar(p) => (p.n, p.channels, (p.h, p.w), p.pad, true),
         Maps::Blocked(b) => (b.n, b.channels, (b.h, b.w), HALO, false),
@@ -280,7 +277,7 @@ pub fn forward(
                     .for_each(|(g, dst)| job(i, g, dst));
             });
     }
-    Ok(Maps::Blocked(out))
+    Ok(out)
 }
 
 /// One conv's geometry, shared by its tiles.
@@ -472,9 +469,7 @@ mod tests {
                 false => Maps::Blocked(Blocked::from_nchw(&x, shape)),
             };
             for (res, relu) in [(None, false), (Some(&residual), true)] {
-                let Maps::Blocked(got) = conv.forward(&input, res, relu).unwrap() else {
-                    panic!("a conv's output is blocked")
-                };
+                let got = conv.forward(&input, res, relu).unwrap();
                 let want = reference(
                     &x,
                     shape,
@@ -511,10 +506,7 @@ mod tests {
         // Large enough to run in parallel over images and groups.
         let run = |x: &[f32], n: usize| {
             let x = Maps::Blocked(Blocked::from_nchw(x, (n, c, size, size)));
-            match conv.forward(&x, None, true).unwrap() {
-                Maps::Blocked(b) => b,
-                Maps::Planar(_) => panic!("a conv's output is blocked"),
-            }
+            conv.forward(&x, None, true).unwrap()
         };
         let all = run(&x, 4);
         let one = run(&x[2 * c * size * size..][..c * size * size], 1);

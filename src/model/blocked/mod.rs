@@ -24,16 +24,6 @@ pub enum Maps {
     Blocked(Blocked),
 }
 
-impl Maps {
-    /// The values as NCHW, borders and padding channels dropped.
-    pub fn to_nchw(&self) -> Vec<f32> {
-        match self {
-            Maps::Planar(p) => p.to_nchw(),
-            Maps::Blocked(b) => b.to_nchw(),
-        }
-    }
-}
-
 /// The zero border around every plane of blocked activations.
 pub const HALO: usize = 1;
 
@@ -126,19 +116,6 @@ pub struct Planar {
 }
 
 impl Planar {
-    /// The values as NCHW, borders dropped.
-    pub fn to_nchw(&self) -> Vec<f32> {
-        let (wp, p) = (self.w + 2 * self.pad, self.pad);
-        let plane = (self.h + 2 * p) * wp;
-        let mut out = Vec::with_capacity(self.n * self.channels * self.h * self.w);
-        for src in self.data.chunks_exact(plane) {
-            for y in 0..self.h {
-                out.extend_from_slice(&src[(y + p) * wp + p..][..self.w]);
-            }
-        }
-        out
-    }
-
     /// Copies NCHW `data` into bordered planes.
     pub fn new(
         data: &[f32],
