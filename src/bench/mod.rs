@@ -448,7 +448,8 @@ pub struct MixedReport {
     pub iterations: usize,
     /// Images per second at the median time for the whole stream.
     pub images_per_second: f64,
-    /// Weights held: the base file, every profile's stem and its signature file.
+    /// Weights held: the base file, every profile's stem and its signature
+    /// file, and on the CPU the stem and signatures laid out for the kernel.
     pub weight_bytes: u64,
     /// Resident memory growth from before the model was loaded until every
     /// profile's stem was folded.
@@ -486,6 +487,7 @@ pub fn mixed(
     let mut weight_bytes = file_bytes(&dir.base_path())?;
     let mut names = Vec::new();
     let mut stems = Vec::new();
+    let mut sigs = Vec::new();
     for path in &files[..profiles] {
         let sig = Arc::new(crate::patch::signature::Signature::load(path)?);
         let stem = m.materialize(&[(&sig, 1.0)])?;
@@ -493,7 +495,10 @@ pub fn mixed(
         weight_bytes += stem.bytes() as u64;
         names.push(crate::model::repo::signature_name(path));
         stems.push(stem);
+        // Held as the server holds them, so their laid-out deltas are counted.
+        sigs.push(sig);
     }
+    weight_bytes += m.packed_stem_bytes() as u64;
     let rss_growth_bytes = rss_bytes()?.saturating_sub(before);
     let [h, w] = m.config.input_size;
     let c = m.config.channels;

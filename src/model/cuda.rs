@@ -3,11 +3,12 @@
 //! device allocation, which the stem's conv weights and biases then view.
 //! Signature deltas are uploaded on first use and kept while the signature lives.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
 
+use super::cache::SignatureCache;
 use super::{FoldedConv, Model, PatchLayer, Stem};
 use crate::patch::kernel::cuda::{
     self, DeviceConvBn, DeviceDeltas, DeviceLayerDelta, FoldError, LayerJob, OutputLayout,
@@ -21,9 +22,8 @@ pub(super) struct CudaStem {
     layers: Vec<DeviceConvBn>,
     layout: OutputLayout,
     /// Each live signature's deltas on the device, so that a profile switch copies
-    /// no weights. Keyed by a weak reference: it never keeps a signature alive,
-    /// and while the entry exists its address cannot be reused by another one.
-    deltas: Mutex<Vec<(Weak<Signature>, Arc<DeviceDeltas>)>>,
+    /// no weights.
+    deltas: SignatureCache<DeviceDeltas>,
 }
 
 impl CudaStem {
@@ -38,28 +38,19 @@ impl CudaStem {
                     .iter()
                     .map(|l| (l.spec.out_channels, l.weight.len() / l.spec.out_channels)),
             ),
-            deltas: Mutex::default(),
+            deltas: SignatureCache::default(),
         })
     }
 
-    /// `sig`'s deltas on `dev`, uploaded on first use. Entries of dropped
-    /// signatures are let go on the way.
+    /// `sig`'s deltas on `dev`, uploaded on first use.
     fn deltas_of(&self, sig: &Arc<Signature>, dev: &CudaDevice) -> Result<Arc<DeviceDeltas>> {
-        let mut cache = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|(s, _)| s.strong_count() > 0);
-        if let Some((_, d)) = cache
-            .iter()
-            .find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(sig)))
-        {
-            return Ok(d.clone());
-        }
-        let views = sig
-            .deltas()
-            .iter()
-            .map(|(n, d)| (n.as_str(), d.delta.view()));
-        let uploaded = Arc::new(cuda::upload_deltas(dev, views)?);
-        cache.push((Arc::downgrade(sig), uploaded.clone()));
-        Ok(uploaded)
+        self.deltas.get(sig, |sig| {
+            let views = sig
+                .deltas()
+                .iter()
+                .map(|(n, d)| (n.as_str(), d.delta.view()));
+            cuda::upload_deltas(dev, views)
+        })
     }
 }
 

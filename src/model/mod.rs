@@ -5,12 +5,14 @@
 
 pub mod arch;
 pub mod blocked;
+mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod detector;
 pub mod device;
 mod fit;
 mod folded;
+mod packed_stem;
 pub mod repo;
 mod stem;
 
@@ -26,6 +28,7 @@ pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
 use blocked::{Blocked, Maps, PackedConv, Planar, Threads};
 pub use folded::{CpuConv, FoldedConv};
 pub(crate) use folded::{classify_head, forward_unit};
+use packed_stem::PackedStem;
 use stem::PatchLayer;
 pub use stem::Stem;
 
@@ -59,6 +62,8 @@ pub struct Model {
     device: Device,
     /// How convs run on the CPU.
     conv: CpuConv,
+    /// On the blocked CPU path, the stem's clean parameters in the packed order.
+    packed_stem: Option<PackedStem>,
     /// On a CUDA device, the stem's clean parameters there, for the GPU kernel.
     #[cfg(feature = "cuda")]
     cuda_stem: Option<cuda::CudaStem>,
@@ -181,6 +186,9 @@ impl Model {
                 bias: Tensor::from_vec(fc_bias, (1, classes), device)?,
             },
         };
+        let packed_stem = conv
+            .blocked_on(device)
+            .then(|| PackedStem::new(&stem_layers));
         #[cfg(feature = "cuda")]
         let cuda_stem = match device {
             Device::Cuda(d) => Some(cuda::CudaStem::upload(&stem_layers, eps, d)?),
@@ -200,6 +208,7 @@ impl Model {
             fingerprint,
             device: device.clone(),
             conv,
+            packed_stem,
             #[cfg(feature = "cuda")]
             cuda_stem,
         })
@@ -212,6 +221,12 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes held for the CPU's stem beyond the base weights: the clean stem
+    /// and the live signatures' weight deltas, in the packed order.
+    pub fn packed_stem_bytes(&self) -> usize {
+        self.packed_stem.as_ref().map_or(0, PackedStem::bytes)
     }
 
     /// Base tensor names a signature may patch, with their shapes.
@@ -231,12 +246,17 @@ impl Model {
 
     /// The stem with the given signatures added at the given alphas. With no
     /// signatures it is the clean stem; the result is bitwise deterministic. On a
-    /// CUDA device the GPU kernel folds it from device-resident weights (the
-    /// signatures are shared so that their deltas stay on the device while they live).
+    /// CUDA device the GPU kernel folds it from device-resident weights, and on
+    /// the blocked CPU path the kernel writes the packed order from weights laid
+    /// out in it (the signatures are shared so that their deltas stay on the
+    /// device, or laid out, while they live).
     pub fn materialize(&self, patches: &[(&Arc<Signature>, f32)]) -> Result<Stem> {
         #[cfg(feature = "cuda")]
         if let Some(stem) = &self.cuda_stem {
             return self.materialize_cuda(stem, patches);
+        }
+        if let Some(stem) = &self.packed_stem {
+            return self.materialize_packed(stem, patches);
         }
         let patches: Vec<(&Signature, f32)> = patches.iter().map(|(s, a)| (&***s, *a)).collect();
         let patches = patches.as_slice();

@@ -4,7 +4,7 @@
 use candle_core::Device;
 
 use super::{ConvSpec, CpuConv, FoldedConv};
-use crate::patch::kernel::{self, ConvBn, LayerDelta};
+use crate::patch::kernel::{self, ConvBn, KernelError, LayerDelta};
 use crate::patch::signature::Signature;
 use crate::{Error, Result};
 
@@ -33,6 +33,30 @@ impl PatchLayer {
         }
     }
 
+    /// `sig`'s contribution to this layer at `alpha`, with `weight` its weight
+    /// delta in the order the kernel reads.
+    pub(super) fn layer_delta<'a, W>(
+        &self,
+        sig: &'a Signature,
+        alpha: f32,
+        weight: Option<W>,
+    ) -> LayerDelta<'a, W> {
+        let [_, g, b, m, v] = self.spec.tensor_names();
+        LayerDelta {
+            alpha,
+            weight,
+            gamma: sig.delta(&g),
+            beta: sig.delta(&b),
+            mean: sig.delta(&m),
+            var: sig.delta(&v),
+        }
+    }
+
+    /// The error a failed fold of this layer answers with.
+    pub(super) fn patch_error(&self, e: KernelError) -> Error {
+        Error::InvalidArgument(format!("cannot patch {}: {e}", self.spec.conv))
+    }
+
     /// Folds this layer with the given signatures applied, packed for `device`
     /// and `conv`; `first` says it reads the model's input.
     pub(super) fn fold(
@@ -42,22 +66,14 @@ impl PatchLayer {
         (device, conv): (&Device, CpuConv),
         first: bool,
     ) -> Result<FoldedConv> {
-        let [w, g, b, m, v] = self.spec.tensor_names();
-        let deltas: Vec<LayerDelta> = patches
-            .iter()
-            .map(|(sig, alpha)| LayerDelta {
-                alpha: *alpha,
-                weight: sig.delta(&w),
-                gamma: sig.delta(&g),
-                beta: sig.delta(&b),
-                mean: sig.delta(&m),
-                var: sig.delta(&v),
-            })
+        let w = &self.spec.tensor_names()[0];
+        let deltas: Vec<LayerDelta> = (patches.iter())
+            .map(|(sig, alpha)| self.layer_delta(sig, *alpha, sig.delta(w)))
             .collect();
         let mut out_w = vec![0f32; self.weight.len()];
         let mut out_b = vec![0f32; self.spec.out_channels];
         kernel::cpu::fused_add_scale(&self.conv_bn(eps), &deltas, &mut out_w, &mut out_b)
-            .map_err(|e| Error::InvalidArgument(format!("cannot patch {}: {e}", self.spec.conv)))?;
+            .map_err(|e| self.patch_error(e))?;
         FoldedConv::new(&self.spec, out_w, out_b, device, conv, first)
     }
 }

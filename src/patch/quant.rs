@@ -6,6 +6,7 @@
 //! different channels differ in magnitude, and a shared range would waste the codes.
 //! 1-D tensors (BatchNorm parameters) are only ever stored as f32 or f16.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -99,6 +100,14 @@ pub enum DeltaView<'a> {
         scale: &'a [f32],
         offset: &'a [f32],
     },
+}
+
+/// An int8 or int4 delta's codes, one per element: `value = q · scale[row] + offset[row]`.
+#[derive(Debug, Clone)]
+pub struct Codes<'a> {
+    pub q: Cow<'a, [u8]>,
+    pub scale: &'a [f32],
+    pub offset: &'a [f32],
 }
 
 /// Quantizes each row of `values` to `0..=levels` over its own `[min, max]`.
@@ -288,6 +297,37 @@ impl<'a> DeltaView<'a> {
             | DeltaView::Int4 {
                 q, scale, offset, ..
             } => q.len() + std::mem::size_of_val(scale) + std::mem::size_of_val(offset),
+        }
+    }
+
+    /// For int8 and int4 deltas: one code per element (row-major, int4
+    /// unpacked), with the per-row scales and offsets. `None` for f32 and f16.
+    pub fn codes(&self) -> Option<Codes<'a>> {
+        match *self {
+            DeltaView::F32(_) | DeltaView::F16(_) => None,
+            DeltaView::Int8 {
+                q, scale, offset, ..
+            } => Some(Codes {
+                q: Cow::Borrowed(q),
+                scale,
+                offset,
+            }),
+            DeltaView::Int4 {
+                cols,
+                q,
+                scale,
+                offset,
+            } => {
+                let row_bytes = cols.div_ceil(2);
+                let codes = (q.chunks(row_bytes.max(1)).take(scale.len()))
+                    .flat_map(|row| row.iter().flat_map(|b| [b & 0x0f, b >> 4]).take(cols))
+                    .collect();
+                Some(Codes {
+                    q: Cow::Owned(codes),
+                    scale,
+                    offset,
+                })
+            }
         }
     }
 

@@ -18,10 +18,7 @@ const GROUP: usize = 2;
 /// whose weights fit.
 const CHUNK_BYTES: usize = 16 << 10;
 
-/// A folded convolution packed for the microkernel: per group of output
-/// blocks, the K loop's weights in order (input block, ky, kx, channel in
-/// block), each a run of `GROUP · LANES` output channels, zero past the real
-/// channels.
+/// A folded convolution, its weights in the microkernel's order ([`Packing`]).
 #[derive(Debug, Clone)]
 pub struct PackedConv {
     weights: Vec<f32>,
@@ -34,6 +31,102 @@ pub struct PackedConv {
     padding: usize,
     /// Packed for a planar input (channels one by one) rather than a blocked one.
     planar: bool,
+}
+
+/// The order a conv's weights are packed in: per group of [`Packing::GROUP_WIDTH`]
+/// output channels (the last group one block when the blocks are odd), the K
+/// loop's weights in order (input block, ky, kx, channel in block), each a run
+/// of one value per output channel of the group, zero past the real channels.
+/// The fused kernel writes this order itself from inputs laid out in it once
+/// (`crate::patch::kernel::lanes`), so that a profile switch packs nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packing {
+    pub out_channels: usize,
+    pub in_channels: usize,
+    pub kernel: usize,
+    /// For a planar input (channels one by one) rather than a blocked one.
+    pub planar: bool,
+}
+
+impl Packing {
+    /// Output channels per group: one microkernel call's.
+    pub const GROUP_WIDTH: usize = GROUP * LANES;
+
+    /// Input channels per input block.
+    fn ci(&self) -> usize {
+        if self.planar { 1 } else { LANES }
+    }
+
+    /// Runs per group: one per input channel (padded to whole blocks) and tap.
+    pub fn runs(&self) -> usize {
+        self.in_channels.div_ceil(self.ci()) * self.ci() * self.kernel * self.kernel
+    }
+
+    /// Per run: whether it holds weights, or pads the last input block.
+    pub fn live_runs(&self) -> Vec<bool> {
+        let ci = self.ci();
+        (0..self.runs())
+            .map(|r| r / (ci * self.kernel * self.kernel) * ci + r % ci < self.in_channels)
+            .collect()
+    }
+
+    /// Values in the packed order.
+    pub fn packed_len(&self) -> usize {
+        self.runs() * self.out_channels.div_ceil(LANES) * LANES
+    }
+
+    /// Puts `src` (`[out, in, k, k]`, row-major) in the packed order.
+    pub fn pack<T: Copy + Default + Send + Sync>(&self, src: &[T]) -> Vec<T> {
+        let Packing {
+            out_channels,
+            in_channels,
+            kernel,
+            ..
+        } = *self;
+        let ci = self.ci();
+        let in_blocks = in_channels.div_ceil(ci);
+        let kk = kernel * kernel;
+        assert_eq!(
+            src.len(),
+            out_channels * in_channels * kk,
+            "weights to pack"
+        );
+        // Per group: `in_blocks` runs of `kk · ci · width` values.
+        let block_len = |width: usize| kk * ci * width;
+        let mut packed = vec![T::default(); self.packed_len()];
+        let group_len = in_blocks * block_len(Self::GROUP_WIDTH);
+        // The destination is written front to back, each run of output
+        // channels gathered from their rows. (8×8 AVX transposes, or pushing
+        // in order with no zero-fill pass, were no faster in `rws bench switch`.)
+        let pack = |(g, dst): (usize, &mut [T])| {
+            let width = dst.len() / (in_blocks * block_len(1));
+            let first_out = g * Self::GROUP_WIDTH;
+            let outs = out_channels.saturating_sub(first_out).min(width);
+            let rows: Vec<&[T]> = (first_out..first_out + outs)
+                .map(|o| &src[o * in_channels * kk..][..in_channels * kk])
+                .collect();
+            for (b, dst) in dst.chunks_exact_mut(block_len(width)).enumerate() {
+                let ins = (in_channels - b * ci).min(ci);
+                for t in 0..kk {
+                    for i in 0..ins {
+                        let at = (b * ci + i) * kk + t;
+                        let run = &mut dst[(t * ci + i) * width..][..outs];
+                        for (d, row) in run.iter_mut().zip(&rows) {
+                            *d = row[at];
+                        }
+                    }
+                }
+            }
+        };
+        // Big convs (the trunk's, at load) pack on the pool; small ones here,
+        // where waking the pool would cost more.
+        if packed.len() >= 1 << 16 {
+            packed.par_chunks_mut(group_len).enumerate().for_each(pack);
+        } else {
+            packed.chunks_mut(group_len).enumerate().for_each(pack);
+        }
+        packed
+    }
 }
 
 impl PackedConv {
@@ -64,47 +157,41 @@ impl PackedConv {
                 "a conv on blocked activations may pad by at most {HALO}, not {padding}"
             );
         }
-        let ci = if planar { 1 } else { LANES };
-        let in_blocks = in_channels.div_ceil(ci);
-        let out_blocks = out_channels.div_ceil(LANES);
-        let kk = kernel * kernel;
-        // Per group: `in_blocks` runs of `kk · ci · width` floats.
-        let block_len = |width: usize| kk * ci * width;
-        let mut weights = vec![0f32; in_blocks * kk * ci * out_blocks * LANES];
-        let group_len = in_blocks * block_len(GROUP * LANES);
-        // Zero stays past the real channels. The destination is written front
-        // to back, each run of output channels gathered from their rows.
-        // (8×8 AVX transposes, or pushing in order with no zero-fill pass,
-        // were no faster in `rws bench switch`.)
-        let pack = |(g, dst): (usize, &mut [f32])| {
-            let width = dst.len() / (in_blocks * block_len(1));
-            let first_out = g * GROUP * LANES;
-            let outs = out_channels.saturating_sub(first_out).min(width);
-            let rows: Vec<&[f32]> = (first_out..first_out + outs)
-                .map(|o| &weight[o * in_channels * kk..][..in_channels * kk])
-                .collect();
-            for (b, dst) in dst.chunks_exact_mut(block_len(width)).enumerate() {
-                let ins = (in_channels - b * ci).min(ci);
-                for t in 0..kk {
-                    for i in 0..ins {
-                        let at = (b * ci + i) * kk + t;
-                        let run = &mut dst[(t * ci + i) * width..][..outs];
-                        for (d, row) in run.iter_mut().zip(&rows) {
-                            *d = row[at];
-                        }
-                    }
-                }
-            }
+        let packing = Packing {
+            out_channels,
+            in_channels,
+            kernel,
+            planar,
         };
-        // Big convs (the trunk's, at load) pack on the pool; a stem's are
-        // below the line, where waking the pool would cost more.
-        if weights.len() >= 1 << 16 {
-            weights.par_chunks_mut(group_len).enumerate().for_each(pack);
-        } else {
-            weights.chunks_mut(group_len).enumerate().for_each(pack);
+        let weights = packing.pack(weight);
+        Self::from_packed(packing, weights, bias, stride, padding)
+    }
+
+    /// A conv whose weights `packing` has already put in order (see
+    /// [`Packing::pack`]), with its bias (`[out]`).
+    pub fn from_packed(
+        packing: Packing,
+        weights: Vec<f32>,
+        bias: &[f32],
+        stride: usize,
+        padding: usize,
+    ) -> Result<PackedConv> {
+        let Packing {
+            out_channels,
+            in_channels,
+            kernel,
+            planar,
+        } = packing;
+        if weights.len() != packing.packed_len() || bias.len() != out_channels {
+            bail!(
+                Internal,
+                "{} packed weights and {} biases do not fit {packing:?}",
+                weights.len(),
+                bias.len()
+            );
         }
         let mut padded = bias.to_vec();
-        padded.resize(out_blocks * LANES, 0.0);
+        padded.resize(out_channels.div_ceil(LANES) * LANES, 0.0);
         Ok(PackedConv {
             weights,
             bias: padded,

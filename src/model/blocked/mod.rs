@@ -13,7 +13,7 @@ mod conv;
 pub mod kernel;
 mod pool;
 
-pub use conv::{PackedConv, Threads, forward};
+pub use conv::{PackedConv, Packing, Threads, forward};
 pub use kernel::LANES;
 pub use pool::{global_average, max_pool_3x3_s2};
 

@@ -14,7 +14,7 @@ use super::{ConvBn, DeltaView, KernelError, LayerDelta, rows};
 
 /// Elements of work below which a rayon task is not split further: tiny layers run on
 /// the calling thread instead of paying task overhead per channel.
-const MIN_TASK_ELEMS: usize = 128 * 1024;
+pub(super) const MIN_TASK_ELEMS: usize = 128 * 1024;
 
 /// Writes the served weights of one patched conv layer (see the formula in
 /// [`crate::patch::kernel`]): `out_w` is `[out_channels, per_channel]` like `base.weight`,
@@ -65,6 +65,12 @@ pub fn fused_add_scale(
         return Ok(());
     }
 
+    // A layer below one task runs here: a rayon call from outside the pool
+    // would hand it to a worker and wait, which costs more than a small layer.
+    if out_w.len() < MIN_TASK_ELEMS {
+        return (out_w.chunks_mut(cols).zip(out_b.iter_mut()).enumerate())
+            .try_for_each(|(o, (row, b))| fold_channel(base, deltas, o, row, b));
+    }
     let min_len = (MIN_TASK_ELEMS / cols).max(1);
     let failure = out_w
         .par_chunks_mut(cols)
@@ -80,13 +86,13 @@ pub fn fused_add_scale(
 }
 
 /// Patched BatchNorm parameter: `p[o] + Σ alpha_i · dp_i[o]`, in signature order.
-/// (The running variance is patched multiplicatively instead, in `fold_channel_impl`.)
+/// (The running variance is patched multiplicatively instead, in [`fold_bn`].)
 #[inline(always)]
-fn patched<'a>(
+fn patched<'a, W>(
     base: &[f32],
-    deltas: &[LayerDelta<'a>],
+    deltas: &[LayerDelta<'a, W>],
     o: usize,
-    pick: impl Fn(&LayerDelta<'a>) -> Option<DeltaView<'a>>,
+    pick: impl Fn(&LayerDelta<'a, W>) -> Option<DeltaView<'a>>,
 ) -> f32 {
     let mut v = base[o];
     for d in deltas {
@@ -95,6 +101,35 @@ fn patched<'a>(
         }
     }
     v
+}
+
+/// Channel `o`'s patched BatchNorm folded: its scale `s` and bias
+/// `beta' − s · mean'` (the caller checks that the bias is finite, with the
+/// weights). Shared by both weight orders, so they fold alike.
+#[inline(always)]
+pub(super) fn fold_bn<W>(
+    base: &ConvBn,
+    deltas: &[LayerDelta<'_, W>],
+    o: usize,
+) -> Result<(f32, f32), KernelError> {
+    let gamma = patched(base.gamma, deltas, o, |d| d.gamma);
+    let beta = patched(base.beta, deltas, o, |d| d.beta);
+    let mean = patched(base.mean, deltas, o, |d| d.mean);
+    // Running variance deltas are in log space, so no alpha can make it negative.
+    let mut log_scale = 0.0f32;
+    for d in deltas {
+        if let Some(dv) = d.var {
+            log_scale += d.alpha * dv.at(o);
+        }
+    }
+    let var = base.var[o] * log_scale.exp();
+    let denom = var + base.eps;
+    // NaN counts as negative: it cannot be folded either.
+    if denom.is_nan() || denom <= 0.0 {
+        return Err(KernelError::NegativeVariance { channel: o, var });
+    }
+    let s = gamma / denom.sqrt();
+    Ok((s, beta - s * mean))
 }
 
 /// One output channel: the whole formula for row `o`, written into `row` and `b`.
@@ -139,23 +174,7 @@ fn fold_channel_impl(
     row: &mut [f32],
     b: &mut f32,
 ) -> Result<(), KernelError> {
-    let gamma = patched(base.gamma, deltas, o, |d| d.gamma);
-    let beta = patched(base.beta, deltas, o, |d| d.beta);
-    let mean = patched(base.mean, deltas, o, |d| d.mean);
-    // Running variance deltas are in log space, so no alpha can make it negative.
-    let mut log_scale = 0.0f32;
-    for d in deltas {
-        if let Some(dv) = d.var {
-            log_scale += d.alpha * dv.at(o);
-        }
-    }
-    let var = base.var[o] * log_scale.exp();
-    let denom = var + base.eps;
-    // NaN counts as negative: it cannot be folded either.
-    if denom.is_nan() || denom <= 0.0 {
-        return Err(KernelError::NegativeVariance { channel: o, var });
-    }
-    let s = gamma / denom.sqrt();
+    let (s, bias) = fold_bn(base, deltas, o)?;
 
     let cols = row.len();
     let w = &base.weight[o * cols..][..cols];
@@ -187,7 +206,6 @@ fn fold_channel_impl(
         .iter()
         .map(|x| (x.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32)
         .sum::<u32>();
-    let bias = beta - s * mean;
     if bad != 0 || !bias.is_finite() {
         return Err(KernelError::NotFinite { channel: o });
     }
@@ -196,7 +214,7 @@ fn fold_channel_impl(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
@@ -205,17 +223,17 @@ mod tests {
     use crate::rng::Rng;
 
     /// Owned storage for a clean conv + BatchNorm.
-    struct Layer {
-        weight: Vec<f32>,
-        out_channels: usize,
-        gamma: Vec<f32>,
-        beta: Vec<f32>,
-        mean: Vec<f32>,
-        var: Vec<f32>,
+    pub(crate) struct Layer {
+        pub(crate) weight: Vec<f32>,
+        pub(crate) out_channels: usize,
+        pub(crate) gamma: Vec<f32>,
+        pub(crate) beta: Vec<f32>,
+        pub(crate) mean: Vec<f32>,
+        pub(crate) var: Vec<f32>,
     }
 
     impl Layer {
-        fn random(rng: &mut Rng, out_channels: usize, cols: usize) -> Layer {
+        pub(crate) fn random(rng: &mut Rng, out_channels: usize, cols: usize) -> Layer {
             Layer {
                 weight: rng.vec(out_channels * cols, -0.2, 0.2),
                 out_channels,
@@ -226,7 +244,7 @@ mod tests {
             }
         }
 
-        fn conv_bn(&self) -> ConvBn<'_> {
+        pub(crate) fn conv_bn(&self) -> ConvBn<'_> {
             ConvBn {
                 weight: &self.weight,
                 out_channels: self.out_channels,
@@ -240,14 +258,14 @@ mod tests {
     }
 
     /// Owned storage for one signature's deltas on a layer.
-    struct Sig {
-        alpha: f32,
-        weight: Option<Delta>,
-        bn: Option<[Delta; 4]>,
+    pub(crate) struct Sig {
+        pub(crate) alpha: f32,
+        pub(crate) weight: Option<Delta>,
+        pub(crate) bn: Option<[Delta; 4]>,
     }
 
     impl Sig {
-        fn random(
+        pub(crate) fn random(
             rng: &mut Rng,
             layer: &Layer,
             alpha: f32,
@@ -267,7 +285,7 @@ mod tests {
             }
         }
 
-        fn layer_delta(&self) -> LayerDelta<'_> {
+        pub(crate) fn layer_delta(&self) -> LayerDelta<'_> {
             let bn = |i: usize| self.bn.as_ref().map(|b| b[i].view());
             LayerDelta {
                 alpha: self.alpha,
@@ -280,7 +298,10 @@ mod tests {
         }
     }
 
-    fn run_cpu(layer: &Layer, sigs: &[Sig]) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+    pub(crate) fn run_cpu(
+        layer: &Layer,
+        sigs: &[Sig],
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
         let deltas: Vec<_> = sigs.iter().map(Sig::layer_delta).collect();
         let mut w = vec![f32::NAN; layer.weight.len()];
         let mut b = vec![f32::NAN; layer.out_channels];

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! [`cpu`] is the production kernel (one read of every input, one write of the
-//! output, parallel over output channels); `cuda` (the `cuda` feature) is the same
+//! output, parallel over output channels); [`lanes`] is the same kernel writing
+//! the blocked CPU convolution's packed order, from inputs laid out in it; `cuda` (the `cuda` feature) is the same
 //! kernel for a GPU, in CUDA C (`add_scale.cu`) mirroring [`cpu`] operation for
 //! operation; [`reference`] is the same math in plain candle ops, kept only to test
 //! the kernels against.
@@ -25,6 +26,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod lanes;
 pub mod reference;
 pub mod rows;
 
@@ -51,10 +53,12 @@ impl ConvBn<'_> {
 }
 
 /// One signature's contribution to one layer. Absent parts contribute nothing.
+/// The weight delta is row-major like [`ConvBn::weight`], or, for [`lanes`],
+/// in the packed order.
 #[derive(Debug, Clone, Copy)]
-pub struct LayerDelta<'a> {
+pub struct LayerDelta<'a, W = DeltaView<'a>> {
     pub alpha: f32,
-    pub weight: Option<DeltaView<'a>>,
+    pub weight: Option<W>,
     pub gamma: Option<DeltaView<'a>>,
     pub beta: Option<DeltaView<'a>>,
     pub mean: Option<DeltaView<'a>>,
