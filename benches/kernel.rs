@@ -6,6 +6,9 @@
 //! two GB/s figures are directly comparable: a kernel at the memcpy figure is running
 //! at memory (or cache) speed.
 //!
+//! `lanes_int8` is the same kernel writing the blocked convs' packed order
+//! (`rws::patch::kernel::lanes`), which the CPU serving path runs.
+//!
 //! Cases: ResNet-18 conv1 + layer1 (one 64x3x7x7 and four 64x64x3x3 convs; cache
 //! resident) and one 512x512x3x3 conv (~21 MB of traffic; DRAM bound).
 
@@ -13,6 +16,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rws::patch::kernel::lanes::{self, LaneBuf, LaneLayout};
 use rws::patch::kernel::{ConvBn, LayerDelta, cpu};
 use rws::patch::quant::{Delta, Quant};
 
@@ -55,6 +59,53 @@ impl Case {
             + self.delta.stored_bytes()
             + self.out_w.len() * f
             + (4 + 1) * self.out_channels * f
+    }
+
+    /// The lanes kernel on the same layer, its inputs taken as laid out in
+    /// lane order (16 lanes, every run live): what a CPU profile switch runs.
+    /// It allocates its output, as the switch does.
+    fn run_lanes(&self, live: &[bool], codes: &LaneBuf) -> Vec<f32> {
+        let base = ConvBn {
+            weight: &self.weight,
+            out_channels: self.out_channels,
+            gamma: &self.bn[0],
+            beta: &self.bn[1],
+            mean: &self.bn[2],
+            var: &self.bn[3],
+            eps: 1e-5,
+        };
+        let layout = LaneLayout {
+            out_channels: self.out_channels,
+            width: 16,
+            align: 8,
+            runs: live.len(),
+            live,
+        };
+        let delta = LayerDelta {
+            alpha: 0.7,
+            weight: Some(codes.view()),
+            gamma: None,
+            beta: None,
+            mean: None,
+            var: None,
+        };
+        lanes::fused_add_scale(&base, &[delta], layout).unwrap().0
+    }
+
+    fn lane_inputs(&self) -> (Vec<bool>, LaneBuf) {
+        let Delta::Int8 {
+            q, scale, offset, ..
+        } = &self.delta
+        else {
+            unreachable!("int8")
+        };
+        let runs = self.weight.len() / self.out_channels;
+        let codes = LaneBuf::Codes {
+            q: q.clone(),
+            scale: scale.clone(),
+            offset: offset.clone(),
+        };
+        (vec![true; runs], codes)
     }
 
     fn run(&mut self) {
@@ -108,6 +159,15 @@ fn kernel_vs_memcpy(c: &mut Criterion) {
                     case.run();
                 }
                 black_box(&cases);
+            })
+        });
+
+        let inputs: Vec<_> = cases.iter().map(Case::lane_inputs).collect();
+        group.bench_function(BenchmarkId::new("lanes_int8", name), |b| {
+            b.iter(|| {
+                for (case, (live, codes)) in cases.iter().zip(&inputs) {
+                    black_box(case.run_lanes(live, codes));
+                }
             })
         });
 

@@ -116,13 +116,14 @@ pub(super) fn fold_bn<W>(
     let beta = patched(base.beta, deltas, o, |d| d.beta);
     let mean = patched(base.mean, deltas, o, |d| d.mean);
     // Running variance deltas are in log space, so no alpha can make it negative.
-    let mut log_scale = 0.0f32;
+    let mut log_scale = None;
     for d in deltas {
         if let Some(dv) = d.var {
-            log_scale += d.alpha * dv.at(o);
+            *log_scale.get_or_insert(0.0f32) += d.alpha * dv.at(o);
         }
     }
-    let var = base.var[o] * log_scale.exp();
+    // With no variance delta, skip `exp(0) = 1`: the same value, cheaper.
+    let var = log_scale.map_or(base.var[o], |l| base.var[o] * l.exp());
     let denom = var + base.eps;
     // NaN counts as negative: it cannot be folded either.
     if denom.is_nan() || denom <= 0.0 {

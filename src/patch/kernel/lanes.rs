@@ -255,39 +255,133 @@ fn group_any(
     }
 }
 
-/// One weight delta over one group, with its per-lane affine.
+/// One weight delta over one group.
 enum GroupDelta<'a, const W: usize> {
-    Values {
-        v: &'a [f32],
-        alpha: f32,
-    },
-    Codes {
-        q: &'a [u8],
-        a: [f32; W],
-        b: [f32; W],
-    },
+    Values(ValuesRun<'a>),
+    Codes(CodesRun<'a, W>),
 }
 
-impl<const W: usize> GroupDelta<'_, W> {
-    /// Run `r`'s values, as `rows::accumulate_row` computes them.
+struct ValuesRun<'a> {
+    v: &'a [f32],
+    alpha: f32,
+}
+
+/// Codes with their per-lane affine, alpha folded in.
+struct CodesRun<'a, const W: usize> {
+    q: &'a [u8],
+    a: [f32; W],
+    b: [f32; W],
+}
+
+/// A weight delta's values over one run, as `rows::accumulate_row` computes
+/// them.
+trait Run<const W: usize> {
+    fn run(&self, r: usize) -> [f32; W];
+}
+
+impl<const W: usize> Run<W> for ValuesRun<'_> {
     #[inline(always)]
     fn run(&self, r: usize) -> [f32; W] {
-        let mut x = [0f32; W];
+        let v: &[f32; W] = self.v[r * W..][..W].try_into().unwrap();
+        std::array::from_fn(|l| self.alpha * v[l])
+    }
+}
+
+impl<const W: usize> Run<W> for CodesRun<'_, W> {
+    #[inline(always)]
+    fn run(&self, r: usize) -> [f32; W] {
+        let q: &[u8; W] = self.q[r * W..][..W].try_into().unwrap();
+        std::array::from_fn(|l| q[l] as f32 * self.a[l] + self.b[l])
+    }
+}
+
+impl<const W: usize> Run<W> for GroupDelta<'_, W> {
+    #[inline(always)]
+    fn run(&self, r: usize) -> [f32; W] {
         match self {
-            GroupDelta::Values { v, alpha } => {
-                let v: &[f32; W] = v[r * W..][..W].try_into().unwrap();
-                for l in 0..W {
-                    x[l] = *alpha * v[l];
-                }
-            }
-            GroupDelta::Codes { q, a, b } => {
-                let q: &[u8; W] = q[r * W..][..W].try_into().unwrap();
-                for l in 0..W {
-                    x[l] = q[l] as f32 * a[l] + b[l];
-                }
+            GroupDelta::Values(d) => d.run(r),
+            GroupDelta::Codes(d) => d.run(r),
+        }
+    }
+}
+
+/// One group's runs: the clean weights, which runs are live, the scales.
+struct Sweep<'a, const W: usize> {
+    w: &'a [f32],
+    live: &'a [bool],
+    s: [f32; W],
+}
+
+/// A run's value before the BatchNorm scale. Traits rather than closures:
+/// a closure the compiler leaves out of line is built without AVX2 (3× slower).
+trait Unscaled<const W: usize> {
+    fn unscaled(&self, r: usize, w: &[f32; W]) -> [f32; W];
+}
+
+/// No weight delta: `w`.
+struct Clean;
+
+/// One weight delta: `w + d`.
+struct One<'a, D>(&'a D);
+
+/// Several: `w + d_1 + d_2 + …`, in signature order.
+struct Many<'a, 'b, const W: usize>(&'a [GroupDelta<'b, W>]);
+
+impl<const W: usize> Unscaled<W> for Clean {
+    #[inline(always)]
+    fn unscaled(&self, _: usize, w: &[f32; W]) -> [f32; W] {
+        *w
+    }
+}
+
+impl<const W: usize, D: Run<W>> Unscaled<W> for One<'_, D> {
+    #[inline(always)]
+    fn unscaled(&self, r: usize, w: &[f32; W]) -> [f32; W] {
+        let x = self.0.run(r);
+        std::array::from_fn(|l| w[l] + x[l])
+    }
+}
+
+impl<const W: usize> Unscaled<W> for Many<'_, '_, W> {
+    #[inline(always)]
+    fn unscaled(&self, r: usize, w: &[f32; W]) -> [f32; W] {
+        let mut v = *w;
+        for d in self.0 {
+            let x = d.run(r);
+            for l in 0..W {
+                v[l] += x[l];
             }
         }
-        x
+        v
+    }
+}
+
+impl<const W: usize> Sweep<'_, W> {
+    /// Writes `unscaled(r, w) · s` for every live run `r` and zero for the
+    /// rest. Returns, per lane, nonzero where a value is not finite.
+    #[inline(always)]
+    fn run(&self, out: &mut [MaybeUninit<f32>], value: &impl Unscaled<W>) -> [u32; W] {
+        let mut bad = [0u32; W];
+        for (r, (out, w)) in out
+            .chunks_exact_mut(W)
+            .zip(self.w.chunks_exact(W))
+            .enumerate()
+        {
+            let out: &mut [MaybeUninit<f32>; W] = out.try_into().unwrap();
+            // Padding runs are zero, as packing leaves them: a code's offset would not be.
+            if !self.live[r] {
+                *out = [MaybeUninit::new(0.0); W];
+                continue;
+            }
+            let v = value.unscaled(r, w.try_into().unwrap());
+            for l in 0..W {
+                let v = v[l] * self.s[l];
+                out[l] = MaybeUninit::new(v);
+                // `x − x` is +0 for every finite x and NaN otherwise.
+                bad[l] |= (v - v).to_bits();
+            }
+        }
+        bad
     }
 }
 
@@ -313,10 +407,10 @@ fn group_of<const W: usize>(
         .iter()
         .filter_map(|d| {
             Some(match d.weight? {
-                LaneWeights::Values(v) => GroupDelta::Values {
+                LaneWeights::Values(v) => GroupDelta::Values(ValuesRun {
                     v: &v[span.clone()],
                     alpha: d.alpha,
-                },
+                }),
                 LaneWeights::Codes { q, scale, offset } => {
                     let lane = |p: &[f32]| -> [f32; W] {
                         std::array::from_fn(|l| match l < real {
@@ -324,61 +418,29 @@ fn group_of<const W: usize>(
                             false => 0.0,
                         })
                     };
-                    GroupDelta::Codes {
+                    GroupDelta::Codes(CodesRun {
                         q: &q[span.clone()],
                         a: lane(scale),
                         b: lane(offset),
-                    }
+                    })
                 }
             })
         })
         .collect();
     let w = &base.weight[span];
-    // Plain loops, no closures: a closure the compiler does not inline is
-    // built without AVX2.
-    let mut bad = [0u32; W];
-    for (r, (out, w)) in out_w.chunks_exact_mut(W).zip(w.chunks_exact(W)).enumerate() {
-        let out: &mut [MaybeUninit<f32>; W] = out.try_into().unwrap();
-        // Padding runs are zero, as packing leaves them: a code's offset would not be.
-        if !layout.live[r] {
-            *out = [MaybeUninit::new(0.0); W];
-            continue;
-        }
-        let w: &[f32; W] = w.try_into().unwrap();
-        let mut v = [0f32; W];
-        match weights.as_slice() {
-            [] => {
-                for l in 0..W {
-                    v[l] = w[l] * s[l];
-                }
-            }
-            [d] => {
-                let x = d.run(r);
-                for l in 0..W {
-                    v[l] = (w[l] + x[l]) * s[l];
-                }
-            }
-            [d, more @ ..] => {
-                let x = d.run(r);
-                for l in 0..W {
-                    v[l] = w[l] + x[l];
-                }
-                for d in more {
-                    let x = d.run(r);
-                    for l in 0..W {
-                        v[l] += x[l];
-                    }
-                }
-                for l in 0..W {
-                    v[l] *= s[l];
-                }
-            }
-        }
-        for l in 0..W {
-            out[l] = MaybeUninit::new(v[l]);
-            bad[l] |= (v[l].to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32;
-        }
-    }
+    let sweep = Sweep {
+        w,
+        live: layout.live,
+        s,
+    };
+    // One loop per case, each with its delta's form fixed, so that no run
+    // branches on either.
+    let bad = match weights.as_slice() {
+        [] => sweep.run(out_w, &Clean),
+        [GroupDelta::Values(d)] => sweep.run(out_w, &One(d)),
+        [GroupDelta::Codes(d)] => sweep.run(out_w, &One(d)),
+        many => sweep.run(out_w, &Many(many)),
+    };
     for (l, b) in out_b.iter_mut().enumerate() {
         let (_, bias) = folds[l].clone()?;
         if bad[l] != 0 || !bias.is_finite() {
