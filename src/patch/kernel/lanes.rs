@@ -378,7 +378,9 @@ impl<const W: usize> Sweep<'_, W> {
                 let v = v[l] * self.s[l];
                 out[l] = MaybeUninit::new(v);
                 // `x − x` is +0 for every finite x and NaN otherwise.
-                bad[l] |= (v - v).to_bits();
+                #[allow(clippy::eq_op)]
+                let nan_unless_finite = v - v;
+                bad[l] |= nan_unless_finite.to_bits();
             }
         }
         bad
