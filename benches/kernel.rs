@@ -61,11 +61,8 @@ impl Case {
             + (4 + 1) * self.out_channels * f
     }
 
-    /// The lanes kernel on the same layer, its inputs taken as laid out in
-    /// lane order (16 lanes, every run live): what a CPU profile switch runs.
-    /// It allocates its output, as the switch does.
-    fn run_lanes(&self, live: &[bool], codes: &LaneBuf) -> Vec<f32> {
-        let base = ConvBn {
+    fn conv_bn(&self) -> ConvBn<'_> {
+        ConvBn {
             weight: &self.weight,
             out_channels: self.out_channels,
             gamma: &self.bn[0],
@@ -73,7 +70,14 @@ impl Case {
             mean: &self.bn[2],
             var: &self.bn[3],
             eps: 1e-5,
-        };
+        }
+    }
+
+    /// The lanes kernel on the same layer, its inputs taken as laid out in
+    /// lane order (16 lanes, every run live): what a CPU profile switch runs.
+    /// It allocates its output, as the switch does.
+    fn run_lanes(&self, live: &[bool], codes: &LaneBuf) -> Vec<f32> {
+        let base = self.conv_bn();
         let layout = LaneLayout {
             out_channels: self.out_channels,
             width: 16,
@@ -109,15 +113,11 @@ impl Case {
     }
 
     fn run(&mut self) {
-        let base = ConvBn {
-            weight: &self.weight,
-            out_channels: self.out_channels,
-            gamma: &self.bn[0],
-            beta: &self.bn[1],
-            mean: &self.bn[2],
-            var: &self.bn[3],
-            eps: 1e-5,
-        };
+        let (mut w, mut b) = (
+            std::mem::take(&mut self.out_w),
+            std::mem::take(&mut self.out_b),
+        );
+        let base = self.conv_bn();
         let delta = LayerDelta {
             alpha: 0.7,
             weight: Some(self.delta.view()),
@@ -126,7 +126,8 @@ impl Case {
             mean: None,
             var: None,
         };
-        cpu::fused_add_scale(&base, &[delta], &mut self.out_w, &mut self.out_b).unwrap();
+        cpu::fused_add_scale(&base, &[delta], &mut w, &mut b).unwrap();
+        (self.out_w, self.out_b) = (w, b);
     }
 }
 

@@ -189,7 +189,16 @@ fn fill(
         return Ok(());
     }
     let job = |(g, (w, b)): (usize, (&mut [MaybeUninit<f32>], &mut [f32]))| {
-        group(base, deltas, layout, g, w, b)
+        group(
+            &Job {
+                base,
+                deltas,
+                layout,
+            },
+            g,
+            w,
+            b,
+        )
     };
     let chunks = layout.group_len();
     // Small layers run here, as in `cpu`: the pool's hand-off costs more.
@@ -206,12 +215,17 @@ fn fill(
     failure.map_or(Ok(()), Err)
 }
 
+/// One layer's inputs, shared by its groups.
+struct Job<'a> {
+    base: &'a ConvBn<'a>,
+    deltas: &'a [LayerDelta<'a, LaneWeights<'a>>],
+    layout: LaneLayout<'a>,
+}
+
 /// One group: on x86-64 with AVX2 the same code compiled for AVX2 (no FMA is
 /// contracted, so both give the same bits).
 fn group(
-    base: &ConvBn,
-    deltas: &[LayerDelta<LaneWeights>],
-    layout: LaneLayout<'_>,
+    job: &Job,
     g: usize,
     out_w: &mut [MaybeUninit<f32>],
     out_b: &mut [f32],
@@ -219,38 +233,34 @@ fn group(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { group_avx2(base, deltas, layout, g, out_w, out_b) };
+        return unsafe { group_avx2(job, g, out_w, out_b) };
     }
-    group_any(base, deltas, layout, g, out_w, out_b)
+    group_any(job, g, out_w, out_b)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn group_avx2(
-    base: &ConvBn,
-    deltas: &[LayerDelta<LaneWeights>],
-    layout: LaneLayout<'_>,
+    job: &Job,
     g: usize,
     out_w: &mut [MaybeUninit<f32>],
     out_b: &mut [f32],
 ) -> Result<(), KernelError> {
-    group_any(base, deltas, layout, g, out_w, out_b)
+    group_any(job, g, out_w, out_b)
 }
 
 #[inline(always)]
 fn group_any(
-    base: &ConvBn,
-    deltas: &[LayerDelta<LaneWeights>],
-    layout: LaneLayout<'_>,
+    job: &Job,
     g: usize,
     out_w: &mut [MaybeUninit<f32>],
     out_b: &mut [f32],
 ) -> Result<(), KernelError> {
-    match out_w.len() / layout.runs {
-        8 => group_of::<8>(base, deltas, layout, g, out_w, out_b),
-        16 => group_of::<16>(base, deltas, layout, g, out_w, out_b),
-        24 => group_of::<24>(base, deltas, layout, g, out_w, out_b),
-        32 => group_of::<32>(base, deltas, layout, g, out_w, out_b),
+    match out_w.len() / job.layout.runs {
+        8 => group_of::<8>(job, g, out_w, out_b),
+        16 => group_of::<16>(job, g, out_w, out_b),
+        24 => group_of::<24>(job, g, out_w, out_b),
+        32 => group_of::<32>(job, g, out_w, out_b),
         w => unreachable!("a group of {w} lanes (align is a multiple of 8)"),
     }
 }
@@ -389,13 +399,16 @@ impl<const W: usize> Sweep<'_, W> {
 
 #[inline(always)]
 fn group_of<const W: usize>(
-    base: &ConvBn,
-    deltas: &[LayerDelta<LaneWeights>],
-    layout: LaneLayout<'_>,
+    job: &Job,
     g: usize,
     out_w: &mut [MaybeUninit<f32>],
     out_b: &mut [f32],
 ) -> Result<(), KernelError> {
+    let Job {
+        base,
+        deltas,
+        layout,
+    } = *job;
     let first = g * layout.width;
     let real = out_b.len();
     let span = first * layout.runs..first * layout.runs + out_w.len();
