@@ -43,8 +43,16 @@ impl ModelConfig {
     /// Reads and validates a `model.toml`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: ModelConfig = toml::from_str(&text)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {}", path.display(), e.message())))?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Parses and validates the text of a `model.toml`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: ModelConfig =
+            toml::from_str(text).map_err(|e| Error::InvalidArgument(e.message().to_string()))?;
         config.validate()?;
         Ok(config)
     }

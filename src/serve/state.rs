@@ -83,6 +83,23 @@ impl ProfileEntry {
 }
 
 impl State {
+    /// Parses the text of a state file of this rws's format.
+    pub fn parse(text: &str) -> Result<State> {
+        let state: State = serde_json::from_str(text).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "not a valid rws state file ({e}); move it away to start from the model's signatures"
+            ))
+        })?;
+        if state.version != FORMAT_VERSION {
+            bail!(
+                InvalidArgument,
+                "state format {}; this rws reads {FORMAT_VERSION}",
+                state.version
+            );
+        }
+        Ok(state)
+    }
+
     /// The state a table holds, sorted by name.
     pub fn of(table: &Table) -> State {
         State {
@@ -160,21 +177,9 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let state: State = serde_json::from_str(&text).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "{} is not a valid rws state file ({e}); move it away to start from the model's signatures",
-                path.display()
-            ))
-        })?;
-        if state.version != FORMAT_VERSION {
-            bail!(
-                InvalidArgument,
-                "{} has state format {}; this rws reads {FORMAT_VERSION}",
-                path.display(),
-                state.version
-            );
-        }
-        Ok(Some(state))
+        State::parse(&text)
+            .map(Some)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
     }
 
     pub fn write(&self, state: &State) -> Result<()> {

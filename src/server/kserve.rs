@@ -105,8 +105,9 @@ enum Data {
     Typed(pb::InferTensorContents),
 }
 
-/// The request's one input as one engine input per image.
-fn images(
+/// The request's one input as one engine input per image. Public for the
+/// fuzz target (`fuzz/fuzz_targets/kserve_input.rs`).
+pub fn images(
     inputs: Vec<InferInputTensor>,
     mut raw: Vec<Vec<u8>>,
     cfg: &ModelConfig,
