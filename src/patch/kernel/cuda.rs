@@ -32,6 +32,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::{self, Ptx};
 use candle_core::cuda_backend::{DeviceId, WrapErr};
 use half::f16;
 
+use super::descriptor::{DeltaRecord, LAYER_BYTES, LayerRecord, Table};
 use super::{ConvBn, DeltaView, KernelError};
 use crate::patch::quant::Quant;
 use crate::{Error, Result};
@@ -343,39 +344,44 @@ fn run(
     // Device pointers of every input; each guard must outlive the launch (they record
     // the reads for cudarc's cross-stream tracking, a no-op on candle's streams).
     let mut guards: Vec<SyncOnDrop> = Vec::new();
-    let mut table = Table::default();
-    table.u64(STATUS_OK);
+    let mut table = Table::new(STATUS_OK);
     let mut first_block = 0u32;
     let mut first_sig = 0u32;
     for (i, job) in layers.iter().enumerate() {
         let b = job.base;
-        for p in [&b.weight, &b.gamma, &b.beta, &b.mean, &b.var] {
-            let (ptr, g) = p.device_ptr(&stream);
-            table.u64(ptr);
-            guards.push(g);
-        }
+        let [weight, gamma, beta, mean, var] =
+            [&b.weight, &b.gamma, &b.beta, &b.mean, &b.var].map(|p| {
+                let (ptr, g) = p.device_ptr(&stream);
+                guards.push(g);
+                ptr
+            });
         let (w_at, b_at) = layout.offsets(i);
-        table.u64(w_at as u64);
-        table.u64(b_at as u64);
-        table.u32(b.out_channels as u32);
-        table.u32(b.cols as u32);
-        table.u32(first_block);
-        table.u32(first_sig);
-        table.u32(job.deltas.len() as u32);
-        table.f32(b.eps);
+        table.layer(&LayerRecord {
+            weight,
+            gamma,
+            beta,
+            mean,
+            var,
+            out_w: w_at as u64,
+            out_b: b_at as u64,
+            out_channels: b.out_channels as u32,
+            cols: b.cols as u32,
+            first_block,
+            first_sig,
+            n_sigs: job.deltas.len() as u32,
+            eps: b.eps,
+        });
         first_block += b.out_channels as u32;
         first_sig += job.deltas.len() as u32;
     }
     for job in layers {
         for d in &job.deltas {
-            for part in [d.weight, d.gamma, d.beta, d.mean, d.var] {
-                table.delta(part, &stream, &mut guards);
-            }
-            table.f32(d.alpha);
-            table.u32(0);
+            let parts = [d.weight, d.gamma, d.beta, d.mean, d.var]
+                .map(|part| delta_record(part, &stream, &mut guards));
+            table.signature(parts, d.alpha);
         }
     }
-    let mut desc = stream.clone_htod(&table.0).w()?;
+    let mut desc = stream.clone_htod(table.bytes()).w()?;
     let events = {
         let (desc_ptr, g_desc) = desc.device_ptr_mut(&stream);
         let (out_ptr, g_out) = out.device_ptr_mut(&stream);
@@ -489,76 +495,42 @@ fn decode(status: u64) -> Result<(), FoldError> {
     Err(FoldError::Patch { layer, error })
 }
 
-/// Bytes of one `Layer` and one `Delta` in add_scale.cu (static_asserts there).
-const LAYER_BYTES: usize = 80;
-const DELTA_BYTES: usize = 32;
-
-/// The descriptor table the kernel reads: the status word, then the `Layer`s, then the
-/// `Signature`s, little-endian and packed exactly as the C structs in add_scale.cu.
-#[derive(Default)]
-struct Table(Vec<u8>);
-
-impl Table {
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    fn f32(&mut self, v: f32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    /// One `Delta`: data, scale, offset pointers, kind, cols; all zero when absent.
-    fn delta<'a>(
-        &mut self,
-        d: Option<&'a DeviceDelta>,
-        stream: &'a CudaStream,
-        guards: &mut Vec<SyncOnDrop<'a>>,
-    ) {
-        let start = self.0.len();
-        let mut ptr = |s: (u64, SyncOnDrop<'a>)| {
-            guards.push(s.1);
-            s.0
-        };
-        match d {
-            None => self.0.resize(start + DELTA_BYTES, 0),
-            Some(DeviceDelta::F32(v)) => {
-                let p = ptr(v.device_ptr(stream));
-                self.delta_fields(p, 0, 0, 0, 0);
-            }
-            Some(DeviceDelta::F16(v)) => {
-                let p = ptr(v.device_ptr(stream));
-                self.delta_fields(p, 0, 0, 1, 0);
-            }
-            Some(DeviceDelta::Int {
-                quant,
-                cols,
-                q,
-                scale,
-                offset,
-                ..
-            }) => {
-                let kind = if *quant == Quant::Int8 { 2 } else { 3 };
-                let (q, s, o) = (
-                    ptr(q.device_ptr(stream)),
-                    ptr(scale.device_ptr(stream)),
-                    ptr(offset.device_ptr(stream)),
-                );
-                self.delta_fields(q, s, o, kind, *cols as u32);
-            }
-        }
-        debug_assert_eq!(self.0.len(), start + DELTA_BYTES);
-    }
-
-    fn delta_fields(&mut self, data: u64, scale: u64, offset: u64, kind: u32, cols: u32) {
-        self.u64(data);
-        self.u64(scale);
-        self.u64(offset);
-        self.u32(kind);
-        self.u32(cols);
+/// One `Delta` of the table, its buffers' device addresses borrowed (with
+/// their guards) from `stream`; all zero when absent.
+fn delta_record<'a>(
+    d: Option<&'a DeviceDelta>,
+    stream: &'a CudaStream,
+    guards: &mut Vec<SyncOnDrop<'a>>,
+) -> DeltaRecord {
+    let mut ptr = |s: (u64, SyncOnDrop<'a>)| {
+        guards.push(s.1);
+        s.0
+    };
+    match d {
+        None => DeltaRecord::default(),
+        Some(DeviceDelta::F32(v)) => DeltaRecord {
+            data: ptr(v.device_ptr(stream)),
+            ..Default::default()
+        },
+        Some(DeviceDelta::F16(v)) => DeltaRecord {
+            data: ptr(v.device_ptr(stream)),
+            kind: 1,
+            ..Default::default()
+        },
+        Some(DeviceDelta::Int {
+            quant,
+            cols,
+            q,
+            scale,
+            offset,
+            ..
+        }) => DeltaRecord {
+            data: ptr(q.device_ptr(stream)),
+            scale: ptr(scale.device_ptr(stream)),
+            offset: ptr(offset.device_ptr(stream)),
+            kind: if *quant == Quant::Int8 { 2 } else { 3 },
+            cols: *cols as u32,
+        },
     }
 }
 
@@ -610,21 +582,5 @@ mod tests {
         // The lowest layer wins over any channel of a later one, then the lowest channel.
         assert!(key(0, (MAX_CHANNELS - 1) as u64, 1, 0.0) < key(1, 0, 0, 0.0));
         assert!(key(2, 5, 1, 0.0) < key(2, 6, 0, -1.0));
-    }
-
-    #[test]
-    fn table_matches_the_c_struct_sizes() {
-        let src = SOURCE;
-        for (name, bytes) in [
-            ("Delta", DELTA_BYTES),
-            ("Layer", LAYER_BYTES),
-            ("Signature", 5 * DELTA_BYTES + 8),
-        ] {
-            let assert = format!("static_assert(sizeof({name}) == {bytes},");
-            assert!(src.contains(&assert), "add_scale.cu lacks `{assert}`");
-        }
-        let mut t = Table::default();
-        t.delta_fields(1, 2, 3, 4, 5);
-        assert_eq!(t.0.len(), DELTA_BYTES);
     }
 }

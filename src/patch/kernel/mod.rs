@@ -26,6 +26,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod descriptor;
 pub mod lanes;
 pub mod reference;
 pub mod rows;
