@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# `cargo install` puts cargo-fuzz here; make sure `cargo fuzz` finds it.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 seconds=${1:-30}
 shift || true
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
