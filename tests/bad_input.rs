@@ -491,6 +491,20 @@ async fn bad_signatures() {
     let r = p.admin.load_signature(path("model.toml")).await;
     p.refused("not a signature", r, Code::InvalidArgument).await;
 
+    // Over the 256 MiB signature limit (and the 64 MiB message limit): the
+    // size check answers, with the documented RESOURCE_EXHAUSTED.
+    let limit = rws::serve::state::MAX_SIGNATURE_BYTES;
+    let r = server
+        .admin()
+        .max_encoding_message_size(usize::MAX)
+        .load_signature(upload("x", vec![0; limit + 1]))
+        .await;
+    if let Err(e) = &r {
+        assert!(e.message().contains("limited to"), "{e:?}");
+    }
+    p.refused("upload over the size limit", r, Code::ResourceExhausted)
+        .await;
+
     // The transfer flag accepts the moved signature and marks it.
     let mut req = upload("moved", transfer.to_bytes().unwrap());
     req.allow_transfer = true;

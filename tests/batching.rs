@@ -1,6 +1,7 @@
 //! Dynamic batching over loopback gRPC: batches that mix profiles answer every
-//! request exactly as if it had been computed alone, and a full queue refuses
-//! with RESOURCE_EXHAUSTED instead of queueing without bound.
+//! request exactly as if it had been computed alone, a full queue refuses
+//! with RESOURCE_EXHAUSTED instead of queueing without bound, and a request
+//! whose deadline passes while it waits is answered DEADLINE_EXCEEDED uncomputed.
 
 mod common;
 
@@ -31,16 +32,15 @@ async fn mixed_profile_batches_match_requests_computed_alone() {
     }
     server.stop().await;
 
-    // Together: a long delay so that concurrent requests share batches across profiles.
-    let batch = BatchConfig {
-        max_batch: 16,
-        max_delay: Duration::from_millis(50),
-        ..Default::default()
-    };
-    let server = TestServer::start(repo.path(), opts(batch)).await;
+    // Together: each batch waits up to 1 s for up to 16 requests, so the 16
+    // concurrent requests share batches across profiles.
+    let server = slow_batcher(repo.path(), 16, 1_000_000);
+    let channel = server.channel().await;
+    wait_ready(&channel).await;
+    let before = samples(&http_get(&server.metrics).await);
     let tasks: Vec<_> = (0..16u64)
         .map(|i| {
-            let mut inf = server.inference();
+            let mut inf = InferenceClient::new(channel.clone());
             tokio::spawn(async move {
                 logits(&mut inf, tensor_request(i, profiles[i as usize % 4])).await
             })
@@ -54,7 +54,70 @@ async fn mixed_profile_batches_match_requests_computed_alone() {
             profiles[i % 4]
         );
     }
-    server.stop().await;
+    // The batches really were shared: 16 requests of 4 profiles in fewer than
+    // 4 batches means some batch held several requests of several profiles.
+    let after = samples(&http_get(&server.metrics).await);
+    let grew = |name| sample(&after, name) - sample(&before, name);
+    assert_eq!(grew("rws_batch_size_sum"), 16.0);
+    let batches = grew("rws_batch_size_count");
+    assert!(
+        batches < 4.0,
+        "16 requests of 4 profiles took {batches} batches"
+    );
+}
+
+/// `rws serve` of the tiny model in `repo` with one compute worker that holds
+/// each batch open `delay_us` for company, up to `max_batch` requests.
+fn slow_batcher(repo: &std::path::Path, max_batch: usize, delay_us: u64) -> RwsProcess {
+    RwsProcess::start(&[
+        "--repo",
+        repo.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+        "--max-batch",
+        &max_batch.to_string(),
+        "--max-delay-us",
+        &delay_us.to_string(),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_timeout_that_passes_in_the_queue_is_deadline_exceeded_uncomputed() {
+    let repo = tiny_repo();
+    // Each batch waits 2 s for company: a request sent with it waits that long
+    // for a worker, far past a 250 ms grpc-timeout.
+    let server = slow_batcher(repo.path(), 8, 2_000_000);
+    let channel = server.channel().await;
+    wait_ready(&channel).await;
+    let before = samples(&http_get(&server.metrics).await);
+    let mut inf = InferenceClient::new(channel.clone());
+    let patient = tokio::spawn(async move { inf.classify(tensor_request(1, "")).await });
+    let mut hurried = tonic::Request::new(tensor_request(2, ""));
+    hurried.set_timeout(Duration::from_millis(250));
+    let sent = std::time::Instant::now();
+    let err = deadline_blind_inference(&server.addr)
+        .classify(hurried)
+        .await
+        .expect_err("the deadline passed while the request waited");
+    // The server's tonic layer answers CANCELLED at the deadline: the server
+    // must answer first, with the code the deadline calls for.
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        sent.elapsed() < Duration::from_millis(1900),
+        "answered when its batch ran, not at its deadline: {:?}",
+        sent.elapsed()
+    );
+    patient
+        .await
+        .unwrap()
+        .expect("a request without a deadline is served");
+    // One more batch, of one request: the expired one was never computed.
+    let after = samples(&http_get(&server.metrics).await);
+    for (name, grew) in [("rws_batch_size_count", 1.0), ("rws_batch_size_sum", 1.0)] {
+        assert_eq!(sample(&after, name) - sample(&before, name), grew, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -171,14 +171,22 @@ async fn a_change_on_one_replica_reaches_all_three() {
     for r in &rs {
         folded.push(folds(r).await);
     }
-    let change = admin_client(chs[0].clone(), None)
-        .unwrap()
-        .put_profile(put("storm", &[("fog", 0.5), ("rain", 0.5)], false, true))
-        .await
-        .unwrap()
-        .into_inner();
+    // wait_fleet waits for a replica that cannot apply the change yet: r2 is
+    // stopped (well within its 5 s lease, so it stays registered) until the
+    // call has been seen waiting for it.
+    rs[2].signal("STOP");
+    let mut admin = admin_client(chs[0].clone(), None).unwrap();
+    let call = admin.put_profile(put("storm", &[("fog", 0.5), ("rain", 0.5)], false, true));
+    tokio::pin!(call);
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut call).await;
+    rs[2].signal("CONT");
+    assert!(
+        early.is_err(),
+        "wait_fleet returned while a replica was stopped: {early:?}"
+    );
+    let change = call.await.unwrap().into_inner();
     assert!(change.revision > 0);
-    // wait_fleet: every replica has it when the call returns.
+    // wait_fleet: every replica has it when the call returns, without polling.
     for ch in &chs {
         let (ps, _) = common::profile_table(ch).await;
         assert!(ps.iter().any(|(n, _)| n == "storm"), "{ps:?}");
@@ -406,17 +414,75 @@ async fn concurrent_admins_never_lose_an_update_silently() {
             "the acknowledged definition must stand"
         );
     }
-    // Two replacements from the same starting point: one wins, the other is told.
-    let (ra, rb) = tokio::join!(
-        a.put_profile(put("c0", &[("noise", 0.1)], true, false)),
-        b.put_profile(put("c0", &[("noise", 0.2)], true, false)),
-    );
-    let outcomes = [ra.is_ok(), rb.is_ok()];
-    assert!(outcomes.contains(&true), "{ra:?} {rb:?}");
-    if let Some(e) = ra.as_ref().err().or(rb.as_ref().err()) {
-        assert_eq!(e.code(), Code::Aborted, "{e:?}");
-        assert!(e.message().contains("retry"), "{e:?}");
+    // Two replacements at once from the same view: one wins and the other is
+    // told to retry, or, if one replica applied the other's change before it
+    // took its view, both apply in revision order. Never two silent successes
+    // from one view: across the rounds, the refusal must show up.
+    let mut refused = 0;
+    for i in 0..10 {
+        let name = format!("c{i}");
+        converged(&[cha.clone(), chb.clone()]).await;
+        let (ra, rb) = tokio::join!(
+            a.put_profile(put(&name, &[("noise", 0.1)], true, false)),
+            b.put_profile(put(&name, &[("noise", 0.2)], true, false)),
+        );
+        let stands = match (&ra, &rb) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => {
+                assert_eq!(e.code(), Code::Aborted, "{e:?}");
+                assert!(e.message().contains("retry"), "{e:?}");
+                refused += 1;
+                if ra.is_ok() { 0.1 } else { 0.2 }
+            }
+            (Ok(x), Ok(y)) => {
+                let (x, y) = (x.get_ref().revision, y.get_ref().revision);
+                assert_ne!(x, y, "two changes at one revision");
+                if x > y { 0.1 } else { 0.2 }
+            }
+            other => panic!("one replacement must apply: {other:?}"),
+        };
+        let (ps, _) = converged(&[cha.clone(), chb.clone()]).await;
+        let got = ps.iter().find(|(n, _)| *n == name).unwrap();
+        assert_eq!(
+            got.1,
+            vec![("noise".to_string(), stands)],
+            "the last acknowledged replacement must stand"
+        );
     }
+    assert!(refused > 0, "no concurrent replacement was ever refused");
+}
+
+#[tokio::test]
+async fn an_upload_in_fleet_mode_is_refused_and_changes_nothing() {
+    let Some(etcd) = Etcd::start() else { return };
+    let repo = tiny_repo();
+    let url = etcd.url("upload");
+    let r = replica(repo.path(), &url, "r0");
+    let ch = r.channel().await;
+    let mut admin = admin_client(ch.clone(), None).unwrap();
+    let fleet_url = url.parse::<EtcdUrl>().unwrap();
+    let view = || async {
+        let signatures = admin_client(ch.clone(), None)
+            .unwrap()
+            .list_signatures(pb::ListSignaturesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let (revision, _) = rws::serve::fleet::status(&fleet_url).await.unwrap();
+        (common::profile_table(&ch).await, signatures, revision)
+    };
+    let before = view().await;
+    let bytes = std::fs::read(repo.path().join("tiny/signatures/fog.rws.safetensors")).unwrap();
+    let err = admin
+        .load_signature(pb::LoadSignatureRequest {
+            name: "fog2".into(),
+            source: Some(pb::load_signature_request::Source::Data(bytes)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("by repository path"), "{err:?}");
+    assert_eq!(view().await, before, "the refused upload changed something");
 }
 
 #[tokio::test]

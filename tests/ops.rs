@@ -7,6 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{RwsProcess, sample, samples, tensor_request, tiny_repo};
+use rws::serve::engine::EngineOptions;
+use rws::serve::state::StateDir;
 use rws::server::{admin_client, pb};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -262,6 +264,301 @@ async fn state_survives_a_restart() {
     assert_eq!(common::profile_table(&channel).await, before);
     let mut c = common::InferenceClient::new(channel);
     assert_eq!(common::logits(&mut c, tensor_request(3, "")).await, logits);
+}
+
+/// Every file under `dir` with its bytes, sorted by path.
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_signature_changed_on_disk_stops_the_restart_and_changes_nothing() {
+    let repo = tiny_repo();
+    let state = repo.path().join("state");
+    let state_arg = state.to_str().unwrap();
+    let p = start(repo.path(), &["--state-dir", state_arg]);
+    let channel = p.channel().await;
+    admin_client(channel.clone(), None)
+        .unwrap()
+        .put_profile(pb::PutProfileRequest {
+            name: "storm".into(),
+            signatures: common::refs(&[("fog", 0.7)]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = common::profile_table(&channel).await;
+    let mut c = common::InferenceClient::new(channel);
+    let logits = common::logits(&mut c, tensor_request(3, "storm")).await;
+    drop(p);
+
+    // fog's file now holds another valid signature: its SHA-256 is not the recorded one.
+    let sigs = repo.path().join(common::MODEL).join("signatures");
+    let fog = sigs.join("fog.rws.safetensors");
+    let original = std::fs::read(&fog).unwrap();
+    std::fs::copy(sigs.join("rain.rws.safetensors"), &fog).unwrap();
+    let saved = files(&state);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
+        .arg("serve")
+        .args(repo_args(repo.path()))
+        .args(["--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--events-addr",
+            "127.0.0.1:0",
+            "--console-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--state-dir", state_arg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the server started with a signature that is not the recorded one");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("put the original back"), "{err}");
+    assert_eq!(files(&state), saved, "the refused start changed the state");
+
+    // With the original back, the same state is served again.
+    std::fs::write(&fog, original).unwrap();
+    let p = start(repo.path(), &["--state-dir", state_arg]);
+    let channel = p.channel().await;
+    assert_eq!(common::profile_table(&channel).await, before);
+    let mut c = common::InferenceClient::new(channel);
+    assert_eq!(
+        common::logits(&mut c, tensor_request(3, "storm")).await,
+        logits
+    );
+}
+
+/// Runs a command a fault injection needs (chattr, mount); fails the test if it
+/// cannot, since a fault that was never put in proves nothing.
+fn sh(argv: &[&str]) {
+    let status = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(status.success(), "{argv:?}: {status} (the test needs root)");
+}
+
+/// Takes a fault out of the state directory when dropped, even when the test
+/// panics, so that it never outlives the test (nor blocks the temp dir's removal).
+struct Undo(Vec<String>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.0[0])
+            .args(&self.0[1..])
+            .status();
+    }
+}
+
+/// What Admin shows of the profile state: profiles and default, generation,
+/// loaded signatures.
+async fn admin_view(
+    admin: &mut common::AdminClient<Channel>,
+) -> (Vec<(String, Vec<(String, f32)>)>, String, u64, Vec<String>) {
+    let p = admin
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut profiles: Vec<_> = p
+        .profiles
+        .into_iter()
+        .map(|p| {
+            let refs = p.signatures.into_iter().map(|s| (s.name, s.alpha));
+            (p.name, refs.collect())
+        })
+        .collect();
+    profiles.sort_by(|a, b| a.0.cmp(&b.0));
+    let s = admin
+        .list_signatures(pb::ListSignaturesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sigs: Vec<_> = s.signatures.into_iter().map(|s| s.name).collect();
+    sigs.sort();
+    (profiles, p.default_profile, p.generation, sigs)
+}
+
+/// The README's promise for a state directory that cannot be written: each
+/// kind of change (a profile, the default, an upload) is refused with INTERNAL
+/// naming the directory, nothing moves (Admin's view, `state.json`, `uploads/`;
+/// the audit trail only gains each attempt and its refusal), inference goes on,
+/// and the same changes go through once `unwritable`'s fault is taken out.
+async fn refuses_changes_while_unwritable(
+    repo: &std::path::Path,
+    state: &std::path::Path,
+    unwritable: impl FnOnce() -> Undo,
+) {
+    let opts = EngineOptions {
+        state: Some(StateDir::new(state)),
+        ..Default::default()
+    };
+    let server = common::TestServer::start(repo, opts).await;
+    let mut admin = server.admin();
+    let sigs = repo.join(common::MODEL).join("signatures");
+    let upload = |name: &str, file: &str| pb::LoadSignatureRequest {
+        name: name.into(),
+        source: Some(pb::load_signature_request::Source::Data(
+            std::fs::read(sigs.join(file)).unwrap(),
+        )),
+        ..Default::default()
+    };
+    // One of each on disk first: an upload, a profile using it, a default.
+    admin
+        .load_signature(upload("fog2", "fog.rws.safetensors"))
+        .await
+        .unwrap();
+    let storm = pb::PutProfileRequest {
+        name: "storm".into(),
+        signatures: common::refs(&[("fog2", 0.7), ("rain", 0.4)]),
+        ..Default::default()
+    };
+    admin.put_profile(storm).await.unwrap();
+    let storm_default = pb::SetDefaultProfileRequest {
+        name: "storm".into(),
+        ..Default::default()
+    };
+    admin.set_default_profile(storm_default).await.unwrap();
+    let view = admin_view(&mut admin).await;
+    let saved = files(state);
+    let mut c = server.inference();
+    let logits = common::logits(&mut c, tensor_request(3, "")).await;
+
+    let fault = unwritable();
+    let calm = pb::PutProfileRequest {
+        name: "calm".into(),
+        signatures: common::refs(&[("noise", 0.5)]),
+        ..Default::default()
+    };
+    let fog_default = pb::SetDefaultProfileRequest {
+        name: "fog".into(),
+        ..Default::default()
+    };
+    let rain2 = upload("rain2", "rain.rws.safetensors");
+    let refusals = [
+        admin.put_profile(calm.clone()).await.map(drop),
+        admin
+            .set_default_profile(fog_default.clone())
+            .await
+            .map(drop),
+        admin.load_signature(rain2.clone()).await.map(drop),
+    ];
+    for r in refusals {
+        eprintln!("REFUSAL {:?}", r.as_ref().err().map(|e| (e.code(), e.message().to_string())));
+        let err = r.expect_err("a change was acknowledged without being written");
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert!(
+            err.message().starts_with(state.to_str().unwrap()),
+            "the refusal does not name the state directory: {err:?}"
+        );
+    }
+    assert_eq!(admin_view(&mut admin).await, view);
+    let audit = state.join("audit.jsonl");
+    let (trail, rest): (Vec<_>, Vec<_>) = files(state).into_iter().partition(|f| f.0 == audit);
+    let (saved_trail, saved_rest): (Vec<_>, Vec<_>) = saved.into_iter().partition(|f| f.0 == audit);
+    assert_eq!(rest, saved_rest, "a refused change moved a state file");
+    let (trail, saved_trail) = (&trail[0].1, &saved_trail[0].1);
+    assert!(
+        trail.starts_with(saved_trail),
+        "the audit trail was rewritten"
+    );
+    let ops: Vec<String> = trail[saved_trail.len()..]
+        .split_inclusive(|b| *b == b'\n')
+        .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["op"].to_string())
+        .collect();
+    // The upload is refused before it reaches the trail.
+    let expected = [
+        "put_profile",
+        "put_profile refused",
+        "set_default",
+        "set_default refused",
+    ];
+    assert_eq!(ops, expected.map(|op| format!("{op:?}")));
+    assert_eq!(common::logits(&mut c, tensor_request(3, "")).await, logits);
+
+    drop(fault);
+    admin.put_profile(calm).await.unwrap();
+    admin.set_default_profile(fog_default).await.unwrap();
+    admin.load_signature(rain2).await.unwrap();
+    let (profiles, default, generation, sigs) = admin_view(&mut admin).await;
+    assert!(profiles.iter().any(|p| p.0 == "calm"), "{profiles:?}");
+    assert_eq!((default.as_str(), generation), ("fog", view.2 + 3));
+    assert!(sigs.contains(&"rain2".to_string()), "{sigs:?}");
+    server.stop().await;
+}
+
+/// A read-only state directory: `state/` and `state/uploads/` made immutable
+/// (`chattr +i`), which refuses root, as a mode of 0o555 refuses anyone else, the
+/// creation of the temp files every write starts with. Files already open stay
+/// writable, as with a read-only directory, so the audit trail records the attempts.
+#[tokio::test]
+async fn a_read_only_state_dir_refuses_changes_and_nothing_moves() {
+    let repo = tiny_repo();
+    let state = repo.path().join("state");
+    let dirs = [state.clone(), state.join("uploads")].map(|d| d.display().to_string());
+    refuses_changes_while_unwritable(repo.path(), &state, || {
+        let undo = Undo(
+            ["chattr", "-i"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(dirs.clone())
+                .collect(),
+        );
+        sh(&[&["chattr", "+i"][..], &dirs.each_ref().map(String::as_str)].concat());
+        undo
+    })
+    .await;
+}
+
+/// A full state directory: the state lives on a 1 MiB tmpfs which, once the
+/// server runs, another file fills until the kernel says ENOSPC. Writes to it
+/// then fail as on any full disk, the new `state.json` and an upload's bytes alike.
+#[tokio::test]
+async fn a_full_state_dir_refuses_changes_and_nothing_moves() {
+    let repo = tiny_repo();
+    let disk = repo.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let disk_arg = disk.to_str().unwrap();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk_arg]);
+    // Lazily, so that it goes even while a panicking test's server holds files.
+    let _unmount = Undo(vec!["umount".into(), "-l".into(), disk_arg.into()]);
+    let filler = disk.join("filler");
+    refuses_changes_while_unwritable(repo.path(), &disk.join("state"), || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let err = loop {
+            if let Err(e) = f.write_all(&[0; 4096]) {
+                break e;
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+        Undo(vec!["rm".into(), filler.display().to_string()])
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -1,11 +1,13 @@
 //! `rws bench`: measurements an engineer runs against rws. `load` drives a
 //! running server over loopback gRPC; `switch` and `memory` measure the library
-//! in-process on a synthetic model; [`gpu`] (the `cuda` feature) validates and
+//! in-process on a synthetic model; [`soak`] runs a server's long life looking for
+//! growth; [`gpu`] (the `cuda` feature) validates and
 //! times the CUDA path.
 
 pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod soak;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,10 +17,10 @@ use crate::serve::profile::Origin;
 use crate::server::client::{RwsClient, applied_in};
 use crate::{Error, Result, bail};
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Percentiles of a set of durations, in microseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: usize,
     pub p50_us: f64,
@@ -319,12 +321,7 @@ pub struct MemoryReport {
 
 /// Resident set size of this process.
 pub fn rss_bytes() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| Error::io("/proc/self/status", e))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    crate::serve::metrics::self_status("VmRSS:")
         .map(|kb| kb * 1024)
         .ok_or_else(|| Error::Internal("no VmRSS in /proc/self/status".into()))
 }

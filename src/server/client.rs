@@ -8,7 +8,10 @@ use std::time::Duration;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use super::{AdminClient, EventsClient, MAX_MESSAGE_BYTES, admin_client, events_client, pb};
+use super::{
+    AdminClient, EventsClient, MAX_ADMIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, admin_client,
+    events_client, pb,
+};
 use crate::serve::activation::End;
 use crate::serve::profile::SignatureRef;
 use crate::{Error, Result};
@@ -93,7 +96,7 @@ impl RwsClient {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             admin: admin_client(channel.clone(), admin_token)?
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
             events: events_client(channel, admin_token)?,
         })
     }

@@ -436,7 +436,7 @@ impl GrpcInferenceService for KServeService {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let deadline = grpc_deadline(req.metadata());
+        let deadline = grpc_deadline(&req);
         let r = req.into_inner();
         self.check_model(&r.model_name, &r.model_version)?;
         let outputs = requested(r.outputs)?;

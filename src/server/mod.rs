@@ -40,6 +40,12 @@ use pb::inference_server::{Inference, InferenceServer};
 /// Largest request accepted: uploads of big signatures go through Admin.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Largest Admin request accepted, whatever the message limit: an upload of a
+/// signature at its size limit, with room for the other fields, so that
+/// uploads up to that limit load and one just over it gets the size check's
+/// RESOURCE_EXHAUSTED rather than the transport's OUT_OF_RANGE.
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = crate::serve::state::MAX_SIGNATURE_BYTES + (1 << 20);
+
 /// Makes ring rustls' process-wide provider, as tonic's `tls-ring` intends:
 /// rustls refuses to pick one when the build enables two (a dependency of a
 /// dependency may add aws-lc-rs), and TLS would then fail at the first handshake.
@@ -66,10 +72,28 @@ pub fn status(e: Error) -> Status {
     }
 }
 
-/// The instant a client's `grpc-timeout` header runs out (e.g. `250m`, `5S`).
-fn grpc_deadline(md: &tonic::metadata::MetadataMap) -> Option<Instant> {
-    parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
-        .and_then(|d| Instant::now().checked_add(d))
+/// When the transport took a call, stamped by [`stamp_arrival`].
+#[derive(Clone, Copy)]
+struct Arrival(Instant);
+
+/// Stamps each call's [`Arrival`] as it enters the server's layers, before
+/// tonic starts its own `grpc-timeout` timer. A deadline counted from it ends
+/// no later than that timer, so the handler answers DEADLINE_EXCEEDED first
+/// (tonic's timer answers CANCELLED).
+fn stamp_arrival(mut req: Request<()>) -> Result<Request<()>, Status> {
+    req.extensions_mut().insert(Arrival(Instant::now()));
+    Ok(req)
+}
+
+/// The instant a client's `grpc-timeout` header (e.g. `250m`, `5S`) runs out,
+/// counted from the call's arrival.
+fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
+    let timeout = parse_grpc_timeout(req.metadata().get("grpc-timeout")?.to_str().ok()?)?;
+    let arrival = req
+        .extensions()
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |a| a.0);
+    arrival.checked_add(timeout)
 }
 
 /// A `grpc-timeout` value (at most 8 digits and a unit, by the gRPC spec) as a
@@ -100,7 +124,7 @@ impl Inference for InferenceService {
         &self,
         req: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
-        let deadline = grpc_deadline(req.metadata());
+        let deadline = grpc_deadline(&req);
         let header = match req.metadata().get(SOURCE_HEADER).map(|v| v.to_str()) {
             Some(Ok(h)) => h.to_string(),
             Some(Err(_)) => {
@@ -637,7 +661,7 @@ pub async fn serve(
         AdminServer::new(AdminService {
             engine: engine.clone(),
         })
-        .max_decoding_message_size(max)
+        .max_decoding_message_size(max.max(MAX_ADMIN_MESSAGE_BYTES))
         .max_encoding_message_size(max),
         admin_guard(opts.admin_token.clone()),
     );
@@ -704,6 +728,7 @@ pub async fn serve(
             .map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
     }
     builder
+        .layer(tonic::service::InterceptorLayer::new(stamp_arrival))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -781,14 +806,20 @@ mod tests {
         // Overflows in the multiplication: no deadline, no panic.
         assert_eq!(parse_grpc_timeout("18446744073709551615H"), None);
         assert_eq!(parse_grpc_timeout("18446744073709551615M"), None);
-        let mut md = tonic::metadata::MetadataMap::new();
+        let mut req = Request::new(());
+        let md = req.metadata_mut();
         md.insert("grpc-timeout", "18446744073709551615S".parse().unwrap());
         assert_eq!(
-            grpc_deadline(&md),
+            grpc_deadline(&req),
             None,
             "a deadline past the clock's end is none"
         );
-        md.insert("grpc-timeout", "3S".parse().unwrap());
-        assert!(grpc_deadline(&md).is_some());
+        req.metadata_mut()
+            .insert("grpc-timeout", "3S".parse().unwrap());
+        assert!(grpc_deadline(&req).is_some());
+        // Counted from the call's arrival, not from when the handler reads it.
+        let arrival = Instant::now() - Duration::from_secs(1);
+        req.extensions_mut().insert(Arrival(arrival));
+        assert_eq!(grpc_deadline(&req), Some(arrival + Duration::from_secs(3)));
     }
 }

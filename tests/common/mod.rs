@@ -96,6 +96,23 @@ impl TestServer {
     }
 }
 
+/// An HTTP/2 connection pool that tonic's generated clients can run on.
+pub type PlainHttp2 = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tonic::body::Body,
+>;
+
+/// An Inference client for `addr` (`http://127.0.0.1:PORT`) that leaves
+/// deadlines to the server. A tonic `Channel` enforces a request's
+/// `grpc-timeout` itself and answers CANCELLED locally before the server's
+/// answer can arrive; this one sends the header and reports what the server said.
+pub fn deadline_blind_inference(addr: &str) -> InferenceClient<PlainHttp2> {
+    let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    InferenceClient::with_origin(http2, addr.parse().unwrap())
+}
+
 /// A deterministic input tensor for the 28×28 model.
 pub fn input(seed: u64) -> pb::Tensor {
     let mut rng = rws::rng::Rng::new(seed);

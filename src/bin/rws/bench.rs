@@ -37,6 +37,67 @@ pub enum BenchCmd {
         #[command(flatten)]
         client: Client,
     },
+    /// A long run against a running server (loopback only) that looks for growth:
+    /// paced traffic at a share of the measured capacity, the default toggled, a
+    /// signature churned, and the server's memory, descriptors and threads scraped
+    /// from its /metrics.
+    Soak {
+        /// Minutes to run.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Minutes after which memory is taken as settled; the end is compared with it.
+        #[arg(long, default_value_t = 5.0)]
+        settle_minutes: f64,
+        /// Share of the measured capacity to send.
+        #[arg(long, default_value_t = 0.7)]
+        load: f64,
+        /// Seconds of closed-loop load that measure the capacity first.
+        #[arg(long, default_value_t = 15.0)]
+        calibrate: f64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Profiles to name, round robin (default: every profile, and the default).
+        #[arg(long, value_delimiter = ',')]
+        profiles: Vec<String>,
+        /// The default profile is switched between these two.
+        #[arg(long, value_delimiter = ',', default_value = "clean,fog")]
+        toggle: Vec<String>,
+        /// Milliseconds between toggles.
+        #[arg(long, default_value_t = 100)]
+        toggle_ms: u64,
+        /// Signature file to churn; it must also be in the model's signatures/.
+        #[arg(
+            long,
+            default_value = "models/mnist-resnet/signatures/fog.rws.safetensors"
+        )]
+        signature: PathBuf,
+        /// Milliseconds between churn cycles.
+        #[arg(long, default_value_t = 100)]
+        churn_ms: u64,
+        /// The server's Prometheus endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:9464/metrics")]
+        metrics_url: String,
+        /// Seconds between scrapes.
+        #[arg(long, default_value_t = 5.0)]
+        sample: f64,
+        /// Seconds per latency window.
+        #[arg(long, default_value_t = 60.0)]
+        window: f64,
+        /// Image to send (default: a generated 28x28 digit-like PNG).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Write the report (soak.json) and its charts (soak-memory.png,
+        /// soak-latency.png, soak-handles.png) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Do not run: draw the charts of this saved soak.json into --out.
+        #[arg(long, requires = "out")]
+        replot: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
     /// Two ways of serving one stream side by side, in alternating phases
     /// against a running server: e.g. `--a clean --b auto`, or
     /// `--a clean --b clean --b-shadow fog --fraction 0.1`.
@@ -187,8 +248,80 @@ fn print_report<T: serde::Serialize + std::fmt::Debug>(
     Ok(())
 }
 
+/// The file's bytes, or a generated 28x28 digit-like PNG.
+fn image_or_digit(image: Option<PathBuf>) -> Result<Vec<u8>> {
+    if let Some(p) = image {
+        return std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()));
+    }
+    let img =
+        image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) % 256) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
 pub async fn bench(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Soak {
+            minutes,
+            settle_minutes,
+            load,
+            calibrate,
+            clients,
+            profiles,
+            toggle,
+            toggle_ms,
+            signature,
+            churn_ms,
+            metrics_url,
+            sample,
+            window,
+            image,
+            out,
+            replot,
+            json,
+            client,
+        } => {
+            if let (Some(saved), Some(dir)) = (replot, &out) {
+                let text = std::fs::read(&saved)
+                    .with_context(|| format!("cannot read {}", saved.display()))?;
+                let r: rws::bench::soak::SoakReport = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a soak report", saved.display()))?;
+                return Ok(rws::bench::soak::plot(&r, dir)?);
+            }
+            let [a, b] = toggle.as_slice() else {
+                bail!("--toggle takes two profiles, e.g. clean,fog");
+            };
+            let secs = std::time::Duration::from_secs_f64;
+            let opts = rws::bench::soak::SoakOptions {
+                addr: client.addr.clone(),
+                admin_token: client.token()?,
+                metrics_url,
+                duration: secs(minutes * 60.0),
+                settle: secs(settle_minutes * 60.0),
+                calibrate: secs(calibrate),
+                clients,
+                load_fraction: load,
+                profiles,
+                toggle: (a.clone(), b.clone()),
+                toggle_every: std::time::Duration::from_millis(toggle_ms),
+                signature,
+                churn_every: std::time::Duration::from_millis(churn_ms),
+                sample_every: secs(sample),
+                window: secs(window),
+                images: vec![image_or_digit(image)?],
+            };
+            let r = rws::bench::soak::soak(&opts).await?;
+            if let Some(dir) = &out {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let json = dir.join("soak.json");
+                std::fs::write(&json, serde_json::to_vec_pretty(&r)?)
+                    .with_context(|| format!("cannot write {}", json.display()))?;
+                rws::bench::soak::plot(&r, dir)?;
+            }
+            print_report(json, &r, print_soak)?;
+        }
         BenchCmd::Fleet {
             state,
             changes,
@@ -278,19 +411,7 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                 )),
                 _ => bail!("--toggle takes two profiles, e.g. clean,fog"),
             };
-            let image = match image {
-                Some(p) => {
-                    std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?
-                }
-                None => {
-                    let img = image::GrayImage::from_fn(28, 28, |x, y| {
-                        image::Luma([((x * 9 + y * 5) % 256) as u8])
-                    });
-                    let mut out = std::io::Cursor::new(Vec::new());
-                    img.write_to(&mut out, image::ImageFormat::Png)?;
-                    out.into_inner()
-                }
-            };
+            let image = image_or_digit(image)?;
             let opts = rws::bench::LoadOptions {
                 addr: client.addr.clone(),
                 clients,
@@ -443,6 +564,62 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_soak(r: &rws::bench::soak::SoakReport) {
+    let mb = |b: f64| b / (1024.0 * 1024.0);
+    println!(
+        "capacity {:.0} req/s; sent at {:.0}, answered {:.0} req/s; {} requests, {} errors, {} skipped",
+        r.capacity_rps, r.target_rps, r.achieved_rps, r.requests, r.errors, r.skipped
+    );
+    println!("switches {} ({} errors)", r.switches, r.switch_errors);
+    println!(
+        "churn    {} cycles, {} errors, {} expected refusals",
+        r.churn_cycles, r.churn_errors, r.expected_refusals
+    );
+    for e in &r.error_kinds {
+        println!("  {} x {} {}: {}", e.count, e.what, e.kind, e.example);
+    }
+    for w in &r.windows {
+        println!(
+            "{:>6.0} s  {:>7} requests {:>4} errors  p50 {:>7.0} µs  p99 {:>7.0} µs",
+            w.start_s, w.requests, w.errors, w.latency.p50_us, w.latency.p99_us
+        );
+    }
+    if let (Some(first), Some(last)) = (r.samples.first(), r.samples.last()) {
+        println!(
+            "resident {:.1} -> {:.1} MiB; heap {} -> {} MiB",
+            mb(first.rss_bytes),
+            mb(last.rss_bytes),
+            first
+                .heap_bytes
+                .map_or("?".into(), |h| format!("{:.1}", mb(h))),
+            last.heap_bytes
+                .map_or("?".into(), |h| format!("{:.1}", mb(h))),
+        );
+    }
+    if let (Some(first), Some(last)) = (r.samples.first(), r.samples.last()) {
+        println!(
+            "stems built {:.0}, resident profiles {:.0} at the end",
+            last.stems_built - first.stems_built,
+            last.resident_profiles
+        );
+    }
+    println!(
+        "resident growth since settling {:+.2}%",
+        r.rss_growth * 100.0
+    );
+    if let Some(h) = r.heap_growth {
+        println!("heap growth since settling     {:+.2}%", h * 100.0);
+    }
+    println!(
+        "p99 change, last third over first {:+.1}%",
+        r.p99_change * 100.0
+    );
+    println!(
+        "descriptors {:.0}..{:.0}, threads {:.0}..{:.0} after settling",
+        r.fds_range.0, r.fds_range.1, r.threads_range.0, r.threads_range.1
+    );
 }
 
 #[cfg(feature = "cuda")]
