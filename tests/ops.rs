@@ -1,6 +1,7 @@
 //! Operating the server as a process: health through start-up and SIGTERM
 //! drain, Prometheus metrics, admin tokens, TLS, the config file, JSON logs,
-//! and state that survives restarts and SIGKILL.
+//! and state that survives restarts and SIGKILL, and whose changes are refused,
+//! with nothing moved, while its directory cannot be written.
 
 mod common;
 
@@ -359,12 +360,21 @@ fn sh(argv: &[&str]) {
         .args(&argv[1..])
         .status()
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    assert!(status.success(), "{argv:?}: {status} (the test needs root)");
+    assert!(
+        status.success(),
+        "{argv:?}: {status} (needs root: CAP_LINUX_IMMUTABLE, CAP_SYS_ADMIN)"
+    );
 }
 
 /// Takes a fault out of the state directory when dropped, even when the test
 /// panics, so that it never outlives the test (nor blocks the temp dir's removal).
 struct Undo(Vec<String>);
+
+impl Undo {
+    fn new(argv: &[&str]) -> Undo {
+        Undo(argv.iter().map(|s| s.to_string()).collect())
+    }
+}
 
 impl Drop for Undo {
     fn drop(&mut self) {
@@ -468,7 +478,6 @@ async fn refuses_changes_while_unwritable(
         admin.load_signature(rain2.clone()).await.map(drop),
     ];
     for r in refusals {
-        eprintln!("REFUSAL {:?}", r.as_ref().err().map(|e| (e.code(), e.message().to_string())));
         let err = r.expect_err("a change was acknowledged without being written");
         assert_eq!(err.code(), Code::Internal, "{err:?}");
         assert!(
@@ -519,16 +528,10 @@ async fn refuses_changes_while_unwritable(
 async fn a_read_only_state_dir_refuses_changes_and_nothing_moves() {
     let repo = tiny_repo();
     let state = repo.path().join("state");
-    let dirs = [state.clone(), state.join("uploads")].map(|d| d.display().to_string());
+    let [top, uploads] = [state.clone(), state.join("uploads")].map(|d| d.display().to_string());
     refuses_changes_while_unwritable(repo.path(), &state, || {
-        let undo = Undo(
-            ["chattr", "-i"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain(dirs.clone())
-                .collect(),
-        );
-        sh(&[&["chattr", "+i"][..], &dirs.each_ref().map(String::as_str)].concat());
+        let undo = Undo::new(&["chattr", "-i", &top, &uploads]);
+        sh(&["chattr", "+i", &top, &uploads]);
         undo
     })
     .await;
@@ -545,7 +548,7 @@ async fn a_full_state_dir_refuses_changes_and_nothing_moves() {
     let disk_arg = disk.to_str().unwrap();
     sh(&["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk_arg]);
     // Lazily, so that it goes even while a panicking test's server holds files.
-    let _unmount = Undo(vec!["umount".into(), "-l".into(), disk_arg.into()]);
+    let _unmount = Undo::new(&["umount", "-l", disk_arg]);
     let filler = disk.join("filler");
     refuses_changes_while_unwritable(repo.path(), &disk.join("state"), || {
         use std::io::Write;
@@ -556,7 +559,7 @@ async fn a_full_state_dir_refuses_changes_and_nothing_moves() {
             }
         };
         assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
-        Undo(vec!["rm".into(), filler.display().to_string()])
+        Undo::new(&["rm", filler.to_str().unwrap()])
     })
     .await;
 }
