@@ -28,6 +28,8 @@ if ! command -v chromedriver >/dev/null; then
         { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 fi
 export RWS_REQUIRE_CHROMIUM=1
+# Under root (CI) the state-directory fault tests of tests/ops.rs must run.
+if [ "$(id -u)" = 0 ]; then export RWS_REQUIRE_ROOT=1; fi
 
 export RWS_PYTHON="$PWD/.venv/bin/python"
 # Without the clients tests/python.rs skips; here a missing one is a failure.

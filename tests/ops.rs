@@ -355,6 +355,21 @@ async fn a_signature_changed_on_disk_stops_the_restart_and_changes_nothing() {
 
 /// Runs a command a fault injection needs (chattr, mount); fails the test if it
 /// cannot, since a fault that was never put in proves nothing.
+/// Whether this process may inject the state-directory faults (root); when not,
+/// the test says it was skipped, unless RWS_REQUIRE_ROOT is set.
+fn may_inject_faults() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("RWS_REQUIRE_ROOT").as_deref() != Ok("1"),
+        "the state-directory fault tests need root (chattr +i, mount)"
+    );
+    eprintln!("skipped: the state-directory fault tests need root (chattr +i, mount)");
+    false
+}
+
 fn sh(argv: &[&str]) {
     let status = std::process::Command::new(argv[0])
         .args(&argv[1..])
@@ -526,6 +541,9 @@ async fn refuses_changes_while_unwritable(
 /// writable, as with a read-only directory, so the audit trail records the attempts.
 #[tokio::test]
 async fn a_read_only_state_dir_refuses_changes_and_nothing_moves() {
+    if !may_inject_faults() {
+        return;
+    }
     let repo = tiny_repo();
     let state = repo.path().join("state");
     let [top, uploads] = [state.clone(), state.join("uploads")].map(|d| d.display().to_string());
@@ -542,6 +560,9 @@ async fn a_read_only_state_dir_refuses_changes_and_nothing_moves() {
 /// then fail as on any full disk, the new `state.json` and an upload's bytes alike.
 #[tokio::test]
 async fn a_full_state_dir_refuses_changes_and_nothing_moves() {
+    if !may_inject_faults() {
+        return;
+    }
     let repo = tiny_repo();
     let disk = repo.path().join("disk");
     std::fs::create_dir(&disk).unwrap();

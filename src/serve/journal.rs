@@ -129,8 +129,12 @@ impl Journal {
                 .map_err(|e| Error::Internal(format!("cannot encode an audit entry: {e}")))?;
             line.push(b'\n');
             let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
-            f.write_all(&line).map_err(|e| Error::io(path, e))?;
-            f.sync_data().map_err(|e| Error::io(path, e))?;
+            let end = f.metadata().map_err(|e| Error::io(path, e))?.len();
+            if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
+                // A line cut short (a full disk) would swallow the next one.
+                let _ = f.set_len(end);
+                return Err(Error::io(path, e));
+            }
         }
         keep(
             &mut self.recent.lock().unwrap_or_else(|e| e.into_inner()),
