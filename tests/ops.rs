@@ -399,25 +399,19 @@ impl Drop for Undo {
     }
 }
 
-/// What Admin shows of the profile state: profiles and default, generation,
-/// loaded signatures.
+/// What Admin shows of the profile state: [`common::profile_table`], the
+/// generation and the loaded signatures.
 async fn admin_view(
-    admin: &mut common::AdminClient<Channel>,
+    server: &common::TestServer,
 ) -> (Vec<(String, Vec<(String, f32)>)>, String, u64, Vec<String>) {
-    let p = admin
+    let (profiles, default) = common::profile_table(&server.channel).await;
+    let mut admin = server.admin();
+    let generation = admin
         .list_profiles(pb::ListProfilesRequest {})
         .await
         .unwrap()
-        .into_inner();
-    let mut profiles: Vec<_> = p
-        .profiles
-        .into_iter()
-        .map(|p| {
-            let refs = p.signatures.into_iter().map(|s| (s.name, s.alpha));
-            (p.name, refs.collect())
-        })
-        .collect();
-    profiles.sort_by(|a, b| a.0.cmp(&b.0));
+        .into_inner()
+        .generation;
     let s = admin
         .list_signatures(pb::ListSignaturesRequest {})
         .await
@@ -425,7 +419,7 @@ async fn admin_view(
         .into_inner();
     let mut sigs: Vec<_> = s.signatures.into_iter().map(|s| s.name).collect();
     sigs.sort();
-    (profiles, p.default_profile, p.generation, sigs)
+    (profiles, default, generation, sigs)
 }
 
 /// The README's promise for a state directory that cannot be written: each
@@ -468,7 +462,7 @@ async fn refuses_changes_while_unwritable(
         ..Default::default()
     };
     admin.set_default_profile(storm_default).await.unwrap();
-    let view = admin_view(&mut admin).await;
+    let view = admin_view(&server).await;
     let saved = files(state);
     let mut c = server.inference();
     let logits = common::logits(&mut c, tensor_request(3, "")).await;
@@ -500,7 +494,7 @@ async fn refuses_changes_while_unwritable(
             "the refusal does not name the state directory: {err:?}"
         );
     }
-    assert_eq!(admin_view(&mut admin).await, view);
+    assert_eq!(admin_view(&server).await, view);
     let audit = state.join("audit.jsonl");
     let (trail, rest): (Vec<_>, Vec<_>) = files(state).into_iter().partition(|f| f.0 == audit);
     let (saved_trail, saved_rest): (Vec<_>, Vec<_>) = saved.into_iter().partition(|f| f.0 == audit);
@@ -528,7 +522,7 @@ async fn refuses_changes_while_unwritable(
     admin.put_profile(calm).await.unwrap();
     admin.set_default_profile(fog_default).await.unwrap();
     admin.load_signature(rain2).await.unwrap();
-    let (profiles, default, generation, sigs) = admin_view(&mut admin).await;
+    let (profiles, default, generation, sigs) = admin_view(&server).await;
     assert!(profiles.iter().any(|p| p.0 == "calm"), "{profiles:?}");
     assert_eq!((default.as_str(), generation), ("fog", view.2 + 3));
     assert!(sigs.contains(&"rain2".to_string()), "{sigs:?}");
