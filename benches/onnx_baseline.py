@@ -31,9 +31,13 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 
 
-def build(model_dir: Path) -> onnx.ModelProto:
+def build(model_dir: Path, weights=None) -> tuple[onnx.ModelProto, dict]:
+    """The graph of the model in `model_dir`, with its base.safetensors or `weights`
+    (the same names) as initializers."""
     cfg = tomllib.loads((model_dir / "model.toml").read_text())
-    w = {k: v.astype(np.float32) for k, v in load_file(model_dir / "base.safetensors").items()}
+    if weights is None:
+        weights = load_file(model_dir / "base.safetensors")
+    w = {k: v.astype(np.float32) for k, v in weights.items()}
     eps = float(cfg.get("bn_eps", 1e-5))
     inits, nodes = [], []
 

@@ -15,7 +15,8 @@ use common::*;
 use rws::serve::engine::EngineOptions;
 
 /// What the scripts import; a Python without them cannot run the tests.
-const IMPORTS: &str = "import tritonclient.grpc, grpc_tools.protoc, grpc_reflection.v1alpha";
+const IMPORTS: &str = "import tritonclient.grpc, grpc_tools.protoc, grpc_reflection.v1alpha, \
+                       onnx, onnxruntime, PIL, safetensors";
 /// Longest a script may run.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -181,4 +182,74 @@ fn cuda_kernel_source_matches_numpy_when_emulated() {
         .arg("scripts/gpu/check_kernel_cupy.py")
         .arg("--emulate"));
     assert!(out.contains("\"passed\": true"), "{out}");
+}
+
+/// Accuracy through the serving path against a reference that shares no code with
+/// rws: held-out MNIST digits (the committed test split), clean and under each shipped
+/// signature's corruption at severity 3, sent as PNGs over gRPC under `clean`, their
+/// own profile, `auto` and a mix of three signatures at other alphas. The logits must
+/// match the ONNX graph of benches/onnx_baseline.py run by onnxruntime on weights
+/// patched in NumPy (tests/python/onnx_reference.py), and so must the accuracy.
+#[test]
+fn serving_path_matches_the_onnx_reference_on_corrupted_digits() {
+    use rws::lab::corrupt::Corruption;
+    use rws::lab::data::Digits;
+
+    let Some(py) = python() else { return };
+    let stubs = tempfile::tempdir().unwrap();
+    ok(Command::new("bash")
+        .arg("examples/python/generate.sh")
+        .arg(stubs.path())
+        .env("PYTHON", &py));
+    let model = Path::new("models/mnist-resnet");
+    let test = Digits::load(Path::new("data/mnist/test.safetensors"))
+        .unwrap()
+        .take_per_class(4);
+    let images = tempfile::tempdir().unwrap();
+    let mut kinds = vec![None];
+    for file in std::fs::read_dir(model.join("signatures")).unwrap() {
+        let name = file.unwrap().file_name().into_string().unwrap();
+        let kind = name.strip_suffix(".rws.safetensors").unwrap();
+        kinds.push(Some(kind.parse::<Corruption>().unwrap()));
+    }
+    assert!(kinds.len() >= 7, "the shipped signatures: {kinds:?}");
+    for kind in &kinds {
+        for i in 0..test.len() {
+            let (name, img) = match kind {
+                None => ("clean", test.gray(i)),
+                Some(c) => (c.name(), c.apply(&test.gray(i), 3, i as u64)),
+            };
+            let path = images
+                .path()
+                .join(format!("{name}_{i}_{}.png", test.labels[i]));
+            img.to_luma().save(path).unwrap();
+        }
+    }
+
+    let server = RwsProcess::start(&["--repo", "models"]);
+    let addr = server.addr.strip_prefix("http://").unwrap();
+    let out = ok(Command::new(&py)
+        .arg("tests/python/onnx_reference.py")
+        .args(["--addr", addr])
+        .arg("--model-dir")
+        .arg(model)
+        .arg("--images")
+        .arg(images.path())
+        .env("PYTHONPATH", stubs.path()));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Straight to stderr: the numbers docs/RELIABILITY.md quotes.
+    let _ = writeln!(std::io::stderr(), "{out}");
+    assert_eq!(report["passed"], true, "{out}");
+    let expected = test.len() * (3 * kinds.len() + kinds.len() - 1);
+    assert_eq!(report["answers"], expected, "{out}");
+    // The signatures do their job on these digits too: the mean gain of the own
+    // profile over the clean model, across corruptions (RESULTS.md: +41 points).
+    let acc = |key: String| report["accuracy"][&key]["server"].as_f64().unwrap();
+    let gains: Vec<f64> = kinds
+        .iter()
+        .flatten()
+        .map(|c| acc(format!("{}/own", c.name())) - acc(format!("{}/clean", c.name())))
+        .collect();
+    let mean = gains.iter().sum::<f64>() / gains.len() as f64;
+    assert!(mean > 0.2, "mean gain {mean}: {out}");
 }
