@@ -9,6 +9,7 @@ use std::hint::black_box;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rws::model::arch::{Act, Padding};
 use rws::model::blocked::{Blocked, Maps, PackedConv, Planar};
 
 /// (name, in, out, size, kernel, stride, padding)
@@ -29,11 +30,29 @@ fn bench(c: &mut Criterion) {
         let bias = rng.vec(co, -0.1, 0.1);
         let x = rng.vec(ci * size * size, -1.0, 1.0);
         let planar = name == "conv1";
-        let conv = PackedConv::new(&weight, &bias, (co, ci, k), s, p, planar).unwrap();
+        let conv = PackedConv::new(
+            &weight,
+            &bias,
+            (co, ci, k),
+            s,
+            Padding::Symmetric(p),
+            planar,
+        )
+        .unwrap();
         g.throughput(Throughput::Bytes((weight.len() * 4) as u64));
         g.bench_function(BenchmarkId::new("pack", name), |b| {
             b.iter(|| {
-                black_box(PackedConv::new(&weight, &bias, (co, ci, k), s, p, planar).unwrap())
+                black_box(
+                    PackedConv::new(
+                        &weight,
+                        &bias,
+                        (co, ci, k),
+                        s,
+                        Padding::Symmetric(p),
+                        planar,
+                    )
+                    .unwrap(),
+                )
             })
         });
         g.bench_function(BenchmarkId::new("copy", name), |b| {
@@ -46,7 +65,7 @@ fn bench(c: &mut Criterion) {
             false => Maps::Blocked(Blocked::from_nchw(&x, (1, ci, size, size))),
         };
         g.bench_function(BenchmarkId::new("blocked", name), |b| {
-            b.iter(|| black_box(conv.forward(black_box(&input), None, true).unwrap()))
+            b.iter(|| black_box(conv.forward(black_box(&input), None, Act::Relu).unwrap()))
         });
         let d = Device::Cpu;
         let xt = Tensor::from_vec(x.clone(), (1, ci, size, size), &d).unwrap();

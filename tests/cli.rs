@@ -26,7 +26,7 @@ fn rws_err(args: &[&str]) -> String {
 
 #[test]
 fn serve_shipped_model_and_drive_it_with_the_cli() {
-    let server = RwsProcess::start(&["--repo", "models"]);
+    let server = RwsProcess::start(&["--repo", "models", "--model", "mnist-resnet"]);
     let addr = server.addr.clone();
 
     let (label, png) = (common::showcase_label(), common::SHOWCASE_PNG);
@@ -118,7 +118,7 @@ fn serve_shipped_model_and_drive_it_with_the_cli() {
 /// back bit for bit (the check scripts/gpu-check.sh repeats on a GPU).
 #[test]
 fn classify_json_logits_survive_patch_and_removal_bitwise() {
-    let server = RwsProcess::start(&["--repo", "models"]);
+    let server = RwsProcess::start(&["--repo", "models", "--model", "mnist-resnet"]);
     let addr = server.addr.as_str();
     let png = common::SHOWCASE_PNG;
     let logits = |profile: &str| -> Vec<f32> {

@@ -145,7 +145,7 @@ pub fn run(opts: &GpuOptions) -> Result<GpuReport> {
     for arch in &opts.archs {
         let blocks = match opts.patchable_blocks {
             Some(n) => n,
-            None => crate::lab::synth::arch_by_name(arch)?.stage_depths()[0],
+            None => crate::lab::synth::arch_by_name(arch)?.first_stage_blocks(),
         };
         tracing::info!(%arch, blocks, "checking and timing the served path");
         let f = Fixture::new(arch, blocks, &device)?;

@@ -82,18 +82,7 @@ pub fn shallow_tensors(cfg: &ModelConfig, blocks: usize) -> Result<Vec<(String, 
     let units = cfg.arch.units(cfg.channels);
     Ok(units[..=blocks]
         .iter()
-        .flat_map(|u| u.convs.iter())
-        .flat_map(|c| {
-            let [w, g, b, m, v] = c.tensor_names();
-            let o = c.out_channels;
-            [
-                (w, c.weight_shape().to_vec()),
-                (g, vec![o]),
-                (b, vec![o]),
-                (m, vec![o]),
-                (v, vec![o]),
-            ]
-        })
+        .flat_map(|u| u.convs.iter().flat_map(|c| c.patchable_tensors()))
         .collect())
 }
 

@@ -26,6 +26,7 @@ pub fn config(
     ModelConfig {
         arch,
         input_size: [input, input],
+        resize: None,
         channels,
         mean: vec![0.5; channels],
         std: vec![0.25; channels],
@@ -131,7 +132,7 @@ pub fn arch_by_name(name: &str) -> Result<Arch> {
     }
     toml::from_str(&format!("arch = {name:?}")).map_err(|_| {
         Error::InvalidArgument(format!(
-            "unknown architecture {name:?}; use resnet18, resnet34, resnet50, resnet101 or resnet-small"
+            "unknown architecture {name:?}; use resnet18, resnet34, resnet50, resnet101, resnet-small, vgg16, vgg16-bn, vgg16-cifar, mobilenet-v2 or efficientnet-lite0"
         ))
     })
 }
@@ -149,6 +150,7 @@ pub fn write_repo_model(
 ) -> Result<Model> {
     let (channels, input, classes) = match arch {
         Arch::Small { .. } => (1, 28, 10),
+        Arch::Vgg16Cifar => (3, 32, 10),
         _ => (3, 224, 1000),
     };
     let cfg = config(arch, channels, input, classes, blocks);

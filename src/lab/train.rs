@@ -15,8 +15,9 @@ use rayon::prelude::*;
 
 use crate::lab::corrupt::Corruption;
 use crate::lab::data::{self, Digits};
+use crate::model::arch::{Padding, Reduce};
 use crate::model::repo::ModelConfig;
-use crate::model::{Arch, UnitSpec, classify_head, forward_unit};
+use crate::model::{Arch, ConvSpec, UnitSpec, classify_head, forward_unit, pad_for};
 use crate::rng::Rng;
 use crate::{Result, bail};
 
@@ -73,19 +74,16 @@ pub struct Schedule {
 pub fn init_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
+    let head = cfg.arch.head(cfg.channels, cfg.labels.len());
     for (name, shape) in cfg.arch.tensor_shapes(cfg.channels, cfg.labels.len()) {
         let n: usize = shape.iter().product();
         let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-        let std = if name == "fc.weight" {
-            (1.0 / fan_in as f32).sqrt()
-        } else {
-            (2.0 / fan_in as f32).sqrt()
-        };
+        let linear = (head.linears.iter()).any(|l| name == format!("{}.weight", l.name));
+        let gain = if linear { 1.0 } else { 2.0 };
         let values: Vec<f32> = if shape.len() > 1 {
+            let std = (gain / fan_in as f32).sqrt();
             (0..n).map(|_| rng.normal() * std).collect()
-        } else if name.ends_with("running_var")
-            || (name.ends_with(".weight") && name != "fc.weight")
-        {
+        } else if name.ends_with("running_var") || name.ends_with(".weight") {
             vec![1.0; n]
         } else {
             vec![0.0; n]
@@ -95,11 +93,20 @@ pub fn init_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tens
     Ok(out)
 }
 
+/// One trainable conv: the conv (padded by `padding` when that is TensorFlow's)
+/// and its BatchNorm.
+struct TrainConv {
+    conv: Conv2d,
+    bn: Option<BatchNorm>,
+    spec: ConvSpec,
+}
+
 /// A trainable network. Its variables start as copies of the given tensors.
 pub struct Net {
     varmap: VarMap,
-    units: Vec<(UnitSpec, Vec<(Conv2d, BatchNorm)>)>,
-    fc: Linear,
+    units: Vec<(UnitSpec, Vec<TrainConv>)>,
+    reduce: Reduce,
+    linears: Vec<Linear>,
 }
 
 impl Net {
@@ -123,49 +130,73 @@ impl Net {
         };
         let mut units = Vec::new();
         for unit in cfg.arch.units(cfg.channels) {
-            let convs = unit
-                .convs
-                .iter()
+            let convs = (unit.convs.iter())
                 .map(|c| {
                     let conv_cfg = Conv2dConfig {
-                        padding: c.padding,
+                        padding: match c.padding {
+                            Padding::Symmetric(p) => p,
+                            Padding::Same => 0,
+                        },
                         stride: c.stride,
+                        groups: c.groups,
                         ..Default::default()
                     };
-                    let conv = candle_nn::conv2d_no_bias(
-                        c.in_channels,
-                        c.out_channels,
-                        c.kernel,
-                        conv_cfg,
-                        vb.pp(&c.conv),
-                    )?;
-                    let bn = candle_nn::batch_norm(c.out_channels, bn_cfg, vb.pp(&c.bn))?;
-                    Ok((conv, bn))
+                    let (i, o, k, at) = (c.in_channels, c.out_channels, c.kernel, vb.pp(&c.conv));
+                    let conv = match c.bias {
+                        true => candle_nn::conv2d(i, o, k, conv_cfg, at)?,
+                        false => candle_nn::conv2d_no_bias(i, o, k, conv_cfg, at)?,
+                    };
+                    let bn = (c.bn.as_ref())
+                        .map(|bn| candle_nn::batch_norm(o, bn_cfg, vb.pp(bn)))
+                        .transpose()?;
+                    Ok(TrainConv {
+                        conv,
+                        bn,
+                        spec: c.clone(),
+                    })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             units.push((unit, convs));
         }
-        let fc = candle_nn::linear(cfg.arch.feature_channels(), cfg.labels.len(), vb.pp("fc"))?;
+        let head = cfg.arch.head(cfg.channels, cfg.labels.len());
+        let linears = (head.linears.iter())
+            .map(|l| candle_nn::linear(l.inputs, l.outputs, vb.pp(&l.name)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         if varmap.all_vars().len() != init.len() {
             bail!(
                 InvalidArgument,
                 "initial tensors do not match the architecture's parameters"
             );
         }
-        Ok(Net { varmap, units, fc })
+        Ok(Net {
+            varmap,
+            units,
+            reduce: head.reduce,
+            linears,
+        })
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (unit, convs) in &self.units {
-            h = forward_unit(unit, convs, &h, |(conv, bn), x, then| {
+            h = forward_unit(unit, convs, &h, |c, x, then| {
                 use candle_core::Module;
-                then.apply(bn.forward_t(&conv.forward(x)?, train)?)
+                let s = &c.spec;
+                let (x, _) = pad_for(x, s.padding, s.kernel, s.stride)?;
+                let y = c.conv.forward(&x)?;
+                then.apply(match &c.bn {
+                    Some(bn) => bn.forward_t(&y, train)?,
+                    None => y,
+                })
             })?;
         }
-        let fc_t = self.fc.weight().t()?;
-        let bias = self.fc.bias().expect("linear has a bias").unsqueeze(0)?;
-        classify_head(&h, &fc_t, &bias)
+        let linears = (self.linears.iter())
+            .map(|l| {
+                let bias = l.bias().expect("linear has a bias").unsqueeze(0)?;
+                Ok((l.weight().t()?, bias))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        classify_head(&h, self.reduce, &linears)
     }
 
     /// A snapshot of every parameter and running statistic, copied out of the variables.
@@ -289,6 +320,7 @@ pub fn mnist_config() -> ModelConfig {
             stem_stride: 2,
         },
         input_size: [data::SIDE, data::SIDE],
+        resize: None,
         channels: 1,
         mean: vec![0.1307],
         std: vec![0.3081],

@@ -27,11 +27,11 @@ pub(super) struct CudaStem {
 }
 
 impl CudaStem {
-    pub(super) fn upload(layers: &[PatchLayer], eps: f32, dev: &CudaDevice) -> Result<Self> {
+    pub(super) fn upload(layers: &[PatchLayer], dev: &CudaDevice) -> Result<Self> {
         Ok(CudaStem {
             layers: layers
                 .iter()
-                .map(|l| DeviceConvBn::upload(&l.conv_bn(eps), dev))
+                .map(|l| DeviceConvBn::upload(&l.conv_bn(), dev))
                 .collect::<Result<_>>()?,
             layout: OutputLayout::new(
                 layers
@@ -72,17 +72,20 @@ impl Model {
             .iter()
             .zip(&stem.layers)
             .map(|(l, base)| {
-                let [w, g, b, m, v] = l.spec.tensor_names();
+                let parts = l.spec.parts();
                 let deltas = patches
                     .iter()
                     .zip(&sigs)
-                    .map(|((_, alpha), d)| DeviceLayerDelta {
-                        alpha: *alpha,
-                        weight: d.get(&w),
-                        gamma: d.get(&g),
-                        beta: d.get(&b),
-                        mean: d.get(&m),
-                        var: d.get(&v),
+                    .map(|((_, alpha), d)| {
+                        let get = |n: &Option<String>| n.as_ref().and_then(|n| d.get(n));
+                        DeviceLayerDelta {
+                            alpha: *alpha,
+                            weight: d.get(&parts.weight),
+                            gamma: get(&parts.gamma),
+                            beta: get(&parts.beta),
+                            mean: get(&parts.mean),
+                            var: get(&parts.var),
+                        }
                     })
                     .collect();
                 LayerJob { base, deltas }
@@ -119,6 +122,7 @@ impl Model {
                     bias: flat.narrow(0, b_at, o)?.reshape((1, o, 1, 1))?,
                     stride: l.spec.stride,
                     padding: l.spec.padding,
+                    groups: l.spec.groups,
                 })
             })
             .collect::<Result<_>>()?;

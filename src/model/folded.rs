@@ -1,11 +1,12 @@
-//! Layers with BatchNorm folded into the conv, and how a unit (the stem conv or a
-//! residual block) runs them: shared by the served model on either path and,
-//! through [`forward_unit`], by training.
+//! Layers with BatchNorm folded into the conv, and how a unit (the stem or a
+//! block) runs them: shared by the served model on either path and, through
+//! [`forward_unit`], by training.
 
 use candle_core::{Device, Tensor};
 
+use super::arch::{Act, Padding, Pool, Reduce, Shortcut};
 use super::blocked::{self, Maps, PackedConv};
-use super::{ConvSpec, UnitKind, UnitSpec};
+use super::{ConvSpec, UnitSpec};
 use crate::Result;
 
 /// A conv with BatchNorm folded in: `conv(x, weight) + bias`.
@@ -19,7 +20,8 @@ pub enum FoldedConv {
         /// Shaped `[1, O, 1, 1]` to broadcast over NCHW.
         bias: Tensor,
         stride: usize,
-        padding: usize,
+        padding: Padding,
+        groups: usize,
     },
 }
 
@@ -34,25 +36,27 @@ pub enum CpuConv {
 }
 
 impl CpuConv {
-    /// Whether a model on `device` runs its convs on blocked maps: rws's convs
-    /// are CPU-only, so a GPU always runs candle's.
-    pub(super) fn blocked_on(self, device: &Device) -> bool {
-        device.is_cpu() && self == CpuConv::Blocked
+    /// Whether a model of `units` on `device` runs its convs on blocked maps:
+    /// rws's convs are CPU-only, so a GPU always runs candle's, and so does a
+    /// model with layers they do not cover yet.
+    pub(super) fn blocked_on(self, device: &Device, units: &[UnitSpec]) -> bool {
+        device.is_cpu() && self == CpuConv::Blocked && blocked::covers(units)
     }
 }
 
 impl FoldedConv {
-    /// `first` says the conv reads the model's input (planar, not blocked).
+    /// `blocked` says it is packed for the blocked path, and `first` that it
+    /// reads the model's input (planar, not blocked).
     pub(super) fn new(
         spec: &ConvSpec,
         weight: Vec<f32>,
         bias: Vec<f32>,
         device: &Device,
-        conv: CpuConv,
+        blocked: bool,
         first: bool,
     ) -> Result<Self> {
         let o = spec.out_channels;
-        if conv.blocked_on(device) {
+        if blocked {
             let shape = (o, spec.in_channels, spec.kernel);
             let packed = PackedConv::new(&weight, &bias, shape, spec.stride, spec.padding, first)?;
             return Ok(FoldedConv::Packed(packed));
@@ -62,6 +66,7 @@ impl FoldedConv {
             bias: Tensor::from_vec(bias, (1, o, 1, 1), device)?,
             stride: spec.stride,
             padding: spec.padding,
+            groups: spec.groups,
         })
     }
 
@@ -78,23 +83,50 @@ impl FoldedConv {
 
 /// Activations a unit passes along: candle tensors, or blocked maps.
 pub(crate) trait Activations: Sized {
-    /// ResNet's 3×3/2 max-pool with padding 1, after the stem's ReLU.
-    fn max_pool(&self) -> Result<Self>;
+    fn max_pool(&self, pool: Pool) -> Result<Self>;
 }
 
 impl Activations for Tensor {
-    fn max_pool(&self) -> Result<Self> {
-        // Zero padding equals -inf padding here: the input is post-ReLU.
-        let h = self.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-        Ok(h.max_pool2d_with_stride(3, 2)?)
+    fn max_pool(&self, pool: Pool) -> Result<Self> {
+        Ok(match pool {
+            // Zero padding equals -inf padding here: the input is post-ReLU.
+            Pool::Max3 => {
+                let h = self.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+                h.max_pool2d_with_stride(3, 2)?
+            }
+            Pool::Max2 => self.max_pool2d_with_stride(2, 2)?,
+        })
     }
 }
 
 impl Activations for Maps {
-    fn max_pool(&self) -> Result<Self> {
-        match self {
-            Maps::Blocked(b) => Ok(Maps::Blocked(blocked::max_pool_3x3_s2(b))),
-            Maps::Planar(_) => crate::bail!(Internal, "max-pool reads blocked activations"),
+    fn max_pool(&self, pool: Pool) -> Result<Self> {
+        match (self, pool) {
+            (Maps::Blocked(b), Pool::Max3) => Ok(Maps::Blocked(blocked::max_pool_3x3_s2(b))),
+            _ => crate::bail!(Internal, "blocked maps have only ResNet's max-pool"),
+        }
+    }
+}
+
+/// `x` padded as `padding` says for a `kernel`/`stride` conv, and the
+/// symmetric padding left for the conv itself.
+pub(crate) fn pad_for(
+    x: &Tensor,
+    padding: Padding,
+    kernel: usize,
+    stride: usize,
+) -> Result<(Tensor, usize)> {
+    match padding {
+        Padding::Symmetric(p) => Ok((x.clone(), p)),
+        Padding::Same => {
+            let (_, _, h, w) = x.dims4()?;
+            let (top, bottom) = padding.amounts(h, kernel, stride);
+            let (left, right) = padding.amounts(w, kernel, stride);
+            Ok((
+                x.pad_with_zeros(2, top, bottom)?
+                    .pad_with_zeros(3, left, right)?,
+                0,
+            ))
         }
     }
 }
@@ -107,12 +139,14 @@ impl FoldedConv {
             bias,
             stride,
             padding,
+            groups,
         } = self
         else {
             crate::bail!(Internal, "a packed conv runs on blocked activations");
         };
+        let (x, pad) = pad_for(x, *padding, weight.dim(3)?, *stride)?;
         let y = x
-            .conv2d(weight, *padding, *stride, 1, 1)?
+            .conv2d(weight, pad, *stride, 1, *groups)?
             .broadcast_add(bias)?;
         then.apply(y)
     }
@@ -126,12 +160,12 @@ impl FoldedConv {
     }
 }
 
-/// What follows a conv inside a unit: a residual block's shortcut added, then
-/// ReLU. The blocked path fuses both into the conv; this is the plain form.
+/// What follows a conv inside a unit: a block's shortcut added, then the
+/// activation. The blocked path fuses both into the conv; this is the plain form.
 #[derive(Debug)]
 pub(crate) struct Epilogue<'a, A> {
     pub residual: Option<&'a A>,
-    pub relu: bool,
+    pub act: Act,
 }
 
 impl<A> Clone for Epilogue<'_, A> {
@@ -148,7 +182,11 @@ impl Epilogue<'_, Tensor> {
             Some(r) => (y + r)?,
             None => y,
         };
-        Ok(if self.relu { y.relu()? } else { y })
+        Ok(match self.act {
+            Act::None => y,
+            Act::Relu => y.relu()?,
+            Act::Relu6 => y.clamp(0f32, 6f32)?,
+        })
     }
 }
 
@@ -161,47 +199,56 @@ pub(crate) fn forward_unit<C, A: Activations>(
     x: &A,
     conv: impl Fn(&C, &A, Epilogue<A>) -> Result<A>,
 ) -> Result<A> {
-    let relu = Epilogue {
-        residual: None,
-        relu: true,
-    };
-    match unit.kind {
-        UnitKind::Stem { maxpool } => {
-            let h = conv(&convs[0], x, relu)?;
-            if maxpool { h.max_pool() } else { Ok(h) }
-        }
-        UnitKind::Basic | UnitKind::Bottleneck => {
-            let (main, shortcut) = if unit.downsample {
-                convs.split_at(convs.len() - 1)
-            } else {
-                (convs, &[][..])
-            };
-            let plain = Epilogue {
+    let (specs, _) = unit.split();
+    let (main, projection) = convs.split_at(specs.len());
+    let projected = match projection.first() {
+        Some(c) => Some(conv(
+            c,
+            x,
+            Epilogue {
                 residual: None,
-                relu: false,
-            };
-            let projected = match shortcut.first() {
-                Some(c) => Some(conv(c, x, plain)?),
-                None => None,
-            };
-            let identity = projected.as_ref().unwrap_or(x);
-            let (last, inner) = main.split_last().expect("a block has convs");
-            let mut h: Option<A> = None;
-            for c in inner {
-                h = Some(conv(c, h.as_ref().unwrap_or(x), relu)?);
-            }
-            let residual = Epilogue {
-                residual: Some(identity),
-                relu: true,
-            };
-            conv(last, h.as_ref().unwrap_or(x), residual)
-        }
+                act: Act::None,
+            },
+        )?),
+        None => None,
+    };
+    let shortcut = match unit.shortcut {
+        Shortcut::None => None,
+        Shortcut::Identity => Some(x),
+        Shortcut::Projection => projected.as_ref(),
+    };
+    let mut h: Option<A> = None;
+    for (i, (c, spec)) in main.iter().zip(specs).enumerate() {
+        let residual = if i + 1 == specs.len() { shortcut } else { None };
+        let then = Epilogue {
+            residual,
+            act: spec.act,
+        };
+        h = Some(conv(c, h.as_ref().unwrap_or(x), then)?);
+    }
+    let h = h.expect("a unit has convs");
+    match unit.pool {
+        Some(pool) => h.max_pool(pool),
+        None => Ok(h),
     }
 }
 
-/// Global average pooling then the classifier, on tensors.
-pub(crate) fn classify_head(h: &Tensor, fc_weight_t: &Tensor, fc_bias: &Tensor) -> Result<Tensor> {
-    Ok(h.mean((2, 3))?
-        .matmul(fc_weight_t)?
-        .broadcast_add(fc_bias)?)
+/// The classifier on tensors: the reduction, then each linear layer (its
+/// weight transposed, its bias `[1, outputs]`) with ReLU between them.
+pub(crate) fn classify_head(
+    h: &Tensor,
+    reduce: Reduce,
+    linears: &[(Tensor, Tensor)],
+) -> Result<Tensor> {
+    let mut h = match reduce {
+        Reduce::GlobalAverage => h.mean((2, 3))?,
+        Reduce::Flatten => h.flatten_from(1)?,
+    };
+    for (i, (weight_t, bias)) in linears.iter().enumerate() {
+        if i > 0 {
+            h = h.relu()?;
+        }
+        h = h.matmul(weight_t)?.broadcast_add(bias)?;
+    }
+    Ok(h)
 }

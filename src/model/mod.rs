@@ -24,10 +24,10 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-pub use arch::{Arch, ConvSpec, UnitKind, UnitSpec};
+pub use arch::{Arch, ConvSpec, HeadSpec, UnitSpec};
 use blocked::{Blocked, Maps, PackedConv, Planar, Threads};
 pub use folded::{CpuConv, FoldedConv};
-pub(crate) use folded::{classify_head, forward_unit};
+pub(crate) use folded::{classify_head, forward_unit, pad_for};
 use packed_stem::PackedStem;
 use stem::PatchLayer;
 pub use stem::Stem;
@@ -40,15 +40,20 @@ use crate::{Error, Result, bail};
 #[derive(Debug)]
 struct Trunk {
     units: Vec<(UnitSpec, Vec<FoldedConv>)>,
-    /// `fc.weight` transposed to `[features, classes]`, and `fc.bias`.
     head: Head,
 }
 
-/// The classifier, where the path that runs it wants it.
+/// The classifier's linear layers, each weight transposed to `[inputs,
+/// outputs]`, where the path that runs them wants them.
 #[derive(Debug)]
 enum Head {
-    Tensor { weight_t: Tensor, bias: Tensor },
-    Host { weight_t: Vec<f32>, bias: Vec<f32> },
+    /// Biases shaped `[1, outputs]`.
+    Tensor {
+        reduce: arch::Reduce,
+        linears: Vec<(Tensor, Tensor)>,
+    },
+    /// After global average pooling, the only reduction the blocked path has.
+    Host { linears: Vec<(Vec<f32>, Vec<f32>)> },
 }
 
 /// One loaded model: the clean base, ready to materialize stems for profiles.
@@ -60,8 +65,8 @@ pub struct Model {
     trunk: Trunk,
     fingerprint: String,
     device: Device,
-    /// How convs run on the CPU.
-    conv: CpuConv,
+    /// Whether convs run on rws's blocked maps ([`CpuConv::blocked_on`]).
+    blocked: bool,
     /// On the blocked CPU path, the stem's clean parameters in the packed order.
     packed_stem: Option<PackedStem>,
     /// On a CUDA device, the stem's clean parameters there, for the GPU kernel.
@@ -144,54 +149,50 @@ impl Model {
 
         let eps = config.bn_eps;
         let mut units = config.arch.units(config.channels);
+        let head_spec = config.arch.head(config.channels, classes);
+        let blocked =
+            conv.blocked_on(device, &units) && head_spec.reduce == arch::Reduce::GlobalAverage;
         let trunk_specs = units.split_off(1 + config.patchable_blocks);
         let mut take = |name: &str| params.remove(name).expect("checked above");
-        let layer = |spec: &ConvSpec, take: &mut dyn FnMut(&str) -> Vec<f32>| {
-            let [w, g, b, m, v] = spec.tensor_names();
-            PatchLayer {
-                spec: spec.clone(),
-                weight: take(&w),
-                gamma: take(&g),
-                beta: take(&b),
-                mean: take(&m),
-                var: take(&v),
-            }
-        };
-        let stem_layers: Vec<PatchLayer> = units
-            .iter()
+        let stem_layers: Vec<PatchLayer> = (units.iter())
             .flat_map(|u| u.convs.iter())
-            .map(|c| layer(c, &mut take))
+            .map(|c| PatchLayer::take(c, eps, &mut take))
             .collect();
         let mut trunk_units = Vec::new();
         for unit in trunk_specs {
-            let convs = unit
-                .convs
-                .iter()
-                .map(|c| layer(c, &mut take).fold(eps, &[], (device, conv), false))
+            let convs = (unit.convs.iter())
+                .map(|c| PatchLayer::take(c, eps, &mut take).fold(&[], device, blocked, false))
                 .collect::<Result<Vec<_>>>()?;
             trunk_units.push((unit, convs));
         }
-        let feat = config.arch.feature_channels();
-        let fc_weight_t = Tensor::from_vec(take("fc.weight"), (classes, feat), &Device::Cpu)?
-            .t()?
-            .contiguous()?;
-        let fc_bias = take("fc.bias");
-        let head = match conv.blocked_on(device) {
+        let mut linears = Vec::new();
+        for l in &head_spec.linears {
+            let weight = take(&format!("{}.weight", l.name));
+            let weight_t = Tensor::from_vec(weight, (l.outputs, l.inputs), &Device::Cpu)?
+                .t()?
+                .contiguous()?;
+            linears.push((weight_t, take(&format!("{}.bias", l.name))));
+        }
+        let head = match blocked {
             true => Head::Host {
-                weight_t: fc_weight_t.flatten_all()?.to_vec1()?,
-                bias: fc_bias,
+                linears: (linears.into_iter())
+                    .map(|(w, b)| Ok((w.flatten_all()?.to_vec1()?, b)))
+                    .collect::<Result<_>>()?,
             },
             false => Head::Tensor {
-                weight_t: fc_weight_t.to_device(device)?,
-                bias: Tensor::from_vec(fc_bias, (1, classes), device)?,
+                reduce: head_spec.reduce,
+                linears: (linears.into_iter())
+                    .map(|(w, b)| {
+                        let n = b.len();
+                        Ok((w.to_device(device)?, Tensor::from_vec(b, (1, n), device)?))
+                    })
+                    .collect::<Result<_>>()?,
             },
         };
-        let packed_stem = conv
-            .blocked_on(device)
-            .then(|| PackedStem::new(&stem_layers));
+        let packed_stem = blocked.then(|| PackedStem::new(&stem_layers));
         #[cfg(feature = "cuda")]
         let cuda_stem = match device {
-            Device::Cuda(d) => Some(cuda::CudaStem::upload(&stem_layers, eps, d)?),
+            Device::Cuda(d) => Some(cuda::CudaStem::upload(&stem_layers, d)?),
             _ => None,
         };
         // Uploads to a GPU are asynchronous, and the threads that will run the model
@@ -207,7 +208,7 @@ impl Model {
             },
             fingerprint,
             device: device.clone(),
-            conv,
+            blocked,
             packed_stem,
             #[cfg(feature = "cuda")]
             cuda_stem,
@@ -231,17 +232,7 @@ impl Model {
 
     /// Base tensor names a signature may patch, with their shapes.
     pub fn patchable_tensors(&self) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
-        self.stem_layers.iter().flat_map(|l| {
-            let [w, g, b, m, v] = l.spec.tensor_names();
-            let o = l.spec.out_channels;
-            [
-                (w, l.spec.weight_shape().to_vec()),
-                (g, vec![o]),
-                (b, vec![o]),
-                (m, vec![o]),
-                (v, vec![o]),
-            ]
-        })
+        (self.stem_layers.iter()).flat_map(|l| l.spec.patchable_tensors())
     }
 
     /// The stem with the given signatures added at the given alphas. With no
@@ -262,9 +253,8 @@ impl Model {
         let patches = patches.as_slice();
         // Sequential over layers: parallel layers gained 25% at the median but
         // doubled the p99 (rayon wake-ups) in `rws bench switch`.
-        let on = (&self.device, self.conv);
         let convs = (self.stem_layers.iter().enumerate())
-            .map(|(i, l)| l.fold(self.config.bn_eps, patches, on, i == 0))
+            .map(|(i, l)| l.fold(patches, &self.device, self.blocked, i == 0))
             .collect::<Result<Vec<_>>>()?;
         Ok(Stem { convs })
     }
@@ -283,7 +273,7 @@ impl Model {
         if stems.len() != n {
             bail!(Internal, "{} stems for {n} images", stems.len());
         }
-        match self.conv.blocked_on(&self.device) {
+        match self.blocked {
             true => self.forward_blocked(stems, x),
             false => self.forward_tensor(stems, x),
         }
@@ -342,11 +332,18 @@ impl Model {
                 convs,
                 x,
                 then.residual,
-                then.relu,
+                then.act,
                 threads,
             )?))
         };
-        let pad = self.stem_units[0].convs[0].padding;
+        // The input's border: the most the first conv pads on any side.
+        let first = &self.stem_units[0].convs[0];
+        let (k, s) = (first.kernel, first.stride);
+        let ((a, b), (c, d)) = (
+            first.padding.amounts(dims.2, k, s),
+            first.padding.amounts(dims.3, k, s),
+        );
+        let pad = a.max(b).max(c).max(d);
         let mut h = Maps::Planar(Planar::new(x, dims, pad));
         // Per stem layer, the conv of each image.
         let layers = (0..self.stem_layers.len())
@@ -399,10 +396,10 @@ impl Model {
         for (unit, convs) in &self.trunk.units {
             h = forward_unit(unit, convs, &h, FoldedConv::forward_tensor)?;
         }
-        let Head::Tensor { weight_t, bias } = &self.trunk.head else {
+        let Head::Tensor { reduce, linears } = &self.trunk.head else {
             bail!(Internal, "the classifier is not on the device");
         };
-        let logits = classify_head(&h, weight_t, bias)?;
+        let logits = classify_head(&h, *reduce, linears)?;
         if groups.len() == 1 {
             return Ok(logits);
         }
@@ -415,22 +412,28 @@ impl Model {
     }
 
     /// Global average pooling then the classifier, image by image (so that an
-    /// image's logits do not depend on its batch), vectorized over classes:
+    /// image's logits do not depend on its batch), vectorized over outputs:
     /// `[n, classes]`, row-major.
     fn classify_blocked(&self, h: &Blocked) -> Result<Vec<f32>> {
-        let Head::Host { weight_t, bias } = &self.trunk.head else {
+        let Head::Host { linears } = &self.trunk.head else {
             bail!(Internal, "the classifier is not on the host");
         };
-        let classes = self.config.labels.len();
-        let mut logits = Vec::with_capacity(h.n * classes);
+        let mut logits = Vec::with_capacity(h.n * self.config.labels.len());
         for features in blocked::global_average(h) {
-            let mut out = bias.clone();
-            for (f, row) in features.iter().zip(weight_t.chunks_exact(classes)) {
-                for (o, w) in out.iter_mut().zip(row) {
-                    *o += f * w;
+            let mut x = features;
+            for (i, (weight_t, bias)) in linears.iter().enumerate() {
+                if i > 0 {
+                    x.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
+                let mut out = bias.clone();
+                for (f, row) in x.iter().zip(weight_t.chunks_exact(bias.len())) {
+                    for (o, w) in out.iter_mut().zip(row) {
+                        *o += f * w;
+                    }
+                }
+                x = out;
             }
-            logits.extend(out);
+            logits.extend(x);
         }
         Ok(logits)
     }

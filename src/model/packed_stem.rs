@@ -73,7 +73,7 @@ impl PackedStem {
         self.deltas.get(sig, |sig| {
             Ok((stem.iter().zip(&self.layers))
                 .map(|(l, p)| {
-                    let delta = sig.delta(&l.spec.tensor_names()[0])?;
+                    let delta = sig.delta(&l.spec.parts().weight)?;
                     let pack = |v: &[f32]| p.packing.pack(v);
                     Some(LaneBuf::new(&delta, pack, |q| p.packing.pack(q)))
                 })
@@ -111,7 +111,7 @@ impl Model {
                     .collect();
                 let base = ConvBn {
                     weight: &p.weight,
-                    ..l.conv_bn(self.config.bn_eps)
+                    ..l.conv_bn()
                 };
                 let (out_w, out_b) = lanes::fused_add_scale(&base, &deltas, p.layout())
                     .map_err(|e| l.patch_error(e))?;
@@ -128,7 +128,7 @@ impl Model {
 mod tests {
     use super::*;
     use crate::lab::synth;
-    use crate::model::{Arch, CpuConv};
+    use crate::model::Arch;
     use crate::patch::quant::Quant;
     use candle_core::Device;
 
@@ -166,9 +166,8 @@ mod tests {
                 let got = model.materialize(&patches).unwrap();
                 let rows: Vec<(&Signature, f32)> =
                     patches.iter().map(|(s, a)| (&***s, *a)).collect();
-                let on = (&Device::Cpu, CpuConv::Blocked);
                 let want: Vec<FoldedConv> = (model.stem_layers.iter().enumerate())
-                    .map(|(i, l)| l.fold(model.config.bn_eps, &rows, on, i == 0).unwrap())
+                    .map(|(i, l)| l.fold(&rows, &Device::Cpu, true, i == 0).unwrap())
                     .collect();
                 let want = Stem { convs: want };
                 // Debug prints every float exactly, signed zeros included.

@@ -20,13 +20,18 @@ pub struct ModelConfig {
     pub arch: Arch,
     /// Input height and width the image is resized to.
     pub input_size: [usize; 2],
+    /// When set, the image's shorter side is first resized to this, keeping the
+    /// aspect ratio, and the centre cropped to `input_size` (ImageNet's
+    /// evaluation); otherwise the whole image is resized to `input_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
     /// 1 (grayscale) or 3 (RGB).
     pub channels: usize,
     /// Per-channel normalization, applied after scaling pixels to 0..1.
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     pub labels: Vec<String>,
-    /// The patchable stem: conv1 plus this many residual blocks.
+    /// The patchable stem: the first unit (conv1 of a ResNet) plus this many blocks.
     pub patchable_blocks: usize,
     #[serde(default = "default_eps")]
     pub bn_eps: f32,
@@ -80,6 +85,29 @@ impl ModelConfig {
         }
         if self.labels.is_empty() {
             bail!(InvalidArgument, "labels must name at least one class");
+        }
+        if let Some(r) = self.resize
+            && r < self.input_size.into_iter().max().unwrap_or(0)
+        {
+            bail!(
+                InvalidArgument,
+                "resize ({r}) must be at least the input size, which is cropped from it"
+            );
+        }
+        let head = self.arch.head(self.channels, self.labels.len());
+        if head.reduce == crate::model::arch::Reduce::Flatten {
+            let units = self.arch.units(self.channels);
+            let (h, w) = (units.iter()).fold(self.input_size.into(), |s, u| u.output_size(s));
+            let features = units.last().map_or(0, |u| u.out_channels()) * h * w;
+            if head.linears.first().map(|l| l.inputs) != Some(features) {
+                bail!(
+                    InvalidArgument,
+                    "{} flattens its last maps into its classifier, which takes {} values; an input of {:?} gives {features}",
+                    self.arch.name(),
+                    head.linears.first().map_or(0, |l| l.inputs),
+                    self.input_size
+                );
+            }
         }
         let blocks = self.arch.block_count();
         if self.patchable_blocks > blocks {

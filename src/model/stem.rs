@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 
-use super::{ConvSpec, CpuConv, FoldedConv};
+use super::{ConvSpec, FoldedConv};
 use crate::patch::kernel::{self, ConvBn, KernelError, LayerDelta};
 use crate::patch::signature::Signature;
 use crate::{Error, Result};
@@ -18,10 +18,47 @@ pub(super) struct PatchLayer {
     pub(super) beta: Vec<f32>,
     pub(super) mean: Vec<f32>,
     pub(super) var: Vec<f32>,
+    pub(super) eps: f32,
 }
 
 impl PatchLayer {
-    pub(super) fn conv_bn(&self, eps: f32) -> ConvBn<'_> {
+    /// The layer of `spec`, its tensors moved out by `take`. A conv without
+    /// BatchNorm gets the identity around its bias (gamma 1, mean 0, variance 1,
+    /// eps 0: a scale of exactly 1), so the one kernel folds every layer. A conv's
+    /// own bias before BatchNorm is moved into the running mean, where only the
+    /// difference of the two ever mattered.
+    pub(super) fn take(spec: &ConvSpec, eps: f32, take: &mut dyn FnMut(&str) -> Vec<f32>) -> Self {
+        let o = spec.out_channels;
+        let parts = spec.parts();
+        let weight = take(&parts.weight);
+        let bias = spec.bias_name().map(|b| take(&b));
+        let Some(bn) = &spec.bn else {
+            return PatchLayer {
+                spec: spec.clone(),
+                weight,
+                gamma: vec![1.0; o],
+                beta: bias.unwrap_or_else(|| vec![0.0; o]),
+                mean: vec![0.0; o],
+                var: vec![1.0; o],
+                eps: 0.0,
+            };
+        };
+        let mut mean = take(&format!("{bn}.running_mean"));
+        for (m, b) in mean.iter_mut().zip(bias.iter().flatten()) {
+            *m -= b;
+        }
+        PatchLayer {
+            spec: spec.clone(),
+            weight,
+            gamma: take(&format!("{bn}.weight")),
+            beta: take(&format!("{bn}.bias")),
+            mean,
+            var: take(&format!("{bn}.running_var")),
+            eps,
+        }
+    }
+
+    pub(super) fn conv_bn(&self) -> ConvBn<'_> {
         ConvBn {
             weight: &self.weight,
             out_channels: self.spec.out_channels,
@@ -29,7 +66,7 @@ impl PatchLayer {
             beta: &self.beta,
             mean: &self.mean,
             var: &self.var,
-            eps,
+            eps: self.eps,
         }
     }
 
@@ -41,14 +78,15 @@ impl PatchLayer {
         alpha: f32,
         weight: Option<W>,
     ) -> LayerDelta<'a, W> {
-        let [_, g, b, m, v] = self.spec.tensor_names();
+        let parts = self.spec.parts();
+        let delta = |name: &Option<String>| name.as_ref().and_then(|n| sig.delta(n));
         LayerDelta {
             alpha,
             weight,
-            gamma: sig.delta(&g),
-            beta: sig.delta(&b),
-            mean: sig.delta(&m),
-            var: sig.delta(&v),
+            gamma: delta(&parts.gamma),
+            beta: delta(&parts.beta),
+            mean: delta(&parts.mean),
+            var: delta(&parts.var),
         }
     }
 
@@ -57,24 +95,24 @@ impl PatchLayer {
         Error::InvalidArgument(format!("cannot patch {}: {e}", self.spec.conv))
     }
 
-    /// Folds this layer with the given signatures applied, packed for `device`
-    /// and `conv`; `first` says it reads the model's input.
+    /// Folds this layer with the given signatures applied, for `device`, packed
+    /// when `blocked`; `first` says it reads the model's input.
     pub(super) fn fold(
         &self,
-        eps: f32,
         patches: &[(&Signature, f32)],
-        (device, conv): (&Device, CpuConv),
+        device: &Device,
+        blocked: bool,
         first: bool,
     ) -> Result<FoldedConv> {
-        let w = &self.spec.tensor_names()[0];
+        let w = &self.spec.parts().weight;
         let deltas: Vec<LayerDelta> = (patches.iter())
             .map(|(sig, alpha)| self.layer_delta(sig, *alpha, sig.delta(w)))
             .collect();
         let mut out_w = vec![0f32; self.weight.len()];
         let mut out_b = vec![0f32; self.spec.out_channels];
-        kernel::cpu::fused_add_scale(&self.conv_bn(eps), &deltas, &mut out_w, &mut out_b)
+        kernel::cpu::fused_add_scale(&self.conv_bn(), &deltas, &mut out_w, &mut out_b)
             .map_err(|e| self.patch_error(e))?;
-        FoldedConv::new(&self.spec, out_w, out_b, device, conv, first)
+        FoldedConv::new(&self.spec, out_w, out_b, device, blocked, first)
     }
 }
 

@@ -4,7 +4,9 @@
 use std::io::Cursor;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageFormat, ImageReader, Limits, imageops::FilterType};
+use image::{
+    DynamicImage, ImageBuffer, ImageFormat, ImageReader, Limits, Pixel, imageops::FilterType,
+};
 
 use crate::model::repo::ModelConfig;
 use crate::{Error, Result, bail};
@@ -129,39 +131,53 @@ fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
     Ok(normalize(&img, cfg))
 }
 
-/// Converts to the model's channels, resizes to its input size and normalizes.
+/// Converts to the model's channels, brings it to its input size ([`fit`]) and
+/// normalizes.
 fn normalize(img: &DynamicImage, cfg: &ModelConfig) -> Vec<f32> {
     let [h, w] = cfg.input_size;
-    let (w32, h32) = (w as u32, h as u32);
     let plane = h * w;
     let mut out = vec![0f32; cfg.channels * plane];
     let mut put = |c: usize, i: usize, v: u8| {
         out[c * plane + i] = (f32::from(v) / 255.0 - cfg.mean[c]) / cfg.std[c];
     };
     if cfg.channels == 1 {
-        let g = img.to_luma8();
-        let g = if g.dimensions() == (w32, h32) {
-            g
-        } else {
-            image::imageops::resize(&g, w32, h32, FilterType::Triangle)
-        };
-        for (i, p) in g.pixels().enumerate() {
+        for (i, p) in fit(img.to_luma8(), cfg).pixels().enumerate() {
             put(0, i, p.0[0]);
         }
     } else {
-        let rgb = img.to_rgb8();
-        let rgb = if rgb.dimensions() == (w32, h32) {
-            rgb
-        } else {
-            image::imageops::resize(&rgb, w32, h32, FilterType::Triangle)
-        };
-        for (i, p) in rgb.pixels().enumerate() {
+        for (i, p) in fit(img.to_rgb8(), cfg).pixels().enumerate() {
             for c in 0..3 {
                 put(c, i, p.0[c]);
             }
         }
     }
     out
+}
+
+/// `img` at the model's input size: resized whole or, with `resize`, its centre
+/// crop as it would be after resizing the shorter side to `resize`. The crop is
+/// taken from the original first, so a long thin image is never enlarged whole.
+fn fit<P>(img: ImageBuffer<P, Vec<u8>>, cfg: &ModelConfig) -> ImageBuffer<P, Vec<u8>>
+where
+    P: Pixel<Subpixel = u8> + 'static,
+{
+    let [h, w] = cfg.input_size;
+    let (w, h) = (w as u32, h as u32);
+    let (iw, ih) = img.dimensions();
+    let img = match cfg.resize {
+        None => img,
+        Some(side) => {
+            // Source pixels per pixel of the resized image.
+            let scale = f64::from(iw.min(ih)) / side as f64;
+            let span = |out: u32, of: u32| ((f64::from(out) * scale).round() as u32).clamp(1, of);
+            let (cw, ch) = (span(w, iw), span(h, ih));
+            image::imageops::crop_imm(&img, (iw - cw) / 2, (ih - ch) / 2, cw, ch).to_image()
+        }
+    };
+    match img.dimensions() == (w, h) {
+        true => img,
+        false => image::imageops::resize(&img, w, h, FilterType::Triangle),
+    }
 }
 
 #[cfg(test)]

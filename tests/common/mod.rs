@@ -2,6 +2,8 @@
 //! rws server on a loopback port, with gRPC clients.
 #![allow(dead_code)]
 
+pub mod python;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -32,53 +32,15 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
-from safetensors import safe_open
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benches"))
 from onnx_baseline import build  # noqa: E402
 from rws.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
+from signatures import patched  # noqa: E402
 
 MIX = "onnx-reference-mix"
-
-
-def dequantise(f, name, shape):
-    """The delta for base tensor `name` in signature file `f`, or None."""
-    keys = set(f.keys())
-    if name in keys:
-        return f.get_tensor(name).astype(np.float32).reshape(shape)
-    rows = shape[0]
-    cols = int(np.prod(shape)) // rows
-    if f"{name}.q8" in keys:
-        codes = f.get_tensor(f"{name}.q8").reshape(rows, cols).astype(np.float32)
-    elif f"{name}.q4" in keys:
-        packed = f.get_tensor(f"{name}.q4").reshape(rows, -1)
-        codes = np.empty((rows, packed.shape[1] * 2), np.float32)
-        codes[:, 0::2] = packed & 0x0F
-        codes[:, 1::2] = packed >> 4
-        codes = codes[:, :cols]
-    else:
-        return None
-    scale = f.get_tensor(f"{name}.scale").astype(np.float32)[:, None]
-    offset = f.get_tensor(f"{name}.offset").astype(np.float32)[:, None]
-    return (codes * scale + offset).reshape(shape)
-
-
-def patched(base, sig_dir, refs):
-    """base.safetensors with each (signature, alpha) of `refs` applied."""
-    w = {k: v.copy() for k, v in base.items()}
-    for name, alpha in refs:
-        with safe_open(sig_dir / f"{name}.rws.safetensors", "np") as f:
-            for t in base:
-                d = dequantise(f, t, base[t].shape)
-                if d is None:
-                    continue
-                if t.endswith(".running_var"):
-                    w[t] = w[t] * np.exp(alpha * d)
-                else:
-                    w[t] = w[t] + alpha * d
-    return w
 
 
 class Reference:

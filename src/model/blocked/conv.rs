@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::kernel::{self, LANES, MAX_PX, Tile, Walk};
 use super::{Blocked, HALO, Maps};
+use crate::model::arch::{Act, Padding};
 use crate::{Result, bail};
 
 /// Output blocks per microkernel call; a channel count with an odd number of
@@ -28,7 +29,7 @@ pub struct PackedConv {
     out_channels: usize,
     kernel: usize,
     stride: usize,
-    padding: usize,
+    padding: Padding,
     /// Packed for a planar input (channels one by one) rather than a blocked one.
     planar: bool,
 }
@@ -136,7 +137,7 @@ impl PackedConv {
         bias: &[f32],
         (out_channels, in_channels, kernel): (usize, usize, usize),
         stride: usize,
-        padding: usize,
+        padding: Padding,
         planar: bool,
     ) -> Result<PackedConv> {
         if weight.len() != out_channels * in_channels * kernel * kernel
@@ -151,10 +152,10 @@ impl PackedConv {
                 bias.len()
             );
         }
-        if !planar && padding > HALO {
+        if !planar && !padding.within(HALO, kernel) {
             bail!(
                 Internal,
-                "a conv on blocked activations may pad by at most {HALO}, not {padding}"
+                "a conv on blocked activations may pad by at most {HALO}, not {padding:?}"
             );
         }
         let packing = Packing {
@@ -174,7 +175,7 @@ impl PackedConv {
         weights: Vec<f32>,
         bias: &[f32],
         stride: usize,
-        padding: usize,
+        padding: Padding,
     ) -> Result<PackedConv> {
         let Packing {
             out_channels,
@@ -212,17 +213,17 @@ impl PackedConv {
     /// The output size for an input of `h × w`.
     pub fn out_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
-        ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
+        (p.output(h, k, s), p.output(w, k, s))
     }
 
-    /// `relu(conv(x) + bias + residual)`, the residual (same shape as the
-    /// output) and the ReLU optional.
-    pub fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Result<Blocked> {
+    /// `act(conv(x) + bias + residual)`, the residual (same shape as the
+    /// output) optional.
+    pub fn forward(&self, x: &Maps, residual: Option<&Maps>, act: Act) -> Result<Blocked> {
         let n = match x {
             Maps::Planar(p) => p.n,
             Maps::Blocked(b) => b.n,
         };
-        forward(&vec![self; n], x, residual, relu, Threads::Pool)
+        forward(&vec![self; n], x, residual, act, Threads::Pool)
     }
 
     fn same_shape(&self, o: &PackedConv) -> bool {
@@ -249,7 +250,7 @@ pub fn forward(
     convs: &[&PackedConv],
     x: &Maps,
     residual: Option<&Maps>,
-    relu: bool,
+    act: Act,
     threads: Threads,
 ) -> Result<Blocked> {
     let (n, c, (h, w), halo, planar) = match x {
@@ -271,16 +272,20 @@ pub fn forward(
             convs.len()
         );
     }
-    let k = first.kernel;
+    let (k, s) = (first.kernel, first.stride);
+    let ((top, bottom), (left, right)) = (
+        first.padding.amounts(h, k, s),
+        first.padding.amounts(w, k, s),
+    );
     if c != first.in_channels
         || planar != first.planar
-        || halo < first.padding
-        || h + 2 * first.padding < k
-        || w + 2 * first.padding < k
+        || halo < top.max(bottom).max(left).max(right)
+        || h + top + bottom < k
+        || w + left + right < k
     {
         bail!(
             Internal,
-            "a conv packed for {} input channels (planar: {}, padding {}) cannot read {c} channels of {h}×{w} (planar: {planar}, border {halo})",
+            "a conv packed for {} input channels (planar: {}, padding {:?}) cannot read {c} channels of {h}×{w} (planar: {planar}, border {halo})",
             first.in_channels,
             first.planar,
             first.padding
@@ -313,10 +318,10 @@ pub fn forward(
     };
     let plan = Plan {
         walk,
-        shift: halo - first.padding,
+        shift: (halo - top, halo - left),
         stride: first.stride,
         out: (ho, wo),
-        relu,
+        act,
         planar,
     };
     let out_image = out.image_len();
@@ -370,12 +375,12 @@ pub fn forward(
 /// One conv's geometry, shared by its tiles.
 struct Plan {
     walk: Walk,
-    /// Input border minus the conv's padding: where tap (0, 0) of output pixel
-    /// (0, 0) sits in the bordered input.
-    shift: usize,
+    /// Input border minus the conv's padding before the first row and column:
+    /// where tap (0, 0) of output pixel (0, 0) sits in the bordered input.
+    shift: (usize, usize),
     stride: usize,
     out: (usize, usize),
-    relu: bool,
+    act: Act,
     planar: bool,
 }
 
@@ -410,7 +415,10 @@ impl Plan {
             let pass = Pass {
                 walk: Walk { blocks, ..w },
                 accumulate: first > 0,
-                relu: self.relu && first + blocks == w.blocks,
+                act: match first + blocks == w.blocks {
+                    true => self.act,
+                    false => Act::None,
+                },
             };
             self.pass::<OB>(&pass, &part, dst);
         }
@@ -456,7 +464,8 @@ impl Plan {
         let mut out_at = [0; PX];
         let mut p = at;
         for (x_at, out_at) in x_at.iter_mut().zip(&mut out_at) {
-            *x_at = (p.y * s + self.shift) * w.row_stride + (p.x * s + self.shift) * w.pixel_stride;
+            *x_at =
+                (p.y * s + self.shift.0) * w.row_stride + (p.x * s + self.shift.1) * w.pixel_stride;
             *out_at = ((p.y + HALO) * (wo + 2 * HALO) + p.x + HALO) * LANES;
             p = p.step(1, wo);
         }
@@ -469,7 +478,7 @@ impl Plan {
             out_at,
             out_stride: plane,
             accumulate: pass.accumulate,
-            relu: pass.relu,
+            act: pass.act,
         };
         match self.planar {
             true => kernel::run::<OB, PX, 1>(w, &t, dst),
@@ -502,12 +511,12 @@ impl Pixel {
     }
 }
 
-/// One chunk of a conv's K loop: its input blocks, and whether it continues
-/// from stored partial sums and ends with the ReLU.
+/// One chunk of a conv's K loop: its input blocks, whether it continues from
+/// stored partial sums, and the activation it ends with (none but the last's).
 struct Pass {
     walk: Walk,
     accumulate: bool,
-    relu: bool,
+    act: Act,
 }
 
 #[cfg(test)]
@@ -522,67 +531,80 @@ mod tests {
         (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect()
     }
 
-    /// candle's conv2d plus bias, residual and ReLU: the reference.
+    /// candle's conv2d plus bias, residual and activation: the reference.
     #[allow(clippy::too_many_arguments)]
     fn reference(
         x: &[f32],
         (n, c, h, w): (usize, usize, usize, usize),
         weight: &[f32],
         bias: &[f32],
-        (o, k, s, p): (usize, usize, usize, usize),
+        (o, k, s, p): (usize, usize, usize, Padding),
         residual: Option<&[f32]>,
-        relu: bool,
+        act: Act,
     ) -> Vec<f32> {
         let d = Device::Cpu;
         let x = Tensor::from_slice(x, (n, c, h, w), &d).unwrap();
+        let (x, pad) = crate::model::pad_for(&x, p, k, s).unwrap();
         let wt = Tensor::from_slice(weight, (o, c, k, k), &d).unwrap();
         let b = Tensor::from_slice(bias, (1, o, 1, 1), &d).unwrap();
         let mut y = x
-            .conv2d(&wt, p, s, 1, 1)
+            .conv2d(&wt, pad, s, 1, 1)
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
         if let Some(r) = residual {
             y = (y.clone() + Tensor::from_slice(r, y.shape(), &d).unwrap()).unwrap();
         }
-        if relu {
-            y = y.relu().unwrap();
-        }
-        y.flatten_all().unwrap().to_vec1().unwrap()
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        y.into_iter().map(|v| act.apply(v)).collect()
     }
 
     #[test]
-    fn matches_candle_conv2d_with_bias_residual_and_relu() {
+    fn matches_candle_conv2d_with_bias_residual_and_activation() {
         let mut rng = Rng::new(3);
+        let sym = Padding::Symmetric;
         // (in, out, size, kernel, stride, padding, planar input)
         let cases = [
-            (3, 16, 20, 7, 2, 3, true),
-            (1, 16, 28, 3, 2, 1, true),
-            (16, 16, 9, 3, 1, 1, false),
-            (16, 32, 9, 3, 2, 1, false),
-            (16, 32, 9, 1, 2, 0, false),
-            (32, 24, 7, 1, 1, 0, false),
-            (12, 20, 5, 3, 1, 1, false),
-            (8, 8, 3, 3, 1, 1, false),
+            (3, 16, 20, 7, 2, sym(3), true),
+            (1, 16, 28, 3, 2, sym(1), true),
+            // TensorFlow's padding: none before and one after, then one each side.
+            (3, 16, 20, 3, 2, Padding::Same, true),
+            (16, 16, 9, 3, 1, sym(1), false),
+            (16, 16, 10, 3, 2, Padding::Same, false),
+            (16, 16, 9, 3, 1, Padding::Same, false),
+            (16, 32, 9, 3, 2, sym(1), false),
+            (16, 32, 9, 1, 2, sym(0), false),
+            (32, 24, 7, 1, 1, sym(0), false),
+            (12, 20, 5, 3, 1, sym(1), false),
+            (8, 8, 3, 3, 1, sym(1), false),
             // 5 input blocks of 3×3: the K loop runs in two chunks.
-            (40, 24, 6, 3, 1, 1, false),
+            (40, 24, 6, 3, 1, sym(1), false),
         ];
         for (c, o, size, k, s, p, planar) in cases {
             let n = 2;
             let shape = (n, c, size, size);
-            let x = random(&mut rng, n * c * size * size);
+            // Wide enough to meet ReLU6's cap.
+            let x: Vec<f32> = random(&mut rng, n * c * size * size)
+                .iter()
+                .map(|v| 4.0 * v)
+                .collect();
             let weight = random(&mut rng, o * c * k * k);
             let bias = random(&mut rng, o);
             let conv = PackedConv::new(&weight, &bias, (o, c, k), s, p, planar).unwrap();
             let (ho, wo) = conv.out_size((size, size));
             let res_nchw = random(&mut rng, n * o * ho * wo);
             let residual = Maps::Blocked(Blocked::from_nchw(&res_nchw, (n, o, ho, wo)));
+            let border = p.amounts(size, k, s).1.max(p.amounts(size, k, s).0);
             let input = match planar {
-                true => Maps::Planar(Planar::new(&x, shape, p)),
+                true => Maps::Planar(Planar::new(&x, shape, border)),
                 false => Maps::Blocked(Blocked::from_nchw(&x, shape)),
             };
-            for (res, relu) in [(None, false), (Some(&residual), true)] {
-                let got = conv.forward(&input, res, relu).unwrap();
+            for (res, act) in [
+                (None, Act::None),
+                (Some(&residual), Act::Relu),
+                (None, Act::Relu6),
+            ] {
+                let got = conv.forward(&input, res, act).unwrap();
                 let want = reference(
                     &x,
                     shape,
@@ -590,14 +612,20 @@ mod tests {
                     &bias,
                     (o, k, s, p),
                     res.map(|_| res_nchw.as_slice()),
-                    relu,
+                    act,
                 );
                 let got_nchw = got.to_nchw();
                 assert_eq!(got_nchw.len(), want.len());
                 for (g, w) in got_nchw.iter().zip(&want) {
                     assert!(
                         (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{c}->{o} k{k} s{s}: {g} vs {w}"
+                        "{c}->{o} k{k} s{s} {p:?} {act:?}: {g} vs {w}"
+                    );
+                }
+                if act == Act::Relu6 {
+                    assert!(
+                        want.contains(&6.0),
+                        "{c}->{o} k{k}: the cap was never reached"
                     );
                 }
                 // Borders and padding channels stay zero.
@@ -614,12 +642,13 @@ mod tests {
         let (c, o, size) = (16, 64, 30);
         let weight = random(&mut rng, o * c * 9);
         let bias = random(&mut rng, o);
-        let conv = PackedConv::new(&weight, &bias, (o, c, 3), 1, 1, false).unwrap();
+        let conv =
+            PackedConv::new(&weight, &bias, (o, c, 3), 1, Padding::Symmetric(1), false).unwrap();
         let x = random(&mut rng, 4 * c * size * size);
         // Large enough to run in parallel over images and groups.
         let run = |x: &[f32], n: usize| {
             let x = Maps::Blocked(Blocked::from_nchw(x, (n, c, size, size)));
-            conv.forward(&x, None, true).unwrap()
+            conv.forward(&x, None, Act::Relu).unwrap()
         };
         let all = run(&x, 4);
         let one = run(&x[2 * c * size * size..][..c * size * size], 1);
@@ -628,20 +657,37 @@ mod tests {
 
     #[test]
     fn overflow_stays_visible_through_relu() {
-        let conv =
-            PackedConv::new(&[f32::MAX; 8 * 8], &[f32::MAX; 8], (8, 8, 1), 1, 0, false).unwrap();
+        let conv = PackedConv::new(
+            &[f32::MAX; 8 * 8],
+            &[f32::MAX; 8],
+            (8, 8, 1),
+            1,
+            Padding::Symmetric(0),
+            false,
+        )
+        .unwrap();
         let mut x = Blocked::zeros(1, 8, 1, 1);
         x.data.fill(f32::MAX);
-        let y = conv.forward(&Maps::Blocked(x.clone()), None, true).unwrap();
+        let y = conv
+            .forward(&Maps::Blocked(x.clone()), None, Act::Relu)
+            .unwrap();
         assert!(y.to_nchw().iter().all(|v| *v == f32::INFINITY));
         // An earlier overflow meets weights of both signs: inf - inf is NaN,
         // which ReLU must not turn into 0.
         let signs: Vec<f32> = (0..64)
             .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
             .collect();
-        let mixed = PackedConv::new(&signs, &[0.0; 8], (8, 8, 1), 1, 0, false).unwrap();
+        let mixed = PackedConv::new(
+            &signs,
+            &[0.0; 8],
+            (8, 8, 1),
+            1,
+            Padding::Symmetric(0),
+            false,
+        )
+        .unwrap();
         x.data.fill(f32::INFINITY);
-        let y = mixed.forward(&Maps::Blocked(x), None, true).unwrap();
+        let y = mixed.forward(&Maps::Blocked(x), None, Act::Relu).unwrap();
         assert!(y.to_nchw().iter().all(|v| v.is_nan()));
     }
 }

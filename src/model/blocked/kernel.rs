@@ -1,12 +1,14 @@
 //! The direct-convolution microkernel: a tile of up to [`MAX_PX`] output
 //! pixels by `OB` blocks of [`LANES`] output channels, accumulated in registers
 //! over every input channel and kernel tap, then the epilogue (bias, residual,
-//! ReLU) applied before the one store. AVX2 with FMA where the CPU has them
+//! activation) applied before the one store. AVX2 with FMA where the CPU has them
 //! (checked once), a portable loop otherwise.
 //!
 //! Every output value is one fixed sequence of multiply-adds over its inputs,
 //! whichever tile, thread or batch it falls in: an image's output does not
 //! depend on what else is computed with it.
+
+pub use crate::model::arch::Act;
 
 /// Output channels per block: one AVX2 register of f32.
 pub const LANES: usize = 8;
@@ -34,7 +36,7 @@ pub struct Walk {
 ///
 /// A conv whose weights outgrow L1 runs its K loop in chunks: the first
 /// starts from bias (and residual), each later one (`accumulate`) from the
-/// partial sums the previous chunk stored, and only the last applies the ReLU.
+/// partial sums the previous chunk stored, and only the last applies `act`.
 /// Storing and reloading an f32 is exact, so the chunking leaves every output
 /// bit for bit as one pass would.
 pub struct Tile<'a, const PX: usize> {
@@ -46,7 +48,7 @@ pub struct Tile<'a, const PX: usize> {
     pub out_at: [usize; PX],
     pub out_stride: usize,
     pub accumulate: bool,
-    pub relu: bool,
+    pub act: Act,
 }
 
 /// Runs one tile into `out`, with the fastest kernel this CPU has.
@@ -150,8 +152,7 @@ fn portable<const OB: usize, const PX: usize, const CI: usize>(
         for (p, a) in acc.iter().enumerate() {
             let dst = &mut out[t.out_at[p] + o * t.out_stride..][..LANES];
             for (d, v) in dst.iter_mut().zip(a) {
-                // Negative to 0; NaN stays NaN, so overflow is still caught downstream.
-                *d = if t.relu && *v < 0.0 { 0.0 } else { *v };
+                *d = t.act.apply(*v);
             }
         }
     }
@@ -161,7 +162,7 @@ fn portable<const OB: usize, const PX: usize, const CI: usize>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, Tile, Walk};
+    use super::{Act, LANES, Tile, Walk};
 
     // Indices name registers (acc[o][p]); iterators would hide the tile's shape.
     #[allow(clippy::needless_range_loop)]
@@ -209,14 +210,15 @@ mod avx2 {
                     }
                 }
             }
-            let zero = _mm256_setzero_ps();
+            let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
             for o in 0..OB {
                 for p in 0..PX {
-                    // With NaN in either operand max_ps returns the second: NaN stays NaN.
-                    let v = if t.relu {
-                        _mm256_max_ps(zero, acc[o][p])
-                    } else {
-                        acc[o][p]
+                    // With NaN in either operand max_ps and min_ps return the
+                    // second: NaN stays NaN.
+                    let v = match t.act {
+                        Act::None => acc[o][p],
+                        Act::Relu => _mm256_max_ps(zero, acc[o][p]),
+                        Act::Relu6 => _mm256_min_ps(six, _mm256_max_ps(zero, acc[o][p])),
                     };
                     _mm256_storeu_ps(dst.add(t.out_at[p] + o * t.out_stride), v);
                 }

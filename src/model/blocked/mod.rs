@@ -17,6 +17,18 @@ pub use conv::{PackedConv, Packing, Threads, forward};
 pub use kernel::LANES;
 pub use pool::{global_average, max_pool_3x3_s2};
 
+/// Whether the blocked convs run every layer of a model of `units`: dense
+/// convs padded within the border (the first may pad more: it reads the planar
+/// input), and ResNet's max-pool. Depthwise convs and VGG's pools run on
+/// candle's ops for now.
+pub fn covers(units: &[crate::model::UnitSpec]) -> bool {
+    use crate::model::arch::Pool;
+    let mut convs = units.iter().flat_map(|u| &u.convs).enumerate();
+    let convs_ok =
+        convs.all(|(i, c)| c.groups == 1 && (i == 0 || c.padding.within(HALO, c.kernel)));
+    convs_ok && units.iter().all(|u| u.pool.is_none_or(|p| p == Pool::Max3))
+}
+
 /// What a layer reads or writes: the model's planar input, or blocked activations.
 #[derive(Debug, Clone)]
 pub enum Maps {

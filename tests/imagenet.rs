@@ -1,0 +1,146 @@
+//! The real ImageNet classifier, end to end: EfficientNet-Lite0 as
+//! scripts/fetch-imagenet-model.sh fetches and converts it, served by the `rws`
+//! binary and asked over gRPC about real photos: the 20 labelled ImageNet
+//! validation samples of foolbox and scikit-image's `chelsea` and `coffee`. Every
+//! answer must name the class that the NumPy reference
+//! (tests/python/numpy_reference.py) gives for the same file. Without the fetched
+//! model the tests say so and pass, unless RWS_REQUIRE_IMAGENET=1 (which
+//! scripts/test.sh sets, after fetching it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::python::{ok, python};
+use common::*;
+use rws::server::pb;
+
+const MODEL_DIR: &str = "models/efficientnet-lite0";
+const FOOLBOX: &str = "data/imagenet/foolbox";
+const PHOTOS: &str = "data/imagenet/photos";
+
+/// Whether the fetched model and photos are here.
+fn fetched() -> bool {
+    let here = [
+        format!("{MODEL_DIR}/base.safetensors"),
+        format!("{FOOLBOX}/labels.json"),
+        format!("{PHOTOS}/chelsea.png"),
+    ]
+    .iter()
+    .all(|p| Path::new(p).exists());
+    if !here {
+        let why =
+            format!("{MODEL_DIR} or the photos are missing; run scripts/fetch-imagenet-model.sh");
+        assert!(
+            std::env::var("RWS_REQUIRE_IMAGENET").as_deref() != Ok("1"),
+            "{why}"
+        );
+        let _ = writeln!(std::io::stderr(), "skipped: {why}");
+    }
+    here
+}
+
+/// The reference's top class and logits per image.
+fn reference(images: &[PathBuf]) -> Vec<(usize, Vec<f64>)> {
+    let py = python().expect("checked by the caller");
+    let out = ok(Command::new(py)
+        .arg("tests/python/numpy_reference.py")
+        .args(["--model-dir", MODEL_DIR, "--top", "1", "--images"])
+        .args(images));
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (out["images"].as_array().unwrap().iter())
+        .map(|r| {
+            let logits: Vec<f64> = (r["logits"].as_array().unwrap().iter())
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            (
+                rws::model::argmax(&logits.iter().map(|v| *v as f32).collect::<Vec<_>>()),
+                logits,
+            )
+        })
+        .collect()
+}
+
+async fn classify(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    path: &Path,
+) -> pb::ClassifyResponse {
+    let request = pb::ClassifyRequest {
+        input: Some(pb::classify_request::Input::Image(
+            std::fs::read(path).unwrap(),
+        )),
+        top_k: 3,
+        return_logits: true,
+        ..Default::default()
+    };
+    client.classify(request).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_photos_get_the_reference_classes_through_the_server() {
+    if !fetched() || python().is_none() {
+        return;
+    }
+    let labels: BTreeMap<String, usize> =
+        serde_json::from_str(&std::fs::read_to_string(format!("{FOOLBOX}/labels.json")).unwrap())
+            .unwrap();
+    let mut images: Vec<PathBuf> = labels.keys().map(|f| Path::new(FOOLBOX).join(f)).collect();
+    images.extend(["chelsea.png", "coffee.png"].map(|f| Path::new(PHOTOS).join(f)));
+    let want = tokio::task::spawn_blocking({
+        let images = images.clone();
+        move || reference(&images)
+    })
+    .await
+    .unwrap();
+
+    let server = RwsProcess::start(&["--repo", "models", "--model", "efficientnet-lite0"]);
+    let channel = server.channel().await;
+    wait_ready(&channel).await;
+    let mut client = InferenceClient::new(channel);
+    let (mut agree, mut correct, mut reference_correct, mut worst) = (0, 0, 0, 0f64);
+    let mut answers = Vec::new();
+    for (path, (want_top, want_logits)) in images.iter().zip(&want) {
+        let r = classify(&mut client, path).await;
+        let top = r.top_k[0].index as usize;
+        let scale = want_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = (r.logits.iter().zip(want_logits))
+            .fold(0f64, |m, (g, w)| m.max((f64::from(*g) - w).abs()));
+        worst = worst.max(diff / scale);
+        agree += usize::from(top == *want_top);
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if let Some(label) = labels.get(&name) {
+            correct += usize::from(top == *label);
+            reference_correct += usize::from(want_top == label);
+        }
+        answers.push((name, r));
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "efficientnet-lite0 through the server: top-1 {correct}/{} on the foolbox samples \
+         (reference {reference_correct}), same top class as the reference on {agree}/{}, \
+         max relative logit difference {worst:.3}",
+        labels.len(),
+        images.len()
+    );
+    assert_eq!(
+        agree,
+        images.len(),
+        "the server's top classes differ from the reference's"
+    );
+    // The same preprocessing, resized by two libraries: close, not bit for bit.
+    assert!(worst < 0.05, "relative logit difference {worst}");
+    // chelsea is a cat, whichever cat the two nearly tied scores favour.
+    let (_, chelsea) = answers.iter().find(|(n, _)| n == "chelsea.png").unwrap();
+    for p in &chelsea.top_k {
+        assert!(
+            p.label.contains("cat") || p.label == "tabby",
+            "chelsea: {:?}",
+            chelsea.top_k
+        );
+    }
+    let (_, coffee) = answers.iter().find(|(n, _)| n == "coffee.png").unwrap();
+    assert_eq!(coffee.top_k[0].label, "espresso");
+}
