@@ -72,7 +72,7 @@ stamp_text() {
     echo "converter $(sha256 "$CONVERTER") dest $DEST"
 }
 STAMP="$DATA/.fetch-imagenet-model.stamp"
-outputs=("$DEST/base.safetensors" "$DEST/model.toml" "$DATA/photos/chelsea.png"
+outputs=("$DEST/base.safetensors" "$DEST/model.toml" "$DATA/photos/chelsea.png" "$DATA/photos/chelsea.jpg"
          "$DATA/photos/coffee.png" "$DATA/foolbox/labels.json")
 complete=1
 for f in "${outputs[@]}"; do

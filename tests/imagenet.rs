@@ -130,8 +130,10 @@ async fn real_photos_get_the_reference_classes_through_the_server() {
         images.len(),
         "the server's top classes differ from the reference's"
     );
-    // The same preprocessing, resized by two libraries: close, not bit for bit.
-    assert!(worst < 0.05, "relative logit difference {worst}");
+    // The same preprocessing, resized by two libraries (Pillow's and image's
+    // bilinear filters differ by a few levels here and there): close, not bit for
+    // bit. Measured: 0.045. A wrong mean, std, crop or channel order is far more.
+    assert!(worst < 0.08, "relative logit difference {worst}");
     // chelsea is a cat, whichever cat the two nearly tied scores favour.
     let (_, chelsea) = answers.iter().find(|(n, _)| n == "chelsea.png").unwrap();
     for p in &chelsea.top_k {
@@ -143,4 +145,22 @@ async fn real_photos_get_the_reference_classes_through_the_server() {
     }
     let (_, coffee) = answers.iter().find(|(n, _)| n == "coffee.png").unwrap();
     assert_eq!(coffee.top_k[0].label, "espresso");
+
+    // The README's Triton example, sending the photo as a camera would: a JPEG.
+    let addr = server.addr.strip_prefix("http://").unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        ok(Command::new(python().unwrap())
+            .arg("examples/python/triton_classify.py")
+            .arg(format!("{PHOTOS}/chelsea.jpg"))
+            .args(["--addr", &addr, "--model", "efficientnet-lite0"])
+            .args(["--labels", &format!("{MODEL_DIR}/model.toml")]))
+    })
+    .await
+    .unwrap();
+    let top = out.lines().nth(1).unwrap_or_default();
+    assert!(out.starts_with("served with clean"), "{out}");
+    assert!(
+        top.contains(" cat (class 28") || top.contains("tabby"),
+        "{out}"
+    );
 }

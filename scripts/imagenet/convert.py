@@ -651,6 +651,10 @@ def write_photos(skimage_wheel: Path, foolbox_wheel: Path, data_dir: Path) -> di
     with zipfile.ZipFile(skimage_wheel) as z:
         for member in SKIMAGE_PHOTOS:
             _write_atomic(data_dir / "photos" / Path(member).name, z.read(member))
+    # The same photo as a camera would send it: JPEG (quality 90, Pillow's encoder).
+    jpeg = io.BytesIO()
+    Image.open(data_dir / "photos" / "chelsea.png").convert("RGB").save(jpeg, "JPEG", quality=90)
+    _write_atomic(data_dir / "photos" / "chelsea.jpg", jpeg.getvalue())
     labels: dict[str, int] = {}
     with zipfile.ZipFile(foolbox_wheel) as z:
         members = sorted(n for n in z.namelist() if n.startswith(FOOLBOX_PREFIX))

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use super::arch::{Act, Padding, Pool, Reduce, Shortcut};
-use super::blocked::{self, Maps, PackedConv};
+use super::blocked::{self, Maps, PackedConv, PackedDepthwise};
 use super::{ConvSpec, UnitSpec};
 use crate::Result;
 
@@ -14,6 +14,8 @@ use crate::Result;
 pub enum FoldedConv {
     /// On the CPU: packed once for the blocked microkernel.
     Packed(PackedConv),
+    /// On the CPU, a depthwise conv: laid out once for its own loop.
+    Depthwise(PackedDepthwise),
     /// Elsewhere (a GPU), or on the CPU as the stock baseline: candle's conv2d.
     Candle {
         weight: Tensor,
@@ -56,6 +58,11 @@ impl FoldedConv {
         first: bool,
     ) -> Result<Self> {
         let o = spec.out_channels;
+        if blocked && spec.is_depthwise() {
+            let shape = (o, spec.kernel);
+            let dw = PackedDepthwise::new(&weight, &bias, shape, spec.stride, spec.padding)?;
+            return Ok(FoldedConv::Depthwise(dw));
+        }
         if blocked {
             let shape = (o, spec.in_channels, spec.kernel);
             let packed = PackedConv::new(&weight, &bias, shape, spec.stride, spec.padding, first)?;
@@ -74,6 +81,7 @@ impl FoldedConv {
     pub fn bytes(&self) -> usize {
         match self {
             FoldedConv::Packed(p) => p.bytes(),
+            FoldedConv::Depthwise(d) => d.bytes(),
             FoldedConv::Candle { weight, bias, .. } => {
                 (weight.elem_count() + bias.elem_count()) * 4
             }
@@ -151,12 +159,44 @@ impl FoldedConv {
         then.apply(y)
     }
 
-    /// The packed form, which the blocked path runs.
-    pub(super) fn packed(&self) -> Result<&PackedConv> {
-        match self {
-            FoldedConv::Packed(p) => Ok(p),
-            FoldedConv::Candle { .. } => crate::bail!(Internal, "a conv not packed for the CPU"),
+    /// `act(conv(x) + residual)` on blocked maps, image `i` by `convs[i]`
+    /// (convs of one shape, all laid out for the blocked path).
+    pub(super) fn forward_blocked(
+        convs: &[&FoldedConv],
+        x: &Maps,
+        then: Epilogue<Maps>,
+        threads: blocked::Threads,
+    ) -> Result<Maps> {
+        let depthwise: Option<Vec<&PackedDepthwise>> = (convs.iter())
+            .map(|c| match c {
+                FoldedConv::Depthwise(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        if let Some(dw) = depthwise {
+            let (Maps::Blocked(x), None) = (x, then.residual) else {
+                crate::bail!(
+                    Internal,
+                    "a depthwise conv reads blocked maps and adds no residual"
+                );
+            };
+            return Ok(Maps::Blocked(blocked::depthwise::forward(
+                &dw, x, then.act, threads,
+            )?));
         }
+        let dense = (convs.iter())
+            .map(|c| match c {
+                FoldedConv::Packed(p) => Ok(p),
+                _ => crate::bail!(Internal, "a conv not packed for the CPU"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Maps::Blocked(blocked::forward(
+            &dense,
+            x,
+            then.residual,
+            then.act,
+            threads,
+        )?))
     }
 }
 

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 pub use arch::{Arch, ConvSpec, HeadSpec, UnitSpec};
-use blocked::{Blocked, Maps, PackedConv, Planar, Threads};
+use blocked::{Blocked, Maps, Planar, Threads};
 pub use folded::{CpuConv, FoldedConv};
 pub(crate) use folded::{classify_head, forward_unit, pad_for};
 use packed_stem::PackedStem;
@@ -189,7 +189,10 @@ impl Model {
                     .collect::<Result<_>>()?,
             },
         };
-        let packed_stem = blocked.then(|| PackedStem::new(&stem_layers));
+        // The lanes kernel lays out dense convs only; a stem with a depthwise
+        // conv folds through the row kernel and lays out after.
+        let dense_stem = stem_layers.iter().all(|l| !l.spec.is_depthwise());
+        let packed_stem = (blocked && dense_stem).then(|| PackedStem::new(&stem_layers));
         #[cfg(feature = "cuda")]
         let cuda_stem = match device {
             Device::Cuda(d) => Some(cuda::CudaStem::upload(&stem_layers, d)?),
@@ -327,14 +330,8 @@ impl Model {
         dims: (usize, usize, usize, usize),
         threads: Threads,
     ) -> Result<Vec<f32>> {
-        let run = |convs: &Vec<&PackedConv>, x: &Maps, then: folded::Epilogue<Maps>| {
-            Ok(Maps::Blocked(blocked::forward(
-                convs,
-                x,
-                then.residual,
-                then.act,
-                threads,
-            )?))
+        let run = |convs: &Vec<&FoldedConv>, x: &Maps, then: folded::Epilogue<Maps>| {
+            FoldedConv::forward_blocked(convs, x, then, threads)
         };
         // The input's border: the most the first conv pads on any side.
         let first = &self.stem_units[0].convs[0];
@@ -346,9 +343,9 @@ impl Model {
         let pad = a.max(b).max(c).max(d);
         let mut h = Maps::Planar(Planar::new(x, dims, pad));
         // Per stem layer, the conv of each image.
-        let layers = (0..self.stem_layers.len())
-            .map(|l| stems.iter().map(|s| s.convs[l].packed()).collect())
-            .collect::<Result<Vec<Vec<&PackedConv>>>>()?;
+        let layers: Vec<Vec<&FoldedConv>> = (0..self.stem_layers.len())
+            .map(|l| stems.iter().map(|s| &s.convs[l]).collect())
+            .collect();
         let mut layers = layers.as_slice();
         for unit in &self.stem_units {
             let (mine, rest) = layers.split_at(unit.convs.len());
@@ -356,9 +353,7 @@ impl Model {
             layers = rest;
         }
         for (unit, convs) in &self.trunk.units {
-            let mine = (convs.iter())
-                .map(|c| Ok(vec![c.packed()?; stems.len()]))
-                .collect::<Result<Vec<_>>>()?;
+            let mine: Vec<Vec<&FoldedConv>> = convs.iter().map(|c| vec![c; stems.len()]).collect();
             h = forward_unit(unit, &mine, &h, run)?;
         }
         let Maps::Blocked(h) = h else {

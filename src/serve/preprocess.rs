@@ -154,30 +154,44 @@ fn normalize(img: &DynamicImage, cfg: &ModelConfig) -> Vec<f32> {
     out
 }
 
-/// `img` at the model's input size: resized whole or, with `resize`, its centre
-/// crop as it would be after resizing the shorter side to `resize`. The crop is
-/// taken from the original first, so a long thin image is never enlarged whole.
+/// `img` at the model's input size: resized whole or, with `resize`, its
+/// shorter side resized to `resize` and the centre cropped (as torchvision and
+/// Pillow do it). An image so elongated that the resized copy would be over
+/// four times as long as it is wide is cropped first, from the original, so a
+/// thin strip is never enlarged whole.
 fn fit<P>(img: ImageBuffer<P, Vec<u8>>, cfg: &ModelConfig) -> ImageBuffer<P, Vec<u8>>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {
     let [h, w] = cfg.input_size;
     let (w, h) = (w as u32, h as u32);
-    let (iw, ih) = img.dimensions();
-    let img = match cfg.resize {
-        None => img,
-        Some(side) => {
-            // Source pixels per pixel of the resized image.
-            let scale = f64::from(iw.min(ih)) / side as f64;
-            let span = |out: u32, of: u32| ((f64::from(out) * scale).round() as u32).clamp(1, of);
-            let (cw, ch) = (span(w, iw), span(h, ih));
-            image::imageops::crop_imm(&img, (iw - cw) / 2, (ih - ch) / 2, cw, ch).to_image()
-        }
+    let resize =
+        |img: ImageBuffer<P, Vec<u8>>, (rw, rh): (u32, u32)| match img.dimensions() == (rw, rh) {
+            true => img,
+            false => image::imageops::resize(&img, rw, rh, FilterType::Triangle),
+        };
+    let Some(side) = cfg.resize else {
+        return resize(img, (w, h));
     };
-    match img.dimensions() == (w, h) {
-        true => img,
-        false => image::imageops::resize(&img, w, h, FilterType::Triangle),
+    let side = side as u64;
+    let (iw, ih) = img.dimensions();
+    let short = u64::from(iw.min(ih));
+    let long = |l: u32| (u64::from(l) * side / short) as u32;
+    let (rw, rh) = if iw <= ih {
+        (side as u32, long(ih))
+    } else {
+        (long(iw), side as u32)
+    };
+    if u64::from(rw.max(rh)) <= 4 * side {
+        let resized = resize(img, (rw, rh));
+        return image::imageops::crop_imm(&resized, (rw - w) / 2, (rh - h) / 2, w, h).to_image();
     }
+    // Source pixels per pixel of the resized image.
+    let scale = short as f64 / side as f64;
+    let span = |out: u32, of: u32| ((f64::from(out) * scale).round() as u32).clamp(1, of);
+    let (cw, ch) = (span(w, iw), span(h, ih));
+    let crop = image::imageops::crop_imm(&img, (iw - cw) / 2, (ih - ch) / 2, cw, ch).to_image();
+    resize(crop, (w, h))
 }
 
 #[cfg(test)]
@@ -197,6 +211,29 @@ mod tests {
             }
         }
         bytes
+    }
+
+    /// ImageNet's resize-and-crop gives the input size, also for a strip so thin
+    /// that resizing it whole would make a 256 × 1,280,000 image.
+    #[test]
+    fn resize_then_centre_crop_gives_the_input_size() {
+        let cfg = ModelConfig {
+            resize: Some(256),
+            ..crate::lab::synth::config(crate::model::Arch::MobileNetV2, 3, 224, 10, 1)
+        };
+        for (w, h) in [(640, 480), (300, 1200), (1, 5000), (5000, 1)] {
+            let img = DynamicImage::new_rgb8(w, h);
+            assert_eq!(normalize(&img, &cfg).len(), 3 * 224 * 224, "{w}x{h}");
+        }
+        // The centre survives the crop: a bright centre column of a wide image.
+        let mut img = image::RgbImage::new(512, 256);
+        for y in 0..256 {
+            img.put_pixel(256, y, image::Rgb([255, 255, 255]));
+        }
+        let x = normalize(&DynamicImage::ImageRgb8(img), &cfg);
+        let row = &x[100 * 224..][..224];
+        let brightest = (0..224).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap();
+        assert!((111..=113).contains(&brightest), "{brightest}");
     }
 
     #[test]

@@ -170,7 +170,8 @@ pub struct EvalArgs {
 
 #[derive(clap::Args)]
 pub struct SynthArgs {
-    /// resnet18, resnet34, resnet50, resnet101 or resnet-small.
+    /// resnet18, resnet34, resnet50, resnet101, resnet-small, vgg16, vgg16-bn,
+    /// vgg16-cifar, mobilenet-v2 or efficientnet-lite0.
     #[arg(long, default_value = "resnet-small")]
     pub arch: String,
     #[arg(long)]

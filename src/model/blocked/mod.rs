@@ -10,22 +10,26 @@
 //! channel count) with a border of the stem conv's padding.
 
 mod conv;
+pub mod depthwise;
 pub mod kernel;
 mod pool;
 
 pub use conv::{PackedConv, Packing, Threads, forward};
+pub use depthwise::PackedDepthwise;
 pub use kernel::LANES;
 pub use pool::{global_average, max_pool_3x3_s2};
 
 /// Whether the blocked convs run every layer of a model of `units`: dense
 /// convs padded within the border (the first may pad more: it reads the planar
-/// input), and ResNet's max-pool. Depthwise convs and VGG's pools run on
-/// candle's ops for now.
+/// input), depthwise ones (after the first), and ResNet's max-pool. Other
+/// grouped convs and VGG's pools run on candle's ops.
 pub fn covers(units: &[crate::model::UnitSpec]) -> bool {
     use crate::model::arch::Pool;
     let mut convs = units.iter().flat_map(|u| &u.convs).enumerate();
-    let convs_ok =
-        convs.all(|(i, c)| c.groups == 1 && (i == 0 || c.padding.within(HALO, c.kernel)));
+    let convs_ok = convs.all(|(i, c)| match i {
+        0 => c.groups == 1,
+        _ => c.is_depthwise() || (c.groups == 1 && c.padding.within(HALO, c.kernel)),
+    });
     convs_ok && units.iter().all(|u| u.pool.is_none_or(|p| p == Pool::Max3))
 }
 
