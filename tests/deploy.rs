@@ -492,6 +492,11 @@ fn files_under(rel: &str) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
         let name = e.unwrap().file_name().into_string().unwrap();
+        // Python's byte-code caches (the tests import benches/onnx_baseline.py):
+        // never in a clean checkout, and left out of the context on purpose.
+        if name == "__pycache__" {
+            continue;
+        }
         out.extend(files_under(&format!(
             "{}/{name}",
             rel.trim_end_matches('/')

@@ -3,17 +3,18 @@
 
 For every architecture it writes a random model (model.toml + base.safetensors,
 float32) into a temporary directory, runs it through the NumPy reference and
-through an ONNX graph built here with the `onnx` package (Conv, BatchNormalization,
-MaxPool, ... run by onnxruntime in float32), and compares the logits. The models
-are narrow (a quarter or less of the real widths) but keep the real depths, names
-and strides; inputs have odd, non-square sizes where the network allows, so that
-padding and pooling edges are exercised. The tensor names and shapes generated
-here are those of torchvision / timm at full width, checked against the parameter
-counts of those libraries (and, when given, against real model directories).
+through the ONNX graph that benches/onnx_baseline.py builds (Conv, BatchNormalization,
+MaxPool, ... run by onnxruntime in float32, graph optimisations off), and compares
+the logits. The models are narrow (a quarter or less of the real widths) but keep
+the real depths, names and strides; inputs have odd, non-square sizes where the
+network allows, so that padding and pooling edges are exercised. The tensor names
+and shapes generated here are those of torchvision / timm at full width, checked
+against the parameter counts of those libraries (and, when given, against real
+model directories).
 
-The graphs here find each network's blocks from the tensor names (as
-benches/onnx_baseline.py does), where the NumPy reference walks fixed tables, and
-use onnxruntime's own padding (auto_pad SAME_UPPER for TensorFlow's "SAME").
+Those graphs find each network's blocks from the tensor names, where the NumPy
+reference walks fixed tables, and use onnxruntime's own padding (auto_pad
+SAME_UPPER for TensorFlow's "SAME"). So this also checks the baseline's graphs.
 
     check_numpy_reference.py                 # all architectures, small; a few seconds
     check_numpy_reference.py --full vgg16    # real widths at 224x224 (vgg16-cifar 32x32), 2 images, timed
@@ -34,14 +35,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "benches"))
 import numpy_reference as ref  # noqa: E402
+from onnx_baseline import build  # noqa: E402
 
 # --------------------------------------------------------------------------------
 # Tensor names and shapes, from torchvision's and timm's model definitions.
@@ -233,204 +235,14 @@ def write_model(d: Path, arch, weights, classes, channels, size, **extra):
 
 
 # --------------------------------------------------------------------------------
-# ONNX graphs
-
-
-class Graph:
-    def __init__(self, w, eps):
-        self.w, self.eps, self.nodes, self.inits, self.n = w, eps, [], {}, 0
-
-    def init(self, name, value=None):
-        if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.asarray(self.w[name] if value is None else value,
-                                                                  np.float32), name)
-        return name
-
-    def op(self, kind, inputs, **attrs):
-        self.n += 1
-        out = f"{kind.lower()}{self.n}"
-        self.nodes.append(helper.make_node(kind, inputs, [out], **attrs))
-        return out
-
-    def conv(self, x, name, stride=1, same=False, bias=False, depthwise=False):
-        wt = self.w[f"{name}.weight"]
-        k = wt.shape[2]
-        pad = {"auto_pad": "SAME_UPPER"} if same else {"pads": [k // 2] * 4}
-        ins = [x, self.init(f"{name}.weight")] + ([self.init(f"{name}.bias")] if bias else [])
-        return self.op("Conv", ins, kernel_shape=[k, k], strides=[stride, stride],
-                       group=wt.shape[0] if depthwise else 1, **pad)
-
-    def bn(self, x, name):
-        return self.op("BatchNormalization",
-                       [x] + [self.init(f"{name}.{p}") for p in ("weight", "bias", "running_mean", "running_var")],
-                       epsilon=self.eps)
-
-    def relu(self, x):
-        return self.op("Relu", [x])
-
-    def relu6(self, x):
-        return self.op("Clip", [x, self.init("zero", 0.0), self.init("six", 6.0)])
-
-    def gemm(self, x, name):
-        return self.op("Gemm", [x, self.init(f"{name}.weight"), self.init(f"{name}.bias")], transB=1)
-
-    def gap(self, x):
-        return self.op("Flatten", [self.op("GlobalAveragePool", [x])])
-
-    def model(self, out, channels, size, classes):
-        g = helper.make_graph(
-            self.nodes, "check",
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size[0], size[1]])],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])], list(self.inits.values()))
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-        onnx.checker.check_model(m)
-        return m
-
-
-def onnx_resnet(g, cfg):
-    w, small = g.w, cfg["arch"] == "resnet-small"
-    x = g.relu(g.bn(g.conv("input", "conv1", int(cfg.get("stem_stride", 1)) if small else 2), "bn1"))
-    if not small:
-        x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    s = 1
-    while f"layer{s}.0.conv1.weight" in w:
-        b = 0
-        while f"layer{s}.{b}.conv1.weight" in w:
-            q, stride = f"layer{s}.{b}", 2 if b == 0 and s > 1 else 1
-            if f"{q}.conv3.weight" in w:
-                h = g.relu(g.bn(g.conv(x, f"{q}.conv1"), f"{q}.bn1"))
-                h = g.relu(g.bn(g.conv(h, f"{q}.conv2", stride), f"{q}.bn2"))
-                h = g.bn(g.conv(h, f"{q}.conv3"), f"{q}.bn3")
-            else:
-                h = g.relu(g.bn(g.conv(x, f"{q}.conv1", stride), f"{q}.bn1"))
-                h = g.bn(g.conv(h, f"{q}.conv2"), f"{q}.bn2")
-            if f"{q}.downsample.0.weight" in w:
-                x = g.bn(g.conv(x, f"{q}.downsample.0", stride), f"{q}.downsample.1")
-            x = g.relu(g.op("Add", [h, x]))
-            b += 1
-        s += 1
-    return g.gemm(g.gap(x), "fc")
-
-
-def adaptive_table(n_in):
-    """PyTorch AdaptiveAvgPool2d((7, 7)) along one axis as [7, n_in] weights, for
-    the input sizes the checks use, written out by hand."""
-    rows = {1: [[0]] * 7,
-            2: [[0], [0], [0], [0, 1], [1], [1], [1]],
-            3: [[0], [0], [0, 1], [1], [1, 2], [2], [2]],
-            7: [[i] for i in range(7)],
-            14: [[2 * i, 2 * i + 1] for i in range(7)]}[n_in]
-    m = np.zeros((7, n_in))
-    for i, r in enumerate(rows):
-        m[i, r] = 1.0 / len(r)
-    return m
-
-
-def onnx_vgg(g, cfg, size):
-    """A max-pool wherever the `features` numbering skips one index; vgg16-cifar has
-    none after its last conv and ends in a global average pool and one Linear."""
-    w, cifar = g.w, cfg["arch"] == "vgg16-cifar"
-    convs = sorted(int(n.split(".")[1]) for n, v in w.items()
-                   if n.startswith("features.") and n.endswith(".weight") and v.ndim == 4)
-    use_bn = "features.1.running_var" in w
-    x, (h, wd) = "input", size
-    for a, i in enumerate(convs):
-        x = g.conv(x, f"features.{i}", bias=True)
-        if use_bn:
-            x = g.bn(x, f"features.{i + 1}")
-        x = g.relu(x)
-        after = (convs[a + 1] if a + 1 < len(convs) else None)
-        step = 3 if use_bn else 2
-        if (after is not None and after - i > step) or (after is None and not cifar):
-            x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
-            h, wd = h // 2, wd // 2
-    if cifar:
-        return g.gemm(g.gap(x), "classifier")
-    if (h, wd) == (14, 14):
-        x = g.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
-    elif (h, wd) != (7, 7):  # x [N, C, h, wd] -> [N, C, 7, 7]: Th x Tw^t per channel
-        th, tw = adaptive_table(h), adaptive_table(wd)
-        x = g.op("MatMul", [g.op("MatMul", [g.init(f"pool{h}", th), x]), g.init(f"pool{wd}t", tw.T)])
-    x = g.op("Flatten", [x])
-    x = g.relu(g.gemm(x, "classifier.0"))
-    x = g.relu(g.gemm(x, "classifier.3"))
-    return g.gemm(x, "classifier.6")
-
-
-def onnx_inverted(g, x, blocks, strides, same):
-    """Inverted-residual blocks: blocks = [(convs, out_channels)], convs =
-    [(conv, batchnorm, depthwise?, relu6?)]; the stride is the depthwise conv's,
-    and the input is added back at stride 1 with equal channels."""
-    for (convs, out_ch), stride in zip(blocks, strides):
-        h = x
-        for conv, bn_name, dw, act in convs:
-            h = g.bn(g.conv(h, conv, stride if dw else 1, same=same, depthwise=dw), bn_name)
-            if act:
-                h = g.relu6(h)
-        first = g.w[f"{convs[0][0]}.weight"]
-        in_ch = first.shape[0] if convs[0][2] else first.shape[1]
-        x = g.op("Add", [x, h]) if stride == 1 and in_ch == out_ch else h
-    return x
-
-
-def onnx_mobilenet_v2(g, cfg):
-    w = g.w
-    x = g.relu6(g.bn(g.conv("input", "features.0.0", 2), "features.0.1"))
-    blocks, i = [], 1
-    while f"features.{i}.conv.0.0.weight" in w:
-        q = f"features.{i}.conv"
-        if f"{q}.3.running_var" in w:  # expansion, depthwise, projection
-            convs = [(f"{q}.0.0", f"{q}.0.1", False, True), (f"{q}.1.0", f"{q}.1.1", True, True),
-                     (f"{q}.2", f"{q}.3", False, False)]
-        else:
-            convs = [(f"{q}.0.0", f"{q}.0.1", True, True), (f"{q}.1", f"{q}.2", False, False)]
-        blocks.append((convs, w[f"{convs[-1][0]}.weight"].shape[0]))
-        i += 1
-    strides = [1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]
-    x = onnx_inverted(g, x, blocks, strides, same=False)
-    x = g.relu6(g.bn(g.conv(x, f"features.{i}.0"), f"features.{i}.1"))
-    return g.gemm(g.gap(x), "classifier.1")
-
-
-def onnx_efficientnet_lite0(g, cfg):
-    w = g.w
-    x = g.relu6(g.bn(g.conv("input", "conv_stem", 2, same=True), "bn1"))
-    blocks, strides, s = [], [], 0
-    while f"blocks.{s}.0.conv_dw.weight" in w:
-        b = 0
-        while f"blocks.{s}.{b}.conv_dw.weight" in w:
-            q = f"blocks.{s}.{b}"
-            if f"{q}.conv_pwl.weight" in w:
-                convs = [(f"{q}.conv_pw", f"{q}.bn1", False, True), (f"{q}.conv_dw", f"{q}.bn2", True, True),
-                         (f"{q}.conv_pwl", f"{q}.bn3", False, False)]
-            else:
-                convs = [(f"{q}.conv_dw", f"{q}.bn1", True, True), (f"{q}.conv_pw", f"{q}.bn2", False, False)]
-            blocks.append((convs, w[f"{convs[-1][0]}.weight"].shape[0]))
-            strides.append([1, 2, 2, 2, 1, 2, 1][s] if b == 0 else 1)
-            b += 1
-        s += 1
-    x = onnx_inverted(g, x, blocks, strides, same=True)
-    x = g.relu6(g.bn(g.conv(x, "conv_head", same=True), "bn2"))
-    return g.gemm(g.gap(x), "classifier")
+# ONNX graphs: benches/onnx_baseline.py's, run unoptimised
 
 
 def onnx_model(model_dir: Path, weights=None):
-    cfg = ref.load_config(model_dir)
-    w = weights if weights is not None else load_file(str(model_dir / "base.safetensors"))
-    g = Graph(w, float(cfg.get("bn_eps", 1e-5)))
-    arch, size = cfg["arch"], cfg["input_size"]
-    if arch.startswith("resnet"):
-        out = onnx_resnet(g, cfg)
-    elif arch.startswith("vgg"):
-        out = onnx_vgg(g, cfg, size)
-    elif arch == "mobilenet-v2":
-        out = onnx_mobilenet_v2(g, cfg)
-    else:
-        out = onnx_efficientnet_lite0(g, cfg)
-    m = g.model(out, cfg["channels"], size, len(cfg["labels"]))
+    model, _ = build(model_dir, weights)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------------
