@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! models/<model>/model.toml
-//! models/<model>/base.safetensors            (torchvision tensor names)
+//! models/<model>/base.safetensors            (torchvision or timm tensor names)
 //! models/<model>/signatures/<name>.rws.safetensors
 //! ```
 
