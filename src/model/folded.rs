@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::arch::{Act, Padding, Pool, Reduce, Shortcut};
 use super::blocked::{self, Maps, PackedConv, PackedDepthwise};
-use super::{ConvSpec, UnitSpec};
+use super::{ConvSpec, HeadSpec, UnitSpec};
 use crate::Result;
 
 /// A conv with BatchNorm folded in: `conv(x, weight) + bias`.
@@ -38,11 +38,11 @@ pub enum CpuConv {
 }
 
 impl CpuConv {
-    /// Whether a model of `units` on `device` runs its convs on blocked maps:
+    /// Whether a model of `units` and `head` on `device` runs on blocked maps:
     /// rws's convs are CPU-only, so a GPU always runs candle's, and so does a
     /// model with layers they do not cover yet.
-    pub(super) fn blocked_on(self, device: &Device, units: &[UnitSpec]) -> bool {
-        device.is_cpu() && self == CpuConv::Blocked && blocked::covers(units)
+    pub(super) fn blocked_on(self, device: &Device, units: &[UnitSpec], head: &HeadSpec) -> bool {
+        device.is_cpu() && self == CpuConv::Blocked && blocked::covers(units, head)
     }
 }
 

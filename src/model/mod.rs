@@ -150,8 +150,7 @@ impl Model {
         let eps = config.bn_eps;
         let mut units = config.arch.units(config.channels);
         let head_spec = config.arch.head(config.channels, classes);
-        let blocked =
-            conv.blocked_on(device, &units) && head_spec.reduce == arch::Reduce::GlobalAverage;
+        let blocked = conv.blocked_on(device, &units, &head_spec);
         let trunk_specs = units.split_off(1 + config.patchable_blocks);
         let mut take = |name: &str| params.remove(name).expect("checked above");
         let stem_layers: Vec<PatchLayer> = (units.iter())
@@ -189,10 +188,7 @@ impl Model {
                     .collect::<Result<_>>()?,
             },
         };
-        // The lanes kernel lays out dense convs only; a stem with a depthwise
-        // conv folds through the row kernel and lays out after.
-        let dense_stem = stem_layers.iter().all(|l| !l.spec.is_depthwise());
-        let packed_stem = (blocked && dense_stem).then(|| PackedStem::new(&stem_layers));
+        let packed_stem = blocked.then(|| PackedStem::new(&stem_layers)).flatten();
         #[cfg(feature = "cuda")]
         let cuda_stem = match device {
             Device::Cuda(d) => Some(cuda::CudaStem::upload(&stem_layers, d)?),

@@ -42,7 +42,13 @@ impl PackedLayer {
 }
 
 impl PackedStem {
-    pub(super) fn new(layers: &[PatchLayer]) -> Self {
+    /// `None` for a stem with a depthwise conv: the lanes kernel lays out dense
+    /// convs only, so such a stem folds through the row kernel and is laid out
+    /// after.
+    pub(super) fn new(layers: &[PatchLayer]) -> Option<Self> {
+        if layers.iter().any(|l| l.spec.is_depthwise()) {
+            return None;
+        }
         let layers = (layers.iter().enumerate())
             .map(|(i, l)| {
                 let packing = Packing {
@@ -58,10 +64,10 @@ impl PackedStem {
                 }
             })
             .collect();
-        PackedStem {
+        Some(PackedStem {
             layers,
             deltas: SignatureCache::default(),
-        }
+        })
     }
 
     /// `sig`'s weight deltas in the packed order, laid out on first use.

@@ -31,13 +31,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benches"))
 from onnx_baseline import build  # noqa: E402
 from rws.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
+from numpy_reference import preprocess  # noqa: E402
 from signatures import patched  # noqa: E402
 
 MIX = "onnx-reference-mix"
@@ -62,19 +62,6 @@ class Reference:
             self.sessions[key] = ort.InferenceSession(model.SerializeToString(), self.so,
                                                       providers=["CPUExecutionProvider"])
         return self.sessions[key].run(None, {"input": x})[0][0]
-
-
-def preprocess(path, cfg):
-    img = Image.open(path)
-    img = img.convert("L" if cfg["channels"] == 1 else "RGB")
-    h, w = cfg["input_size"]
-    if img.size != (w, h):
-        raise SystemExit(f"{path}: expected {w}x{h}; this check sends images at the model's size")
-    x = np.asarray(img, np.float32) / 255.0
-    x = x.reshape(h, w, cfg["channels"]).transpose(2, 0, 1)
-    mean = np.asarray(cfg["mean"], np.float32)[:, None, None]
-    std = np.asarray(cfg["std"], np.float32)[:, None, None]
-    return ((x - mean) / std)[None].astype(np.float32)
 
 
 def main():
@@ -102,7 +89,7 @@ def main():
     for path in sorted(a.images.glob("*.png")):
         kind, _, label = path.stem.rsplit("_", 2)
         label = int(label)
-        x = preprocess(path, cfg)
+        x = preprocess(path, cfg)[None].astype(np.float32)
         data = path.read_bytes()
         profiles = ["clean", "auto", MIX] + ([kind] if kind in table and kind != "clean" else [])
         for profile in profiles:

@@ -19,18 +19,21 @@ pub use depthwise::PackedDepthwise;
 pub use kernel::LANES;
 pub use pool::{global_average, max_pool_3x3_s2};
 
-/// Whether the blocked convs run every layer of a model of `units`: dense
-/// convs padded within the border (the first may pad more: it reads the planar
-/// input), depthwise ones (after the first), and ResNet's max-pool. Other
-/// grouped convs and VGG's pools run on candle's ops.
-pub fn covers(units: &[crate::model::UnitSpec]) -> bool {
-    use crate::model::arch::Pool;
+/// Whether the blocked path runs every layer of a model of `units` and `head`:
+/// dense convs padded within the border (the first may pad more: it reads the
+/// planar input), depthwise ones (after the first), ResNet's max-pool, and a
+/// classifier after global average pooling. Other grouped convs, VGG's pools
+/// and its flattening classifier run on candle's ops.
+pub fn covers(units: &[crate::model::UnitSpec], head: &crate::model::HeadSpec) -> bool {
+    use crate::model::arch::{Pool, Reduce};
     let mut convs = units.iter().flat_map(|u| &u.convs).enumerate();
     let convs_ok = convs.all(|(i, c)| match i {
         0 => c.groups == 1,
         _ => c.is_depthwise() || (c.groups == 1 && c.padding.within(HALO, c.kernel)),
     });
-    convs_ok && units.iter().all(|u| u.pool.is_none_or(|p| p == Pool::Max3))
+    convs_ok
+        && units.iter().all(|u| u.pool.is_none_or(|p| p == Pool::Max3))
+        && head.reduce == Reduce::GlobalAverage
 }
 
 /// What a layer reads or writes: the model's planar input, or blocked activations.
