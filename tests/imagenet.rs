@@ -68,10 +68,19 @@ async fn classify(
     client: &mut InferenceClient<tonic::transport::Channel>,
     path: &Path,
 ) -> pb::ClassifyResponse {
+    classify_with(client, path, "").await
+}
+
+async fn classify_with(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    path: &Path,
+    profile: &str,
+) -> pb::ClassifyResponse {
     let request = pb::ClassifyRequest {
         input: Some(pb::classify_request::Input::Image(
             std::fs::read(path).unwrap(),
         )),
+        profile: profile.into(),
         top_k: 3,
         return_logits: true,
         ..Default::default()
@@ -163,4 +172,55 @@ async fn real_photos_get_the_reference_classes_through_the_server() {
         top.contains(" cat (class 28") || top.contains("tabby"),
         "{out}"
     );
+
+    // The committed signatures (scripts/imagenet-signatures.sh) patch the fetched
+    // base: chelsea under fog, served with each signature's profile, gets the
+    // NumPy reference's answer with that signature applied.
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["fog", "contrast", "gaussian_noise", "impulse_noise"] {
+        let foggy = dir.path().join(format!("chelsea-{kind}.png"));
+        let made = Command::new(env!("CARGO_BIN_EXE_rws"))
+            .args(["corrupt", "--kind", kind, "--severity", "3"])
+            .arg(format!("{PHOTOS}/chelsea.png"))
+            .arg(&foggy)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reference = ok(Command::new(python().unwrap())
+            .arg("tests/python/numpy_reference.py")
+            .args([
+                "--model-dir",
+                MODEL_DIR,
+                "--top",
+                "1",
+                "--patch",
+                &format!("{kind}=1"),
+            ])
+            .arg("--images")
+            .arg(&foggy));
+        let reference: serde_json::Value = serde_json::from_str(&reference).unwrap();
+        let want: Vec<f64> = (reference["images"][0]["logits"].as_array().unwrap().iter())
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let served = classify_with(&mut client, &foggy, kind).await;
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = (served.logits.iter().zip(&want))
+            .fold(0f64, |m, (g, w)| m.max((f64::from(*g) - w).abs()));
+        let top = served.top_k[0].index as usize;
+        let want_top = rws::model::argmax(&want.iter().map(|v| *v as f32).collect::<Vec<_>>());
+        let clean = classify(&mut client, &foggy).await;
+        let _ = writeln!(
+            std::io::stderr(),
+            "chelsea under {kind} 3: clean says {:?}, {kind} says {:?} (reference: class {want_top}, relative logit difference {:.3})",
+            clean.top_k[0].label,
+            served.top_k[0].label,
+            diff / scale
+        );
+        assert_eq!(top, want_top, "{kind}");
+        assert!(
+            diff / scale < 0.08,
+            "{kind}: relative logit difference {}",
+            diff / scale
+        );
+    }
 }

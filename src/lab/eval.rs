@@ -88,6 +88,7 @@ impl Run {
             pre: &self.pre,
             std: &self.std,
             robust: &self.robust[&kind],
+            served: &self.std,
             blocks,
             quant,
             batch_norm,
@@ -493,6 +494,7 @@ fn showcase(
             x,
             y: vec![u32::from(test.labels[i])],
             size: crate::lab::data::PIXELS,
+            teacher: None,
         };
         let predict = |stem: &Stem| -> Result<usize> {
             let l = served.logits(stem, &one)?;

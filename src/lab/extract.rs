@@ -12,10 +12,14 @@
 //!
 //! BatchNorm: the affine weight and bias are parameters like the conv weights and
 //! get the same projection. The running mean and variance are statistics of the
-//! activations the corrupted data produces, not learned directions, so they are
-//! carried unprojected: the mean as `rob - pre`, the variance as the log ratio
-//! `ln(rob / pre)` (applied multiplicatively by the kernel, so it stays positive
-//! at any alpha).
+//! activations the data produces, not learned directions, so they are carried
+//! as the change the corruption alone makes to them: the mean as `rob - std`,
+//! the variance as the log ratio `ln(rob / std)` (applied multiplicatively by the
+//! kernel, so it stays positive at any alpha). Measured against `std`, which saw
+//! the same images clean, they leave out what the training images themselves
+//! move; that matters when those are a few photos unlike the base's training
+//! set (distillation), and is next to nothing when `std` and `pre` saw the same
+//! data (the MNIST pipeline).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -92,6 +96,10 @@ pub struct Extraction<'a> {
     pub pre: &'a Checkpoint,
     pub std: &'a Checkpoint,
     pub robust: &'a Checkpoint,
+    /// The base the signature is served on; its fingerprint is recorded. It is
+    /// `std` when the fine-tuned clean model is what gets served, `pre` when the
+    /// original is (after distillation).
+    pub served: &'a Checkpoint,
     /// conv1 plus this many blocks.
     pub blocks: usize,
     pub quant: Quant,
@@ -101,7 +109,7 @@ pub struct Extraction<'a> {
     pub default_alpha: f32,
 }
 
-/// Extracts the signature. Its fingerprint is that of `std`, the served base.
+/// Extracts the signature, for the base `served`.
 pub fn extract(e: &Extraction) -> Result<Signature> {
     let mut deltas = BTreeMap::new();
     for (name, shape) in shallow_tensors(e.cfg, e.blocks)? {
@@ -113,17 +121,15 @@ pub fn extract(e: &Extraction) -> Result<Signature> {
         let rob = flat(e.robust, &name, "robust")?;
         let rws = if name.ends_with("running_var") {
             rob.iter()
-                .zip(&pre)
-                .map(|(r, p)| (r.max(f32::MIN_POSITIVE) / p.max(f32::MIN_POSITIVE)).ln())
+                .zip(&std)
+                .map(|(r, s)| (r.max(f32::MIN_POSITIVE) / s.max(f32::MIN_POSITIVE)).ln())
                 .collect()
+        } else if name.ends_with("running_mean") {
+            rob.iter().zip(&std).map(|(r, s)| r - s).collect()
         } else {
             let tau_rob: Vec<f32> = rob.iter().zip(&pre).map(|(r, p)| r - p).collect();
-            if name.ends_with("running_mean") {
-                tau_rob
-            } else {
-                let tau_std: Vec<f32> = std.iter().zip(&pre).map(|(s, p)| s - p).collect();
-                project_out(&tau_rob, &tau_std)
-            }
+            let tau_std: Vec<f32> = std.iter().zip(&pre).map(|(s, p)| s - p).collect();
+            project_out(&tau_rob, &tau_std)
         };
         let quant = if shape.len() == 1 && matches!(e.quant, Quant::Int8 | Quant::Int4) {
             Quant::F32
@@ -138,7 +144,7 @@ pub fn extract(e: &Extraction) -> Result<Signature> {
             },
         );
     }
-    let base = Model::from_tensors(e.cfg.clone(), e.std, &Device::Cpu)?;
+    let base = Model::from_tensors(e.cfg.clone(), e.served, &Device::Cpu)?;
     Signature::new(
         SignatureMeta {
             arch: e.cfg.arch.name().into(),

@@ -5,9 +5,11 @@
 //! tests and benchmarks ([`synth`]). It uses the model and patching code; the
 //! serving core never uses it.
 
+pub mod conv;
 pub mod corrupt;
 pub mod data;
 pub mod detector;
+pub mod distill;
 pub mod eval;
 pub mod extract;
 pub mod plot;

@@ -192,7 +192,10 @@ impl Study {
         let seeds = self.per_seed(|s| s.results.seed);
         let _ = writeln!(
             s,
-            "# Results: Robust Weight Signatures on real MNIST digits\n"
+            "# Results: Robust Weight Signatures on real MNIST digits\n\n\
+             For a real ImageNet model whose training data rws does not have (EfficientNet-Lite0, \
+             signatures made by distillation under corruption from six unlabelled photos), see \
+             [DISTILLATION.md](DISTILLATION.md): that sample is 20 labelled photos, and its results are there.\n"
         );
         let _ = writeln!(
             s,
@@ -429,8 +432,8 @@ impl Study {
         let _ = writeln!(
             s,
             "**BatchNorm.** Signatures carry the patched units' BatchNorm weight and bias as projected deltas (like the conv \
-             weights), the running mean as the unprojected delta `rob - pre`, and the running variance as the log ratio \
-             `ln(rob / pre)`, which the kernel applies as `var · exp(alpha · d)` so no alpha can make a variance negative \
+             weights), the running mean as the change the corruption alone makes, `rob - std`, and the running variance as the log ratio \
+             `ln(rob / std)`, which the kernel applies as `var · exp(alpha · d)` so no alpha can make a variance negative \
              (an additive, projected variance delta did: the first fog signature was refused at alpha = 1). The kernel folds \
              them per channel. The *conv only* column drops them: mean corrupted accuracy at severity 3 is {} with BatchNorm deltas and {} without.\n",
             sev3(|x| x.patched_corrupted),

@@ -60,9 +60,39 @@ impl Estimate {
     }
 }
 
+/// The 95% Wilson score interval for `k` successes in `n` trials, as fractions:
+/// unlike the normal approximation it stays inside [0, 1] and is honest at the
+/// small samples and extreme rates these evaluations have.
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let (n, p) = (n as f64, k as f64 / n as f64);
+    let centre = p + Z * Z / (2.0 * n);
+    let spread = Z * (p * (1.0 - p) / n + Z * Z / (4.0 * n * n)).sqrt();
+    let denom = 1.0 + Z * Z / n;
+    (
+        ((centre - spread) / denom).max(0.0),
+        ((centre + spread) / denom).min(1.0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wilson_matches_the_published_interval() {
+        let (lo, hi) = wilson(17, 20);
+        assert!(
+            (lo - 0.640).abs() < 5e-4 && (hi - 0.948).abs() < 5e-4,
+            "{lo} {hi}"
+        );
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+        let (lo, hi) = wilson(20, 20);
+        assert!((hi - 1.0).abs() < 1e-9 && (lo - 0.839).abs() < 5e-4, "{lo}");
+    }
 
     #[test]
     fn mean_and_sample_standard_deviation() {

@@ -6,16 +6,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{
-    BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, ModuleT, Optimizer, VarBuilder,
-    VarMap,
-};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, ModuleT, Optimizer, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
+use crate::lab::conv;
 use crate::lab::corrupt::Corruption;
 use crate::lab::data::{self, Digits};
-use crate::model::arch::{Padding, Reduce};
+use crate::model::arch::Reduce;
 use crate::model::repo::ModelConfig;
 use crate::model::{Arch, ConvSpec, UnitSpec, classify_head, forward_unit, pad_for};
 use crate::rng::Rng;
@@ -28,6 +26,9 @@ pub struct Batchable {
     pub y: Vec<u32>,
     /// Values per image.
     pub size: usize,
+    /// A teacher's logits for each image (`classes` values each): when present,
+    /// training matches them (distillation) instead of the labels.
+    pub teacher: Option<Vec<f32>>,
 }
 
 impl Batchable {
@@ -93,10 +94,11 @@ pub fn init_tensors(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tens
     Ok(out)
 }
 
-/// One trainable conv: the conv (padded by `padding` when that is TensorFlow's)
-/// and its BatchNorm.
+/// One trainable conv: its weight and bias (run by [`conv::conv2d`], after
+/// [`pad_for`]) and its BatchNorm.
 struct TrainConv {
-    conv: Conv2d,
+    weight: Tensor,
+    bias: Option<Tensor>,
     bn: Option<BatchNorm>,
     spec: ConvSpec,
 }
@@ -104,24 +106,70 @@ struct TrainConv {
 /// A trainable network. Its variables start as copies of the given tensors.
 pub struct Net {
     varmap: VarMap,
+    /// Tensors held constant: the units from `trainable_units` on and the head,
+    /// when only the stem trains.
+    frozen: HashMap<String, Tensor>,
     units: Vec<(UnitSpec, Vec<TrainConv>)>,
+    /// Units before this index train; the rest run as in inference (BatchNorm
+    /// on its running statistics).
+    trainable_units: usize,
     reduce: Reduce,
     linears: Vec<Linear>,
 }
 
 impl Net {
+    /// Every parameter trains.
     pub fn new(cfg: &ModelConfig, init: &HashMap<String, Tensor>, device: &Device) -> Result<Net> {
+        Net::build(cfg, init, usize::MAX, device)
+    }
+
+    /// Only the patchable stem (conv1 plus `patchable_blocks` blocks) trains: what
+    /// a signature keeps is all that moves, and the frozen trunk needs no weight
+    /// gradients.
+    pub fn stem_only(
+        cfg: &ModelConfig,
+        init: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Net> {
+        Net::build(cfg, init, cfg.patchable_blocks + 1, device)
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        init: &HashMap<String, Tensor>,
+        trainable_units: usize,
+        device: &Device,
+    ) -> Result<Net> {
+        let specs = cfg.arch.units(cfg.channels);
+        let trains: std::collections::HashSet<String> = match trainable_units >= specs.len() {
+            true => init.keys().cloned().collect(),
+            false => (specs[..trainable_units].iter())
+                .flat_map(|u| u.convs.iter().flat_map(|c| c.tensors()))
+                .map(|(name, _)| name)
+                .collect(),
+        };
         let varmap = VarMap::new();
+        let mut frozen = HashMap::new();
         {
             let mut vars = varmap.data().lock().expect("fresh varmap");
             for (name, t) in init {
-                vars.insert(
-                    name.clone(),
-                    Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?,
-                );
+                let t = t.to_dtype(DType::F32)?.to_device(device)?;
+                match trains.contains(name) {
+                    true => {
+                        vars.insert(name.clone(), Var::from_tensor(&t)?);
+                    }
+                    false => {
+                        frozen.insert(name.clone(), t);
+                    }
+                }
             }
         }
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let train_vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let frozen_vb = VarBuilder::from_tensors(frozen.clone(), DType::F32, device);
+        let vb_for = |unit: usize| match unit < trainable_units {
+            true => &train_vb,
+            false => &frozen_vb,
+        };
         let bn_cfg = BatchNormConfig {
             eps: cfg.bn_eps as f64,
             remove_mean: true,
@@ -129,28 +177,34 @@ impl Net {
             momentum: 0.1,
         };
         let mut units = Vec::new();
-        for unit in cfg.arch.units(cfg.channels) {
+        for (u, unit) in specs.into_iter().enumerate() {
+            let vb = vb_for(u);
             let convs = (unit.convs.iter())
                 .map(|c| {
-                    let conv_cfg = Conv2dConfig {
-                        padding: match c.padding {
-                            Padding::Symmetric(p) => p,
-                            Padding::Same => 0,
-                        },
-                        stride: c.stride,
-                        groups: c.groups,
-                        ..Default::default()
-                    };
-                    let (i, o, k, at) = (c.in_channels, c.out_channels, c.kernel, vb.pp(&c.conv));
-                    let conv = match c.bias {
-                        true => candle_nn::conv2d(i, o, k, conv_cfg, at)?,
-                        false => candle_nn::conv2d_no_bias(i, o, k, conv_cfg, at)?,
-                    };
+                    let (o, at) = (c.out_channels, vb.pp(&c.conv));
+                    let shape = (o, c.in_channels / c.groups, c.kernel, c.kernel);
+                    let weight = at.get(shape, "weight")?;
+                    let bias = c.bias.then(|| at.get(o, "bias")).transpose()?;
                     let bn = (c.bn.as_ref())
                         .map(|bn| candle_nn::batch_norm(o, bn_cfg, vb.pp(bn)))
                         .transpose()?;
+                    if u >= trainable_units
+                        && let Some(bn) = &bn
+                    {
+                        // Frozen: BatchNorm folded in saves its four
+                        // elementwise passes forward and back.
+                        let (weight, bias) =
+                            fold_batch_norm(&weight, bias.as_ref(), bn, cfg.bn_eps)?;
+                        return Ok(TrainConv {
+                            weight,
+                            bias: Some(bias),
+                            bn: None,
+                            spec: c.clone(),
+                        });
+                    }
                     Ok(TrainConv {
-                        conv,
+                        weight,
+                        bias,
                         bn,
                         spec: c.clone(),
                     })
@@ -159,10 +213,11 @@ impl Net {
             units.push((unit, convs));
         }
         let head = cfg.arch.head(cfg.channels, cfg.labels.len());
+        let vb = vb_for(usize::MAX);
         let linears = (head.linears.iter())
             .map(|l| candle_nn::linear(l.inputs, l.outputs, vb.pp(&l.name)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        if varmap.all_vars().len() != init.len() {
+        if varmap.all_vars().len() + frozen.len() != init.len() {
             bail!(
                 InvalidArgument,
                 "initial tensors do not match the architecture's parameters"
@@ -170,7 +225,9 @@ impl Net {
         }
         Ok(Net {
             varmap,
+            frozen,
             units,
+            trainable_units,
             reduce: head.reduce,
             linears,
         })
@@ -178,12 +235,15 @@ impl Net {
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
-        for (unit, convs) in &self.units {
+        for (u, (unit, convs)) in self.units.iter().enumerate() {
+            let train = train && u < self.trainable_units;
             h = forward_unit(unit, convs, &h, |c, x, then| {
-                use candle_core::Module;
                 let s = &c.spec;
-                let (x, _) = pad_for(x, s.padding, s.kernel, s.stride)?;
-                let y = c.conv.forward(&x)?;
+                let (x, pad) = pad_for(x, s.padding, s.kernel, s.stride)?;
+                let mut y = conv::conv2d(&x, &c.weight, pad, s.stride, s.groups)?;
+                if let Some(b) = &c.bias {
+                    y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+                }
                 then.apply(match &c.bn {
                     Some(bn) => bn.forward_t(&y, train)?,
                     None => y,
@@ -202,19 +262,20 @@ impl Net {
     /// A snapshot of every parameter and running statistic, copied out of the variables.
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         let vars = self.varmap.data().lock().expect("varmap");
-        vars.iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?.copy()?)))
+        (vars.iter().map(|(k, v)| (k, v.as_tensor())))
+            .chain(&self.frozen)
+            .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.copy()?)))
             .collect()
     }
 
-    /// Trains on `data` and returns the final mean loss over the last tenth of steps.
+    /// Trains on `data`.
     pub fn fit(
         &self,
         cfg: &ModelConfig,
         data: &Batchable,
         s: &Schedule,
         label: &str,
-    ) -> Result<f32> {
+    ) -> Result<Losses> {
         if data.is_empty() || s.batch == 0 {
             bail!(InvalidArgument, "nothing to train on");
         }
@@ -234,8 +295,8 @@ impl Net {
             .expect("valid template"),
         );
         bar.set_prefix(label.to_string());
-        let tail = (s.steps / 10).max(1);
-        let mut tail_loss = 0f32;
+        let tenth = (s.steps / 10).max(1);
+        let mut losses = Losses::default();
         for step in 0..s.steps {
             if order.len() < s.batch {
                 order = shuffled(data.len(), &mut rng);
@@ -245,18 +306,68 @@ impl Net {
             let lr =
                 s.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / s.steps as f64).cos());
             opt.set_learning_rate(lr);
-            let loss = candle_nn::loss::cross_entropy(&self.forward_t(&x, true)?, &y)?;
+            let logits = self.forward_t(&x, true)?;
+            let loss = match &data.teacher {
+                None => candle_nn::loss::cross_entropy(&logits, &y)?,
+                Some(teacher) => {
+                    let classes = logits.dim(1)?;
+                    let t: Vec<f32> = (idx.iter())
+                        .flat_map(|&i| &teacher[i * classes..(i + 1) * classes])
+                        .copied()
+                        .collect();
+                    distillation_loss(&logits, &Tensor::from_vec(t, logits.shape(), &device)?)?
+                }
+            };
             opt.backward_step(&loss)?;
             let l = loss.to_scalar::<f32>()?;
-            if step >= s.steps - tail {
-                tail_loss += l / tail as f32;
+            if step < tenth {
+                losses.first += l / tenth as f32;
+            }
+            if step >= s.steps.saturating_sub(tenth) {
+                losses.last += l / tenth as f32;
             }
             bar.set_message(format!("{l:.3}"));
             bar.inc(1);
         }
         bar.finish();
-        Ok(tail_loss)
+        Ok(losses)
     }
+}
+
+/// The mean training loss over the first and the last tenth of the steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Losses {
+    pub first: f32,
+    pub last: f32,
+}
+
+/// A frozen conv's weight and bias with its BatchNorm (on running statistics)
+/// folded in.
+fn fold_batch_norm(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    bn: &BatchNorm,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (gamma, beta) = bn.weight_and_bias().expect("BatchNorm built affine");
+    let scale = (gamma / (bn.running_var() + f64::from(eps))?.sqrt()?)?;
+    let mean = match bias {
+        Some(b) => (bn.running_mean() - b)?,
+        None => bn.running_mean().clone(),
+    };
+    let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+    // BatchNorm keeps its statistics in variables; the folded copy must not
+    // track them, or backward would give the frozen weights gradients.
+    Ok((weight.detach(), (beta - (mean * scale)?)?.detach()))
+}
+
+/// KL(teacher || student) over the classes, averaged over the batch: zero
+/// exactly when the student's output distribution is the teacher's.
+fn distillation_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    use candle_nn::ops::log_softmax;
+    let log_t = log_softmax(teacher, 1)?;
+    let kl = (log_t.exp()? * (&log_t - log_softmax(student, 1)?)?)?.sum(1)?;
+    Ok(kl.mean_all()?)
 }
 
 /// 0..n in a seeded random order (Fisher-Yates).
@@ -306,6 +417,7 @@ pub fn prepare(
         x: images.concat(),
         y: digits.labels.iter().map(|&l| u32::from(l)).collect(),
         size: data::PIXELS,
+        teacher: None,
     }
 }
 
@@ -416,7 +528,7 @@ pub fn run_pipeline(train: &Digits, o: &PipelineOptions, out: &Path) -> Result<(
      -> Result<HashMap<String, Tensor>> {
         let net = Net::new(&cfg, from, &device)?;
         let loss = net.fit(&cfg, data, &sched(o.finetune_steps, 5e-4, seed), role)?;
-        tracing::info!(role, loss, "fine-tuned");
+        tracing::info!(role, loss = loss.last, "fine-tuned");
         net.tensors()
     };
 

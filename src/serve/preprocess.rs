@@ -159,7 +159,7 @@ fn normalize(img: &DynamicImage, cfg: &ModelConfig) -> Vec<f32> {
 /// Pillow do it). An image so elongated that the resized copy would be over
 /// four times as long as it is wide is cropped first, from the original, so a
 /// thin strip is never enlarged whole.
-fn fit<P>(img: ImageBuffer<P, Vec<u8>>, cfg: &ModelConfig) -> ImageBuffer<P, Vec<u8>>
+pub fn fit<P>(img: ImageBuffer<P, Vec<u8>>, cfg: &ModelConfig) -> ImageBuffer<P, Vec<u8>>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {

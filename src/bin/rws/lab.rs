@@ -103,6 +103,51 @@ pub struct TrainDetectorArgs {
 }
 
 #[derive(clap::Args)]
+pub struct DistillArgs {
+    /// The model directory (model.toml and base.safetensors) to make signatures for.
+    #[arg(long, default_value = "models/efficientnet-lite0")]
+    pub model: PathBuf,
+    /// Unlabelled photos (PNG or JPEG) to cut crops from; keep your evaluation photos out.
+    #[arg(required = true)]
+    pub photos: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = DISTILL_KINDS)]
+    pub kinds: Vec<Corruption>,
+    #[arg(long, default_value_t = 512)]
+    pub crops: usize,
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value = "runs/distill")]
+    pub out: PathBuf,
+}
+
+/// Corruptions whose look does not depend on the image size (see `Corruption::apply_rgb`).
+pub const DISTILL_KINDS: &str = "fog,contrast,gaussian_noise,impulse_noise";
+
+#[derive(clap::Args)]
+pub struct DistillEvalArgs {
+    #[arg(long, default_value = "models/efficientnet-lite0")]
+    pub model: PathBuf,
+    /// Held-out photos with a labels.json (file name to class index).
+    #[arg(long, default_value = "data/imagenet/foolbox")]
+    pub images: PathBuf,
+    #[arg(required = true)]
+    pub signatures: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "3,5")]
+    pub severities: Vec<u8>,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 pub struct ExtractArgs {
     #[arg(long)]
     pub pre: PathBuf,
@@ -110,9 +155,10 @@ pub struct ExtractArgs {
     pub std: PathBuf,
     #[arg(long)]
     pub robust: PathBuf,
-    /// Blocks after conv1 to keep (the stem is conv1 + this many blocks).
-    #[arg(long, default_value_t = 1)]
-    pub units: usize,
+    /// Blocks after conv1 to keep (the stem is conv1 + this many blocks);
+    /// default: the model's `patchable_blocks`.
+    #[arg(long)]
+    pub units: Option<usize>,
     #[arg(long, default_value = "int8")]
     pub quant: Quant,
     /// model.toml describing the checkpoints; default: next to --std.
@@ -126,6 +172,10 @@ pub struct ExtractArgs {
     /// Leave BatchNorm deltas out (conv weights only).
     #[arg(long)]
     pub no_batch_norm: bool,
+    /// The base the signature will be served on, whose fingerprint it records;
+    /// default: --std. After `rws distill`, the original base (--pre).
+    #[arg(long)]
+    pub served: Option<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -401,6 +451,7 @@ pub fn extract(args: ExtractArgs) -> Result<()> {
         corruption,
         alpha,
         no_batch_norm,
+        served,
         out,
     } = args;
     let config = config.unwrap_or_else(|| std.with_file_name("model.toml"));
@@ -413,13 +464,15 @@ pub fn extract(args: ExtractArgs) -> Result<()> {
         stem.strip_prefix("rob-").unwrap_or(&stem).to_string()
     });
     let load = |p: &PathBuf| rws::lab::extract::load_checkpoint(p);
+    let served = served.as_ref().map(load).transpose()?;
     let (pre, std, rob) = (load(&pre)?, load(&std)?, load(&robust)?);
     let sig = rws::lab::extract::extract(&rws::lab::extract::Extraction {
         cfg: &cfg,
         pre: &pre,
         std: &std,
         robust: &rob,
-        blocks: units,
+        served: served.as_ref().unwrap_or(&std),
+        blocks: units.unwrap_or(cfg.patchable_blocks),
         quant,
         batch_norm: !no_batch_norm,
         corruption,
@@ -432,6 +485,63 @@ pub fn extract(args: ExtractArgs) -> Result<()> {
         sig.stored_bytes(),
         sig.quant_summary()
     );
+    Ok(())
+}
+
+pub fn distill(args: DistillArgs) -> Result<()> {
+    let DistillArgs {
+        model,
+        photos,
+        kinds,
+        crops,
+        steps,
+        batch,
+        lr,
+        seed,
+        out,
+    } = args;
+    let opts = rws::lab::distill::DistillOptions {
+        kinds,
+        crops,
+        steps,
+        batch,
+        lr,
+        seed,
+    };
+    let start = std::time::Instant::now();
+    rws::lab::distill::run(&model, &photos, &opts, &out)?;
+    println!(
+        "distilled {} in {:.0} s; next: rws extract --pre {base} --served {base} --std {out}/std.safetensors --robust {out}/rob-KIND.safetensors --config {out}/model.toml --out SIGNATURE",
+        out.display(),
+        start.elapsed().as_secs_f64(),
+        base = model.join("base.safetensors").display(),
+        out = out.display(),
+    );
+    Ok(())
+}
+
+pub fn distill_eval(args: DistillEvalArgs) -> Result<()> {
+    let DistillEvalArgs {
+        model,
+        images,
+        signatures,
+        severities,
+        seed,
+        json,
+    } = args;
+    for s in &severities {
+        rws::lab::corrupt::parse_severity(*s)?;
+    }
+    let (cfg, base) = rws::lab::distill::load_model(&model)?;
+    let sigs = (signatures.iter())
+        .map(|p| Ok(std::sync::Arc::new(Signature::load(p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let images = rws::lab::distill::labelled(&images)?;
+    let rows = rws::lab::distill::evaluate(&cfg, &base, &sigs, &images, &severities, seed)?;
+    print!("{}", rws::lab::distill::markdown(&rows));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    }
     Ok(())
 }
 

@@ -72,6 +72,11 @@ enum Cmd {
     Train(lab::TrainArgs),
     /// Train the corruption detector the `auto` profile consults.
     TrainDetector(lab::TrainDetectorArgs),
+    /// Fine-tune a model's stem on unlabelled photos to answer on corrupted crops as
+    /// the clean model does on clean ones (for `rws extract`).
+    Distill(lab::DistillArgs),
+    /// Top-1 and agreement with the clean model, unpatched vs patched, on labelled photos.
+    DistillEval(lab::DistillEvalArgs),
     /// Extract a Robust Weight Signature from three checkpoints.
     Extract(lab::ExtractArgs),
     /// Print where robustness lives: per-layer change and signature cosines.
@@ -116,6 +121,8 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Data(args) => lab::data(args),
         Cmd::Corrupt(args) => lab::corrupt(args),
         Cmd::Train(args) => lab::train(args),
+        Cmd::Distill(args) => lab::distill(args),
+        Cmd::DistillEval(args) => lab::distill_eval(args),
         Cmd::Extract(args) => lab::extract(args),
         Cmd::Analyze(args) => lab::analyze(args),
         Cmd::Eval(args) => lab::eval(args),
