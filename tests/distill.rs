@@ -118,10 +118,12 @@ fn distill_moves_only_the_stem_and_extracts_a_signature_for_the_base() {
         assert!(last < 0.8 * first, "{run}: KL {first} -> {last}");
     }
 
-    // Only the stem (features.0 and features.1) moved; the trunk and head are the base's.
+    // Only the stem's parameters (features.0 and features.1) moved. Its running
+    // statistics, the trunk and the head are the base's.
     let stem: Vec<String> = (cfg.arch.units(3)[..2].iter())
         .flat_map(|u| u.convs.iter().flat_map(|c| c.tensors()))
         .map(|(name, _)| name)
+        .filter(|name| !name.contains("running_"))
         .collect();
     let fog = load(&run.join("rob-fog.safetensors"));
     assert_eq!(fog.len(), base.len());
@@ -212,4 +214,40 @@ fn distill_refuses_a_grayscale_model_and_bad_photos() {
         "{stderr}"
     );
     assert!(!out.exists(), "a failed run must not leave a run directory");
+}
+
+/// The student starts as the teacher: the training network, in inference mode,
+/// gives the served model's logits, for every architecture distillation trains.
+#[test]
+fn the_training_network_matches_the_served_model() {
+    let mut rng = Rng::new(3);
+    for (arch, input) in [
+        ("mobilenet-v2", 40),
+        ("efficientnet-lite0", 37),
+        ("resnet18", 33),
+    ] {
+        let cfg = synth::config(synth::arch_by_name(arch).unwrap(), 3, input, 10, 1);
+        let base = synth::base_tensors(&cfg, 9).unwrap();
+        let x: Vec<f32> = (0..2 * 3 * input * input).map(|_| rng.normal()).collect();
+        let x = Tensor::from_vec(x, (2, 3, input, input), &candle_core::Device::Cpu).unwrap();
+        let model = Model::from_tensors(cfg.clone(), &base, &candle_core::Device::Cpu).unwrap();
+        let served = model.forward(&model.materialize(&[]).unwrap(), &x).unwrap();
+        let net = rws::lab::train::Net::stem_only(&cfg, &base, &candle_core::Device::Cpu).unwrap();
+        let trained = net.forward_t(&x, false).unwrap();
+        let scale = served
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (served - trained)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap() / scale;
+        assert!(diff < 1e-4, "{arch}: relative difference {diff}");
+    }
 }

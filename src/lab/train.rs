@@ -113,35 +113,43 @@ pub struct Net {
     /// Units before this index train; the rest run as in inference (BatchNorm
     /// on its running statistics).
     trainable_units: usize,
+    /// Whether training normalizes with batch statistics (and updates the
+    /// running ones) or, like inference, with the running statistics.
+    batch_statistics: bool,
     reduce: Reduce,
     linears: Vec<Linear>,
 }
 
 impl Net {
-    /// Every parameter trains.
+    /// Every parameter trains, BatchNorm on batch statistics.
     pub fn new(cfg: &ModelConfig, init: &HashMap<String, Tensor>, device: &Device) -> Result<Net> {
-        Net::build(cfg, init, usize::MAX, device)
+        Net::build(cfg, init, usize::MAX, true, device)
     }
 
     /// Only the patchable stem (conv1 plus `patchable_blocks` blocks) trains: what
     /// a signature keeps is all that moves, and the frozen trunk needs no weight
-    /// gradients.
+    /// gradients. BatchNorm keeps its running statistics, so that the network
+    /// starts out giving exactly the served model's answers (distillation's
+    /// teacher); batch statistics of a few photos' crops would change every
+    /// answer from the first step, clean ones included.
     pub fn stem_only(
         cfg: &ModelConfig,
         init: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Net> {
-        Net::build(cfg, init, cfg.patchable_blocks + 1, device)
+        Net::build(cfg, init, cfg.patchable_blocks + 1, false, device)
     }
 
     fn build(
         cfg: &ModelConfig,
         init: &HashMap<String, Tensor>,
         trainable_units: usize,
+        batch_statistics: bool,
         device: &Device,
     ) -> Result<Net> {
         let specs = cfg.arch.units(cfg.channels);
-        let trains: std::collections::HashSet<String> = match trainable_units >= specs.len() {
+        let all_train = trainable_units >= specs.len();
+        let trains: std::collections::HashSet<String> = match all_train {
             true => init.keys().cloned().collect(),
             false => (specs[..trainable_units].iter())
                 .flat_map(|u| u.convs.iter().flat_map(|c| c.tensors()))
@@ -213,7 +221,7 @@ impl Net {
             units.push((unit, convs));
         }
         let head = cfg.arch.head(cfg.channels, cfg.labels.len());
-        let vb = vb_for(usize::MAX);
+        let vb = if all_train { &train_vb } else { &frozen_vb };
         let linears = (head.linears.iter())
             .map(|l| candle_nn::linear(l.inputs, l.outputs, vb.pp(&l.name)))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -228,6 +236,7 @@ impl Net {
             frozen,
             units,
             trainable_units,
+            batch_statistics,
             reduce: head.reduce,
             linears,
         })
@@ -236,7 +245,7 @@ impl Net {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (u, (unit, convs)) in self.units.iter().enumerate() {
-            let train = train && u < self.trainable_units;
+            let batch_statistics = train && self.batch_statistics && u < self.trainable_units;
             h = forward_unit(unit, convs, &h, |c, x, then| {
                 let s = &c.spec;
                 let (x, pad) = pad_for(x, s.padding, s.kernel, s.stride)?;
@@ -245,7 +254,7 @@ impl Net {
                     y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
                 }
                 then.apply(match &c.bn {
-                    Some(bn) => bn.forward_t(&y, train)?,
+                    Some(bn) => bn.forward_t(&y, batch_statistics)?,
                     None => y,
                 })
             })?;
