@@ -12,7 +12,9 @@ use std::path::Path;
 use std::str::FromStr;
 
 use image::codecs::jpeg::JpegEncoder;
-use image::{ExtendedColorType, GrayImage, ImageError, ImageFormat, ImageReader, RgbImage};
+use image::{
+    DynamicImage, ExtendedColorType, GrayImage, ImageError, ImageFormat, ImageReader, RgbImage,
+};
 
 use crate::rng::Rng;
 use crate::{Error, Result, bail};
@@ -325,12 +327,7 @@ pub fn corrupt_file(
     seed: u64,
 ) -> Result<()> {
     let severity = parse_severity(severity)?;
-    let img = ImageReader::open(input)
-        .map_err(|e| Error::io(input, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(input, e))?
-        .decode()
-        .map_err(|e| image_error(input, e))?;
+    let img = read_image(input)?;
     if img.width() == 0 || img.height() == 0 {
         bail!(InvalidArgument, "{}: image has no pixels", input.display());
     }
@@ -343,6 +340,16 @@ pub fn corrupt_file(
             .save_with_format(output, ImageFormat::Png),
     };
     saved.map_err(|e| image_error(output, e))
+}
+
+/// Reads and decodes a PNG or JPEG file.
+pub fn read_image(path: &Path) -> Result<DynamicImage> {
+    ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| image_error(path, e))
 }
 
 fn image_error(path: &Path, e: ImageError) -> Error {

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
-use image::{DynamicImage, ImageReader, RgbImage, imageops};
+use image::{RgbImage, imageops};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::lab::corrupt::{Corruption, Rgb};
+use crate::lab::corrupt::{Corruption, Rgb, read_image};
 use crate::lab::eval::Served;
 use crate::lab::extract::{Checkpoint, load_checkpoint};
 use crate::lab::stats::wilson;
@@ -42,16 +42,6 @@ pub struct DistillInfo {
     pub options: DistillOptions,
     /// KL divergence from the teacher, per run.
     pub losses: Vec<(String, Losses)>,
-}
-
-/// Reads a PNG or JPEG as 8-bit RGB.
-pub fn read_rgb(path: &Path) -> Result<DynamicImage> {
-    ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e} (use a PNG or JPEG)", path.display())))
 }
 
 /// `n` random crops of `side`×`side`: a photo drawn uniformly, a region of 25 to
@@ -152,7 +142,7 @@ pub fn run(model_dir: &Path, photos: &[PathBuf], o: &DistillOptions, out: &Path)
         );
     }
     let rgb = (photos.iter())
-        .map(|p| Ok(read_rgb(p)?.to_rgb8()))
+        .map(|p| Ok(read_image(p)?.to_rgb8()))
         .collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let crops = random_crops(&rgb, w as u32, o.crops, o.seed);
@@ -250,7 +240,7 @@ pub fn evaluate(
     let served = Served::new(cfg, base)?;
     let fitted = (images.iter())
         .map(|(p, _)| {
-            let img = crate::serve::preprocess::fit(read_rgb(p)?.to_rgb8(), cfg);
+            let img = crate::serve::preprocess::fit(read_image(p)?.to_rgb8(), cfg);
             Ok(Rgb::from_rgb8(&img))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -1,9 +1,11 @@
 //! The research pipeline that makes signatures, apart from the server: corruptions
-//! ([`corrupt`]), MNIST ([`data`]), training ([`train`]), the corruption detector ([`detector`]), signature extraction
-//! ([`extract`]), evaluation ([`eval`]), the report over training seeds and its
-//! plots ([`report`], [`stats`], [`plot`]), and synthetic models for
-//! tests and benchmarks ([`synth`]). It uses the model and patching code; the
-//! serving core never uses it.
+//! ([`corrupt`]), MNIST ([`data`]), training ([`train`], with the convolutions
+//! of [`conv`]), signatures from unlabelled photos ([`distill`]), the corruption
+//! detector ([`detector`]), signature extraction ([`extract`]), evaluation
+//! ([`eval`]), the report over training seeds and its plots ([`report`],
+//! [`stats`], [`plot`]), and synthetic models for tests and benchmarks
+//! ([`synth`]). It uses the model and patching code; the serving core never
+//! uses it.
 
 pub mod conv;
 pub mod corrupt;
