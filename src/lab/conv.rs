@@ -195,12 +195,13 @@ impl CustomOp2 for Depthwise {
         let d = self
             .dims(x.dims())
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let (xs, ws, gs) = (to_vec(x)?, to_vec(weight)?, to_vec(grad)?);
+        let (ws, gs) = (to_vec(weight)?, to_vec(grad)?);
         let gx = Tensor::from_vec(grad_input(&gs, &ws, d), x.shape(), x.device())?;
-        // A frozen kernel (one no variable flows into) needs no gradient.
+        // A frozen kernel (one no variable flows into) needs no gradient, nor
+        // a copy of the input.
         let gw = match weight.track_op() {
             true => Some(Tensor::from_vec(
-                grad_weight(&xs, &gs, d),
+                grad_weight(&to_vec(x)?, &gs, d),
                 weight.shape(),
                 weight.device(),
             )?),

@@ -269,11 +269,16 @@ pub fn evaluate(
             cases.extend(severities.iter().map(|&s| (Some(k), s)));
         }
         for (corruption, severity) in cases {
-            let data = match corruption {
-                Some(k) => prepare(&fitted, cfg, Some(k), &[severity], seed),
-                None => clean_data.clone(),
+            // On clean images the unpatched answers are the reference itself.
+            let corrupted;
+            let (data, before) = match corruption {
+                Some(k) => {
+                    corrupted = prepare(&fitted, cfg, Some(k), &[severity], seed);
+                    (&corrupted, predict(&clean_stem, &corrupted)?)
+                }
+                None => (&clean_data, reference.clone()),
             };
-            let (before, after) = (predict(&clean_stem, &data)?, predict(&patched_stem, &data)?);
+            let after = predict(&patched_stem, data)?;
             let agrees = |p: &[usize], i: usize| p[i] == reference[i];
             rows.push(Row {
                 corruption,

@@ -110,11 +110,9 @@ pub struct Net {
     /// when only the stem trains.
     frozen: HashMap<String, Tensor>,
     units: Vec<(UnitSpec, Vec<TrainConv>)>,
-    /// Units before this index train; the rest run as in inference (BatchNorm
-    /// on its running statistics).
-    trainable_units: usize,
     /// Whether training normalizes with batch statistics (and updates the
-    /// running ones) or, like inference, with the running statistics.
+    /// running ones), as when every parameter trains, or, like inference, with
+    /// the running statistics. Frozen units have BatchNorm folded in either way.
     batch_statistics: bool,
     reduce: Reduce,
     linears: Vec<Linear>,
@@ -123,7 +121,7 @@ pub struct Net {
 impl Net {
     /// Every parameter trains, BatchNorm on batch statistics.
     pub fn new(cfg: &ModelConfig, init: &HashMap<String, Tensor>, device: &Device) -> Result<Net> {
-        Net::build(cfg, init, usize::MAX, true, device)
+        Net::build(cfg, init, usize::MAX, device)
     }
 
     /// Only the patchable stem (conv1 plus `patchable_blocks` blocks) trains: what
@@ -137,14 +135,13 @@ impl Net {
         init: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Net> {
-        Net::build(cfg, init, cfg.patchable_blocks + 1, false, device)
+        Net::build(cfg, init, cfg.patchable_blocks + 1, device)
     }
 
     fn build(
         cfg: &ModelConfig,
         init: &HashMap<String, Tensor>,
         trainable_units: usize,
-        batch_statistics: bool,
         device: &Device,
     ) -> Result<Net> {
         let specs = cfg.arch.units(cfg.channels);
@@ -235,8 +232,7 @@ impl Net {
             varmap,
             frozen,
             units,
-            trainable_units,
-            batch_statistics,
+            batch_statistics: all_train,
             reduce: head.reduce,
             linears,
         })
@@ -244,8 +240,8 @@ impl Net {
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
-        for (u, (unit, convs)) in self.units.iter().enumerate() {
-            let batch_statistics = train && self.batch_statistics && u < self.trainable_units;
+        let batch_statistics = train && self.batch_statistics;
+        for (unit, convs) in &self.units {
             h = forward_unit(unit, convs, &h, |c, x, then| {
                 let s = &c.spec;
                 let (x, pad) = pad_for(x, s.padding, s.kernel, s.stride)?;
