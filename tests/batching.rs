@@ -199,6 +199,29 @@ fn expired_requests_are_dropped_uncomputed() {
     assert_eq!(live_rx.try_recv().unwrap().unwrap().profile, "clean");
 }
 
+/// A job whose caller has gone (cancelled, or timed out by its transport) is
+/// never computed: the profile it names is not even folded.
+#[test]
+fn jobs_whose_callers_have_gone_are_not_computed() {
+    let repo = tiny_repo();
+    let dir = rws::model::repo::ModelDir::open(repo.path(), Some(MODEL)).unwrap();
+    let device = candle_core::Device::Cpu;
+    let engine = rws::serve::engine::Engine::open(dir, &device, &EngineOptions::default()).unwrap();
+    let registry = engine.registry();
+    let resident = || registry.snapshot().profiles["fog"].is_resident();
+    assert!(!resident());
+    let (mut gone, answer) = job(1, None);
+    gone.profile = "fog".into();
+    drop(answer);
+    rws::serve::batch::run_batch(registry, vec![gone], None);
+    assert!(!resident(), "a job nobody waits for was computed");
+    let (mut live, mut answer) = job(1, None);
+    live.profile = "fog".into();
+    rws::serve::batch::run_batch(registry, vec![live], None);
+    assert_eq!(answer.try_recv().unwrap().unwrap().profile, "fog");
+    assert!(resident());
+}
+
 #[test]
 fn a_burst_beyond_the_queue_is_refused_at_once() {
     let repo = tiny_repo();

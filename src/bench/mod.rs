@@ -4,6 +4,7 @@
 //! growth; [`gpu`] (the `cuda` feature) validates and
 //! times the CUDA path.
 
+pub mod abuse;
 pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod gpu;

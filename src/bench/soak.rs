@@ -461,7 +461,7 @@ fn p99_change(windows: &[Window]) -> f64 {
 }
 
 /// Reads the process gauges from a server's Prometheus text.
-struct Scraper {
+pub(super) struct Scraper {
     url: hyper::Uri,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -470,7 +470,7 @@ struct Scraper {
 }
 
 impl Scraper {
-    fn new(url: &str) -> Result<Scraper> {
+    pub(super) fn new(url: &str) -> Result<Scraper> {
         let url: hyper::Uri = url
             .parse()
             .map_err(|_| Error::InvalidArgument("--metrics-url is not a URL".into()))?;
@@ -487,7 +487,8 @@ impl Scraper {
         })
     }
 
-    async fn sample(&self, seconds: f64) -> Result<Sample> {
+    /// The exposition text, as of now.
+    pub(super) async fn text(&self) -> Result<String> {
         use http_body_util::BodyExt;
         let unreachable = |e: &dyn std::fmt::Display| {
             Error::Unavailable(format!(
@@ -506,7 +507,11 @@ impl Scraper {
             .await
             .map_err(|e| unreachable(&e))?
             .to_bytes();
-        let text = String::from_utf8_lossy(&body);
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn sample(&self, seconds: f64) -> Result<Sample> {
+        let text = self.text().await?;
         let gauge = |name: &str| {
             text.lines()
                 .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))

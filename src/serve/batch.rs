@@ -7,8 +7,9 @@
 //! concatenates the activations and runs the shared trunk once: mixed traffic
 //! keeps the efficiency of batching because only the stem is per profile.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -93,6 +94,22 @@ pub struct Batcher {
     load: Arc<Load>,
     /// Candidate profiles run on samples of the traffic, off the response path.
     shadows: Arc<Shadows>,
+    /// Compute threads running; one that panics is replaced, and health says
+    /// NOT_SERVING if none could be.
+    alive: Arc<AtomicUsize>,
+}
+
+/// What a compute worker does with each batch it forms.
+type RunBatch = Arc<dyn Fn(Vec<Job>) + Send + Sync>;
+
+/// What every compute worker shares.
+#[derive(Clone)]
+struct Crew {
+    rx: Receiver<Job>,
+    cfg: BatchConfig,
+    load: Arc<Load>,
+    alive: Arc<AtomicUsize>,
+    run: RunBatch,
 }
 
 impl Batcher {
@@ -102,18 +119,24 @@ impl Batcher {
                 "max batch, queue capacity and workers must be at least 1".into(),
             ));
         }
-        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
         let load = Arc::new(Load::new(cfg.workers));
         let shadows = Arc::new(Shadows::start(registry.clone(), load.clone())?);
-        for i in 0..cfg.workers {
-            let (rx, registry, load) = (rx.clone(), registry.clone(), load.clone());
+        let run: RunBatch = {
             let shadows = shadows.clone();
-            std::thread::Builder::new()
-                .name(format!("rws-compute-{i}"))
-                .spawn(move || worker(&registry, &rx, cfg, &load, &shadows))
-                .map_err(|e| Error::Internal(format!("cannot start compute thread: {e}")))?;
-        }
-        Ok(Batcher { tx, load, shadows })
+            Arc::new(move |jobs| run_batch(&registry, jobs, Some(&shadows)))
+        };
+        let (tx, alive) = start_workers(cfg, load.clone(), run)?;
+        Ok(Batcher {
+            tx,
+            load,
+            shadows,
+            alive,
+        })
+    }
+
+    /// Compute threads running now.
+    pub fn workers_alive(&self) -> usize {
+        self.alive.load(Ordering::Acquire)
     }
 
     pub fn shadows(&self) -> &Shadows {
@@ -148,36 +171,83 @@ impl Batcher {
     }
 }
 
-fn worker(
-    registry: &Registry,
-    rx: &Receiver<Job>,
+fn start_workers(
     cfg: BatchConfig,
-    load: &Load,
-    shadows: &Shadows,
-) {
-    // Ends when every sender (the Batcher) is dropped.
-    while let Ok(first) = rx.recv() {
-        let until = Instant::now() + cfg.max_delay;
+    load: Arc<Load>,
+    run: RunBatch,
+) -> Result<(Sender<Job>, Arc<AtomicUsize>)> {
+    let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
+    let crew = Crew {
+        rx,
+        cfg,
+        load,
+        alive: Arc::new(AtomicUsize::new(0)),
+        run,
+    };
+    for i in 0..cfg.workers {
+        spawn_worker(i, crew.clone())
+            .map_err(|e| Error::Internal(format!("cannot start compute thread: {e}")))?;
+    }
+    Ok((tx, crew.alive))
+}
+
+fn spawn_worker(i: usize, crew: Crew) -> std::io::Result<()> {
+    crew.alive.fetch_add(1, Ordering::AcqRel);
+    let alive = crew.alive.clone();
+    std::thread::Builder::new()
+        .name(format!("rws-compute-{i}"))
+        .spawn(move || worker(i, crew))
+        .map(drop)
+        .inspect_err(|_| {
+            alive.fetch_sub(1, Ordering::AcqRel);
+        })
+}
+
+/// Forms batches and runs them until every sender (the Batcher) is dropped.
+/// A batch that panics loses its requests (their callers get INTERNAL, as
+/// their reply channels are dropped unanswered); the thread then hands over
+/// to a fresh one, so nothing a panic left half-done on it is used again.
+fn worker(i: usize, crew: Crew) {
+    while let Ok(first) = crew.rx.recv() {
+        let until = Instant::now() + crew.cfg.max_delay;
         let mut jobs = vec![first];
-        while jobs.len() < cfg.max_batch {
-            match rx.recv_deadline(until) {
+        while jobs.len() < crew.cfg.max_batch {
+            match crew.rx.recv_deadline(until) {
                 Ok(j) => jobs.push(j),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let left = load.waiting.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
+        let left = crew.load.waiting.fetch_sub(jobs.len(), Ordering::Relaxed) - jobs.len();
         metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
-        load.run(|| run_batch(registry, jobs, Some(shadows)));
+        let run = AssertUnwindSafe(|| crew.load.run(|| (crew.run)(jobs)));
+        if std::panic::catch_unwind(run).is_err() {
+            metrics::counter!(m::WORKER_PANICS).increment(1);
+            crew.alive.fetch_sub(1, Ordering::AcqRel);
+            match spawn_worker(i, crew.clone()) {
+                Ok(()) => tracing::error!(worker = i, "a compute batch panicked; its requests got INTERNAL and the worker was replaced"),
+                Err(e) => tracing::error!(worker = i, error = %e, "a compute batch panicked and the worker cannot be replaced"),
+            }
+            return;
+        }
     }
+    crew.alive.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Computes one batch and answers every job in it, offering each answered one
 /// to the running `shadows`.
 pub fn run_batch(registry: &Registry, jobs: Vec<Job>, shadows: Option<&Shadows>) {
     let now = Instant::now();
+    // A caller that has gone (cancelled, or timed out by its transport) wants nothing.
+    let (jobs, gone): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| !j.reply.is_closed());
+    if !gone.is_empty() {
+        metrics::counter!(m::CANCELLED, "stage" => "compute").increment(gone.len() as u64);
+    }
     let (live, expired): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
         .partition(|j| j.deadline.is_none_or(|d| d > now));
+    if !expired.is_empty() {
+        metrics::counter!(m::CANCELLED, "stage" => "compute").increment(expired.len() as u64);
+    }
     for j in expired {
         let _ = j.reply.send(Err(Error::DeadlineExceeded(
             "the request's deadline passed while it was queued".into(),
@@ -272,4 +342,86 @@ pub fn top_k_of(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> 
             score: probs[i],
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    fn job() -> (Job, oneshot::Receiver<Result<Classification>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            input: Vec::new(),
+            profile: String::new(),
+            source: String::new(),
+            top_k: 1,
+            with_logits: false,
+            deadline: None,
+            queued: Instant::now(),
+            span: tracing::Span::none(),
+            reply,
+        };
+        (job, answer)
+    }
+
+    fn answered(name: &str) -> Classification {
+        Classification {
+            top_k: Vec::new(),
+            profile: name.into(),
+            generation: 0,
+            chosen: Choice::Default,
+            signatures: Vec::new(),
+            auto: None,
+            logits: Vec::new(),
+        }
+    }
+
+    /// The real worker loop, with a batch that panics once: that batch's caller
+    /// gets no answer (INTERNAL upstream), the worker is replaced, and the next
+    /// request is answered.
+    #[tokio::test]
+    async fn a_worker_whose_batch_panics_is_replaced() {
+        let cfg = BatchConfig {
+            max_delay: Duration::ZERO,
+            ..BatchConfig::default()
+        };
+        let panicked = Arc::new(AtomicBool::new(false));
+        let run: RunBatch = {
+            let panicked = panicked.clone();
+            Arc::new(move |jobs: Vec<Job>| {
+                if !panicked.swap(true, Ordering::SeqCst) {
+                    panic!("injected: a batch that panics");
+                }
+                for j in jobs {
+                    let _ = j.reply.send(Ok(answered("after")));
+                }
+            })
+        };
+        let load = Arc::new(Load::new(1));
+        let (tx, alive) = start_workers(cfg, load.clone(), run).unwrap();
+        let send = |j: Job| {
+            load.waiting.fetch_add(1, Ordering::Relaxed);
+            tx.send(j).unwrap();
+        };
+        let (first, lost) = job();
+        send(first);
+        assert!(lost.await.is_err(), "the panicked batch's reply is dropped");
+        let (second, answer) = job();
+        send(second);
+        let c = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("the replaced worker answers")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.profile, "after");
+        assert_eq!(alive.load(Ordering::Acquire), 1);
+        drop(tx);
+        let until = Instant::now() + Duration::from_secs(10);
+        while alive.load(Ordering::Acquire) != 0 {
+            assert!(Instant::now() < until, "the worker did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }

@@ -14,6 +14,7 @@ use crate::model::detector::Detector;
 use crate::model::repo::{self, ModelDir};
 use crate::patch::signature::Signature;
 use crate::serve::activation::{now_ms, validate_source};
+use crate::serve::admission::{Admission, AdmissionConfig};
 use crate::serve::auto::Auto;
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
 use crate::serve::change::{Applied, Change};
@@ -41,6 +42,8 @@ pub struct EngineOptions {
     pub state: Option<StateDir>,
     /// Rules that turn event reports into activations; without them reports are refused.
     pub events: Option<Rules>,
+    /// Which decodes may start, and when.
+    pub admission: AdmissionConfig,
 }
 
 impl Default for EngineOptions {
@@ -51,6 +54,7 @@ impl Default for EngineOptions {
             auto_profiles: true,
             state: None,
             events: None,
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -69,10 +73,10 @@ pub struct Engine {
     events: Option<Events>,
     /// The last minutes of requests per profile, for the console.
     traffic: Traffic,
-    /// Decodes running at once, one per core: decoding is CPU-bound, and without
-    /// a bound a burst of requests spawns a blocking-pool thread each (the soak
-    /// saw 25 threads become 77 within one second, with a 40 ms stall).
-    decoders: tokio::sync::Semaphore,
+    /// Which decodes may start: without a bound a burst of requests spawns a
+    /// blocking-pool thread each (the soak saw 25 threads become 77 within one
+    /// second, with a 40 ms stall), and one client's large images take every core.
+    admission: Admission,
 }
 
 /// Where a signature to load comes from.
@@ -103,9 +107,7 @@ impl Engine {
             fleet: OnceLock::new(),
             events: opts.events.clone().map(Events::new),
             traffic: Traffic::default(),
-            decoders: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ),
+            admission: Admission::new(opts.admission)?,
         };
         let saved = match &opts.state {
             Some(dir) => {
@@ -439,9 +441,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Warmed up and not draining: what health and readiness report.
+    /// Warmed up, not draining, and with a compute worker: what health reports.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && self.batcher.workers_alive() > 0
     }
 
     /// Refuses new requests from now on (UNAVAILABLE); those already queued still run.
@@ -526,20 +530,33 @@ impl Engine {
         check_request_names(&ask.profile, &ask.source)?;
         let request = tracing::Span::current();
         request.record("source", ask.source.as_str());
-        let engine = self.clone();
-        // Never closed, so acquiring cannot fail; held for the decode alone.
-        let decoder = self
-            .decoders
-            .acquire()
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let input = tokio::task::spawn_blocking(move || {
+        let cost = preprocess::inspect(&input, &self.model().config)?;
+        let permit = self.admission.admit(cost, ask.peer, ask.deadline).await?;
+        let (decoded, waiting) = oneshot::channel();
+        let (engine, deadline) = (self.clone(), ask.deadline);
+        // The permit goes with the decode: a caller that leaves frees no slot
+        // while its decode still runs.
+        tokio::task::spawn_blocking(move || {
+            if decoded.is_closed() || deadline.is_some_and(|d| d <= Instant::now()) {
+                metrics::counter!(m::CANCELLED, "stage" => "decode").increment(1);
+                return;
+            }
             let _s = tracing::debug_span!(parent: &request, "decode").entered();
-            preprocess::to_chw(&input, &engine.model().config)
-        })
-        .await
-        .map_err(|e| crate::Error::Internal(format!("decoder failed: {e}")))??;
-        drop(decoder);
+            let start = Instant::now();
+            let chw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                preprocess::to_chw(&input, &engine.model().config)
+            }))
+            .unwrap_or_else(|_| Err(Error::Internal("the image decoder panicked".into())));
+            if permit.is_large() {
+                engine.admission.observe(permit.pixels(), start.elapsed());
+            }
+            drop(permit);
+            let _ = decoded.send(chw);
+        });
+        // Only a deadline that passed before the decode began ends it unsent.
+        let input = waiting.await.map_err(|_| {
+            Error::DeadlineExceeded("the request's deadline passed before it was decoded".into())
+        })??;
         let (reply, answer) = oneshot::channel();
         self.batcher.submit(Job {
             input,
@@ -645,6 +662,8 @@ pub struct Ask {
     pub top_k: usize,
     pub with_logits: bool,
     pub deadline: Option<Instant>,
+    /// The client's address, for per-client admission limits.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// Runs registry work on tokio's blocking pool, keeping reactor threads free.

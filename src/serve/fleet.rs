@@ -166,6 +166,10 @@ pub struct Fleet {
     link: watch::Sender<Link>,
     /// Numbers this replica's audit keys.
     audit_seq: std::sync::atomic::AtomicU64,
+    /// The lease `replicas/<id>` is kept under now, for [`Fleet::leave`].
+    lease: std::sync::Mutex<Option<i64>>,
+    /// Set by [`Fleet::leave`]: the replica key is not registered again.
+    left: std::sync::atomic::AtomicBool,
 }
 
 fn etcd_error(e: etcd_client::Error) -> Error {
@@ -207,6 +211,8 @@ impl Fleet {
             model,
             mirror: Mutex::new(Mirror::default()),
             audit_seq: Default::default(),
+            lease: Default::default(),
+            left: Default::default(),
             link: watch::channel(Link {
                 connected: false,
                 applied_revision: 0,
@@ -426,12 +432,28 @@ impl Fleet {
     /// applied revision or error changes.
     async fn heartbeat(self: Arc<Self>) {
         let mut link = self.link.subscribe();
-        loop {
+        while !self.left.load(std::sync::atomic::Ordering::Acquire) {
             if let Err(e) = self.heartbeat_once(&mut link).await {
                 tracing::debug!(error = %e, "replica key lost; re-registering");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// Leaves the fleet at shutdown: revokes the lease, so `replicas/<id>` goes
+    /// at once rather than when the lease would expire, and registers no more.
+    /// The other replicas stop waiting for this one's acknowledgements then.
+    pub async fn leave(&self) -> Result<()> {
+        self.left.store(true, std::sync::atomic::Ordering::Release);
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(lease) = lease {
+            self.client
+                .clone()
+                .lease_revoke(lease)
+                .await
+                .map_err(etcd_error)?;
+        }
+        Ok(())
     }
 
     async fn heartbeat_once(&self, link: &mut watch::Receiver<Link>) -> Result<()> {
@@ -441,6 +463,15 @@ impl Fleet {
             .await
             .map_err(etcd_error)?
             .id();
+        {
+            let mut current = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+            if self.left.load(std::sync::atomic::Ordering::Acquire) {
+                drop(current);
+                let _ = client.lease_revoke(lease).await;
+                return Ok(());
+            }
+            *current = Some(lease);
+        }
         let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
         let key = format!("{}replicas/{}", self.url.prefix, self.id);
         let mut tick = tokio::time::interval(Duration::from_secs(1));

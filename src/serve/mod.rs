@@ -2,8 +2,9 @@
 //! every admin change on the way.
 //!
 //! [`engine::Engine`] is the library's serving API. It turns inputs into tensors
-//! ([`preprocess`]), queues them for the compute workers ([`batch`]), which read one
-//! snapshot of the profile table ([`profile`]) per batch; a request that names no
+//! ([`preprocess`]) once [`admission`] lets their decode start, queues them for
+//! the compute workers ([`batch`]), which read one snapshot of the profile table
+//! ([`profile`]) per batch, and replace a worker whose batch panicked; a request that names no
 //! profile is served by the [`activation`] covering its source, else the default;
 //! [`events`] turn weather and sensor reports into activations by rules. An admin change
 //! ([`change`]) is checked against the current [`state`], carried by a store (the
@@ -13,6 +14,7 @@
 //! wire protocol (that is [`crate::server`]) or the research pipeline ([`crate::lab`]).
 
 pub mod activation;
+pub mod admission;
 pub mod auto;
 pub mod batch;
 pub mod change;

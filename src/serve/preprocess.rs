@@ -45,6 +45,18 @@ pub fn batch(images: &[&[f32]], cfg: &ModelConfig, device: &Device) -> Result<Te
 }
 
 fn check_tensor(shape: &[usize], data: &[f32], cfg: &ModelConfig) -> Result<Vec<f32>> {
+    check_tensor_shape(shape, data.len(), cfg)?;
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        bail!(
+            InvalidArgument,
+            "tensor value {i} is {}; inputs must be finite",
+            data[i]
+        );
+    }
+    Ok(data.to_vec())
+}
+
+fn check_tensor_shape(shape: &[usize], len: usize, cfg: &ModelConfig) -> Result<()> {
     let [h, w] = cfg.input_size;
     let want = [cfg.channels, h, w];
     let dims = match shape {
@@ -59,28 +71,44 @@ fn check_tensor(shape: &[usize], data: &[f32], cfg: &ModelConfig) -> Result<Vec<
             cfg.channels
         );
     }
-    if data.len() != want.iter().product::<usize>() {
+    if len != want.iter().product::<usize>() {
         bail!(
             InvalidArgument,
-            "tensor shape {shape:?} needs {} values, got {}",
+            "tensor shape {shape:?} needs {} values, got {len}",
             want.iter().product::<usize>(),
-            data.len()
         );
     }
-    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        bail!(
-            InvalidArgument,
-            "tensor value {i} is {}; inputs must be finite",
-            data[i]
-        );
-    }
-    Ok(data.to_vec())
+    Ok(())
 }
 
-fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| {
-        Error::InvalidArgument(format!("{what}: {e} (send a PNG or JPEG)"))
-    };
+/// What decoding an input will cost, known from its header alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    /// Pixels the decoder will produce (values, for a tensor).
+    pub pixels: u64,
+}
+
+/// Checks an input as far as it can be without decoding pixels (an image's
+/// format, header and size limits; a tensor in full) and says what decoding it
+/// will cost, so admission can decide before any memory or core is spent.
+pub fn inspect(input: &Input, cfg: &ModelConfig) -> Result<Cost> {
+    match input {
+        Input::Image(bytes) => inspect_image(bytes).map(|(_, cost)| cost),
+        Input::Tensor { shape, data } => {
+            check_tensor_shape(shape, data.len(), cfg)?;
+            Ok(Cost {
+                pixels: data.len() as u64,
+            })
+        }
+    }
+}
+
+fn bad(what: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("{what}: {e} (send a PNG or JPEG)"))
+}
+
+/// The reader of an image whose header passed every check, and its cost.
+fn inspect_image(bytes: &[u8]) -> Result<(ImageReader<Cursor<&[u8]>>, Cost)> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad("cannot read image", &e))?;
@@ -119,6 +147,12 @@ fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
             );
         }
     }
+    let pixels = u64::from(w) * u64::from(h);
+    Ok((reader, Cost { pixels }))
+}
+
+fn decode_image(bytes: &[u8], cfg: &ModelConfig) -> Result<Vec<f32>> {
+    let (reader, _) = inspect_image(bytes)?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);

@@ -6,15 +6,54 @@
 use std::time::Duration;
 
 use tonic::codegen::http::Uri;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
 
-use super::{
-    AdminClient, EventsClient, MAX_ADMIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, admin_client,
-    events_client, pb,
-};
+use super::{MAX_ADMIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, pb};
 use crate::serve::activation::End;
 use crate::serve::profile::SignatureRef;
 use crate::{Error, Result};
+
+/// Adds `authorization: Bearer <token>` to each call: the client's side of [`super::auth`].
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type AdminClient = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
+pub type EventsClient = pb::events_client::EventsClient<InterceptedService<Channel, Bearer>>;
+
+/// An Admin client that presents `token`, if any.
+pub fn admin_client(channel: Channel, token: Option<&str>) -> crate::Result<AdminClient> {
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        bearer(token)?,
+    ))
+}
+
+/// An Events client that presents `token`, as Events calls need it like Admin's.
+pub fn events_client(channel: Channel, token: Option<&str>) -> crate::Result<EventsClient> {
+    Ok(pb::events_client::EventsClient::with_interceptor(
+        channel,
+        bearer(token)?,
+    ))
+}
+
+fn bearer(token: Option<&str>) -> crate::Result<Bearer> {
+    let header = token
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| Error::InvalidArgument("the admin token must be printable ASCII".into()))?;
+    Ok(Bearer(header))
+}
 
 type InferenceClient = pb::inference_client::InferenceClient<Channel>;
 

@@ -3,10 +3,11 @@
 //!
 //! It is built on the same engine calls as the Admin service, so it can do
 //! nothing the API cannot, and its inputs meet the same checks. Security:
-//! - **Login**: with an admin token, the login form exchanges it for a session
-//!   (a random id in an `HttpOnly; SameSite=Strict` cookie; the token itself never
-//!   goes back to the browser). Without one, loopback clients only, still
-//!   through a session.
+//! - **Login**: [`super::auth`] decides, as for Admin. With an admin token, the
+//!   login form exchanges it for a session (a random id in an `HttpOnly;
+//!   SameSite=Strict` cookie, `Secure` when the console speaks TLS; the token
+//!   itself never goes back to the browser). A session ends when the token it
+//!   was opened with is rotated.
 //! - **CSRF**: every change carries the session's random token in `X-CSRF-Token`.
 //! - **No change through GET**; changes are POSTs of JSON.
 //!
@@ -14,7 +15,6 @@
 //! fetched from the internet at run time.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,12 +29,12 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
-use super::http::Refusal;
+use super::auth::Credentials;
+use super::http::{Refusal, Side};
 use crate::serve::activation::{Activation, End, now_ms};
 use crate::serve::change::Change;
 use crate::serve::engine::Engine;
 use crate::serve::journal::Cause;
-use crate::serve::state::sha256;
 use crate::{Error, Result};
 
 const INDEX: &str = include_str!("console/index.html");
@@ -52,11 +52,13 @@ struct Session {
     csrf: String,
     who: String,
     used: Instant,
+    /// The token epoch it was opened in ([`super::auth::Auth::epoch`]).
+    epoch: u64,
 }
 
 struct Console {
     engine: Arc<Engine>,
-    token: Option<String>,
+    side: Side,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -96,11 +98,21 @@ fn cookie_of(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Console {
+    /// `Secure` whenever the console speaks TLS, so the browser never sends the
+    /// session over plain HTTP.
+    fn cookie_attributes(&self) -> &'static str {
+        match self.side.tls.is_some() {
+            true => "HttpOnly; SameSite=Strict; Path=/; Secure",
+            false => "HttpOnly; SameSite=Strict; Path=/",
+        }
+    }
+
     /// The session a request carries, refreshed; `None` when absent or idle too long.
     fn session(&self, headers: &HeaderMap) -> Option<(String, String)> {
         let id = cookie_of(headers)?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.retain(|_, s| s.used.elapsed() < SESSION_IDLE);
+        let epoch = self.side.auth.epoch();
+        sessions.retain(|_, s| s.used.elapsed() < SESSION_IDLE && s.epoch == epoch);
         let s = sessions.get_mut(&id)?;
         s.used = Instant::now();
         Some((s.csrf.clone(), s.who.clone()))
@@ -153,19 +165,13 @@ async fn login(
     body: Bytes,
 ) -> Answer {
     let form: Login = parse(&body)?;
-    let who = match &c.token {
-        Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), form.token.as_bytes()) => {
-            format!("console:token:{}", &sha256(t.as_bytes())[7..19])
-        }
-        Some(_) => return Err(Refusal::new(StatusCode::UNAUTHORIZED, "wrong admin token")),
-        None if peer.ip().is_loopback() => format!("console:peer:{peer}"),
-        None => {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "without --admin-token-file the console accepts loopback clients only",
-            ));
-        }
+    let epoch = c.side.auth.epoch();
+    let creds = Credentials {
+        bearer: c.side.auth.needs_token().then_some(form.token.as_str()),
+        peer: Some(peer),
+        client_cert: None,
     };
+    let who = format!("console:{}", c.side.auth.check(&creds)?);
     let id = random_id()?;
     let csrf = random_id()?;
     let mut sessions = c.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,10 +189,11 @@ async fn login(
             csrf: csrf.clone(),
             who,
             used: Instant::now(),
+            epoch,
         },
     );
     drop(sessions);
-    let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/");
+    let cookie = format!("{COOKIE}={id}; {}", c.cookie_attributes());
     Ok((
         [(header::SET_COOKIE, cookie)],
         axum::Json(serde_json::json!({ "csrf": csrf })),
@@ -202,7 +209,7 @@ async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
     }
-    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    let cookie = format!("{COOKIE}=; {}; Max-Age=0", c.cookie_attributes());
     Ok((
         [(header::SET_COOKIE, cookie)],
         axum::Json(serde_json::json!({})),
@@ -213,12 +220,12 @@ async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
 async fn session(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
     match c.session(&headers) {
         Some((csrf, who)) => axum::Json(serde_json::json!({ "csrf": csrf, "who": who,
-            "token_required": c.token.is_some() }))
+            "token_required": c.side.auth.needs_token() }))
         .into_response(),
         None => (
             StatusCode::UNAUTHORIZED,
             axum::Json(serde_json::json!({ "error": "log in first",
-                "token_required": c.token.is_some() })),
+                "token_required": c.side.auth.needs_token() })),
         )
             .into_response(),
     }
@@ -294,6 +301,8 @@ async fn traffic(State(c): State<Arc<Console>>, headers: HeaderMap) -> Answer {
         let data = serde_json::to_string(&engine.traffic().recent(120)).unwrap_or_default();
         Ok::<_, std::convert::Infallible>(SseEvent::default().data(data))
     });
+    // Ends when the server closes, so an open page does not hold the drain.
+    let stream = futures_util::StreamExt::take_until(stream, c.side.shutdown.closing());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -387,15 +396,10 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse + 
 }
 
 /// Serves the console on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    engine: Arc<Engine>,
-    token: Option<String>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>, side: Side) -> Result<()> {
     let console = Arc::new(Console {
         engine,
-        token,
+        side: side.clone(),
         sessions: Mutex::default(),
     });
     let index = asset("text/html; charset=utf-8", INDEX);
@@ -416,5 +420,5 @@ pub async fn serve(
         .route("/api/deactivate", post(deactivate))
         .layer(axum::extract::DefaultBodyLimit::max(16 << 10))
         .with_state(console);
-    super::http::serve(listener, router, "console", shutdown).await
+    super::http::serve(listener, router, "console", &side).await
 }

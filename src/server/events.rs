@@ -1,20 +1,20 @@
 //! Event reports on the wire: the gRPC `Events.Report`, and the same report as
 //! JSON by `POST /v1/events` over HTTP. Both only translate to
-//! [`Engine::report`]; both take the admin token (or, without one, loopback
-//! callers only), since a report can change which weights serve requests.
+//! [`Engine::report`]; both admit callers by [`super::auth`], since a report
+//! can change which weights serve requests.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tonic::{Request, Status};
 
-use super::http::Refusal;
+use super::auth::{Auth, Credentials, bearer};
+use super::http::{Refusal, Side};
 use super::{pb, status};
 use crate::serve::engine::Engine;
 use crate::serve::events::{Decision, Event, MAX_EVENT_BYTES};
@@ -58,7 +58,7 @@ impl pb::events_server::Events for EventsService {
 
 struct Http {
     engine: Arc<Engine>,
-    token: Option<String>,
+    auth: Arc<Auth>,
 }
 
 async fn post_event(
@@ -67,21 +67,13 @@ async fn post_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let allowed = match (&http.token, given) {
-        (Some(t), Some(g)) => constant_time_eq::constant_time_eq(t.as_bytes(), g.as_bytes()),
-        (Some(_), None) => false,
-        (None, _) => peer.ip().is_loopback(),
+    let creds = Credentials {
+        bearer: bearer(headers.get("authorization").and_then(|v| v.to_str().ok())),
+        peer: Some(peer),
+        client_cert: None,
     };
-    if !allowed {
-        let msg = match http.token {
-            Some(_) => "events need an `Authorization: Bearer <admin token>` header",
-            None => "events are accepted from loopback clients only without --admin-token-file",
-        };
-        return Refusal::new(StatusCode::UNAUTHORIZED, msg).into_response();
+    if let Err(r) = http.auth.check(&creds) {
+        return Refusal::from(r).into_response();
     }
     let event: Event = match serde_json::from_slice(&body) {
         Ok(e) => e,
@@ -110,15 +102,13 @@ async fn post_event(
 
 /// Serves `POST /v1/events` until `shutdown` completes. Bodies over
 /// [`MAX_EVENT_BYTES`] are refused (413) unread.
-pub async fn serve_http(
-    listener: TcpListener,
-    engine: Arc<Engine>,
-    token: Option<String>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+pub async fn serve_http(listener: TcpListener, engine: Arc<Engine>, side: Side) -> Result<()> {
     let app = axum::Router::new()
         .route("/v1/events", axum::routing::post(post_event))
         .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES))
-        .with_state(Arc::new(Http { engine, token }));
-    super::http::serve(listener, app, "events endpoint", shutdown).await
+        .with_state(Arc::new(Http {
+            engine,
+            auth: side.auth.clone(),
+        }));
+    super::http::serve(listener, app, "events endpoint", &side).await
 }

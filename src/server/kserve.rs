@@ -22,7 +22,8 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
 
-use super::{grpc_deadline, status};
+use super::deadline::grpc_deadline;
+use super::status;
 use crate::model::repo::ModelConfig;
 use crate::serve::auto;
 use crate::serve::batch::Classification;
@@ -437,6 +438,7 @@ impl GrpcInferenceService for KServeService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let deadline = grpc_deadline(&req);
+        let peer = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
         self.check_model(&r.model_name, &r.model_version)?;
         let outputs = requested(r.outputs)?;
@@ -455,6 +457,7 @@ impl GrpcInferenceService for KServeService {
                 top_k: 1,
                 with_logits: true,
                 deadline,
+                peer,
                 ..Ask::default()
             };
             let engine = self.engine.clone();

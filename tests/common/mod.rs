@@ -202,10 +202,16 @@ pub struct RwsProcess {
 
 impl RwsProcess {
     /// `rws serve ARGS` on free loopback ports; returns once it listens.
+    /// Loopback callers may change it (`--trust-loopback`) unless ARGS set a
+    /// token or a config file.
     pub fn start(args: &[&str]) -> RwsProcess {
         use std::io::BufRead;
+        let trust = !args
+            .iter()
+            .any(|a| ["--admin-token-file", "--config"].contains(a));
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rws"))
             .arg("serve")
+            .args(trust.then_some("--trust-loopback"))
             .args(["--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .args([
                 "--events-addr",

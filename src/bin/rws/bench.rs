@@ -37,6 +37,39 @@ pub enum BenchCmd {
         #[command(flatten)]
         client: Client,
     },
+    /// A hostile flood beside a well-behaved client, against a running server
+    /// (loopback only): the good client alone, then under clients sending large
+    /// noise JPEGs; its latency both ways, and the server's memory, decodes in
+    /// flight and shed counts each second from its /metrics.
+    Abuse {
+        /// Seconds the good client runs alone, then under the flood.
+        #[arg(long, default_value_t = 20.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 24)]
+        hostile_clients: usize,
+        /// Side of the flood's square noise JPEG.
+        #[arg(long, default_value_t = 5000)]
+        side: u32,
+        /// The flood's deadline in milliseconds; 0 sends without one.
+        #[arg(long, default_value_t = 50)]
+        hostile_deadline_ms: u64,
+        /// The good client's requests per second.
+        #[arg(long, default_value_t = 20.0)]
+        good_rate: f64,
+        /// The good client's deadline in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        good_deadline_ms: u64,
+        /// What the good client sends (default: a generated 28x28 digit-like PNG).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The server's Prometheus endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:9464/metrics")]
+        metrics_url: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
     /// A long run against a running server (loopback only) that looks for growth:
     /// paced traffic at a share of the measured capacity, the default toggled, a
     /// signature churned, and the server's memory, descriptors and threads scraped
@@ -434,6 +467,33 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                     println!("patch apply  {}", r.patch_apply);
                 }
             })?;
+        }
+        BenchCmd::Abuse {
+            duration,
+            hostile_clients,
+            side,
+            hostile_deadline_ms,
+            good_rate,
+            good_deadline_ms,
+            image,
+            metrics_url,
+            json,
+            client,
+        } => {
+            let ms = std::time::Duration::from_millis;
+            let opts = rws::bench::abuse::AbuseOptions {
+                addr: client.addr.clone(),
+                metrics_url,
+                duration: std::time::Duration::from_secs_f64(duration),
+                hostile_clients,
+                side,
+                hostile_deadline: (hostile_deadline_ms > 0).then(|| ms(hostile_deadline_ms)),
+                good_image: image_or_digit(image)?,
+                good_rate,
+                good_deadline: ms(good_deadline_ms),
+            };
+            let r = rws::bench::abuse::abuse(&opts).await?;
+            print_report(json, &r, |r| print!("{r}"))?;
         }
         BenchCmd::Switch {
             arch,

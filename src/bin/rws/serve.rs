@@ -1,17 +1,18 @@
 //! `rws serve`: flags (or a config file) to a running server.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use rws::model::repo::ModelDir;
+use rws::serve::admission::AdmissionConfig;
 use rws::serve::engine::{Engine, EngineOptions};
 use rws::serve::state::StateDir;
-use rws::server::ServeOptions;
+use rws::server::auth::{Auth, AuthConfig};
+use rws::server::shutdown::Shutdown;
+use rws::server::{ServeOptions, Side, Tls};
 use tokio::net::TcpListener;
 
 #[derive(clap::Args)]
@@ -44,10 +45,19 @@ pub struct ServeArgs {
     /// The address this replica publishes in the fleet (default: the one it listens on).
     #[arg(long)]
     advertise_addr: Option<String>,
-    /// File holding the bearer token Admin calls must present. Without it, Admin
-    /// accepts loopback clients only.
+    /// File holding the bearer token that Admin, Events, the events endpoint and
+    /// the console require. Read again on SIGHUP; a new token ends console sessions.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Without a token: let any loopback peer change the server. Behind a sidecar,
+    /// a proxy on this host or a port-forward, that is everyone. Without this and
+    /// without a token, nobody may change the server.
+    #[arg(long, conflicts_with = "admin_token_file")]
+    trust_loopback: bool,
+    /// PEM CA certificate: Admin and Events calls must present a client
+    /// certificate it signed (mutual TLS; needs --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    admin_client_ca: Option<PathBuf>,
     /// PEM certificate chain: serve TLS (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -57,10 +67,33 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = rws::server::MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
-    /// On SIGTERM: milliseconds of NOT_SERVING (new requests refused) before the
-    /// listener closes and in-flight requests drain.
+    /// On SIGTERM: milliseconds of NOT_SERVING, with requests still served, before
+    /// the listeners close (load balancers move traffic away meanwhile).
     #[arg(long, default_value_t = 1000)]
     drain_grace_ms: u64,
+    /// Then: milliseconds in-flight requests and open connections may take to
+    /// finish before they are cut and the process exits.
+    #[arg(long, default_value_t = 10_000)]
+    drain_timeout_ms: u64,
+    /// Calls in flight on the whole server; more are refused at once (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = rws::server::Limits::default().max_concurrent_requests)]
+    max_concurrent_requests: usize,
+    /// Calls in flight on one connection; more are refused at once.
+    #[arg(long, default_value_t = rws::server::Limits::default().per_connection)]
+    max_requests_per_connection: usize,
+    /// HTTP/2 streams a client may open on one connection.
+    #[arg(long, default_value_t = rws::server::Limits::default().max_streams)]
+    max_streams_per_connection: u32,
+    /// Images over this many pixels are "large": they share fewer decode slots
+    /// (one core is left to the rest) and a bounded pixel budget.
+    #[arg(long, default_value_t = AdmissionConfig::default().small_pixels)]
+    large_image_pixels: u64,
+    /// Large images one client address may have waiting or decoding at once.
+    #[arg(long, default_value_t = AdmissionConfig::default().large_per_peer)]
+    large_images_per_client: usize,
+    /// Pixels of large images decoded at once, in all (memory: up to 8 bytes each).
+    #[arg(long, default_value_t = AdmissionConfig::default().large_pixels)]
+    large_decode_pixels: u64,
     /// Patched stems kept in memory at once (least recently used are dropped).
     #[arg(long, default_value_t = 16)]
     max_resident_profiles: usize,
@@ -104,16 +137,9 @@ pub struct ServeArgs {
     console_addr: String,
 }
 
-/// A token file's content, without surrounding whitespace.
+/// A token file's content, as the server reads it.
 pub fn read_token(path: &Path) -> Result<String> {
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the admin token file {}", path.display()))?
-        .trim()
-        .to_string();
-    if token.is_empty() {
-        bail!("the admin token file {} is empty", path.display());
-    }
-    Ok(token)
+    Ok(rws::server::auth::read_token(path)?)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -138,17 +164,19 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(a: ServeArgs) -> Result<()> {
-    let admin_token = a.admin_token_file.as_deref().map(read_token).transpose()?;
+    let auth = Auth::new(AuthConfig {
+        token_file: a.admin_token_file.clone(),
+        trust_loopback: a.trust_loopback,
+        require_client_cert: a.admin_client_ca.is_some(),
+    })?;
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(cert), Some(key)) => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
-            };
-            Some(tonic::transport::Identity::from_pem(
-                read(cert)?,
-                read(key)?,
-            ))
-        }
+        (Some(cert), Some(key)) => Some(Tls {
+            cert: read(cert)?,
+            key: read(key)?,
+            client_ca: a.admin_client_ca.as_ref().map(read).transpose()?,
+        }),
         _ => None,
     };
     let dir = ModelDir::open(&a.repo, a.model.as_deref())?;
@@ -174,6 +202,12 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         auto_profiles: !a.no_auto_profiles,
         state: a.state_dir.clone().map(StateDir::new),
         events,
+        admission: AdmissionConfig {
+            small_pixels: a.large_image_pixels,
+            large_per_peer: a.large_images_per_client,
+            large_pixels: a.large_decode_pixels,
+            ..AdmissionConfig::default()
+        },
     };
     let name = dir.name.clone();
     let device = a.device.clone();
@@ -196,25 +230,32 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot join the fleet at {}{}", url.endpoint, url.prefix))?;
         tracing::info!(replica = %id, etcd = %url.endpoint, prefix = %url.prefix, "joined the fleet");
     }
-    // The side endpoints run until the gRPC server has drained.
-    let (stop, stopped) = tokio::sync::watch::channel(());
-    if let Some(l) = bind_side(&a.metrics_addr, "metrics", "/metrics").await? {
+    let shutdown = Shutdown::default();
+    let drain_timeout = Duration::from_millis(a.drain_timeout_ms);
+    let side = Side {
+        auth: auth.clone(),
+        tls: match &tls {
+            Some(t) => Some(Side::tls_config(t).await?),
+            None => None,
+        },
+        shutdown: shutdown.clone(),
+        drain_timeout,
+    };
+    let mut sides = tokio::task::JoinSet::new();
+    if let Some(l) = bind_side(&a.metrics_addr, "metrics", "/metrics", &side).await? {
         let handle = rws::serve::metrics::install()?;
-        run_side("metrics server", &stopped, |s| {
-            rws::serve::metrics::serve(l, handle, s)
-        });
+        sides.spawn(side_task(
+            "metrics server",
+            rws::server::metrics::serve(l, handle, side.clone()),
+        ));
     }
-    if let Some(l) = bind_side(&a.events_addr, "events", "/v1/events").await? {
-        let (engine, token) = (engine.clone(), admin_token.clone());
-        run_side("events endpoint", &stopped, |s| {
-            rws::server::events::serve_http(l, engine, token, s)
-        });
+    if let Some(l) = bind_side(&a.events_addr, "events", "/v1/events", &side).await? {
+        let serving = rws::server::events::serve_http(l, engine.clone(), side.clone());
+        sides.spawn(side_task("events endpoint", serving));
     }
-    if let Some(l) = bind_side(&a.console_addr, "console", "/").await? {
-        let (engine, token) = (engine.clone(), admin_token.clone());
-        run_side("console", &stopped, |s| {
-            rws::server::console::serve(l, engine, token, s)
-        });
+    if let Some(l) = bind_side(&a.console_addr, "console", "/", &side).await? {
+        let serving = rws::server::console::serve(l, engine.clone(), side.clone());
+        sides.spawn(side_task("console", serving));
     }
     println!("rws listening on {addr}");
     let table = engine.registry().snapshot();
@@ -228,59 +269,82 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         state_dir = ?a.state_dir,
         "serving"
     );
-    if admin_token.is_none() {
-        let note = if is_loopback(&addr) {
-            ""
-        } else {
-            "; remote clients are refused"
-        };
-        tracing::warn!(
-            "no --admin-token-file: the Admin service accepts loopback clients only{note}"
-        );
+    match a.admin_token_file.is_some() || a.admin_client_ca.is_some() {
+        true => tracing::info!("{}", auth.describe()),
+        false => tracing::warn!("{}", auth.describe()),
     }
+    reload_on_sighup(auth.clone());
     let opts = ServeOptions {
-        admin_token,
+        auth,
         tls,
         max_message_bytes: a.max_message_bytes,
+        limits: rws::server::Limits {
+            max_concurrent_requests: a.max_concurrent_requests,
+            per_connection: a.max_requests_per_connection,
+            max_streams: a.max_streams_per_connection,
+        },
         drain_grace: Duration::from_millis(a.drain_grace_ms),
+        drain_timeout,
+        shutdown,
     };
     rws::server::serve(engine, listener, opts, shutdown_signal()).await?;
-    drop(stop);
+    // The side endpoints closed with the gRPC listener; they had the same bound.
+    let _ = tokio::time::timeout(drain_timeout, async {
+        while sides.join_next().await.is_some() {}
+    })
+    .await;
     tracing::info!("drained; exiting");
     Ok(())
 }
 
+/// Reads the admin token file again on every SIGHUP.
+fn reload_on_sighup(auth: Arc<Auth>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(true) => tracing::info!(
+                    "SIGHUP: the admin token changed; console sessions opened with the old one are over"
+                ),
+                Ok(false) => tracing::info!("SIGHUP: the admin token is unchanged"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: cannot read the admin token file; the old token stays in force")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = auth;
+}
+
 /// Binds one of the side HTTP endpoints unless its address is `off`, and says
-/// where on stdout, like the gRPC address, so scripts can learn ports chosen for :0.
-async fn bind_side(addr: &str, what: &str, path: &str) -> Result<Option<TcpListener>> {
+/// where on stdout, like the gRPC address, so scripts can learn ports chosen
+/// for :0. Warns when it is reachable off this host in plain HTTP.
+async fn bind_side(addr: &str, what: &str, path: &str, side: &Side) -> Result<Option<TcpListener>> {
     if addr == "off" {
         return Ok(None);
     }
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for {what}"))?;
-    println!("rws {what} on http://{}{path}", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    let scheme = if side.tls.is_some() { "https" } else { "http" };
+    if side.tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(%local, "the {what} endpoint is reachable off this host without TLS: start the server with --tls-cert, or bind it to 127.0.0.1");
+    }
+    println!("rws {what} on {scheme}://{local}{path}");
     Ok(Some(listener))
 }
 
-/// Runs a side endpoint until `stopped` says the server is done; a failure is logged.
-fn run_side<F>(
-    what: &'static str,
-    stopped: &tokio::sync::watch::Receiver<()>,
-    serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
-) where
-    F: Future<Output = rws::Result<()>> + Send + 'static,
-{
-    let mut stopped = stopped.clone();
-    let running = serve(Box::pin(async move {
-        // Fires when the sender is dropped.
-        let _ = stopped.changed().await;
-    }));
-    tokio::spawn(async move {
-        if let Err(e) = running.await {
-            tracing::error!(error = %e, "{what} stopped");
-        }
-    });
+/// Runs a side endpoint to its end; a failure is logged.
+async fn side_task(what: &'static str, serving: impl Future<Output = rws::Result<()>>) {
+    if let Err(e) = serving.await {
+        tracing::error!(error = %e, "{what} stopped");
+    }
 }
 
 fn default_replica_id() -> String {
@@ -290,8 +354,4 @@ fn default_replica_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "rws".into());
     format!("{host}-{}", std::process::id())
-}
-
-fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
 }
