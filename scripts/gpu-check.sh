@@ -120,7 +120,7 @@ if [ -x "$BIN" ]; then
         # A 224x224 RGB image: served as is (no resize), so step 5 can repeat the input.
         "$PY" -c 'import numpy as np, sys; from PIL import Image
 Image.fromarray(np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(sys.argv[1])' "$tmp/img.png"
-        "$BIN" serve --repo "$tmp/models" --addr 127.0.0.1:0 --metrics-addr off \
+        "$BIN" serve --repo "$tmp/models" --trust-loopback --addr 127.0.0.1:0 --metrics-addr off \
             --device "$DEVICE" --max-batch 32 --workers 2 >"$tmp/serve.out" 2>"$RESULTS/serve.log" &
         server=$!
         trap 'kill $server 2>/dev/null' EXIT

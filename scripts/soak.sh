@@ -19,7 +19,7 @@ mkdir -p "$out"
 cargo build --release --quiet
 rws=target/release/rws
 # shellcheck disable=SC2086
-${RWS_SOAK_WRAP:-} $rws serve --model mnist-resnet --addr $addr --metrics-addr $metrics \
+${RWS_SOAK_WRAP:-} $rws serve --model mnist-resnet --trust-loopback --addr $addr --metrics-addr $metrics \
     --events-addr off --console-addr off --max-resident-profiles 2 \
     >"$out/server.log" 2>&1 &
 server=$!

@@ -231,6 +231,23 @@ async fn a_change_on_one_replica_reaches_all_three() {
             .all(|r| r.applied_revision >= latest && r.error.is_none()),
         "{replicas:?}"
     );
+
+    // A replica that shuts down revokes its lease: it leaves the list at once,
+    // not when the 5 s lease would have expired.
+    let mut rs = rs;
+    let mut leaving = rs.pop().unwrap();
+    leaving.signal("TERM");
+    let exit = Instant::now() + Duration::from_secs(15);
+    while leaving.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < exit, "the replica did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, replicas) = rws::serve::fleet::status(&url.parse::<EtcdUrl>().unwrap())
+        .await
+        .unwrap();
+    let ids: Vec<_> = replicas.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}: the replica's key outlived its exit");
+    assert!(!ids.contains(&"r2"), "{ids:?}");
 }
 
 #[tokio::test]

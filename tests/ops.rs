@@ -808,6 +808,122 @@ async fn tls_serves_clients_that_trust_the_certificate() {
             .is_err(),
     };
     assert!(refused, "plaintext must not be served on a TLS port");
+
+    // The side endpoints speak TLS with the same certificate, and the console's
+    // session cookie is Secure.
+    let curl = |url: &str, extra: &[&str]| {
+        let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-i",
+                "--max-time",
+                "5",
+                "--cacert",
+                cert_path.to_str().unwrap(),
+            ])
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args(extra)
+            .arg(url.replace("127.0.0.1", "localhost"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(p.metrics.starts_with("https://"), "{}", p.metrics);
+    let metrics = curl(&p.metrics, &[]);
+    assert!(metrics.contains("rws_requests_total"), "{metrics}");
+    let login = curl(
+        &format!("{}login", p.console),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            "{}",
+        ],
+    );
+    let cookie = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("{login}"));
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    let plain = curl(&p.metrics.replace("https://", "http://"), &[]);
+    assert!(
+        !plain.contains("rws_requests_total"),
+        "plain HTTP on a TLS side port"
+    );
+}
+
+/// With `--admin-client-ca`, Admin needs a client certificate that CA signed;
+/// inference clients need none.
+#[tokio::test]
+async fn admin_can_require_a_client_certificate() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let repo = tiny_repo();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["operator".to_string()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    let path = |name: &str, pem: String| {
+        let p = repo.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let (cert, key) = (
+        path("cert.pem", server.cert.pem()),
+        path("key.pem", server.signing_key.serialize_pem()),
+    );
+    let ca_path = path("ca.pem", ca.pem());
+    let p = start(
+        repo.path(),
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--admin-client-ca",
+            &ca_path,
+        ],
+    );
+    let connect = |identity: Option<tonic::transport::Identity>| {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(server.cert.pem()))
+            .domain_name("localhost");
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        Channel::from_shared(p.addr.replace("http://", "https://"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    };
+    let anonymous = connect(None).connect().await.unwrap();
+    common::InferenceClient::new(anonymous.clone())
+        .classify(tensor_request(1, "fog"))
+        .await
+        .unwrap();
+    let err = admin_client(anonymous, None)
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let identity = tonic::transport::Identity::from_pem(client.pem(), client_key.serialize_pem());
+    let operator = connect(Some(identity)).connect().await.unwrap();
+    admin_client(operator, None)
+        .unwrap()
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

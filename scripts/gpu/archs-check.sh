@@ -21,7 +21,7 @@ timeout 300 /tmp/rws bench gpu --archs efficientnet-lite0,mobilenet-v2,vgg16-bn,
     > "$OUT/bench-gpu.txt" 2> "$OUT/bench-gpu.err"
 echo "bench gpu exit $?" >> "$OUT/env.txt"
 echo "== serve" >&2
-/tmp/rws serve --device cuda:0 --repo models --model efficientnet-lite0 \
+/tmp/rws serve --device cuda:0 --repo models --model efficientnet-lite0 --trust-loopback \
     --addr 127.0.0.1:50051 --metrics-addr 127.0.0.1:0 --console-addr 127.0.0.1:0 \
     --events-addr 127.0.0.1:0 > "$OUT/serve.log" 2>&1 &
 server=$!
