@@ -153,3 +153,20 @@ fn classify_json_logits_survive_patch_and_removal_bitwise() {
     rws(&["profile", "put", "p", "--replace", "--addr", addr]);
     assert_eq!(bits(&logits("p")), bits(&clean));
 }
+
+/// A reader that closes stdout early (`rws classify | head`) ends the command
+/// quietly with success, where `println!` would panic on the broken pipe.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let server = RwsProcess::start(&["--repo", "models", "--model", "mnist-resnet"]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["classify", common::SHOWCASE_PNG, "--addr", &server.addr])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

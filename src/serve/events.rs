@@ -11,7 +11,7 @@
 //! (rule, scope) stays off for `cooldown`. Reports less than three quarters of a
 //! TTL apart therefore keep an activation on without a gap.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::serve::activation::{Activation, MAX_TTL_MS, validate_scope};
+use crate::serve::activation::{Activation, MAX_ACTIVATIONS, MAX_TTL_MS, validate_scope};
 use crate::serve::change::Change;
 use crate::serve::profile::{Table, validate_name};
 use crate::{Error, Result, bail};
@@ -287,11 +287,57 @@ impl Event {
     }
 }
 
+/// Planned ends remembered at most: as many as the table holds activations.
+const MAX_ENDS: usize = MAX_ACTIVATIONS;
+
+/// The last planned end of each activation the rules made, kept only while its
+/// cooldown can still refuse a report, and for at most [`MAX_ENDS`] of them:
+/// beyond that the end nearest its expiry is forgotten, so a flood of scopes
+/// can at worst let a scope start again before its cooldown is over.
+#[derive(Default)]
+struct Ends {
+    by_id: HashMap<String, u64>,
+    /// The same entries, soonest end first: what pruning and eviction take.
+    by_end: BTreeSet<(u64, String)>,
+}
+
+impl Ends {
+    fn get(&self, id: &str) -> Option<u64> {
+        self.by_id.get(id).copied()
+    }
+
+    fn set(&mut self, id: &str, until_ms: u64) {
+        if let Some(old) = self.by_id.insert(id.to_string(), until_ms) {
+            self.by_end.remove(&(old, id.to_string()));
+        }
+        self.by_end.insert((until_ms, id.to_string()));
+        if self.by_id.len() > MAX_ENDS {
+            self.pop_soonest();
+        }
+    }
+
+    /// Forgets the ends whose cooldown is over at `now_ms`: they refuse nothing more.
+    fn prune(&mut self, cooldown_ms: u64, now_ms: u64) {
+        while self
+            .by_end
+            .first()
+            .is_some_and(|(until, _)| until.saturating_add(cooldown_ms) <= now_ms)
+        {
+            self.pop_soonest();
+        }
+    }
+
+    fn pop_soonest(&mut self) {
+        if let Some((_, id)) = self.by_end.pop_first() {
+            self.by_id.remove(&id);
+        }
+    }
+}
+
 /// The rules and what they remember between reports.
 pub struct Events {
     rules: Rules,
-    /// The last planned end of each activation the rules made, for the cooldown.
-    ends: Mutex<HashMap<String, u64>>,
+    ends: Mutex<Ends>,
 }
 
 impl Events {
@@ -344,8 +390,12 @@ impl Events {
                 }
             }
             _ => {
-                let ended = self.ends().get(&id).copied();
                 let cooling = self.rules.cooldown.as_millis() as u64;
+                let ended = {
+                    let mut ends = self.ends();
+                    ends.prune(cooling, now_ms);
+                    ends.get(&id)
+                };
                 if ended.is_some_and(|t| now_ms < t.saturating_add(cooling)) {
                     return Decision {
                         outcome: Outcome::Cooldown,
@@ -373,11 +423,11 @@ impl Events {
     /// Remembers the end an applied decision set, for the cooldown.
     pub fn applied(&self, d: &Decision) {
         if let Some(a) = &d.activation {
-            self.ends().insert(a.id.clone(), a.until_ms);
+            self.ends().set(&a.id, a.until_ms);
         }
     }
 
-    fn ends(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn ends(&self) -> std::sync::MutexGuard<'_, Ends> {
         self.ends.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -481,6 +531,38 @@ ttl = "4s"
             a.id,
             "one activation per rule and scope"
         );
+    }
+
+    #[test]
+    fn ends_are_forgotten_once_their_cooldown_is_over() {
+        let events = Events::new(Rules::parse(RULES).unwrap());
+        let t0 = 1_000_000;
+        let d = events.decide(&fog(3, t0), &table(vec![]), t0);
+        events.applied(&d);
+        let a = d.activation.unwrap();
+        let ended = table(vec![a.clone()]);
+        let over = a.until_ms + 20_000;
+        let d = events.decide(&fog(3, over - 1), &ended, over - 1);
+        assert_eq!(d.outcome, Outcome::Cooldown);
+        assert_eq!(events.ends().get(&a.id), Some(a.until_ms));
+        let d = events.decide(&fog(3, over), &ended, over);
+        assert_eq!(d.outcome, Outcome::Activated);
+        let ends = events.ends();
+        assert!(ends.by_id.is_empty() && ends.by_end.is_empty());
+    }
+
+    #[test]
+    fn ends_are_capped_forgetting_the_soonest_first() {
+        let mut ends = Ends::default();
+        ends.set("ev-0", 5);
+        ends.set("ev-0", 1_000);
+        assert_eq!(ends.by_end.len(), 1, "a new end replaces the old one");
+        for i in 1..=MAX_ENDS as u64 {
+            ends.set(&format!("ev-{i}"), 1_000 + i);
+        }
+        assert_eq!((ends.by_id.len(), ends.by_end.len()), (MAX_ENDS, MAX_ENDS));
+        assert_eq!(ends.get("ev-0"), None, "the soonest end went first");
+        assert_eq!(ends.get("ev-1"), Some(1_001));
     }
 
     #[test]

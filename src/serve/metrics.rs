@@ -1,12 +1,12 @@
 //! Prometheus metrics. The library records through the `metrics` facade (a
 //! no-op until a recorder is installed, so tests and tools pay nothing); the
-//! server installs the Prometheus recorder and serves it at `/metrics`.
+//! server installs the Prometheus recorder, and [`crate::server`] serves it at `/metrics`.
 
-use std::future::Future;
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 
 use crate::{Error, Result};
 
@@ -35,6 +35,12 @@ pub const HEAP_BYTES: &str = "rws_heap_bytes";
 pub const RESIDENT_BYTES: &str = "process_resident_memory_bytes";
 pub const OPEN_FDS: &str = "process_open_fds";
 pub const THREADS: &str = "process_threads";
+pub const DECODE_WAIT_SECONDS: &str = "rws_decode_wait_seconds";
+pub const DECODES_IN_FLIGHT: &str = "rws_decodes_in_flight";
+pub const DECODE_PIXELS_IN_FLIGHT: &str = "rws_decode_pixels_in_flight";
+pub const SHED: &str = "rws_shed_total";
+pub const CANCELLED: &str = "rws_cancelled_total";
+pub const WORKER_PANICS: &str = "rws_worker_panics_total";
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
 pub fn install() -> Result<PrometheusHandle> {
@@ -82,6 +88,30 @@ fn describe() {
     );
     describe_histogram!(BATCH_SIZE, "Requests per batch run by a compute worker.");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting for a compute worker.");
+    describe_histogram!(
+        DECODE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a request waited for a decode slot, by lane (small, large)."
+    );
+    describe_gauge!(DECODES_IN_FLIGHT, "Images being decoded, by lane.");
+    describe_gauge!(
+        DECODE_PIXELS_IN_FLIGHT,
+        "Pixels of the images being decoded in the large lane."
+    );
+    describe_counter!(
+        SHED,
+        "Requests refused before any work by admission, by reason (peer_limit, \
+         decode_deadline, overloaded)."
+    );
+    describe_counter!(
+        CANCELLED,
+        "Requests whose caller had gone or whose deadline had passed when their \
+         work came up, by stage (decode, compute): that work was skipped."
+    );
+    describe_counter!(
+        WORKER_PANICS,
+        "Compute batches that panicked; their requests got INTERNAL and the worker was replaced."
+    );
     describe_gauge!(PROFILES, "Profiles defined.");
     describe_gauge!(
         RESIDENT_PROFILES,
@@ -109,10 +139,6 @@ fn describe() {
     describe_counter!(
         EVENTS,
         "Event reports by kind and outcome (activated, extended, held, cooldown, no_rule, refused)."
-    );
-    describe_gauge!(
-        ACTIVATIONS,
-        "Activations in the table by scope and profile (ended ones until cleaned up)."
     );
     describe_histogram!(
         TOP1_PROBABILITY,
@@ -151,10 +177,57 @@ fn describe() {
     );
 }
 
+/// Activations in the published table by (scope, profile). Rendered by
+/// [`render`] after the recorder's text rather than held as gauges: the
+/// `metrics` facade cannot remove a series, and a gauge per pair would stay
+/// after its activation, one more series for every scope ever activated.
+static ACTIVATION_COUNTS: Mutex<BTreeMap<(String, String), usize>> = Mutex::new(BTreeMap::new());
+
+/// Sets what `rws_activations` shows: the counts of the table just published.
+pub fn set_activations(counts: BTreeMap<(String, String), usize>) {
+    *ACTIVATION_COUNTS.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+}
+
+/// The text a scrape gets: the recorder's, then the activations.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    let counts = ACTIVATION_COUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    render_activations(&counts, &mut text);
+    text
+}
+
+/// Appends the `rws_activations` family to `out`: one sample per pair, and
+/// nothing without activations.
+fn render_activations(counts: &BTreeMap<(String, String), usize>, out: &mut String) {
+    use metrics_exporter_prometheus::formatting::{
+        sanitize_label_value, write_help_line, write_type_line,
+    };
+    if counts.is_empty() {
+        return;
+    }
+    write_help_line(
+        out,
+        ACTIVATIONS,
+        None,
+        None,
+        "Activations in the table by scope and profile (ended ones until cleaned up).",
+    );
+    write_type_line(out, ACTIVATIONS, None, None, "gauge");
+    for ((scope, profile), n) in counts {
+        let (scope, profile) = (sanitize_label_value(scope), sanitize_label_value(profile));
+        // Writing to a String does not fail.
+        let _ = writeln!(
+            out,
+            "{ACTIVATIONS}{{scope=\"{scope}\",profile=\"{profile}\"}} {n}"
+        );
+    }
+    out.push('\n');
+}
+
 /// Refreshes the process gauges from `/proc/self`, so that every scrape sees them
 /// as of now. Read directly rather than through the procfs crate: its rustix
 /// backend probes the vDSO and crashes under valgrind, which the leak check uses.
-fn collect_process() {
+pub fn collect_process() {
     use metrics::gauge;
     if let Some(kb) = self_status("VmRSS:") {
         gauge!(RESIDENT_BYTES).set((kb * 1024) as f64);
@@ -193,28 +266,28 @@ fn heap_bytes() -> Option<u64> {
     None
 }
 
-/// Serves the recorder's text format at `/metrics` until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let handle = handle.clone();
-            collect_process();
-            async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    handle.render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("metrics server failed: {e}")))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activations_render_as_they_are_and_ended_pairs_vanish() {
+        let pair = |s: &str, p: &str| (s.to_string(), p.to_string());
+        let mut out = String::new();
+        let counts = BTreeMap::from([(pair("site-a/", "fog"), 2), (pair("*", "rain"), 1)]);
+        render_activations(&counts, &mut out);
+        let samples: Vec<_> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                r#"rws_activations{scope="*",profile="rain"} 1"#,
+                r#"rws_activations{scope="site-a/",profile="fog"} 2"#,
+                "",
+            ]
+        );
+        assert!(out.contains("# TYPE rws_activations gauge\n"), "{out}");
+        let mut out = String::new();
+        render_activations(&BTreeMap::new(), &mut out);
+        assert_eq!(out, "", "no family without activations");
+    }
 }

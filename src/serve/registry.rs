@@ -76,24 +76,16 @@ fn record(table: &Table) {
     record_resident(table);
 }
 
-/// Sets the activations gauge for `next`, zeroing the label pairs `before`
-/// had and `next` has not.
-fn record_activations(before: &Table, next: &Table) {
-    let count = |t: &Table| {
-        let mut n: BTreeMap<(String, String), usize> = BTreeMap::new();
-        for a in t.activations.all() {
-            *n.entry((a.scope.clone(), a.profile.clone())).or_default() += 1;
-        }
-        n
-    };
-    let (old, new) = (count(before), count(next));
-    for (scope, profile) in old.keys().filter(|k| !new.contains_key(*k)) {
-        metrics::gauge!(m::ACTIVATIONS, "scope" => scope.clone(), "profile" => profile.clone())
-            .set(0.0);
+/// Publishes the activation counts of `next`. What only `before` had needs no
+/// zeroing: the exposition shows the counts as they are, so its pairs vanish.
+fn record_activations(_before: &Table, next: &Table) {
+    let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for a in next.activations.all() {
+        *counts
+            .entry((a.scope.clone(), a.profile.clone()))
+            .or_default() += 1;
     }
-    for ((scope, profile), n) in new {
-        metrics::gauge!(m::ACTIVATIONS, "scope" => scope, "profile" => profile).set(n as f64);
-    }
+    m::set_activations(counts);
 }
 
 fn record_resident(table: &Table) {

@@ -60,9 +60,26 @@ pub struct Point {
     pub p99_us: f64,
 }
 
+/// One profile's seconds, and the last second it saw a request.
+struct Ring {
+    last: u64,
+    seconds: Vec<Second>,
+}
+
+impl Ring {
+    /// Whether it holds no request of the window before `now`: it shows only zeros.
+    fn idle(&self, now: u64) -> bool {
+        now.saturating_sub(self.last) >= WINDOW as u64
+    }
+}
+
+/// Rings kept at most: a chart of more profiles is unreadable, and each ring
+/// takes about 80 KiB.
+pub const MAX_RINGS: usize = 64;
+
 pub struct Traffic {
     start: Instant,
-    profiles: Mutex<BTreeMap<String, Vec<Second>>>,
+    profiles: Mutex<BTreeMap<String, Ring>>,
 }
 
 impl Default for Traffic {
@@ -75,16 +92,34 @@ impl Default for Traffic {
 }
 
 impl Traffic {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
     /// Records one answered (or refused) request of `profile`.
     pub fn record(&self, profile: &str, latency: Duration, ok: bool) {
-        let at = self.start.elapsed().as_secs();
+        self.record_at(self.now(), profile, latency, ok);
+    }
+
+    /// Records at second `at`. With [`MAX_RINGS`] rings, a new profile takes the
+    /// place of idle ones; while all of them are busy it is not charted, rather
+    /// than pushing out a busy one (which would reallocate a ring per request).
+    fn record_at(&self, at: u64, profile: &str, latency: Duration, ok: bool) {
         let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
         // A name is allocated once per profile, not per request.
         if !profiles.contains_key(profile) {
-            profiles.insert(profile.to_string(), vec![Second::empty(u64::MAX); WINDOW]);
+            if profiles.len() >= MAX_RINGS {
+                profiles.retain(|_, ring| !ring.idle(at));
+                if profiles.len() >= MAX_RINGS {
+                    return;
+                }
+            }
+            let seconds = vec![Second::empty(u64::MAX); WINDOW];
+            profiles.insert(profile.to_string(), Ring { last: at, seconds });
         }
         let ring = profiles.get_mut(profile).expect("inserted above");
-        let slot = &mut ring[(at % WINDOW as u64) as usize];
+        ring.last = at;
+        let slot = &mut ring.seconds[(at % WINDOW as u64) as usize];
         if slot.at != at {
             *slot = Second::empty(at);
         }
@@ -93,14 +128,25 @@ impl Traffic {
         slot.latency[bucket_of(latency.as_micros() as u64)] += 1;
     }
 
+    /// Forgets the profiles `exists` no longer knows once their window holds no
+    /// request, so deleted profiles leave the chart (and memory) for good.
+    pub fn retain(&self, exists: impl Fn(&str) -> bool) {
+        self.retain_at(self.now(), exists);
+    }
+
+    fn retain_at(&self, now: u64, exists: impl Fn(&str) -> bool) {
+        let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
+        profiles.retain(|name, ring| !ring.idle(now) || exists(name));
+    }
+
     /// The last `seconds` (at most [`WINDOW`]) of each profile, newest first.
     pub fn recent(&self, seconds: usize) -> BTreeMap<String, Vec<Point>> {
-        let now = self.start.elapsed().as_secs();
+        let now = self.now();
         let seconds = seconds.min(WINDOW) as u64;
         let profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
         profiles
             .iter()
-            .map(|(name, ring)| {
+            .map(|(name, Ring { seconds: ring, .. })| {
                 // Seconds before the recorder started, or not seen since, are empty.
                 let points = (0..seconds)
                     .map(|ago| match now.checked_sub(ago) {
@@ -173,5 +219,42 @@ mod tests {
         assert_eq!(bucket_of(51), 1);
         assert!(bound_us(bucket_of(1_000_000)) >= 1_000_000.0);
         assert_eq!(bucket_of(u64::MAX), BOUNDS_US - 1);
+    }
+
+    #[test]
+    fn rings_of_gone_profiles_go_once_idle_for_the_window() {
+        let t = Traffic::default();
+        let ms = Duration::from_millis(1);
+        t.record_at(10, "gone", ms, true);
+        t.record_at(10, "idle", ms, true);
+        let exists = |name: &str| name != "gone";
+        t.retain_at(10 + WINDOW as u64 - 1, exists);
+        assert_eq!(
+            t.recent(1).len(),
+            2,
+            "gone still has a request in its window"
+        );
+        t.retain_at(10 + WINDOW as u64, exists);
+        let names: Vec<_> = t.recent(1).into_keys().collect();
+        assert_eq!(names, ["idle"], "an idle profile that exists stays");
+    }
+
+    #[test]
+    fn rings_are_bounded_and_idle_ones_make_room() {
+        let t = Traffic::default();
+        let ms = Duration::from_millis(1);
+        for i in 0..MAX_RINGS - 1 {
+            t.record_at(0, &format!("p{i}"), ms, true);
+        }
+        t.record_at(10, "busy", ms, true);
+        let window = WINDOW as u64;
+        t.record_at(window - 1, "new", ms, true);
+        assert!(
+            !t.recent(1).contains_key("new"),
+            "no busy ring is pushed out"
+        );
+        t.record_at(window, "new", ms, true);
+        let names: Vec<_> = t.recent(1).into_keys().collect();
+        assert_eq!(names, ["busy", "new"], "the idle rings made room");
     }
 }

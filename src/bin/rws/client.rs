@@ -10,6 +10,30 @@ use rws::serve::profile::SignatureRef;
 use rws::server::client::{RwsClient, SignatureUpload};
 use rws::server::pb;
 
+/// The command's output. `println!` panics once stdout's reader has gone
+/// (`rws history | head`); `writeln!(out, ..)?` on this ends the command with
+/// [`StdoutClosed`] instead, which `main` turns into a quiet success.
+pub struct Out(std::io::StdoutLock<'static>);
+
+/// Stdout's reader closed it: it has all it wanted.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub struct StdoutClosed;
+
+impl Out {
+    pub fn lock() -> Self {
+        Out(std::io::stdout().lock())
+    }
+
+    /// What `writeln!` calls.
+    pub fn write_fmt(&mut self, args: std::fmt::Arguments<'_>) -> Result<()> {
+        match std::io::Write::write_fmt(&mut self.0, args) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+            r => Ok(r?),
+        }
+    }
+}
+
 /// Where the server is and how to talk to it.
 #[derive(clap::Args)]
 pub struct Client {
@@ -227,20 +251,21 @@ pub enum ShadowCmd {
 pub async fn shadow(args: ShadowArgs) -> Result<()> {
     if let Some(ShadowCmd::Ls { json, client }) = args.list {
         let r = client.connect().await?.list_shadows().await?;
+        let mut out = Out::lock();
         if json {
             let shadows: Vec<_> = r.shadows.iter().map(shadow_json).collect();
             let v =
                 serde_json::json!({"shadows": shadows, "queued": r.queued, "capacity": r.capacity});
-            println!("{v}");
+            writeln!(out, "{v}")?;
             return Ok(());
         }
         if r.shadows.is_empty() {
-            println!("no shadows running");
+            writeln!(out, "no shadows running")?;
         }
         for s in &r.shadows {
-            println!("{}", shadow_line(s));
+            writeln!(out, "{}", shadow_line(s))?;
         }
-        println!("queue {}/{}", r.queued, r.capacity);
+        writeln!(out, "queue {}/{}", r.queued, r.capacity)?;
         return Ok(());
     }
     let profile = args.profile.unwrap_or_default();
@@ -251,13 +276,15 @@ pub async fn shadow(args: ShadowArgs) -> Result<()> {
         .await?
         .shadow(&profile, fraction)
         .await?;
+    let mut out = Out::lock();
     match args.stop {
-        true => println!("stopped: {}", shadow_line(&s)),
-        false => println!(
+        true => writeln!(out, "stopped: {}", shadow_line(&s))?,
+        false => writeln!(
+            out,
             "shadowing {} on {:.1}% of requests; see `rws shadow ls` or rws_shadow_* metrics",
             s.profile,
             s.fraction * 100.0
-        ),
+        )?,
     }
     Ok(())
 }
@@ -311,13 +338,14 @@ pub async fn history(args: HistoryArgs) -> Result<()> {
         .await?
         .history(&args.scope, args.limit)
         .await?;
+    let mut out = Out::lock();
     for e in r.entries {
         if args.json {
             let change: serde_json::Value = serde_json::from_str(&e.change_json)?;
             let v = serde_json::json!({"at_unix_ms": e.at_unix_ms, "generation": e.generation,
                 "revision": e.revision, "op": e.op, "scope": e.scope, "change": change,
                 "who": e.who, "why": e.why});
-            println!("{v}");
+            writeln!(out, "{v}")?;
             continue;
         }
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_unix_ms);
@@ -326,10 +354,11 @@ pub async fn history(args: HistoryArgs) -> Result<()> {
             0 => format!("gen {}", e.generation),
             r => format!("rev {r}"),
         };
-        println!(
+        writeln!(
+            out,
             "{at}  {order:<9} {:<16} {:<20} {:<24} {}  {}",
             e.op, e.scope, e.who, e.why, e.change_json
-        );
+        )?;
     }
     Ok(())
 }
@@ -355,19 +384,22 @@ pub async fn activate(args: ActivateArgs) -> Result<()> {
             args.wait.wait_fleet,
         )
         .await?;
-    println!("{}", activation_line(&a, activation::now_ms()));
+    let mut out = Out::lock();
+    writeln!(out, "{}", activation_line(&a, activation::now_ms()))?;
     Ok(())
 }
 
 pub async fn deactivate(args: DeactivateArgs) -> Result<()> {
     let mut client = args.client.connect().await?;
     client.deactivate(&args.id, args.wait.wait_fleet).await?;
-    println!("deactivated {}", args.id);
+    let mut out = Out::lock();
+    writeln!(out, "deactivated {}", args.id)?;
     Ok(())
 }
 
 pub async fn activations(args: ActivationsArgs) -> Result<()> {
     let r = args.client.connect().await?.list_activations().await?;
+    let mut out = Out::lock();
     if args.json {
         let list: Vec<_> = r
             .activations
@@ -377,17 +409,18 @@ pub async fn activations(args: ActivationsArgs) -> Result<()> {
                     "since_unix_ms": a.since_unix_ms, "until_unix_ms": a.until_unix_ms, "reason": a.reason})
             })
             .collect();
-        println!(
+        writeln!(
+            out,
             "{}",
             serde_json::json!({"now_unix_ms": r.now_unix_ms, "activations": list})
-        );
+        )?;
         return Ok(());
     }
     if r.activations.is_empty() {
-        println!("no activations");
+        writeln!(out, "no activations")?;
     }
     for a in &r.activations {
-        println!("{}", activation_line(a, r.now_unix_ms));
+        writeln!(out, "{}", activation_line(a, r.now_unix_ms))?;
     }
     Ok(())
 }
@@ -418,6 +451,7 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
         .await?
         .classify(bytes, &profile, &args.source, args.top_k, args.json)
         .await?;
+    let mut out = Out::lock();
     let refs: Vec<SignatureRef> = r
         .signatures
         .iter()
@@ -450,12 +484,17 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
                 "familiar": d.familiar
             })),
         });
-        println!("{v}");
+        writeln!(out, "{v}")?;
     } else {
-        println!("profile {} (generation {}, {why})", r.profile, r.generation);
+        writeln!(
+            out,
+            "profile {} (generation {}, {why})",
+            r.profile, r.generation
+        )?;
         // What served it, when the server chose: the profile names it otherwise.
         if let Some(d) = &r.detection {
-            println!(
+            writeln!(
+                out,
                 "served with {served}: the detector saw {} (severity {}) with {:.0}% confidence{}",
                 d.kind,
                 d.severity,
@@ -464,10 +503,16 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
                     true => "",
                     false => ", but unlike its training images of that kind",
                 }
-            );
+            )?;
         }
         for p in r.top_k {
-            println!("{:>6.2}%  {} (class {})", p.score * 100.0, p.label, p.index);
+            writeln!(
+                out,
+                "{:>6.2}%  {} (class {})",
+                p.score * 100.0,
+                p.label,
+                p.index
+            )?;
         }
     }
     Ok(())
@@ -476,40 +521,46 @@ pub async fn classify(args: ClassifyArgs) -> Result<()> {
 pub async fn fleet(cmd: FleetCmd) -> Result<()> {
     let FleetCmd::Status { state, json } = cmd;
     let (latest, replicas) = rws::serve::fleet::status(&state).await?;
+    let mut out = Out::lock();
     if json {
         let v = serde_json::json!({ "state_revision": latest, "replicas": replicas });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "state revision {latest}, {} live replica(s)",
             replicas.len()
-        );
+        )?;
         for r in replicas {
-            println!(
+            writeln!(
+                out,
                 "{:<24} {:<22} applied {:<8} lag {:<6} {}",
                 r.id,
                 r.addr,
                 r.applied_revision,
                 (latest - r.applied_revision).max(0),
                 r.error.as_deref().unwrap_or("ok")
-            );
+            )?;
         }
     }
     Ok(())
 }
 
-fn print_change(c: pb::ProfileChange) {
+fn print_change(c: pb::ProfileChange) -> Result<()> {
     if let Some(p) = c.profile {
+        let mut out = Out::lock();
         let fleet = if c.revision > 0 {
             format!(", etcd revision {}", c.revision)
         } else {
             String::new()
         };
-        println!(
+        writeln!(
+            out,
             "profile {} generation {} (server generation {}), applied in {:.1} µs{fleet}",
             p.name, p.generation, c.generation, c.apply_micros
-        );
+        )?;
     }
+    Ok(())
 }
 
 pub async fn profile(cmd: ProfileCmd) -> Result<()> {
@@ -530,7 +581,7 @@ pub async fn profile(cmd: ProfileCmd) -> Result<()> {
                 .await?
                 .put_profile(&name, &sigs, replace, wait.wait_fleet)
                 .await?;
-            print_change(c);
+            print_change(c)?;
         }
         ProfileCmd::Rm { name, wait, client } => {
             let c = client
@@ -538,7 +589,7 @@ pub async fn profile(cmd: ProfileCmd) -> Result<()> {
                 .await?
                 .delete_profile(&name, wait.wait_fleet)
                 .await?;
-            print_change(c);
+            print_change(c)?;
         }
         ProfileCmd::Default { name, wait, client } => {
             let c = client
@@ -546,25 +597,27 @@ pub async fn profile(cmd: ProfileCmd) -> Result<()> {
                 .await?
                 .set_default(&name, wait.wait_fleet)
                 .await?;
-            print_change(c);
+            print_change(c)?;
         }
         ProfileCmd::Ls { client } => {
             let r = client.connect().await?.list_profiles().await?;
-            println!("generation {}", r.generation);
+            let mut out = Out::lock();
+            writeln!(out, "generation {}", r.generation)?;
             for p in r.profiles {
                 let sigs: Vec<String> = p
                     .signatures
                     .iter()
                     .map(|s| format!("{}@{}", s.name, s.alpha))
                     .collect();
-                println!(
+                writeln!(
+                    out,
                     "{}{:<20} gen {:<6} {:<9} [{}]",
                     if p.is_default { "* " } else { "  " },
                     p.name,
                     p.generation,
                     if p.resident { "resident" } else { "evicted" },
                     sigs.join(", ")
-                );
+                )?;
             }
         }
     }
@@ -575,8 +628,10 @@ pub async fn signature(cmd: SignatureCmd) -> Result<()> {
     match cmd {
         SignatureCmd::Ls { client } => {
             let r = client.connect().await?.list_signatures().await?;
+            let mut out = Out::lock();
             for s in r.signatures {
-                println!(
+                writeln!(
+                    out,
                     "{:<20} {:<12} {:<10} alpha {:<5} {:>9} B{}{}",
                     s.name,
                     s.corruption,
@@ -585,7 +640,7 @@ pub async fn signature(cmd: SignatureCmd) -> Result<()> {
                     s.bytes,
                     if s.synthetic { "  synthetic" } else { "" },
                     if s.transferred { "  transferred" } else { "" }
-                );
+                )?;
             }
         }
         SignatureCmd::Load {
@@ -613,14 +668,16 @@ pub async fn signature(cmd: SignatureCmd) -> Result<()> {
                 .await?
                 .load_signature(&name, source, allow_transfer, wait.wait_fleet)
                 .await?;
+            let mut out = Out::lock();
             if let Some(s) = r.signature {
-                println!(
+                writeln!(
+                    out,
                     "loaded {} ({}, {} B, {} tensors)",
                     s.name,
                     s.quant,
                     s.bytes,
                     s.tensors.len()
-                );
+                )?;
             }
         }
         SignatureCmd::Unload { name, wait, client } => {
@@ -629,7 +686,8 @@ pub async fn signature(cmd: SignatureCmd) -> Result<()> {
                 .await?
                 .unload_signature(&name, wait.wait_fleet)
                 .await?;
-            println!("unloaded {name}");
+            let mut out = Out::lock();
+            writeln!(out, "unloaded {name}")?;
         }
     }
     Ok(())

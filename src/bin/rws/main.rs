@@ -100,7 +100,11 @@ async fn main() -> Result<()> {
     let telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json), otlp.as_deref())?;
     let result = run(cli.cmd).await;
     telemetry.shutdown().await;
-    result
+    match result {
+        // The reader took what it wanted (`rws history | head`): done, as `cat` is.
+        Err(e) if e.is::<client::StdoutClosed>() => Ok(()),
+        r => r,
+    }
 }
 
 async fn run(cmd: Cmd) -> Result<()> {
