@@ -28,7 +28,7 @@ use crate::serve::profile::{
 };
 use crate::serve::registry::Registry;
 use crate::serve::shadow::{self, Shadows};
-use crate::serve::state::{self, State, StateDir};
+use crate::serve::state::{self, Retention, Saved, State, StateDir};
 use crate::serve::traffic::Traffic;
 use crate::{Error, Result, bail};
 
@@ -44,6 +44,8 @@ pub struct EngineOptions {
     pub events: Option<Rules>,
     /// Which decodes may start, and when.
     pub admission: AdmissionConfig,
+    /// How long the state directory keeps audit files and unused uploads.
+    pub retention: Retention,
 }
 
 impl Default for EngineOptions {
@@ -55,6 +57,7 @@ impl Default for EngineOptions {
             state: None,
             events: None,
             admission: AdmissionConfig::default(),
+            retention: Retention::default(),
         }
     }
 }
@@ -111,8 +114,18 @@ impl Engine {
         };
         let saved = match &opts.state {
             Some(dir) => {
-                engine.registry.keep_journal(Journal::open(&dir.dir)?)?;
-                dir.read()?
+                let saved = dir.read()?;
+                let journal = Journal::open(&dir.dir, &opts.retention)?;
+                engine.registry.resume(journal, saved.as_ref())?;
+                let state = dir.clone();
+                engine
+                    .registry
+                    .persist_with(move |table, pending| state.write(&Saved::of(table, pending)))?;
+                let (uploads, keep) = (dir.clone(), opts.retention.uploads_keep);
+                engine
+                    .registry
+                    .on_publish(move |before, after| uploads.released(before, after, keep))?;
+                saved.map(|s| s.state)
             }
             None => None,
         };
@@ -121,10 +134,8 @@ impl Engine {
             None if opts.auto_profiles => engine.auto_profiles()?,
             None => {}
         }
-        if let Some(dir) = opts.state.clone() {
-            engine
-                .registry
-                .persist_with(move |table| dir.write(&State::of(table)))?;
+        if let Some(dir) = &opts.state {
+            dir.collect_uploads(&engine.registry.snapshot(), opts.retention.uploads_keep);
         }
         Ok(engine)
     }
@@ -155,7 +166,7 @@ impl Engine {
     /// Loads a saved state: every signature re-read and checked against its
     /// recorded hash, then the profiles and the default. Any failure stops start-up.
     fn restore(&self, saved: &State) -> Result<()> {
-        let errors = self.registry.reconcile(saved, &|e| {
+        let errors = self.registry.restore(saved, &|e| {
             state::read_entry(&self.dir, self.state.as_ref(), e)
         });
         if let Some(e) = errors.into_iter().next() {
@@ -357,6 +368,10 @@ impl Engine {
 
     /// Requests per profile over the last minutes.
     pub fn traffic(&self) -> &Traffic {
+        // Deleted profiles leave the chart once their window has gone quiet.
+        let table = self.registry.snapshot();
+        self.traffic
+            .retain(|name| table.profiles.contains_key(name));
         &self.traffic
     }
 
@@ -405,22 +420,42 @@ impl Engine {
         // behind (the registry checks again under its lock).
         validate_name("signature", name)?;
         self.model().check_signature(&sig, allow_transfer)?;
-        let sha = state::sha256(bytes);
-        let source = match &self.state {
-            Some(dir) => Source::Upload {
-                file: dir.store_upload(bytes, &sha)?,
+        let sha256 = state::sha256(bytes);
+        let Some(dir) = &self.state else {
+            let origin = Origin {
+                source: Source::Memory,
+                sha256,
+                allow_transfer,
+            };
+            return self
+                .registry
+                .load(name, sig, origin, cause)?
+                .signature()
+                .cloned();
+        };
+        let file = StateDir::upload_file(&sha256);
+        let change = Change::Load(state::SignatureEntry {
+            name: name.into(),
+            origin: Origin {
+                source: Source::Upload { file: file.clone() },
+                sha256,
+                allow_transfer,
             },
-            None => Source::Memory,
-        };
-        let origin = Origin {
-            source,
-            sha256: sha,
-            allow_transfer,
-        };
-        self.registry
-            .load(name, sig, origin, cause)?
-            .signature()
-            .cloned()
+        });
+        // Stored under the registry's lock, so that no clean-up of unused
+        // uploads runs between storing the file and publishing its use.
+        let stored = std::cell::Cell::new(false);
+        let applied = self.registry.apply_with(&change, cause, &|_| {
+            stored.set(dir.store_upload(bytes, &file)?);
+            Ok(sig.clone())
+        });
+        if applied.is_err() && stored.get() {
+            // A refused upload leaves no file behind (unless another load of
+            // the same bytes took it meanwhile).
+            self.registry
+                .locked(|table| dir.remove_upload(&file, table));
+        }
+        applied?.signature().cloned()
     }
 
     /// Runs one request through the default profile, so its stem is

@@ -5,8 +5,8 @@
 //! reaches it as a desired [`State`] (the next state of a checked [`Change`], a
 //! restored state file, or the fleet's state in etcd), and [`Registry::reconcile`]
 //! builds the next table from it off the request path: what is unchanged is
-//! reused, new stems are folded, and the table is persisted and then published
-//! with one atomic store.
+//! reused, new stems are folded, and the table is persisted, recorded in the
+//! audit trail and then published with one atomic store.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +26,7 @@ use crate::serve::profile::{
     AUTO, CLEAN, LoadedSignature, Origin, Profile, SignatureRef, Table, check_definition,
     is_builtin, materialize, validate_name,
 };
-use crate::serve::state::{SignatureEntry, State};
+use crate::serve::state::{Saved, SignatureEntry, State};
 use crate::{Error, Result, bail};
 
 /// Gives the bytes of a signature the registry does not hold yet.
@@ -53,6 +53,8 @@ pub struct Registry {
     clock: AtomicU64,
     /// Called with each new table before it is published; an error refuses the change.
     persist: OnceLock<Persist>,
+    /// Called with the tables before and after each publication.
+    published: OnceLock<Published>,
     prepared: Mutex<Vec<Prepared>>,
     /// Where every change is recorded (in memory unless set).
     journal: OnceLock<Journal>,
@@ -60,7 +62,19 @@ pub struct Registry {
     auto: OnceLock<Arc<Auto>>,
 }
 
-type Persist = Box<dyn Fn(&Table) -> Result<()> + Send + Sync>;
+/// Writes a table's state, with the audit entry of the change that produced it.
+type Persist = Box<dyn Fn(&Table, Option<&Entry>) -> Result<()> + Send + Sync>;
+type Published = Box<dyn Fn(&Table, &Table) + Send + Sync>;
+
+/// What a publication writes before the table is stored.
+enum Record {
+    /// A change: the state with its entry, then the entry's line.
+    Change(Entry),
+    /// The state alone.
+    State,
+    /// Nothing: the table is the state just read back.
+    Nothing,
+}
 
 /// Updates the gauges that describe a table about to be published.
 fn record(table: &Table) {
@@ -146,6 +160,7 @@ impl Registry {
             max_resident,
             clock: AtomicU64::new(1),
             persist: OnceLock::new(),
+            published: OnceLock::new(),
             prepared: Mutex::default(),
             journal: OnceLock::new(),
             auto: OnceLock::new(),
@@ -236,24 +251,44 @@ impl Registry {
         }
     }
 
-    /// From now on, every change is handed to `persist` before it is
-    /// published, and refused if that fails. Set once, after a restore.
+    /// From now on, every change is handed to `persist` (with its audit
+    /// entry) before it is recorded and published, and refused if that fails.
+    /// Set once, at start-up, before the first change.
     pub fn persist_with(
         &self,
-        persist: impl Fn(&Table) -> Result<()> + Send + Sync + 'static,
+        persist: impl Fn(&Table, Option<&Entry>) -> Result<()> + Send + Sync + 'static,
     ) -> Result<()> {
-        let _w = self.lock_writer();
-        persist(&self.snapshot())?;
         self.persist
             .set(Box::new(persist))
             .map_err(|_| Error::Internal("persistence is already set up".into()))
     }
 
-    /// Records changes in `journal` from now on. Set once, at start-up.
-    pub fn keep_journal(&self, journal: Journal) -> Result<()> {
+    /// Calls `f` with the tables before and after each publication, under the
+    /// writer lock: for clean-up that must wait until a change is final. Set
+    /// once, at start-up.
+    pub fn on_publish(&self, f: impl Fn(&Table, &Table) + Send + Sync + 'static) -> Result<()> {
+        self.published
+            .set(Box::new(f))
+            .map_err(|_| Error::Internal("a publication hook is already set up".into()))
+    }
+
+    /// Takes up the audit trail and the saved state of a state directory at
+    /// start-up, before any change: a change whose state was written but whose
+    /// line a crash cut off is recorded now, and generations go on after the
+    /// last one recorded or persisted, so that none is used twice.
+    pub fn resume(&self, journal: Journal, saved: Option<&Saved>) -> Result<()> {
+        let _w = self.lock_writer();
+        if let Some(pending) = saved.and_then(|s| s.pending.as_ref()) {
+            journal.recover(pending)?;
+        }
+        let saved_generation = saved.map_or(0, |s| s.generation);
+        let mut table = (*self.snapshot()).clone();
+        table.generation = saved_generation.max(journal.last_generation());
         self.journal
             .set(journal)
-            .map_err(|_| Error::Internal("the audit journal is already set up".into()))
+            .map_err(|_| Error::Internal("the audit journal is already set up".into()))?;
+        self.table.store(Arc::new(table));
+        Ok(())
     }
 
     /// The audit trail of this registry's changes.
@@ -267,9 +302,15 @@ impl Registry {
 
     /// Checks `change` against the current state and applies it, all or
     /// nothing, recording it with `cause`. A [`Change::Load`] takes its bytes
-    /// through [`Registry::load`].
+    /// through [`Registry::load`] or [`Registry::apply_with`].
     pub fn apply(&self, change: &Change, cause: &Cause) -> Result<Applied> {
-        self.update(change, cause, &no_bytes)
+        self.apply_with(change, cause, &no_bytes)
+    }
+
+    /// Runs `f` on the current table while no change can be published.
+    pub fn locked<T>(&self, f: impl FnOnce(&Table) -> T) -> T {
+        let _w = self.lock_writer();
+        f(&self.snapshot())
     }
 
     /// Registers `signature` under `name`, after checking it against the served model.
@@ -284,10 +325,12 @@ impl Registry {
             name: name.into(),
             origin,
         });
-        self.update(&change, cause, &|_| Ok(signature.clone()))
+        self.apply_with(&change, cause, &|_| Ok(signature.clone()))
     }
 
-    fn update(&self, change: &Change, cause: &Cause, load: Load) -> Result<Applied> {
+    /// [`Registry::apply`], with `load` giving the bytes of a signature it
+    /// loads; `load` runs under the writer lock.
+    pub fn apply_with(&self, change: &Change, cause: &Cause, load: Load) -> Result<Applied> {
         let start = Instant::now();
         let _w = self.lock_writer();
         let before = self.snapshot();
@@ -300,11 +343,12 @@ impl Registry {
             Change::Put { name, .. } => Some(name.as_str()),
             _ => None,
         };
-        let (next, built, errors) = self.build(&before, &desired, load, fresh);
+        let generation = before.generation + 1;
+        let (next, built, errors) = self.build(&before, &desired, load, fresh, generation);
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
-        let after = self.publish(&before, next, &built, change.op(), Some(entry))?;
+        let after = self.publish(&before, next, &built, change.op(), Record::Change(entry))?;
         Ok(Applied::new(change, &before, &after, start.elapsed(), 0))
     }
 
@@ -314,8 +358,27 @@ impl Registry {
     pub fn reconcile(&self, desired: &State, load: Load) -> Vec<Error> {
         let _w = self.lock_writer();
         let before = self.snapshot();
-        let (next, built, mut errors) = self.build(&before, desired, load, None);
-        errors.extend(self.publish(&before, next, &built, "reconcile", None).err());
+        let generation = before.generation + 1;
+        let (next, built, mut errors) = self.build(&before, desired, load, None, generation);
+        errors.extend(
+            self.publish(&before, next, &built, "reconcile", Record::State)
+                .err(),
+        );
+        errors
+    }
+
+    /// Publishes the state a restart read back, as [`Registry::reconcile`]
+    /// would, but at the generation [`Registry::resume`] set and without
+    /// writing it again: it is the table persisted then, not a change.
+    pub fn restore(&self, saved: &State, load: Load) -> Vec<Error> {
+        let _w = self.lock_writer();
+        let before = self.snapshot();
+        let generation = before.generation;
+        let (next, built, mut errors) = self.build(&before, saved, load, None, generation);
+        errors.extend(
+            self.publish(&before, next, &built, "restore", Record::Nothing)
+                .err(),
+        );
         errors
     }
 
@@ -369,13 +432,15 @@ impl Registry {
 
     /// The next table for `desired`, the profiles built for it, and what could
     /// not be applied. Entries of `before` that `desired` leaves as they are
-    /// are reused; `fresh` names a profile to build anew regardless.
+    /// are reused; `fresh` names a profile to build anew regardless. The
+    /// table and the profiles built have `generation`.
     fn build(
         &self,
         before: &Table,
         desired: &State,
         load: Load,
         fresh: Option<&str>,
+        generation: u64,
     ) -> (Table, Vec<Arc<Profile>>, Vec<Error>) {
         let mut errors = Vec::new();
         let mut signatures = BTreeMap::new();
@@ -399,7 +464,6 @@ impl Registry {
                 }
             }
         }
-        let generation = before.generation + 1;
         // The built-in profiles carry over unchanged.
         let mut profiles: BTreeMap<String, Arc<Profile>> = before
             .profiles
@@ -473,7 +537,7 @@ impl Registry {
             }
         }
         let next = Table {
-            generation: before.generation,
+            generation,
             signatures,
             profiles,
             default_profile,
@@ -532,16 +596,15 @@ impl Registry {
         )))
     }
 
-    /// Publishes `next` with a bumped generation, once it is recorded in the
-    /// journal (with `entry`) and persisted, unless it holds nothing new;
-    /// returns the table now current.
+    /// Publishes `next` once `write` is written, unless it holds nothing
+    /// new; returns the table now current.
     fn publish(
         &self,
         before: &Arc<Table>,
-        mut next: Table,
+        next: Table,
         built: &[Arc<Profile>],
         op: &'static str,
-        entry: Option<Entry>,
+        write: Record,
     ) -> Result<Arc<Table>> {
         let unchanged = next.default_profile == before.default_profile
             && Arc::ptr_eq(&next.activations, &before.activations)
@@ -550,22 +613,17 @@ impl Registry {
         if unchanged {
             return Ok(before.clone());
         }
-        next.generation += 1;
-        if let Some(mut entry) = entry {
-            entry.generation = next.generation;
-            self.journal().append(&entry)?;
-            if let Some(Err(e)) = self.persist.get().map(|p| p(&next)) {
-                // The line is in the trail, the change is not: say so there.
-                let mut undone = entry;
-                undone.op = format!("{} refused", undone.op);
-                undone.cause.why = e.to_string();
-                if let Err(j) = self.journal().append(&undone) {
-                    tracing::error!(error = %j, "cannot record a refused change in the audit trail");
-                }
-                return Err(e);
+        match write {
+            Record::Change(mut entry) => {
+                entry.generation = next.generation;
+                self.commit(before, &next, &entry)?;
             }
-        } else if let Some(persist) = self.persist.get() {
-            persist(&next)?;
+            Record::State => {
+                if let Some(persist) = self.persist.get() {
+                    persist(&next, None)?;
+                }
+            }
+            Record::Nothing => {}
         }
         record(&next);
         if !Arc::ptr_eq(&next.activations, &before.activations) {
@@ -575,7 +633,33 @@ impl Registry {
         self.table.store(next.clone());
         metrics::counter!(m::PROFILE_CHANGES, "op" => op).increment(1);
         self.evict(&next, built);
+        if let Some(f) = self.published.get() {
+            f(before, &next);
+        }
         Ok(next)
+    }
+
+    /// Makes a change durable in the order that keeps the trail true at any
+    /// instant: the state with `entry` first (a crash now leaves the entry
+    /// there, for [`Registry::resume`]), then its line. Without the line the
+    /// change is refused and the state goes back.
+    fn commit(&self, before: &Table, next: &Table, entry: &Entry) -> Result<()> {
+        let Some(persist) = self.persist.get() else {
+            return self.journal().append(entry);
+        };
+        persist(next, Some(entry))?;
+        if let Err(e) = self.journal().append(entry) {
+            if let Err(undo) = persist(before, None) {
+                tracing::error!(
+                    error = %undo,
+                    generation = entry.generation,
+                    "cannot put the state back after the audit trail refused a change; \
+                     a restart now applies and records it"
+                );
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
@@ -719,5 +803,215 @@ mod tests {
         let errors = registry.reconcile(&want, &|e| Err(Error::NotFound(e.name.clone())));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(Arc::ptr_eq(&t, &registry.snapshot()));
+    }
+
+    use crate::serve::state::{Retention, StateDir};
+    use std::time::{Duration, SystemTime};
+
+    /// A registry on `model` that keeps its state in `dir` as the engine does,
+    /// restored from what `dir` holds; `persist` stands in for the state write.
+    fn reopen(
+        model: &Arc<Model>,
+        dir: &StateDir,
+        sig: &Arc<Signature>,
+        persist: impl Fn(&Table, Option<&Entry>) -> Result<()> + Send + Sync + 'static,
+    ) -> Result<Registry> {
+        let registry = Registry::new(model.clone(), 4)?;
+        let saved = dir.read()?;
+        registry.resume(
+            Journal::open(&dir.dir, &Retention::default())?,
+            saved.as_ref(),
+        )?;
+        registry.persist_with(persist)?;
+        if let Some(saved) = saved {
+            let sig = sig.clone();
+            let errors = registry.restore(&saved.state, &|_| Ok(sig.clone()));
+            assert!(errors.is_empty(), "{errors:?}");
+        }
+        Ok(registry)
+    }
+
+    fn trail(registry: &Registry) -> Vec<(u64, String)> {
+        let mut t: Vec<_> = registry
+            .journal()
+            .history("", usize::MAX)
+            .into_iter()
+            .map(|e| (e.generation, e.op))
+            .collect();
+        t.reverse();
+        t
+    }
+
+    /// A crash just before or just after the state of a change is written:
+    /// after the restart the trail says exactly what the state holds, and the
+    /// next change gets a generation not used before.
+    fn crash_then_restart(state_written: bool) {
+        let (registry, a, _) = fixture();
+        let model = registry.model().clone();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let crash = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, c) = (dir.clone(), crash.clone());
+        let first = reopen(&model, &dir, &a, move |t, pending| {
+            let crashing = pending.is_some() && c.load(Ordering::Relaxed);
+            if crashing && !state_written {
+                panic!("crash before the state is written");
+            }
+            d.write(&crate::serve::state::Saved::of(t, pending))?;
+            assert!(!crashing, "crash after the state is written");
+            Ok(())
+        })
+        .unwrap();
+        let cause = Cause::default();
+        first
+            .load("a", a.clone(), entry("a").origin, &cause)
+            .unwrap();
+        let refs = vec![SignatureRef {
+            name: "a".into(),
+            alpha: 0.5,
+        }];
+        first.apply(&Change::put("p", refs, false), &cause).unwrap();
+        crash.store(true, Ordering::Relaxed);
+        let set = Change::SetDefault("p".into());
+        let crashed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| first.apply(&set, &cause)));
+        assert!(crashed.is_err(), "the crash did not happen");
+        drop(first);
+
+        let d = dir.clone();
+        let again = reopen(&model, &dir, &a, move |t, pending| {
+            d.write(&crate::serve::state::Saved::of(t, pending))
+        })
+        .unwrap();
+        let table = again.snapshot();
+        let mut want = vec![(1, "load_signature".to_string()), (2, "put_profile".into())];
+        if state_written {
+            want.push((3, "set_default".into()));
+        }
+        assert_eq!(trail(&again), want, "the trail is what was persisted");
+        assert_eq!(
+            table.default_profile,
+            if state_written { "p" } else { CLEAN }
+        );
+        assert_eq!(table.generation, want.len() as u64);
+        let refs = vec![SignatureRef {
+            name: "a".into(),
+            alpha: 0.25,
+        }];
+        let next = again.apply(&Change::put("q", refs, false), &cause).unwrap();
+        assert_eq!(next.generation, table.generation + 1, "generations go on");
+        assert_eq!(trail(&again).last().unwrap().0, next.generation);
+    }
+
+    #[test]
+    fn a_crash_after_the_state_is_written_is_recorded_on_restart() {
+        crash_then_restart(true);
+    }
+
+    #[test]
+    fn a_crash_before_the_state_is_written_leaves_no_line() {
+        crash_then_restart(false);
+    }
+
+    #[test]
+    fn a_change_the_audit_trail_refuses_leaves_the_state_as_it_was() {
+        let (registry, a, _) = fixture();
+        let model = registry.model().clone();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let write = |dir: &StateDir| {
+            let d = dir.clone();
+            move |t: &Table, p: Option<&Entry>| d.write(&crate::serve::state::Saved::of(t, p))
+        };
+        let first = reopen(&model, &dir, &a, write(&dir)).unwrap();
+        let cause = Cause::default();
+        first
+            .load("a", a.clone(), entry("a").origin, &cause)
+            .unwrap();
+        drop(first);
+        // The trail's file now refuses every write, as a full disk would.
+        let audit = tmp.path().join("audit.jsonl");
+        std::fs::remove_file(&audit).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &audit).unwrap();
+        // (Its line is in the old trail: the state needs no recovery.)
+        let mut saved = dir.read().unwrap().unwrap();
+        saved.pending = None;
+        dir.write(&saved).unwrap();
+        let registry = reopen(&model, &dir, &a, write(&dir)).unwrap();
+        let before = registry.snapshot();
+        let refs = vec![SignatureRef {
+            name: "a".into(),
+            alpha: 0.5,
+        }];
+        let err = registry
+            .apply(&Change::put("p", refs, false), &cause)
+            .unwrap_err();
+        assert_eq!(err.kind(), "unavailable", "{err}");
+        assert!(err.to_string().contains("check its permissions"), "{err}");
+        assert!(Arc::ptr_eq(&before, &registry.snapshot()));
+        assert_eq!(dir.read().unwrap().unwrap(), saved, "the state moved");
+        assert!(trail(&registry).is_empty());
+    }
+
+    #[test]
+    fn an_unused_upload_is_kept_for_its_retention_from_when_it_was_unloaded() {
+        let (registry, a, _) = fixture();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let keep = Duration::from_secs(3600);
+        let uploads = dir.clone();
+        registry
+            .on_publish(move |before, after| uploads.released(before, after, keep))
+            .unwrap();
+        let long_ago = SystemTime::now() - 2 * keep;
+        let file = |name: &str, at: SystemTime| {
+            let path = dir.upload_path(name).unwrap();
+            crate::fsutil::write_atomic(&path, b"bytes").unwrap();
+            std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        };
+        let uploaded = |name: &str| {
+            let mut e = entry(name);
+            e.origin.source = Source::Upload {
+                file: format!("{name}.up"),
+            };
+            e.origin
+        };
+        file("a.up", long_ago);
+        file("b.up", long_ago);
+        file("old.up", long_ago);
+        file("new.up", SystemTime::now());
+        let cause = Cause::default();
+        registry
+            .load("a", a.clone(), uploaded("a"), &cause)
+            .unwrap();
+        registry
+            .load("b", a.clone(), uploaded("b"), &cause)
+            .unwrap();
+        let listed = || {
+            let mut names: Vec<String> = std::fs::read_dir(tmp.path().join("uploads"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            listed(),
+            ["a.up", "b.up", "new.up", "old.up"],
+            "a load collects nothing"
+        );
+        registry.apply(&Change::Unload("a".into()), &cause).unwrap();
+        assert_eq!(
+            listed(),
+            ["a.up", "b.up", "new.up"],
+            "a.up was unloaded just now"
+        );
+        dir.collect_uploads(&registry.snapshot(), Duration::ZERO);
+        assert_eq!(listed(), ["b.up"], "what a signature uses stays");
     }
 }

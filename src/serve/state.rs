@@ -1,11 +1,13 @@
 //! The durable part of the profile state: which signatures are loaded and
 //! where their bytes live, the profiles and the default. The server writes it
-//! atomically on every change, before the change is published, so a restart,
-//! even after SIGKILL, finds the last acknowledged state (or the one change
-//! in flight), never a torn one.
+//! atomically on every change, before the change is recorded in the audit
+//! trail and published, so a restart, even after SIGKILL, finds the last
+//! acknowledged state (or the one change in flight), never a torn one.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -13,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::model::repo::ModelDir;
 use crate::patch::signature::Signature;
 use crate::serve::activation::Activation;
+use crate::serve::journal::Entry;
 use crate::serve::profile::{Origin, SignatureRef, Source, Table, is_builtin};
 use crate::{Error, Result, bail};
 
@@ -42,6 +45,78 @@ pub struct ProfileEntry {
 pub struct RefEntry {
     pub name: String,
     pub alpha: f32,
+}
+
+/// How much of a state directory's history is kept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retention {
+    /// `audit.jsonl` is rotated to `audit.jsonl.1` once it passes this size.
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept; older ones are deleted.
+    pub audit_keep_files: usize,
+    /// How long an upload no signature uses any more stays, so that a state
+    /// naming it can still be restored; zero deletes it at once.
+    pub uploads_keep: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            audit_max_bytes: 64 << 20,
+            audit_keep_files: 4,
+            uploads_keep: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What `state.json` holds: the state, the generation of the table it is, and
+/// the audit entry of the change that produced it. The entry is the intent: a
+/// crash before its line reached the trail leaves it here, and the restart
+/// appends it (see [`crate::serve::journal::Journal::recover`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    #[serde(flatten)]
+    pub state: State,
+    /// 0 in files written before generations were kept.
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Entry>,
+}
+
+impl Saved {
+    pub fn of(table: &Table, pending: Option<&Entry>) -> Saved {
+        Saved {
+            state: State::of(table),
+            generation: table.generation,
+            pending: pending.cloned(),
+        }
+    }
+}
+
+/// The error for a write the state directory `dir` refused: UNAVAILABLE, with
+/// what to check, since the operator can fix it and the client can retry.
+pub(crate) fn unwritable(dir: &Path, e: Error) -> Error {
+    match e {
+        Error::Io { source, .. } => Error::Unavailable(format!(
+            "cannot write the state directory {} ({source}); the change was not applied: \
+             check its permissions and free space",
+            dir.display()
+        )),
+        other => other,
+    }
+}
+
+/// The upload files the signatures of `table` use.
+fn uploads_of(table: &Table) -> BTreeSet<&str> {
+    table
+        .signatures
+        .values()
+        .filter_map(|s| match &s.origin.source {
+            Source::Upload { file } => Some(file.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Everything a restart needs, in the order it must be applied.
@@ -83,23 +158,6 @@ impl ProfileEntry {
 }
 
 impl State {
-    /// Parses the text of a state file of this rws's format.
-    pub fn parse(text: &str) -> Result<State> {
-        let state: State = serde_json::from_str(text).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "not a valid rws state file ({e}); move it away to start from the model's signatures"
-            ))
-        })?;
-        if state.version != FORMAT_VERSION {
-            bail!(
-                InvalidArgument,
-                "state format {}; this rws reads {FORMAT_VERSION}",
-                state.version
-            );
-        }
-        Ok(state)
-    }
-
     /// The state a table holds, sorted by name.
     pub fn of(table: &Table) -> State {
         State {
@@ -170,33 +228,111 @@ impl StateDir {
     }
 
     /// The state last written, if any.
-    pub fn read(&self) -> Result<Option<State>> {
+    pub fn read(&self) -> Result<Option<Saved>> {
         let path = self.state_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        State::parse(&text)
+        parse(&text)
             .map(Some)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
     }
 
-    pub fn write(&self, state: &State) -> Result<()> {
-        state.check_durable()?;
-        let json = serde_json::to_vec_pretty(state)
+    pub fn write(&self, saved: &Saved) -> Result<()> {
+        saved.state.check_durable()?;
+        let json = serde_json::to_vec_pretty(saved)
             .map_err(|e| Error::Internal(format!("cannot encode the state: {e}")))?;
-        crate::fsutil::write_atomic(&self.state_path(), &json)
+        crate::fsutil::write_atomic(&self.state_path(), &json).map_err(|e| unwritable(&self.dir, e))
     }
 
-    /// Keeps uploaded bytes under their hash; returns the file name.
-    pub fn store_upload(&self, bytes: &[u8], sha: &str) -> Result<String> {
-        let file = format!("{}.rws.safetensors", sha.trim_start_matches("sha256:"));
-        let path = self.dir.join("uploads").join(&file);
-        if !path.exists() {
-            crate::fsutil::write_atomic(&path, bytes)?;
+    /// The file uploaded bytes with hash `sha` are kept in.
+    pub fn upload_file(sha: &str) -> String {
+        format!("{}.rws.safetensors", sha.trim_start_matches("sha256:"))
+    }
+
+    /// Keeps uploaded bytes in `file` (see [`StateDir::upload_file`]); true if
+    /// they were written now, false if the file was there already.
+    pub fn store_upload(&self, bytes: &[u8], file: &str) -> Result<bool> {
+        let path = self.upload_path(file)?;
+        if path.exists() {
+            return Ok(false);
         }
-        Ok(file)
+        crate::fsutil::write_atomic(&path, bytes).map_err(|e| unwritable(&self.dir, e))?;
+        Ok(true)
+    }
+
+    /// Deletes an upload no signature of `table` uses.
+    pub fn remove_upload(&self, file: &str, table: &Table) {
+        if uploads_of(table).contains(file) {
+            return;
+        }
+        if let Err(e) = self.upload_path(file).and_then(|p| remove(&p)) {
+            tracing::warn!(error = %e, "cannot delete an unused upload");
+        }
+    }
+
+    /// After `after` replaced `before`: the uploads `before` used and `after`
+    /// does not start their retention now, and those past it go.
+    pub fn released(&self, before: &Table, after: &Table, keep: Duration) {
+        let used = uploads_of(after);
+        let dropped: Vec<&str> = uploads_of(before).difference(&used).copied().collect();
+        if dropped.is_empty() {
+            return;
+        }
+        for file in dropped {
+            // The file's time is when it was last stored or used.
+            let touched = self.upload_path(file).and_then(|p| {
+                std::fs::File::options()
+                    .append(true)
+                    .open(&p)
+                    .and_then(|f| f.set_modified(SystemTime::now()))
+                    .map_err(|e| Error::io(p, e))
+            });
+            if let Err(e) = touched {
+                tracing::warn!(error = %e, "cannot mark an upload unused");
+            }
+        }
+        self.collect_uploads(after, keep);
+    }
+
+    /// Deletes the files in `uploads/` no signature of `table` uses that were
+    /// last stored or used more than `keep` ago (crashed writes' temp files too).
+    pub fn collect_uploads(&self, table: &Table, keep: Duration) {
+        let dir = self.dir.join("uploads");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => return tracing::warn!(error = %Error::io(&dir, e), "cannot list uploads"),
+        };
+        let used = uploads_of(table);
+        let now = SystemTime::now();
+        let (mut deleted, mut failed) = (0, None);
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_str().is_some_and(|n| used.contains(n)) {
+                continue;
+            }
+            let age = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default());
+            match age {
+                Ok(age) if age < keep => {}
+                Ok(_) => match remove(&e.path()) {
+                    Ok(()) => deleted += 1,
+                    Err(err) => failed = Some(err),
+                },
+                Err(err) => failed = Some(Error::io(e.path(), err)),
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "deleted uploads no signature uses");
+        }
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "cannot delete an unused upload");
+        }
     }
 
     pub fn upload_path(&self, file: &str) -> Result<PathBuf> {
@@ -208,6 +344,30 @@ impl StateDir {
             );
         }
         Ok(self.dir.join("uploads").join(name))
+    }
+}
+
+/// Parses the text of a state file of this rws's format.
+fn parse(text: &str) -> Result<Saved> {
+    let saved: Saved = serde_json::from_str(text).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "not a valid rws state file ({e}); move it away to start from the model's signatures"
+        ))
+    })?;
+    if saved.state.version != FORMAT_VERSION {
+        bail!(
+            InvalidArgument,
+            "state format {}; this rws reads {FORMAT_VERSION}",
+            saved.state.version
+        );
+    }
+    Ok(saved)
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
     }
 }
 

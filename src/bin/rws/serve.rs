@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use rws::model::repo::ModelDir;
 use rws::serve::admission::AdmissionConfig;
 use rws::serve::engine::{Engine, EngineOptions};
-use rws::serve::state::StateDir;
+use rws::serve::state::{Retention, StateDir};
 use rws::server::auth::{Auth, AuthConfig};
 use rws::server::shutdown::Shutdown;
 use rws::server::{ServeOptions, Side, Tls};
@@ -135,6 +135,19 @@ pub struct ServeArgs {
     /// The operator console (a web page); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9466")]
     console_addr: String,
+    /// With --state-dir: rotate `audit.jsonl` to `audit.jsonl.1` once it passes
+    /// this many bytes, so that the trail neither fills the disk nor slows start-up.
+    #[arg(long, default_value_t = Retention::default().audit_max_bytes)]
+    audit_max_bytes: u64,
+    /// With --state-dir: rotated audit files kept (`audit.jsonl.1` to `.N`);
+    /// older ones are deleted.
+    #[arg(long, default_value_t = Retention::default().audit_keep_files)]
+    audit_keep_files: usize,
+    /// With --state-dir: how long an uploaded signature's file is kept once no
+    /// signature uses it (`24h`, `30m`; `0s` deletes it at once), so that a
+    /// state that names it can still be restored.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    uploads_keep: Duration,
 }
 
 /// A token file's content, as the server reads it.
@@ -207,6 +220,11 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             large_per_peer: a.large_images_per_client,
             large_pixels: a.large_decode_pixels,
             ..AdmissionConfig::default()
+        },
+        retention: Retention {
+            audit_max_bytes: a.audit_max_bytes,
+            audit_keep_files: a.audit_keep_files,
+            uploads_keep: a.uploads_keep,
         },
     };
     let name = dir.name.clone();
