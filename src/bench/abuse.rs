@@ -108,10 +108,32 @@ async fn channel(addr: &str) -> Result<Channel> {
         .map_err(|e| Error::Unavailable(format!("cannot connect to {addr}: {e}")))
 }
 
-/// The good client: `rate` requests a second, each on time or counted late.
+/// The good client on a thread and runtime of its own, so that its latencies
+/// are the server's, not those of a runtime busy sending the flood.
 async fn good(o: &AbuseOptions, for_: Duration) -> Result<GoodReport> {
-    let mut client =
-        pb::inference_client::InferenceClient::new(channel(&o.addr).await?).max_encoding_message_size(usize::MAX);
+    let o = AbuseOptions {
+        addr: o.addr.clone(),
+        metrics_url: String::new(),
+        good_image: o.good_image.clone(),
+        ..*o
+    };
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the good client: {e}")))?
+            .block_on(good_here(&o, for_))
+    });
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .map_err(|e| Error::Internal(format!("the good client failed: {e}")))?
+        .map_err(|_| Error::Internal("the good client panicked".into()))?
+}
+
+/// The good client: `rate` requests a second, each on time or counted late.
+async fn good_here(o: &AbuseOptions, for_: Duration) -> Result<GoodReport> {
+    let mut client = pb::inference_client::InferenceClient::new(channel(&o.addr).await?)
+        .max_encoding_message_size(usize::MAX);
     let period = Duration::from_secs_f64(1.0 / o.good_rate);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,7 +143,10 @@ async fn good(o: &AbuseOptions, for_: Duration) -> Result<GoodReport> {
         tick.tick().await;
         sent += 1;
         let t = Instant::now();
-        match client.classify(request(&o.good_image, Some(o.good_deadline))).await {
+        match client
+            .classify(request(&o.good_image, Some(o.good_deadline)))
+            .await
+        {
             Ok(_) => times.push(t.elapsed()),
             Err(s) => *failures.entry(code_name(&s)).or_insert(0) += 1,
         }
@@ -165,7 +190,11 @@ fn labelled(text: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
         };
         let key = labels
             .split(',')
-            .find_map(|kv| kv.strip_prefix(label)?.strip_prefix("=\"")?.strip_suffix('"'))
+            .find_map(|kv| {
+                kv.strip_prefix(label)?
+                    .strip_prefix("=\"")?
+                    .strip_suffix('"')
+            })
             .unwrap_or("")
             .to_string();
         if let Ok(v) = value.trim().parse::<f64>() {
@@ -274,7 +303,10 @@ impl std::fmt::Display for AbuseReport {
             self.hostile
         )?;
         writeln!(f, "peak RSS {:.0} MB", self.peak_rss_bytes / 1e6)?;
-        writeln!(f, "second  RSS MB  decodes small/large  Mpixels  shed  cancelled")?;
+        writeln!(
+            f,
+            "second  RSS MB  decodes small/large  Mpixels  shed  cancelled"
+        )?;
         for t in &self.ticks {
             writeln!(
                 f,
@@ -303,7 +335,10 @@ mod tests {
         let shed = labelled(text, "rws_shed_total", "reason");
         assert_eq!(shed["peer_limit"], 3.0);
         assert_eq!(shed["decode_deadline"], 2.0);
-        assert_eq!(labelled(text, "rws_decodes_in_flight", "lane")["large"], 1.0);
+        assert_eq!(
+            labelled(text, "rws_decodes_in_flight", "lane")["large"],
+            1.0
+        );
         assert_eq!(plain(text, "rws_decode_pixels_in_flight"), 25e6);
     }
 }

@@ -163,7 +163,10 @@ fn shed(reason: &'static str) {
 impl Admission {
     pub fn new(cfg: AdmissionConfig) -> Result<Self> {
         cfg.check()?;
-        let units = cfg.large_pixels.div_ceil(PIXEL_UNIT).min(u64::from(u32::MAX)) as usize;
+        let units = cfg
+            .large_pixels
+            .div_ceil(PIXEL_UNIT)
+            .min(u64::from(u32::MAX)) as usize;
         Ok(Admission {
             cfg,
             small: Arc::new(Semaphore::new(cfg.small_slots)),
@@ -353,7 +356,10 @@ mod tests {
             );
         }
         // The waits were dropped: the peer has one large image again.
-        assert_eq!(a.peers.lock().unwrap().get(&"10.0.0.1".parse().unwrap()), Some(&1));
+        assert_eq!(
+            a.peers.lock().unwrap().get(&"10.0.0.1".parse().unwrap()),
+            Some(&1)
+        );
         drop(first);
         assert!(a.peers.lock().unwrap().is_empty());
         let again = a.admit(LARGE, ip("10.0.0.1"), None).await.unwrap();

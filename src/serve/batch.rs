@@ -224,8 +224,13 @@ fn worker(i: usize, crew: Crew) {
             metrics::counter!(m::WORKER_PANICS).increment(1);
             crew.alive.fetch_sub(1, Ordering::AcqRel);
             match spawn_worker(i, crew.clone()) {
-                Ok(()) => tracing::error!(worker = i, "a compute batch panicked; its requests got INTERNAL and the worker was replaced"),
-                Err(e) => tracing::error!(worker = i, error = %e, "a compute batch panicked and the worker cannot be replaced"),
+                Ok(()) => tracing::error!(
+                    worker = i,
+                    "a compute batch panicked; its requests got INTERNAL and the worker was replaced"
+                ),
+                Err(e) => {
+                    tracing::error!(worker = i, error = %e, "a compute batch panicked and the worker cannot be replaced")
+                }
             }
             return;
         }

@@ -18,6 +18,7 @@ use crate::serve::admission::{Admission, AdmissionConfig};
 use crate::serve::auto::Auto;
 use crate::serve::batch::{BatchConfig, Batcher, Classification, Job};
 use crate::serve::change::{Applied, Change};
+use crate::serve::durability::Retention;
 use crate::serve::events::{Decision, Event, Events, KINDS, Rules};
 use crate::serve::fleet::{EtcdUrl, Fleet};
 use crate::serve::journal::{Cause, Entry, Journal};
@@ -28,7 +29,7 @@ use crate::serve::profile::{
 };
 use crate::serve::registry::Registry;
 use crate::serve::shadow::{self, Shadows};
-use crate::serve::state::{self, Retention, Saved, State, StateDir};
+use crate::serve::state::{self, Saved, State, StateDir};
 use crate::serve::traffic::Traffic;
 use crate::{Error, Result, bail};
 

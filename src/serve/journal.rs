@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::serve::state::{Retention, unwritable};
+use crate::serve::durability::{Retention, unwritable};
 use crate::{Error, Result};
 
 /// Entries kept in memory for [`Journal::history`].

@@ -19,6 +19,7 @@ pub mod auto;
 pub mod batch;
 pub mod change;
 pub mod compute;
+pub mod durability;
 pub mod engine;
 pub mod events;
 pub mod fleet;

@@ -805,7 +805,8 @@ mod tests {
         assert!(Arc::ptr_eq(&t, &registry.snapshot()));
     }
 
-    use crate::serve::state::{Retention, StateDir};
+    use crate::serve::durability::Retention;
+    use crate::serve::state::StateDir;
     use std::time::{Duration, SystemTime};
 
     /// A registry on `model` that keeps its state in `dir` as the engine does,

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::model::repo::ModelDir;
 use crate::patch::signature::Signature;
 use crate::serve::activation::Activation;
+use crate::serve::durability::unwritable;
 use crate::serve::journal::Entry;
 use crate::serve::profile::{Origin, SignatureRef, Source, Table, is_builtin};
 use crate::{Error, Result, bail};
@@ -47,28 +48,6 @@ pub struct RefEntry {
     pub alpha: f32,
 }
 
-/// How much of a state directory's history is kept.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Retention {
-    /// `audit.jsonl` is rotated to `audit.jsonl.1` once it passes this size.
-    pub audit_max_bytes: u64,
-    /// Rotated audit files kept; older ones are deleted.
-    pub audit_keep_files: usize,
-    /// How long an upload no signature uses any more stays, so that a state
-    /// naming it can still be restored; zero deletes it at once.
-    pub uploads_keep: Duration,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            audit_max_bytes: 64 << 20,
-            audit_keep_files: 4,
-            uploads_keep: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
 /// What `state.json` holds: the state, the generation of the table it is, and
 /// the audit entry of the change that produced it. The entry is the intent: a
 /// crash before its line reached the trail leaves it here, and the restart
@@ -91,19 +70,6 @@ impl Saved {
             generation: table.generation,
             pending: pending.cloned(),
         }
-    }
-}
-
-/// The error for a write the state directory `dir` refused: UNAVAILABLE, with
-/// what to check, since the operator can fix it and the client can retry.
-pub(crate) fn unwritable(dir: &Path, e: Error) -> Error {
-    match e {
-        Error::Io { source, .. } => Error::Unavailable(format!(
-            "cannot write the state directory {} ({source}); the change was not applied: \
-             check its permissions and free space",
-            dir.display()
-        )),
-        other => other,
     }
 }
 

@@ -243,7 +243,11 @@ impl Auth {
         move |mut req: Request<()>| {
             let certs = req.peer_certs();
             let who = auth.check(&Credentials {
-                bearer: bearer(req.metadata().get("authorization").and_then(|v| v.to_str().ok())),
+                bearer: bearer(
+                    req.metadata()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok()),
+                ),
                 peer: req.remote_addr(),
                 client_cert: certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref()),
             })?;
@@ -327,11 +331,17 @@ mod tests {
         assert!(auth.reload().unwrap());
         assert_eq!(auth.epoch(), 1);
         assert!(auth.check(&from("10.1.2.3:5000", Some("tok"))).is_err());
-        assert!(auth.check(&from("10.1.2.3:5000", Some("new-token"))).is_ok());
+        assert!(
+            auth.check(&from("10.1.2.3:5000", Some("new-token")))
+                .is_ok()
+        );
         // A file that cannot be read keeps the token in force.
         std::fs::write(f.path(), "  \n").unwrap();
         assert!(auth.reload().is_err());
-        assert!(auth.check(&from("10.1.2.3:5000", Some("new-token"))).is_ok());
+        assert!(
+            auth.check(&from("10.1.2.3:5000", Some("new-token")))
+                .is_ok()
+        );
     }
 
     #[test]

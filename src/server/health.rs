@@ -35,7 +35,8 @@ struct Closing {
     shutdown: Shutdown,
 }
 
-type WatchStream = Pin<Box<dyn futures_util::Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+type WatchStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Health for Closing {

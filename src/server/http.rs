@@ -95,11 +95,8 @@ pub async fn serve(
 ) -> crate::Result<()> {
     let handle = axum_server::Handle::new();
     {
-        let (handle, closing, timeout) = (
-            handle.clone(),
-            side.shutdown.closing(),
-            side.drain_timeout,
-        );
+        let (handle, closing, timeout) =
+            (handle.clone(), side.shutdown.closing(), side.drain_timeout);
         tokio::spawn(async move {
             closing.await;
             handle.graceful_shutdown(Some(timeout));
@@ -115,7 +112,12 @@ pub async fn serve(
                 .serve(app)
                 .await
         }
-        None => axum_server::from_tcp(listener).handle(handle).serve(app).await,
+        None => {
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
     }
     .map_err(failed)
 }

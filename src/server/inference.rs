@@ -95,5 +95,3 @@ pub(super) fn selection(chosen: Choice) -> (pb::Selection, String) {
         Choice::Default => (pb::Selection::Default, String::new()),
     }
 }
-
-

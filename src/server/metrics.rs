@@ -19,7 +19,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, side: Side) 
             async move {
                 (
                     [("content-type", "text/plain; version=0.0.4")],
-                    handle.render(),
+                    crate::serve::metrics::render(&handle),
                 )
             }
         }),

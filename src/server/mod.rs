@@ -41,7 +41,6 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rws_descriptor");
 }
 
-
 /// Largest request accepted by default: a 40-megapixel JPEG fits; uploads of big
 /// signatures go through Admin, which takes more.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -227,7 +226,9 @@ pub async fn serve(
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             opts.limits.max_concurrent_requests,
         ))
-        .layer(tonic::service::InterceptorLayer::new(deadline::stamp_arrival));
+        .layer(tonic::service::InterceptorLayer::new(
+            deadline::stamp_arrival,
+        ));
     let server = builder
         .layer(layers)
         .add_service(health)
@@ -260,7 +261,9 @@ pub async fn serve(
     if let Some(fleet) = engine.fleet() {
         match fleet.leave().await {
             Ok(()) => tracing::info!("left the fleet: the replica's lease is revoked"),
-            Err(e) => tracing::warn!(error = %e, "could not revoke the fleet lease; it expires by itself"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not revoke the fleet lease; it expires by itself")
+            }
         }
     }
     Ok(())
