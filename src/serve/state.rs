@@ -64,6 +64,23 @@ pub struct Saved {
 }
 
 impl Saved {
+    /// Parses the text of a state file of this rws's format.
+    pub fn parse(text: &str) -> Result<Saved> {
+        let saved: Saved = serde_json::from_str(text).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "not a valid rws state file ({e}); move it away to start from the model's signatures"
+            ))
+        })?;
+        if saved.state.version != FORMAT_VERSION {
+            bail!(
+                InvalidArgument,
+                "state format {}; this rws reads {FORMAT_VERSION}",
+                saved.state.version
+            );
+        }
+        Ok(saved)
+    }
+
     pub fn of(table: &Table, pending: Option<&Entry>) -> Saved {
         Saved {
             state: State::of(table),
@@ -201,7 +218,7 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        parse(&text)
+        Saved::parse(&text)
             .map(Some)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
     }
@@ -311,23 +328,6 @@ impl StateDir {
         }
         Ok(self.dir.join("uploads").join(name))
     }
-}
-
-/// Parses the text of a state file of this rws's format.
-fn parse(text: &str) -> Result<Saved> {
-    let saved: Saved = serde_json::from_str(text).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "not a valid rws state file ({e}); move it away to start from the model's signatures"
-        ))
-    })?;
-    if saved.state.version != FORMAT_VERSION {
-        bail!(
-            InvalidArgument,
-            "state format {}; this rws reads {FORMAT_VERSION}",
-            saved.state.version
-        );
-    }
-    Ok(saved)
 }
 
 fn remove(path: &Path) -> Result<()> {
