@@ -1,6 +1,6 @@
 //! Prometheus metrics. The library records through the `metrics` facade (a
 //! no-op until a recorder is installed, so tests and tools pay nothing); the
-//! server installs the Prometheus recorder, and [`crate::server`] serves it at `/metrics`.
+//! server installs the Prometheus recorder, and the wire layer serves it at `/metrics`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
