@@ -31,6 +31,10 @@ pub struct AbuseOptions {
     pub side: u32,
     /// The flood's deadline; `None` sends without one.
     pub hostile_deadline: Option<Duration>,
+    /// How much lower than normal the flood's threads run (Linux nice): on one
+    /// machine, a stand-in for a flood sent from others, whose sending takes
+    /// no CPU from the server or the good client. 0: the same priority.
+    pub flood_nice: i32,
     /// What the good client sends, and how often.
     pub good_image: Vec<u8>,
     pub good_rate: f64,
@@ -62,6 +66,7 @@ pub struct Tick {
 #[derive(Debug, Clone, Serialize)]
 pub struct AbuseReport {
     pub image_bytes: usize,
+    pub flood_nice: i32,
     pub alone: GoodReport,
     pub flooded: GoodReport,
     /// Flooded p99 over alone p99.
@@ -233,9 +238,15 @@ pub async fn abuse(o: &AbuseOptions) -> Result<AbuseReport> {
     let image = Arc::new(noise_jpeg(o.side)?);
     let alone = good(o, o.duration).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    let nice = o.flood_nice;
+    let sender = tokio::runtime::Builder::new_multi_thread()
+        .on_thread_start(move || crate::serve::admission::lower_thread_priority(nice))
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the flood: {e}")))?;
     let flood: Vec<_> = (0..o.hostile_clients)
         .map(|_| {
-            tokio::spawn(hostile(
+            sender.spawn(hostile(
                 o.addr.clone(),
                 image.clone(),
                 o.hostile_deadline,
@@ -268,6 +279,7 @@ pub async fn abuse(o: &AbuseOptions) -> Result<AbuseReport> {
             *hostile_counts.entry(k).or_insert(0) += v;
         }
     }
+    sender.shutdown_background();
     let ticks = watching
         .await
         .map_err(|e| Error::Internal(format!("the scraper failed: {e}")))??;
@@ -275,6 +287,7 @@ pub async fn abuse(o: &AbuseOptions) -> Result<AbuseReport> {
     let peak = ticks.iter().map(|t| t.rss_bytes).fold(0.0, f64::max);
     Ok(AbuseReport {
         image_bytes: image.len(),
+        flood_nice: o.flood_nice,
         p99_ratio: flooded.latency.p99_us / alone.latency.p99_us.max(1.0),
         alone,
         flooded,
@@ -296,6 +309,7 @@ impl std::fmt::Display for AbuseReport {
         good(f, "alone", &self.alone)?;
         good(f, "under the flood", &self.flooded)?;
         writeln!(f, "p99 under the flood / alone: {:.2}x", self.p99_ratio)?;
+        writeln!(f, "flood threads at nice +{}", self.flood_nice)?;
         writeln!(
             f,
             "flood ({} KB per image): {:?}",

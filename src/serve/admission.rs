@@ -17,6 +17,10 @@
 //! or whose deadline passes frees nothing early, so abandoned decodes still
 //! count against the bounds.
 //!
+//! Large decodes run on threads of their own at a lower CPU priority (nice
+//! +10 on Linux): when the cores are contended, the reactor, small decodes and
+//! the compute workers run first, and a large decode gets what is left.
+//!
 //! [`preprocess::inspect`]: crate::serve::preprocess::inspect
 
 use std::collections::HashMap;
@@ -107,7 +111,12 @@ pub struct Admission {
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Measured large-decode speed, nanoseconds per pixel, as f64 bits (0: not yet).
     ns_per_pixel: AtomicU64,
+    /// Where large decodes run: one thread per large slot, at low priority.
+    background: rayon::ThreadPool,
 }
+
+/// How much lower than the server's other threads large decodes run.
+const LARGE_DECODE_NICE: i32 = 10;
 
 /// The right to run one decode; dropped when the decode ends.
 pub struct Permit {
@@ -167,8 +176,16 @@ impl Admission {
             .large_pixels
             .div_ceil(PIXEL_UNIT)
             .min(u64::from(u32::MAX)) as usize;
+        let background = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.large_slots)
+            .thread_name(|i| format!("rws-large-decode-{i}"))
+            .start_handler(|_| lower_thread_priority(LARGE_DECODE_NICE))
+            .panic_handler(|_| tracing::error!("a large decode panicked outside its guard"))
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the large-decode threads: {e}")))?;
         Ok(Admission {
             cfg,
+            background,
             small: Arc::new(Semaphore::new(cfg.small_slots)),
             large: Arc::new(Semaphore::new(cfg.large_slots)),
             pixels: Arc::new(Semaphore::new(units)),
@@ -240,6 +257,15 @@ impl Admission {
         })
     }
 
+    /// Runs `decode` with its permit on its lane's threads: small decodes on
+    /// tokio's blocking pool, large ones on the low-priority threads.
+    pub fn run(&self, permit: Permit, decode: impl FnOnce(Permit) + Send + 'static) {
+        match permit.lane {
+            Lane::Small => drop(tokio::task::spawn_blocking(move || decode(permit))),
+            Lane::Large => self.background.spawn(move || decode(permit)),
+        }
+    }
+
     fn take_peer_slot(&self, ip: IpAddr) -> Result<PeerSlot> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let n = peers.entry(ip).or_insert(0);
@@ -283,6 +309,23 @@ impl Admission {
     }
 }
 
+/// Lowers the calling thread's priority by `by` (Linux nice is per thread);
+/// elsewhere it does nothing, and large decodes are bounded by their slots only.
+pub fn lower_thread_priority(by: i32) {
+    #[cfg(target_os = "linux")]
+    if by > 0 {
+        // SAFETY: plain system calls on the calling thread's own id.
+        let rc = unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            libc::setpriority(libc::PRIO_PROCESS, tid, now + by)
+        };
+        if rc != 0 {
+            tracing::warn!("could not lower the priority of a thread by {by}");
+        }
+    }
+}
+
 async fn acquire(s: &Arc<Semaphore>, n: u32) -> Result<OwnedSemaphorePermit> {
     // Never closed, so this cannot fail; an error would be a bug, said as such.
     s.clone()
@@ -311,6 +354,32 @@ mod tests {
 
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
+    }
+
+    #[cfg(target_os = "linux")]
+    fn this_threads_nice() -> i32 {
+        // SAFETY: reads the calling thread's own priority.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn large_decodes_run_below_the_priority_of_small_ones() {
+        let a = admission(4);
+        let mut seen = Vec::new();
+        for cost in [SMALL, LARGE] {
+            let permit = a.admit(cost, ip("10.0.0.1"), None).await.unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            a.run(permit, move |_permit| {
+                let _ = tx.send(this_threads_nice());
+            });
+            seen.push(rx.await.unwrap());
+        }
+        assert_eq!(
+            seen[1] - seen[0],
+            LARGE_DECODE_NICE,
+            "nice of small, large: {seen:?}"
+        );
     }
 
     #[tokio::test]

@@ -572,7 +572,7 @@ impl Engine {
         let (engine, deadline) = (self.clone(), ask.deadline);
         // The permit goes with the decode: a caller that leaves frees no slot
         // while its decode still runs.
-        tokio::task::spawn_blocking(move || {
+        self.admission.run(permit, move |permit| {
             if decoded.is_closed() || deadline.is_some_and(|d| d <= Instant::now()) {
                 metrics::counter!(m::CANCELLED, "stage" => "decode").increment(1);
                 return;

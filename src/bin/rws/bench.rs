@@ -53,6 +53,10 @@ pub enum BenchCmd {
         /// The flood's deadline in milliseconds; 0 sends without one.
         #[arg(long, default_value_t = 50)]
         hostile_deadline_ms: u64,
+        /// Run the flood's threads this much lower in priority (Linux nice): a
+        /// stand-in, on one machine, for a flood sent from other machines.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+        flood_nice: i32,
         /// The good client's requests per second.
         #[arg(long, default_value_t = 20.0)]
         good_rate: f64,
@@ -473,6 +477,7 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
             hostile_clients,
             side,
             hostile_deadline_ms,
+            flood_nice,
             good_rate,
             good_deadline_ms,
             image,
@@ -488,6 +493,7 @@ pub async fn bench(cmd: BenchCmd) -> Result<()> {
                 hostile_clients,
                 side,
                 hostile_deadline: (hostile_deadline_ms > 0).then(|| ms(hostile_deadline_ms)),
+                flood_nice,
                 good_image: image_or_digit(image)?,
                 good_rate,
                 good_deadline: ms(good_deadline_ms),
