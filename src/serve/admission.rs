@@ -115,6 +115,10 @@ pub struct Admission {
     background: rayon::ThreadPool,
 }
 
+/// A message longer than this holds more than a small image's worth of bytes
+/// (a 1-megapixel PNG is at most about 3 MB), so it is taken for a large one.
+pub const LARGE_UPLOAD_BYTES: usize = 4 << 20;
+
 /// How much lower than the server's other threads large decodes run.
 const LARGE_DECODE_NICE: i32 = 10;
 
@@ -266,23 +270,41 @@ impl Admission {
         }
     }
 
+    /// Refuses, before its message is read, an upload of more than
+    /// [`LARGE_UPLOAD_BYTES`] from a peer that already has its share of large
+    /// decodes: such a message can only be a large image, and receiving it
+    /// whole only to refuse it would cost the transport what admission saves.
+    /// A hint, not a reservation: [`Admission::admit`] still decides.
+    pub fn refuse_large_upload(&self, ip: IpAddr, bytes: usize) -> Result<()> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match bytes > LARGE_UPLOAD_BYTES
+            && peers.get(&ip).copied().unwrap_or(0) >= self.cfg.large_per_peer
+        {
+            true => Err(self.peer_refusal()),
+            false => Ok(()),
+        }
+    }
+
     fn take_peer_slot(&self, ip: IpAddr) -> Result<PeerSlot> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let n = peers.entry(ip).or_insert(0);
         if *n >= self.cfg.large_per_peer {
-            shed("peer_limit");
-            bail!(
-                ResourceExhausted,
-                "this client already has {} large images waiting or being decoded; send the \
-                 next when one is answered, or send smaller images",
-                self.cfg.large_per_peer
-            );
+            return Err(self.peer_refusal());
         }
         *n += 1;
         Ok(PeerSlot {
             peers: self.peers.clone(),
             ip,
         })
+    }
+
+    fn peer_refusal(&self) -> Error {
+        shed("peer_limit");
+        Error::ResourceExhausted(format!(
+            "this client already has {} large images waiting or being decoded; send the \
+             next when one is answered, or send smaller images",
+            self.cfg.large_per_peer
+        ))
     }
 
     /// Learns the decode speed from one large decode that took `took`.
@@ -380,6 +402,22 @@ mod tests {
             LARGE_DECODE_NICE,
             "nice of small, large: {seen:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_upload_too_large_for_a_small_image_is_refused_unread_once_its_peer_is_full() {
+        let a = admission(1);
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let big = LARGE_UPLOAD_BYTES + 1;
+        a.refuse_large_upload(peer, big).unwrap();
+        let held = a.admit(LARGE, Some(peer), None).await.unwrap();
+        let e = a.refuse_large_upload(peer, big).unwrap_err();
+        assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+        // Small uploads, and other peers, still go on to be read.
+        a.refuse_large_upload(peer, LARGE_UPLOAD_BYTES).unwrap();
+        a.refuse_large_upload("10.0.0.2".parse().unwrap(), big).unwrap();
+        drop(held);
+        a.refuse_large_upload(peer, big).unwrap();
     }
 
     #[tokio::test]

@@ -30,6 +30,7 @@ pub mod inference;
 pub mod kserve;
 pub mod metrics;
 pub mod shutdown;
+mod upload;
 
 pub use client::{AdminClient, Bearer, EventsClient, admin_client, events_client};
 pub use health::FLEET_HEALTH;
@@ -149,11 +150,14 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> crate::Result<()> {
     let max = opts.max_message_bytes;
-    let inference = pb::inference_server::InferenceServer::new(inference::InferenceService {
-        engine: engine.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    let inference = upload::EarlyRefusal::new(
+        pb::inference_server::InferenceServer::new(inference::InferenceService {
+            engine: engine.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+        engine.clone(),
+    );
     let admin = InterceptedService::new(
         pb::admin_server::AdminServer::new(admin::AdminService {
             engine: engine.clone(),
@@ -235,7 +239,10 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .add_service(kserve::service(engine.clone(), max))
+        .add_service(upload::EarlyRefusal::new(
+            kserve::service(engine.clone(), max),
+            engine.clone(),
+        ))
         .add_service(admin)
         .add_service(events)
         // Socket options must be set on the incoming stream (the builder's are
