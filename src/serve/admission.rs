@@ -415,7 +415,8 @@ mod tests {
         assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
         // Small uploads, and other peers, still go on to be read.
         a.refuse_large_upload(peer, LARGE_UPLOAD_BYTES).unwrap();
-        a.refuse_large_upload("10.0.0.2".parse().unwrap(), big).unwrap();
+        a.refuse_large_upload("10.0.0.2".parse().unwrap(), big)
+            .unwrap();
         drop(held);
         a.refuse_large_upload(peer, big).unwrap();
     }
