@@ -3,6 +3,10 @@
 //! has its share of large decodes is refused from that prefix, before the
 //! rest arrives. Without this the transport would receive every byte of a
 //! flood only for admission to refuse it.
+//!
+//! It wraps unary services only (Inference, KServe): waiting for a body's
+//! first bytes before the handler runs would stall a stream whose client
+//! waits to hear from the server first.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
