@@ -206,6 +206,20 @@ async fn metrics_are_scraped_and_parsed() {
     assert!(sample(&all, "rws_batch_size_count") >= 1.0);
     assert!(sample(&all, "rws_patch_apply_seconds_count") >= 1.0);
     assert_eq!(sample(&all, "rws_queue_depth"), 0.0);
+    // The kernels' instruction set, as this test reads the CPU itself.
+    #[cfg(target_arch = "x86_64")]
+    let isa = match std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        true => "avx2",
+        false => "portable",
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let isa = "portable";
+    assert_eq!(
+        sample(&all, &format!(r#"rws_cpu_kernel_info{{isa="{isa}"}}"#)),
+        1.0
+    );
     // clean + fog + noise + rain + storm
     assert_eq!(sample(&all, "rws_profiles"), 5.0);
     assert!(sample(&all, "rws_resident_profiles") >= 2.0);

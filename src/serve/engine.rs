@@ -100,6 +100,10 @@ impl Engine {
             registry.enable_auto(auto)?;
             tracing::info!(detector = %detector.display(), "the auto profile is enabled");
         }
+        tracing::info!(
+            isa = crate::model::blocked::kernel::isa(),
+            "the CPU kernels chosen for this CPU"
+        );
         let batcher = Batcher::start(registry.clone(), opts.batch)?;
         let engine = Engine {
             dir,

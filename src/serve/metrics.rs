@@ -41,6 +41,7 @@ pub const DECODE_PIXELS_IN_FLIGHT: &str = "rws_decode_pixels_in_flight";
 pub const SHED: &str = "rws_shed_total";
 pub const CANCELLED: &str = "rws_cancelled_total";
 pub const WORKER_PANICS: &str = "rws_worker_panics_total";
+pub const CPU_KERNEL_INFO: &str = "rws_cpu_kernel_info";
 
 /// Installs the process-wide Prometheus recorder once; later calls return the same handle.
 pub fn install() -> Result<PrometheusHandle> {
@@ -67,6 +68,7 @@ pub fn install() -> Result<PrometheusHandle> {
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
+    metrics::gauge!(CPU_KERNEL_INFO, "isa" => crate::model::blocked::kernel::isa()).set(1.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -94,6 +96,10 @@ fn describe() {
         "Time a request waited for a decode slot, by lane (small, large)."
     );
     describe_gauge!(DECODES_IN_FLIGHT, "Images being decoded, by lane.");
+    describe_gauge!(
+        CPU_KERNEL_INFO,
+        "1, labelled with the instruction set the CPU kernels run with here."
+    );
     describe_gauge!(
         DECODE_PIXELS_IN_FLIGHT,
         "Pixels of the images being decoded in the large lane."

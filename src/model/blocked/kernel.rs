@@ -71,6 +71,15 @@ pub fn run<const OB: usize, const PX: usize, const CI: usize>(
     portable::<OB, PX, CI>(walk, t, out);
 }
 
+/// The instruction set the CPU kernels run with on this machine, as logged at
+/// start-up and shown in `rws_cpu_kernel_info{isa}`.
+pub fn isa() -> &'static str {
+    match avx2() {
+        true => "avx2",
+        false => "portable",
+    }
+}
+
 /// Whether this CPU runs the AVX2 kernel (detected once).
 pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
