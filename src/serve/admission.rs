@@ -276,13 +276,17 @@ impl Admission {
     /// whole only to refuse it would cost the transport what admission saves.
     /// A hint, not a reservation: [`Admission::admit`] still decides.
     pub fn refuse_large_upload(&self, ip: IpAddr, bytes: usize) -> Result<()> {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        match bytes > LARGE_UPLOAD_BYTES
-            && peers.get(&ip).copied().unwrap_or(0) >= self.cfg.large_per_peer
-        {
+        match bytes > LARGE_UPLOAD_BYTES && self.holds_its_share(ip) {
             true => Err(self.peer_refusal()),
             false => Ok(()),
         }
+    }
+
+    /// Whether `ip` has as many large images waiting or decoding as it may:
+    /// only then is an upload's length worth reading before its handler runs.
+    pub fn holds_its_share(&self, ip: IpAddr) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.get(&ip).copied().unwrap_or(0) >= self.cfg.large_per_peer
     }
 
     fn take_peer_slot(&self, ip: IpAddr) -> Result<PeerSlot> {

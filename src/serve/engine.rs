@@ -498,14 +498,14 @@ impl Engine {
         self.batcher.queue_depth()
     }
 
-    /// Refuses an upload of `bytes` from `peer` before it is read, when
-    /// admission would refuse it once read ([`Admission::refuse_large_upload`]).
-    pub fn refuse_large_upload(&self, peer: std::net::IpAddr, bytes: usize) -> Result<()> {
-        self.admission.refuse_large_upload(peer, bytes)
+    /// Which decodes may start: the wire layer asks it to refuse large
+    /// uploads before they are read.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
-    /// Classifies one input as `ask` says. The input is decoded on tokio's
-    /// blocking pool, then batched with other requests on the compute workers;
+    /// Classifies one input as `ask` says. The input is decoded on its
+    /// admission lane's threads, then batched with other requests on the compute workers;
     /// it is dropped uncomputed if the deadline passes while it waits, and
     /// answered DEADLINE_EXCEEDED at the deadline.
     pub async fn classify(self: &Arc<Self>, input: Input, ask: Ask) -> Result<Classification> {

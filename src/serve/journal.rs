@@ -2,7 +2,7 @@
 //! who asked, why, when, and the generation it produced.
 //!
 //! The registry appends under its writer lock, after the change is persisted
-//! (with its entry, see [`crate::serve::state::Saved`]) and before it is
+//! (with its entry, in the saved state file `state.json`) and before it is
 //! published, so the lines are in generation order and every acknowledged
 //! change has exactly one; [`Journal::recover`] adds the line a crash cut off.
 //! With a state directory the file is `audit.jsonl` there, each line fsync'd,
