@@ -282,9 +282,8 @@ impl Admission {
         }
     }
 
-    /// Whether `ip` has as many large images waiting or decoding as it may:
-    /// only then is an upload's length worth reading before its handler runs.
-    pub fn holds_its_share(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` has as many large images waiting or decoding as it may.
+    fn holds_its_share(&self, ip: IpAddr) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         peers.get(&ip).copied().unwrap_or(0) >= self.cfg.large_per_peer
     }
