@@ -14,6 +14,10 @@ and tests/python/check_numpy_reference.py compare against.
     python3 -m venv .venv && .venv/bin/pip install numpy onnx onnxruntime safetensors
     .venv/bin/python benches/onnx_baseline.py models/mnist-resnet --threads 2 --batch 1,8
 
+With `--runtime openvino` (PyPI `openvino`), OpenVINO times the same graph instead,
+read from memory and compiled for a fixed batch: `--threads` inference threads, the
+LATENCY hint and f32 precision (without it, OpenVINO may run bf16 on CPUs that have it).
+
 With `--profiles K`, it times the naive way to serve K robustness profiles with
 onnxruntime instead: K full models (each its own copy of every weight, as K
 fine-tuned models would be), one inference session each, and a stream of
@@ -313,6 +317,7 @@ def main():
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"])
     ap.add_argument("--profiles", type=int, default=0, help="time K full models, one session each (see above)")
     ap.add_argument("--stream", type=int, default=64, help="images in the --profiles stream")
     a = ap.parse_args()
@@ -330,19 +335,39 @@ def main():
                       f"{r['images_per_second']:.1f} images/s; weights {r['weight_bytes'] / 2**20:.1f} MiB, "
                       f"RSS +{r['rss_growth_bytes'] / 2**20:.1f} MiB")
         return
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     h, wd = cfg["input_size"]
     out = []
     rng = np.random.default_rng(1)
     for b in [int(x) for x in a.batch.split(",")]:
         x = rng.uniform(-1, 1, (b, cfg["channels"], h, wd)).astype(np.float32)
-        med = median_seconds(lambda: sess.run(None, {"input": x}), a.iterations)
-        out.append({"model": a.model_dir.name, "batch": b, "median_ms": med * 1e3, "images_per_second": b / med})
+        run = (openvino_runner(model, b, a.threads) if a.runtime == "openvino"
+               else onnxruntime_runner(model, so))
+        med = median_seconds(lambda: run(x), a.iterations)
+        out.append({"runtime": a.runtime, "model": a.model_dir.name, "batch": b, "median_ms": med * 1e3,
+                    "images_per_second": b / med})
     if a.json:
         print(json.dumps(out, indent=2))
     else:
         for r in out:
-            print(f"onnxruntime {r['model']} batch {r['batch']}: {r['images_per_second']:.1f} images/s (median {r['median_ms']:.2f} ms)")
+            print(f"{r['runtime']} {r['model']} batch {r['batch']}: {r['images_per_second']:.1f} images/s "
+                  f"(median {r['median_ms']:.2f} ms)")
+
+
+def onnxruntime_runner(model, so):
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"input": x})
+
+
+def openvino_runner(model, batch, threads):
+    import openvino as ov
+
+    core = ov.Core()
+    m = core.read_model(model.SerializeToString(), b"")
+    m.reshape({"input": [batch, *m.input("input").get_partial_shape()[1:].to_shape()]})
+    compiled = core.compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                             "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({"input": x})
 
 
 if __name__ == "__main__":

@@ -208,11 +208,16 @@ async fn metrics_are_scraped_and_parsed() {
     assert_eq!(sample(&all, "rws_queue_depth"), 0.0);
     // The kernels' instruction set, as this test reads the CPU itself.
     #[cfg(target_arch = "x86_64")]
-    let isa = match std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        true => "avx2",
-        false => "portable",
+    let isa = {
+        use std::arch::is_x86_feature_detected as has;
+        match (
+            has!("avx2") && has!("fma"),
+            has!("avx512f") && has!("avx512vl"),
+        ) {
+            (true, true) => "avx512",
+            (true, false) => "avx2",
+            _ => "portable",
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     let isa = "portable";

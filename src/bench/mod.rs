@@ -383,6 +383,9 @@ pub struct InferReport {
     pub batch_latency: Percentiles,
     /// Images per second at the median batch latency.
     pub images_per_second: f64,
+    /// The instruction set of the CPU kernels on this machine (whichever
+    /// device ran): a figure says nothing about another ISA.
+    pub isa: &'static str,
 }
 
 /// Forward passes of the clean model in `repo/model` at each batch size,
@@ -431,6 +434,7 @@ pub fn time_forward(
             iterations,
             images_per_second: b as f64 / (p.p50_us / 1e6),
             batch_latency: p,
+            isa: crate::model::blocked::kernel::isa().name(),
         });
     }
     Ok(out)

@@ -101,7 +101,7 @@ impl Engine {
             tracing::info!(detector = %detector.display(), "the auto profile is enabled");
         }
         tracing::info!(
-            isa = crate::model::blocked::kernel::isa(),
+            isa = crate::model::blocked::kernel::isa().name(),
             "the CPU kernels chosen for this CPU"
         );
         let batcher = Batcher::start(registry.clone(), opts.batch)?;

@@ -68,7 +68,7 @@ pub fn install() -> Result<PrometheusHandle> {
         .and_then(|b| b.install_recorder())
         .map_err(|e| Error::Internal(format!("cannot install the metrics recorder: {e}")))?;
     describe();
-    metrics::gauge!(CPU_KERNEL_INFO, "isa" => crate::model::blocked::kernel::isa()).set(1.0);
+    metrics::gauge!(CPU_KERNEL_INFO, "isa" => crate::model::blocked::kernel::isa().name()).set(1.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 

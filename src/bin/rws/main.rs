@@ -24,6 +24,10 @@ struct Cli {
     /// Log lines as text or as JSON objects, one per line (level from RUST_LOG).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// The CPU kernels' instruction set: avx512, avx2 or portable (default:
+    /// the best this CPU has), to compare them on one machine.
+    #[arg(long, global = true, env = "RWS_CPU_ISA")]
+    cpu_isa: Option<rws::model::blocked::kernel::Isa>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -97,6 +101,9 @@ async fn main() -> Result<()> {
         Cmd::Serve(args) => args.otlp_endpoint.clone(),
         _ => None,
     };
+    if let Some(isa) = cli.cpu_isa {
+        rws::model::blocked::kernel::choose(isa)?;
+    }
     let telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json), otlp.as_deref())?;
     let result = run(cli.cmd).await;
     telemetry.shutdown().await;

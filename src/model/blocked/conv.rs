@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::kernel::{self, LANES, MAX_PX, Tile, Walk};
+use super::kernel::{self, Isa, LANES, Tile, Walk};
 use super::{Blocked, HALO, Maps};
 use crate::model::arch::{Act, Padding};
 use crate::{Result, bail};
@@ -253,6 +253,19 @@ pub fn forward(
     act: Act,
     threads: Threads,
 ) -> Result<Blocked> {
+    let isa = kernel::isa();
+    forward_with((isa, isa.tile_pixels()), convs, x, residual, act, threads)
+}
+
+/// [`forward`] with the kernels of `isa` in tiles of `tile` pixels (16 or 5).
+fn forward_with(
+    (isa, tile): (Isa, usize),
+    convs: &[&PackedConv],
+    x: &Maps,
+    residual: Option<&Maps>,
+    act: Act,
+    threads: Threads,
+) -> Result<Blocked> {
     let (n, c, (h, w), halo, planar) = match x {
         Maps::Planar(p) => (p.n, p.channels, (p.h, p.w), p.pad, true),
         Maps::Blocked(b) => (b.n, b.channels, (b.h, b.w), HALO, false),
@@ -292,7 +305,7 @@ pub fn forward(
         );
     }
     let (ho, wo) = first.out_size((h, w));
-    let mut out = Blocked::zeros(n, first.out_channels, ho, wo);
+    let mut out = Blocked::output(n, first.out_channels, ho, wo);
     if let Some(r) = residual
         && (r.n, r.channels, r.h, r.w) != (n, first.out_channels, ho, wo)
     {
@@ -323,6 +336,8 @@ pub fn forward(
         out: (ho, wo),
         act,
         planar,
+        isa,
+        tile,
     };
     let out_image = out.image_len();
     let plane = out.plane_len();
@@ -382,6 +397,9 @@ struct Plan {
     out: (usize, usize),
     act: Act,
     planar: bool,
+    isa: Isa,
+    /// Pixels per tile: [`Isa::tile_pixels`] of some ISA.
+    tile: usize,
 }
 
 /// One image's input and one group's weights, bias and residual.
@@ -426,20 +444,43 @@ impl Plan {
 
     /// One chunk of the K loop over every tile.
     fn pass<const OB: usize>(&self, pass: &Pass, o: &Operands<'_>, dst: &mut [f32]) {
+        const WIDE: usize = Isa::Avx512.tile_pixels();
+        match self.tile {
+            WIDE => self.sweep::<OB, WIDE>(pass, o, dst),
+            _ => self.sweep::<OB, { Isa::Avx2.tile_pixels() }>(pass, o, dst),
+        }
+    }
+
+    /// Tiles of `PX` pixels, then the rest in tiles of 8, 4, 2 and 1 (which
+    /// give the same bits: each output is its own sequence of multiply-adds).
+    fn sweep<const OB: usize, const PX: usize>(
+        &self,
+        pass: &Pass,
+        o: &Operands<'_>,
+        dst: &mut [f32],
+    ) {
         let m = self.out.0 * self.out.1;
         // Tile by tile, the first pixel's (row, column) carried along: a
         // division per pixel cost a fifth of a small conv's time.
         let mut at = Pixel { q: 0, y: 0, x: 0 };
-        while at.q + MAX_PX <= m {
-            self.tile::<OB, MAX_PX>(at, pass, o, dst);
-            at = at.step(MAX_PX, self.out.1);
+        while at.q + PX <= m {
+            self.tile::<OB, PX>(at, pass, o, dst);
+            at = at.step(PX, self.out.1);
         }
-        match m - at.q {
-            1 => self.tile::<OB, 1>(at, pass, o, dst),
-            2 => self.tile::<OB, 2>(at, pass, o, dst),
-            3 => self.tile::<OB, 3>(at, pass, o, dst),
-            4 => self.tile::<OB, 4>(at, pass, o, dst),
-            _ => {}
+        if PX > 8 && m - at.q >= 8 {
+            self.tile::<OB, 8>(at, pass, o, dst);
+            at = at.step(8, self.out.1);
+        }
+        if PX > 4 && m - at.q >= 4 {
+            self.tile::<OB, 4>(at, pass, o, dst);
+            at = at.step(4, self.out.1);
+        }
+        if m - at.q >= 2 {
+            self.tile::<OB, 2>(at, pass, o, dst);
+            at = at.step(2, self.out.1);
+        }
+        if m > at.q {
+            self.tile::<OB, 1>(at, pass, o, dst);
         }
     }
 
@@ -481,8 +522,8 @@ impl Plan {
             act: pass.act,
         };
         match self.planar {
-            true => kernel::run::<OB, PX, 1>(w, &t, dst),
-            false => kernel::run::<OB, PX, LANES>(w, &t, dst),
+            true => kernel::run::<OB, PX, 1>(self.isa, w, &t, dst),
+            false => kernel::run::<OB, PX, LANES>(self.isa, w, &t, dst),
         }
     }
 }
@@ -529,6 +570,22 @@ mod tests {
 
     fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect()
+    }
+
+    /// The kernels to check on this CPU: each SIMD ISA it has in its own tile
+    /// width and in AVX2's, and AVX2 in AVX-512's (so that the wide tiling
+    /// runs on any x86 CPU); then the portable one.
+    fn kernels_here() -> (Vec<(Isa, usize)>, (Isa, usize)) {
+        let (wide, narrow) = (Isa::Avx512.tile_pixels(), Isa::Avx2.tile_pixels());
+        let simd: Vec<(Isa, usize)> = [(Isa::Avx512, wide), (Isa::Avx512, narrow)]
+            .into_iter()
+            .chain([(Isa::Avx2, narrow), (Isa::Avx2, wide)])
+            .filter(|(i, _)| i.supported())
+            .collect();
+        if !Isa::Avx512.supported() {
+            println!("skipped: this CPU has no AVX-512");
+        }
+        (simd, (Isa::Portable, narrow))
     }
 
     /// candle's conv2d plus bias, residual and activation: the reference.
@@ -604,7 +661,21 @@ mod tests {
                 (Some(&residual), Act::Relu),
                 (None, Act::Relu6),
             ] {
-                let got = conv.forward(&input, res, act).unwrap();
+                let (simd, portable) = kernels_here();
+                let run =
+                    |kern| forward_with(kern, &vec![&conv; n], &input, res, act, Threads::Pool);
+                let bits = |b: &Blocked| b.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let outputs: Vec<((Isa, usize), Blocked)> = (simd.iter().chain([&portable]))
+                    .map(|kern| (*kern, run(*kern).unwrap()))
+                    .collect();
+                // Every SIMD kernel, whatever its tile, gives the same bits.
+                let (first, got) = &outputs[0];
+                for (kern, theirs) in &outputs[1..simd.len().max(1)] {
+                    assert!(
+                        bits(theirs) == bits(got),
+                        "{kern:?} vs {first:?}: {c}->{o} k{k} s{s}"
+                    );
+                }
                 let want = reference(
                     &x,
                     shape,
@@ -614,13 +685,16 @@ mod tests {
                     res.map(|_| res_nchw.as_slice()),
                     act,
                 );
-                let got_nchw = got.to_nchw();
-                assert_eq!(got_nchw.len(), want.len());
-                for (g, w) in got_nchw.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{c}->{o} k{k} s{s} {p:?} {act:?}: {g} vs {w}"
-                    );
+                // And each, the portable one too, candle's values.
+                for (kern, got) in &outputs {
+                    let got = got.to_nchw();
+                    assert_eq!(got.len(), want.len());
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{kern:?} {c}->{o} k{k} s{s} {p:?} {act:?}: {g} vs {w}"
+                        );
+                    }
                 }
                 if act == Act::Relu6 {
                     assert!(
@@ -630,7 +704,7 @@ mod tests {
                 }
                 // Borders and padding channels stay zero.
                 let sum_abs: f32 = got.data.iter().map(|v| v.abs()).sum();
-                let real: f32 = got_nchw.iter().map(|v| v.abs()).sum();
+                let real: f32 = got.to_nchw().iter().map(|v| v.abs()).sum();
                 assert!((sum_abs - real).abs() <= 1e-3 * real.max(1.0));
             }
         }

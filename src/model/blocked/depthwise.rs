@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::kernel::{Act, LANES, avx2};
+use super::kernel::{Act, Isa, LANES, isa};
 use super::{Blocked, HALO, Threads};
 use crate::model::arch::Padding;
 use crate::{Result, bail};
@@ -107,7 +107,7 @@ pub fn forward(
         );
     }
     let (ho, wo) = first.out_size((x.h, x.w));
-    let mut out = Blocked::zeros(x.n, x.channels, ho, wo);
+    let mut out = Blocked::output(x.n, x.channels, ho, wo);
     let (src_plane, dst_plane) = (x.plane_len(), out.plane_len());
     let taps = first.kernel * first.kernel * LANES;
     // One output plane (an image's block of channels) per job.
@@ -128,8 +128,8 @@ pub fn forward(
             ),
             act,
         };
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+        if isa() >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (every ISA from AVX2 up does).
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 plane.run_avx2(dst)
@@ -329,7 +329,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_avx2_loop_is_the_portable_loop() {
-        if !avx2() {
+        if !Isa::Avx2.supported() {
+            println!("skipped: this CPU has no AVX2");
             return;
         }
         let mut rng = Rng::new(6);

@@ -1,20 +1,19 @@
-//! The direct-convolution microkernel: a tile of up to [`MAX_PX`] output
-//! pixels by `OB` blocks of [`LANES`] output channels, accumulated in registers
+//! The direct-convolution microkernel: a tile of up to
+//! [`Isa::tile_pixels`] output pixels by `OB` blocks of [`LANES`] output channels, accumulated in registers
 //! over every input channel and kernel tap, then the epilogue (bias, residual,
-//! activation) applied before the one store. AVX2 with FMA where the CPU has them
-//! (checked once), a portable loop otherwise.
+//! activation) applied before the one store. AVX-512 or AVX2 with FMA where the
+//! CPU has them (checked once), a portable loop otherwise ([`Isa`]).
 //!
 //! Every output value is one fixed sequence of multiply-adds over its inputs,
 //! whichever tile, thread or batch it falls in: an image's output does not
 //! depend on what else is computed with it.
 
+use std::sync::OnceLock;
+
 pub use crate::model::arch::Act;
 
 /// Output channels per block: one AVX2 register of f32.
 pub const LANES: usize = 8;
-/// Output pixels per tile: `OB · MAX_PX` accumulators, `OB` weight vectors and
-/// one broadcast fit AVX2's 16 registers for `OB` = 2.
-pub const MAX_PX: usize = 5;
 
 /// How the K loop walks the input: `blocks` groups of `CI` channels (`CI` = 8
 /// for a blocked input, 1 for a planar one), each group `block_stride` floats
@@ -51,47 +50,148 @@ pub struct Tile<'a, const PX: usize> {
     pub act: Act,
 }
 
-/// Runs one tile into `out`, with the fastest kernel this CPU has.
+/// Runs one tile into `out` with the kernels of `isa`, which this CPU must
+/// have.
 ///
 /// `weights` holds `walk.blocks · kh · kw · CI` groups of `OB · LANES` values,
 /// in K-loop order; `bias` holds `OB · LANES`.
 pub fn run<const OB: usize, const PX: usize, const CI: usize>(
+    isa: Isa,
     walk: &Walk,
     t: &Tile<'_, PX>,
     out: &mut [f32],
 ) {
     check::<OB, PX, CI>(walk, t, out);
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above), and `check` bounds
-        // every offset the kernel reads or writes.
-        unsafe { avx2::tile::<OB, PX, CI>(walk, t, out) };
-        return;
-    }
-    portable::<OB, PX, CI>(walk, t, out);
-}
-
-/// The instruction set the CPU kernels run with on this machine, as logged at
-/// start-up and shown in `rws_cpu_kernel_info{isa}`.
-pub fn isa() -> &'static str {
-    match avx2() {
-        true => "avx2",
-        false => "portable",
+    assert!(isa.supported(), "this CPU cannot run the {isa} kernels");
+    match isa {
+        // SAFETY (both): the CPU has the features (asserted above), and `check`
+        // bounds every offset the kernels read or write.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::avx512::<OB, PX, CI>(walk, t, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::avx2::<OB, PX, CI>(walk, t, out) },
+        _ => portable::<OB, PX, CI>(walk, t, out),
     }
 }
 
-/// Whether this CPU runs the AVX2 kernel (detected once).
-pub fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
+/// An instruction set the CPU kernels can run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust, for any CPU.
+    Portable,
+    /// AVX2 and FMA: 8 lanes, 16 registers.
+    Avx2,
+    /// AVX-512 (F and VL): 16 lanes, 32 registers. The blocked layout keeps
+    /// 8 channels per block; one register holds a pixel of two blocks.
+    Avx512,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// Whether this CPU has the instructions (detected once).
+    pub fn supported(self) -> bool {
+        static HAS: OnceLock<[bool; 3]> = OnceLock::new();
+        HAS.get_or_init(|| Isa::ALL.map(Isa::detect))[self as usize]
+    }
+
+    fn detect(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Portable => true,
+                Isa::Avx2 => has!("avx2") && has!("fma"),
+                Isa::Avx512 => Isa::Avx2.detect() && has!("avx512f") && has!("avx512vl"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+
+    /// The best this CPU has.
+    pub fn best() -> Isa {
+        *Isa::ALL
+            .iter()
+            .rev()
+            .find(|i| i.supported())
+            .expect("portable")
+    }
+
+    /// Output pixels per tile: as many accumulators as the registers hold
+    /// beside the weights and a broadcast (AVX-512: 16 of 32 registers for
+    /// two blocks, one each; AVX2: 5 × 2 of 16).
+    pub const fn tile_pixels(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            _ => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Isa> {
+        match Isa::ALL.iter().find(|i| i.name() == s) {
+            Some(i) => Ok(*i),
+            None => crate::bail!(
+                InvalidArgument,
+                "no CPU kernels named {:?}; choose avx512, avx2 or portable",
+                s.chars().take(32).collect::<String>()
+            ),
+        }
+    }
+}
+
+static CHOSEN: OnceLock<Isa> = OnceLock::new();
+
+/// The instruction set the CPU kernels run with: the one [`choose`] set, else
+/// the best this CPU has. Logged at start-up and shown in
+/// `rws_cpu_kernel_info{isa}`.
+pub fn isa() -> Isa {
+    *CHOSEN.get_or_init(Isa::best)
+}
+
+/// Runs the CPU kernels with `isa` (`rws --cpu-isa`, to compare kernels on one
+/// machine), before any has run. Refuses an ISA this CPU lacks, or a second
+/// choice once the kernels have started.
+pub fn choose(isa: Isa) -> crate::Result<()> {
+    if !isa.supported() {
+        crate::bail!(
+            InvalidArgument,
+            "this CPU has no {isa}; it can run {}",
+            Isa::ALL
+                .iter()
+                .filter(|i| i.supported())
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    match CHOSEN.get_or_init(|| isa) {
+        chosen if *chosen == isa => Ok(()),
+        chosen => crate::bail!(
+            FailedPrecondition,
+            "the CPU kernels already run with {chosen}"
+        ),
+    }
 }
 
 /// Panics unless every access of the tile is in bounds: the kernels index
@@ -167,70 +267,246 @@ fn portable<const OB: usize, const PX: usize, const CI: usize>(
     }
 }
 
+/// The SIMD kernels: one tile body ([`x86::tile`]) over a register type that
+/// holds one pixel's `OB` output blocks, instantiated per instruction set.
+/// Each lane is one fused multiply-add after another in K-loop order, so every
+/// instruction set gives the same bits.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Act, LANES, Tile, Walk};
 
-    // Indices name registers (acc[o][p]); iterators would hide the tile's shape.
-    #[allow(clippy::needless_range_loop)]
+    /// What the tile body needs of a register of `OB · LANES` lanes: a pixel's
+    /// `OB` output blocks, contiguous in the packed weights and the bias, and
+    /// `stride` apart in the activations.
+    ///
+    /// Every method is inlined into a caller compiled for its instructions.
+    pub(super) trait Lanes: Copy {
+        const OB: usize;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn load_blocks(p: *const f32, stride: usize) -> Self;
+        unsafe fn store_blocks(self, p: *mut f32, stride: usize);
+        unsafe fn splat(p: *const f32) -> Self;
+        /// `w · x + acc`, rounded once.
+        unsafe fn fma(w: Self, x: Self, acc: Self) -> Self;
+        unsafe fn add(self, o: Self) -> Self;
+        unsafe fn act(self, act: Act) -> Self;
+    }
+
+    /// One output block in one AVX register.
+    impl Lanes for __m256 {
+        const OB: usize = 1;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_blocks(p: *const f32, _: usize) -> Self {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store_blocks(self, p: *mut f32, _: usize) {
+            unsafe { _mm256_storeu_ps(p, self) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            unsafe { _mm256_broadcast_ss(&*p) }
+        }
+        #[inline(always)]
+        unsafe fn fma(w: Self, x: Self, acc: Self) -> Self {
+            unsafe { _mm256_fmadd_ps(w, x, acc) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { _mm256_add_ps(self, o) }
+        }
+        #[inline(always)]
+        unsafe fn act(self, act: Act) -> Self {
+            // With NaN in either operand max_ps and min_ps return the second:
+            // NaN stays NaN, as in `Act::apply`.
+            unsafe {
+                let zero = _mm256_setzero_ps();
+                match act {
+                    Act::None => self,
+                    Act::Relu => _mm256_max_ps(zero, self),
+                    Act::Relu6 => _mm256_min_ps(_mm256_set1_ps(6.0), _mm256_max_ps(zero, self)),
+                }
+            }
+        }
+    }
+
+    /// Two output blocks in two AVX registers.
+    #[derive(Clone, Copy)]
+    pub(super) struct Pair([__m256; 2]);
+
+    impl Lanes for Pair {
+        const OB: usize = 2;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Pair([_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(LANES))]) }
+        }
+        #[inline(always)]
+        unsafe fn load_blocks(p: *const f32, stride: usize) -> Self {
+            unsafe { Pair([_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(stride))]) }
+        }
+        #[inline(always)]
+        unsafe fn store_blocks(self, p: *mut f32, stride: usize) {
+            unsafe {
+                _mm256_storeu_ps(p, self.0[0]);
+                _mm256_storeu_ps(p.add(stride), self.0[1]);
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            unsafe {
+                let v = _mm256_broadcast_ss(&*p);
+                Pair([v, v])
+            }
+        }
+        #[inline(always)]
+        unsafe fn fma(w: Self, x: Self, acc: Self) -> Self {
+            unsafe {
+                let fma = <__m256 as Lanes>::fma;
+                Pair([fma(w.0[0], x.0[0], acc.0[0]), fma(w.0[1], x.0[1], acc.0[1])])
+            }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { Pair([self.0[0].add(o.0[0]), self.0[1].add(o.0[1])]) }
+        }
+        #[inline(always)]
+        unsafe fn act(self, act: Act) -> Self {
+            unsafe { Pair([self.0[0].act(act), self.0[1].act(act)]) }
+        }
+    }
+
+    /// Two output blocks in one AVX-512 register, the first in the low half.
+    impl Lanes for __m512 {
+        const OB: usize = 2;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_blocks(p: *const f32, stride: usize) -> Self {
+            unsafe {
+                let lo = _mm512_castps256_ps512(_mm256_loadu_ps(p));
+                let hi = _mm256_castps_pd(_mm256_loadu_ps(p.add(stride)));
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_blocks(self, p: *mut f32, stride: usize) {
+            unsafe {
+                _mm256_storeu_ps(p, _mm512_castps512_ps256(self));
+                let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self));
+                _mm256_storeu_ps(p.add(stride), _mm256_castpd_ps(hi));
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            unsafe { _mm512_set1_ps(*p) }
+        }
+        #[inline(always)]
+        unsafe fn fma(w: Self, x: Self, acc: Self) -> Self {
+            unsafe { _mm512_fmadd_ps(w, x, acc) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { _mm512_add_ps(self, o) }
+        }
+        #[inline(always)]
+        unsafe fn act(self, act: Act) -> Self {
+            // As for AVX2: NaN in the second operand comes out.
+            unsafe {
+                let zero = _mm512_setzero_ps();
+                match act {
+                    Act::None => self,
+                    Act::Relu => _mm512_max_ps(zero, self),
+                    Act::Relu6 => _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(zero, self)),
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const OB: usize, const PX: usize, const CI: usize>(
+    pub(super) unsafe fn avx2<const OB: usize, const PX: usize, const CI: usize>(
+        w: &Walk,
+        t: &Tile<'_, PX>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            match OB {
+                1 => tile::<__m256, PX, CI>(w, t, out),
+                _ => tile::<Pair, PX, CI>(w, t, out),
+            }
+        }
+    }
+
+    /// With VL, one block's kernel also has 32 registers.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) unsafe fn avx512<const OB: usize, const PX: usize, const CI: usize>(
+        w: &Walk,
+        t: &Tile<'_, PX>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            match OB {
+                1 => tile::<__m256, PX, CI>(w, t, out),
+                _ => tile::<__m512, PX, CI>(w, t, out),
+            }
+        }
+    }
+
+    /// The tile: `PX` pixels' accumulators held in registers over the whole K
+    /// loop, one weight register per step, the input broadcast from memory.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s instructions, and `super::check` passed.
+    // Indices name registers (acc[p]); iterators would hide the tile's shape.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn tile<V: Lanes, const PX: usize, const CI: usize>(
         w: &Walk,
         t: &Tile<'_, PX>,
         out: &mut [f32],
     ) {
         // SAFETY (whole body): `super::check` bounded every offset used here.
         unsafe {
-            let x = t.x.as_ptr();
-            let mut acc = [[_mm256_setzero_ps(); PX]; OB];
             let dst = out.as_mut_ptr();
-            for o in 0..OB {
-                let b = _mm256_loadu_ps(t.bias.as_ptr().add(o * LANES));
-                for p in 0..PX {
-                    let at = t.out_at[p] + o * t.out_stride;
-                    acc[o][p] = match t.residual {
-                        _ if t.accumulate => _mm256_loadu_ps(dst.add(at)),
-                        Some(r) => _mm256_add_ps(b, _mm256_loadu_ps(r.as_ptr().add(at))),
-                        None => b,
-                    };
-                }
+            let bias = V::load(t.bias.as_ptr());
+            let mut acc = [bias; PX];
+            for p in 0..PX {
+                let at = t.out_at[p];
+                acc[p] = match t.residual {
+                    _ if t.accumulate => V::load_blocks(dst.add(at), t.out_stride),
+                    Some(r) => bias.add(V::load_blocks(r.as_ptr().add(at), t.out_stride)),
+                    None => bias,
+                };
             }
             let mut wp = t.weights.as_ptr();
-            let xs: [*const f32; PX] = std::array::from_fn(|p| x.add(t.x_at[p]));
+            let xs: [*const f32; PX] = std::array::from_fn(|p| t.x.as_ptr().add(t.x_at[p]));
             for b in 0..w.blocks {
                 for ky in 0..w.kh {
                     for kx in 0..w.kw {
                         let at = b * w.block_stride + ky * w.row_stride + kx * w.pixel_stride;
                         for i in 0..CI {
-                            let mut wv = [_mm256_setzero_ps(); OB];
-                            for (o, v) in wv.iter_mut().enumerate() {
-                                *v = _mm256_loadu_ps(wp.add(o * LANES));
-                            }
-                            wp = wp.add(OB * LANES);
+                            let wv = V::load(wp);
+                            wp = wp.add(V::OB * LANES);
                             for p in 0..PX {
-                                let xv = _mm256_broadcast_ss(&*xs[p].add(at + i));
-                                for o in 0..OB {
-                                    acc[o][p] = _mm256_fmadd_ps(wv[o], xv, acc[o][p]);
-                                }
+                                acc[p] = V::fma(wv, V::splat(xs[p].add(at + i)), acc[p]);
                             }
                         }
                     }
                 }
             }
-            let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
-            for o in 0..OB {
-                for p in 0..PX {
-                    // With NaN in either operand max_ps and min_ps return the
-                    // second: NaN stays NaN.
-                    let v = match t.act {
-                        Act::None => acc[o][p],
-                        Act::Relu => _mm256_max_ps(zero, acc[o][p]),
-                        Act::Relu6 => _mm256_min_ps(six, _mm256_max_ps(zero, acc[o][p])),
-                    };
-                    _mm256_storeu_ps(dst.add(t.out_at[p] + o * t.out_stride), v);
-                }
+            for p in 0..PX {
+                acc[p]
+                    .act(t.act)
+                    .store_blocks(dst.add(t.out_at[p]), t.out_stride);
             }
         }
     }

@@ -13,6 +13,7 @@ mod conv;
 pub mod depthwise;
 pub mod kernel;
 mod pool;
+mod spare;
 
 pub use conv::{PackedConv, Packing, Threads, forward};
 pub use depthwise::PackedDepthwise;
@@ -73,6 +74,34 @@ impl Blocked {
         }
     }
 
+    /// Activations whose every pixel (all [`LANES`] of every block) the caller
+    /// writes: the border is zero, the rest stale values from a reused buffer.
+    pub fn output(n: usize, channels: usize, h: usize, w: usize) -> Blocked {
+        let blocks = channels.div_ceil(LANES);
+        let (hp, wp) = (h + 2 * HALO, w + 2 * HALO);
+        let mut data = spare::take(n * blocks * hp * wp * LANES);
+        for plane in data.chunks_exact_mut(hp * wp * LANES) {
+            let row = wp * LANES;
+            let (top, rest) = plane.split_at_mut(HALO * row);
+            let (middle, bottom) = rest.split_at_mut(h * row);
+            top.fill(0.0);
+            bottom.fill(0.0);
+            // Fixed lengths: stores, not a memset call per row.
+            for r in middle.chunks_exact_mut(row) {
+                r[..HALO * LANES].fill(0.0);
+                r[(w + HALO) * LANES..][..HALO * LANES].fill(0.0);
+            }
+        }
+        Blocked {
+            n,
+            channels,
+            blocks,
+            h,
+            w,
+            data,
+        }
+    }
+
     /// Blocked activations holding NCHW `data`.
     pub fn from_nchw(data: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Blocked {
         assert_eq!(data.len(), n * c * h * w, "NCHW data");
@@ -119,6 +148,13 @@ impl Blocked {
             }
         }
         out
+    }
+}
+
+/// The buffer goes back for the next layer or pass on this thread.
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        spare::give(std::mem::take(&mut self.data));
     }
 }
 

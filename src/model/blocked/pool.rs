@@ -7,7 +7,7 @@ use super::{Blocked, HALO, LANES};
 /// padding, which is exact only because the input is post-ReLU (never below 0).
 pub fn max_pool_3x3_s2(x: &Blocked) -> Blocked {
     let (ho, wo) = ((x.h + 2 - 3) / 2 + 1, (x.w + 2 - 3) / 2 + 1);
-    let mut out = Blocked::zeros(x.n, x.channels, ho, wo);
+    let mut out = Blocked::output(x.n, x.channels, ho, wo);
     let (wp, wpo) = (x.w + 2 * HALO, wo + 2 * HALO);
     let (src_plane, dst_plane) = (x.plane_len(), out.plane_len());
     for (src, dst) in x
