@@ -334,6 +334,7 @@ fn forward_with(
         shift: (halo - top, halo - left),
         stride: first.stride,
         out: (ho, wo),
+        linear: s == 1 && wp == wo + 2 * HALO,
         act,
         planar,
         isa,
@@ -395,6 +396,11 @@ struct Plan {
     shift: (usize, usize),
     stride: usize,
     out: (usize, usize),
+    /// Stride 1 over an input as wide as the output, borders included: the
+    /// output is one run of pixels, border columns and all (each input pixel
+    /// to the next a step on), so tiles cross rows. The border columns get
+    /// sums of wrapped windows, zeroed again after the last pass.
+    linear: bool,
     act: Act,
     planar: bool,
     isa: Isa,
@@ -440,114 +446,110 @@ impl Plan {
             };
             self.pass::<OB>(&pass, &part, dst);
         }
+        if self.linear {
+            self.clear_borders(dst, o.plane);
+        }
     }
 
     /// One chunk of the K loop over every tile.
     fn pass<const OB: usize>(&self, pass: &Pass, o: &Operands<'_>, dst: &mut [f32]) {
         const WIDE: usize = Isa::Avx512.tile_pixels();
-        match self.tile {
-            WIDE => self.sweep::<OB, WIDE>(pass, o, dst),
-            _ => self.sweep::<OB, { Isa::Avx2.tile_pixels() }>(pass, o, dst),
+        const NARROW: usize = Isa::Avx2.tile_pixels();
+        match (self.tile, self.stride) {
+            (WIDE, 1) => self.sweep::<OB, WIDE, 1>(pass, o, dst),
+            (WIDE, 2) => self.sweep::<OB, WIDE, 2>(pass, o, dst),
+            (_, 1) => self.sweep::<OB, NARROW, 1>(pass, o, dst),
+            (_, 2) => self.sweep::<OB, NARROW, 2>(pass, o, dst),
+            // Other strides (no shipped model has one) pixel by pixel, where
+            // the step between pixels does not matter.
+            _ => self.sweep::<OB, 1, 1>(pass, o, dst),
         }
     }
 
-    /// Tiles of `PX` pixels, then the rest in tiles of 8, 4, 2 and 1 (which
-    /// give the same bits: each output is its own sequence of multiply-adds).
-    fn sweep<const OB: usize, const PX: usize>(
+    /// Each run of output pixels in tiles of `PX`, then the rest in tiles of
+    /// 8, 4, 2 and 1 (which give the same bits: each output is its own
+    /// sequence of multiply-adds). A run is a row, or the whole output when
+    /// [`Plan::linear`].
+    fn sweep<const OB: usize, const PX: usize, const S: usize>(
         &self,
         pass: &Pass,
         o: &Operands<'_>,
         dst: &mut [f32],
     ) {
-        let m = self.out.0 * self.out.1;
-        // Tile by tile, the first pixel's (row, column) carried along: a
-        // division per pixel cost a fifth of a small conv's time.
-        let mut at = Pixel { q: 0, y: 0, x: 0 };
-        while at.q + PX <= m {
-            self.tile::<OB, PX>(at, pass, o, dst);
-            at = at.step(PX, self.out.1);
-        }
-        if PX > 8 && m - at.q >= 8 {
-            self.tile::<OB, 8>(at, pass, o, dst);
-            at = at.step(8, self.out.1);
-        }
-        if PX > 4 && m - at.q >= 4 {
-            self.tile::<OB, 4>(at, pass, o, dst);
-            at = at.step(4, self.out.1);
-        }
-        if m - at.q >= 2 {
-            self.tile::<OB, 2>(at, pass, o, dst);
-            at = at.step(2, self.out.1);
-        }
-        if m > at.q {
-            self.tile::<OB, 1>(at, pass, o, dst);
+        let ((ho, wo), w) = (self.out, &pass.walk);
+        let wpo = wo + 2 * HALO;
+        let row = |y: usize| {
+            let x_at =
+                (y * self.stride + self.shift.0) * w.row_stride + self.shift.1 * w.pixel_stride;
+            (x_at, ((y + HALO) * wpo + HALO) * LANES)
+        };
+        let mut run = |(x_at, out_at): (usize, usize), len: usize| {
+            let step = self.stride * w.pixel_stride;
+            let at = |j: usize| (x_at + j * step, out_at + j * LANES);
+            let mut j = 0;
+            while j + PX <= len {
+                self.tile::<OB, PX, S>(at(j), pass, o, dst);
+                j += PX;
+            }
+            if PX > 8 && len - j >= 8 {
+                self.tile::<OB, 8, S>(at(j), pass, o, dst);
+                j += 8;
+            }
+            if PX > 4 && len - j >= 4 {
+                self.tile::<OB, 4, S>(at(j), pass, o, dst);
+                j += 4;
+            }
+            if PX > 2 && len - j >= 2 {
+                self.tile::<OB, 2, S>(at(j), pass, o, dst);
+                j += 2;
+            }
+            if PX > 1 && len > j {
+                self.tile::<OB, 1, S>(at(j), pass, o, dst);
+            }
+        };
+        match self.linear {
+            true => run(row(0), (ho - 1) * wpo + wo),
+            false => (0..ho).for_each(|y| run(row(y), wo)),
         }
     }
 
-    /// Output pixels `at .. at + PX` (row-major over the output, rows may wrap).
-    fn tile<const OB: usize, const PX: usize>(
+    /// Zeroes the border columns a linear sweep wrote into `blocks` output
+    /// planes: the right border of each row but the last and the left border
+    /// of the next lie side by side.
+    fn clear_borders(&self, dst: &mut [f32], plane: usize) {
+        let (ho, wo) = self.out;
+        let wpo = wo + 2 * HALO;
+        for plane in dst.chunks_exact_mut(plane) {
+            for y in 0..ho - 1 {
+                let at = ((y + HALO) * wpo + HALO + wo) * LANES;
+                plane[at..][..2 * HALO * LANES].fill(0.0);
+            }
+        }
+    }
+
+    /// The tile of `PX` pixels whose first input window and output are at
+    /// `(x_at, out_at)`.
+    fn tile<const OB: usize, const PX: usize, const S: usize>(
         &self,
-        at: Pixel,
+        (x_at, out_at): (usize, usize),
         pass: &Pass,
         o: &Operands<'_>,
         dst: &mut [f32],
     ) {
-        let Operands {
-            x,
-            weights,
-            bias,
-            residual,
-            plane,
-        } = *o;
-        let wo = self.out.1;
-        let (s, w) = (self.stride, &pass.walk);
-        let mut x_at = [0; PX];
-        let mut out_at = [0; PX];
-        let mut p = at;
-        for (x_at, out_at) in x_at.iter_mut().zip(&mut out_at) {
-            *x_at =
-                (p.y * s + self.shift.0) * w.row_stride + (p.x * s + self.shift.1) * w.pixel_stride;
-            *out_at = ((p.y + HALO) * (wo + 2 * HALO) + p.x + HALO) * LANES;
-            p = p.step(1, wo);
-        }
         let t = Tile {
-            x,
+            x: o.x,
             x_at,
-            weights,
-            bias,
-            residual,
+            weights: o.weights,
+            bias: o.bias,
+            residual: o.residual,
             out_at,
-            out_stride: plane,
+            out_stride: o.plane,
             accumulate: pass.accumulate,
             act: pass.act,
         };
         match self.planar {
-            true => kernel::run::<OB, PX, 1>(self.isa, w, &t, dst),
-            false => kernel::run::<OB, PX, LANES>(self.isa, w, &t, dst),
-        }
-    }
-}
-
-/// An output pixel: its index and its (row, column).
-#[derive(Clone, Copy)]
-struct Pixel {
-    q: usize,
-    y: usize,
-    x: usize,
-}
-
-impl Pixel {
-    /// The pixel `n` further on, in rows of `width`.
-    fn step(self, n: usize, width: usize) -> Pixel {
-        let (mut y, mut x) = (self.y, self.x + n);
-        while x >= width {
-            x -= width;
-            y += 1;
-        }
-        Pixel {
-            q: self.q + n,
-            y,
-            x,
+            true => kernel::run::<OB, PX, 1, S>(self.isa, &pass.walk, &t, dst),
+            false => kernel::run::<OB, PX, LANES, S>(self.isa, &pass.walk, &t, dst),
         }
     }
 }
@@ -626,6 +628,11 @@ mod tests {
             (1, 16, 28, 3, 2, sym(1), true),
             // TensorFlow's padding: none before and one after, then one each side.
             (3, 16, 20, 3, 2, Padding::Same, true),
+            // Stride 1 over a planar input bordered as wide as the output: one
+            // run across rows, as for blocked ones.
+            (3, 16, 20, 3, 1, sym(1), true),
+            // A stride with no tiling of its own: pixel by pixel.
+            (16, 16, 11, 3, 3, sym(1), false),
             (16, 16, 9, 3, 1, sym(1), false),
             (16, 16, 10, 3, 2, Padding::Same, false),
             (16, 16, 9, 3, 1, Padding::Same, false),
@@ -703,9 +710,14 @@ mod tests {
                     );
                 }
                 // Borders and padding channels stay zero.
-                let sum_abs: f32 = got.data.iter().map(|v| v.abs()).sum();
-                let real: f32 = got.to_nchw().iter().map(|v| v.abs()).sum();
-                assert!((sum_abs - real).abs() <= 1e-3 * real.max(1.0));
+                for (kern, got) in &outputs {
+                    let sum_abs: f32 = got.data.iter().map(|v| v.abs()).sum();
+                    let real: f32 = got.to_nchw().iter().map(|v| v.abs()).sum();
+                    assert!(
+                        (sum_abs - real).abs() <= 1e-3 * real.max(1.0),
+                        "{kern:?} {c}->{o} k{k} s{s}: a border is not zero"
+                    );
+                }
             }
         }
     }

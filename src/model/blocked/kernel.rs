@@ -29,48 +29,53 @@ pub struct Walk {
     pub pixel_stride: usize,
 }
 
-/// One tile's operands. Offsets are in floats; `x_at[p]` is where pixel `p`'s
-/// window starts in `x`, `out_at[p]` where its output vector goes in each of
-/// the `OB` output blocks (`out_stride` apart, likewise in `residual`).
+/// One tile's operands. Offsets are in floats. The tile's pixels are `S`
+/// input pixels apart (`S · CI` floats: the conv's stride, in one row or in a
+/// row-major run over a bordered plane) and adjacent in the output: pixel `p`'s
+/// window starts at `x_at + p · S · CI` in `x`, its output vector at
+/// `out_at + p · LANES` in each of the `OB` output blocks (`out_stride` apart,
+/// likewise in `residual`). With one base and constant steps, the kernel
+/// addresses every pixel off one register: a pointer per pixel spilled out of
+/// the 16 general registers and cost 6 reloads per step at 16 pixels.
 ///
 /// A conv whose weights outgrow L1 runs its K loop in chunks: the first
 /// starts from bias (and residual), each later one (`accumulate`) from the
 /// partial sums the previous chunk stored, and only the last applies `act`.
 /// Storing and reloading an f32 is exact, so the chunking leaves every output
 /// bit for bit as one pass would.
-pub struct Tile<'a, const PX: usize> {
+pub struct Tile<'a> {
     pub x: &'a [f32],
-    pub x_at: [usize; PX],
+    pub x_at: usize,
     pub weights: &'a [f32],
     pub bias: &'a [f32],
     pub residual: Option<&'a [f32]>,
-    pub out_at: [usize; PX],
+    pub out_at: usize,
     pub out_stride: usize,
     pub accumulate: bool,
     pub act: Act,
 }
 
-/// Runs one tile into `out` with the kernels of `isa`, which this CPU must
-/// have.
+/// Runs one tile of `PX` pixels, `S` input pixels apart, into `out` with the
+/// kernels of `isa`, which this CPU must have.
 ///
 /// `weights` holds `walk.blocks · kh · kw · CI` groups of `OB · LANES` values,
 /// in K-loop order; `bias` holds `OB · LANES`.
-pub fn run<const OB: usize, const PX: usize, const CI: usize>(
+pub fn run<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     isa: Isa,
     walk: &Walk,
-    t: &Tile<'_, PX>,
+    t: &Tile<'_>,
     out: &mut [f32],
 ) {
-    check::<OB, PX, CI>(walk, t, out);
+    check::<OB, PX, CI, S>(walk, t, out);
     assert!(isa.supported(), "this CPU cannot run the {isa} kernels");
     match isa {
         // SAFETY (both): the CPU has the features (asserted above), and `check`
         // bounds every offset the kernels read or write.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::avx512::<OB, PX, CI>(walk, t, out) },
+        Isa::Avx512 => unsafe { x86::avx512::<OB, PX, CI, S>(walk, t, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::avx2::<OB, PX, CI>(walk, t, out) },
-        _ => portable::<OB, PX, CI>(walk, t, out),
+        Isa::Avx2 => unsafe { x86::avx2::<OB, PX, CI, S>(walk, t, out) },
+        _ => portable::<OB, PX, CI, S>(walk, t, out),
     }
 }
 
@@ -196,43 +201,45 @@ pub fn choose(isa: Isa) -> crate::Result<()> {
 
 /// Panics unless every access of the tile is in bounds: the kernels index
 /// unchecked.
-fn check<const OB: usize, const PX: usize, const CI: usize>(
+fn check<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     w: &Walk,
-    t: &Tile<'_, PX>,
+    t: &Tile<'_>,
     out: &[f32],
 ) {
     let taps = w.blocks * w.kh * w.kw * CI;
     assert_eq!(t.weights.len(), taps * OB * LANES, "packed weights");
     assert_eq!(t.bias.len(), OB * LANES, "bias");
+    assert!(PX > 0, "an empty tile");
     let reach = (w.blocks - 1) * w.block_stride
         + (w.kh - 1) * w.row_stride
         + (w.kw - 1) * w.pixel_stride
         + CI;
-    for p in 0..PX {
-        assert!(t.x_at[p] + reach <= t.x.len(), "input window");
-        let end = t.out_at[p] + (OB - 1) * t.out_stride + LANES;
-        assert!(end <= out.len(), "output");
-        if let Some(r) = t.residual {
-            assert!(end <= r.len(), "residual");
-        }
+    assert!(
+        t.x_at + (PX - 1) * S * CI + reach <= t.x.len(),
+        "input window"
+    );
+    let end = t.out_at + (PX - 1) * LANES + (OB - 1) * t.out_stride + LANES;
+    assert!(end <= out.len(), "output");
+    if let Some(r) = t.residual {
+        assert!(end <= r.len(), "residual");
     }
 }
 
-fn portable<const OB: usize, const PX: usize, const CI: usize>(
+fn portable<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     w: &Walk,
-    t: &Tile<'_, PX>,
+    t: &Tile<'_>,
     out: &mut [f32],
 ) {
     let mut acc = [[[0f32; LANES]; PX]; OB];
     for (o, acc) in acc.iter_mut().enumerate() {
         for (p, a) in acc.iter_mut().enumerate() {
             if t.accumulate {
-                a.copy_from_slice(&out[t.out_at[p] + o * t.out_stride..][..LANES]);
+                a.copy_from_slice(&out[t.out_at + p * LANES + o * t.out_stride..][..LANES]);
                 continue;
             }
             a.copy_from_slice(&t.bias[o * LANES..][..LANES]);
             if let Some(r) = t.residual {
-                let r = &r[t.out_at[p] + o * t.out_stride..][..LANES];
+                let r = &r[t.out_at + p * LANES + o * t.out_stride..][..LANES];
                 a.iter_mut().zip(r).for_each(|(a, r)| *a += r);
             }
         }
@@ -245,7 +252,7 @@ fn portable<const OB: usize, const PX: usize, const CI: usize>(
                 for i in 0..CI {
                     let wv = wt.next().expect("checked");
                     for p in 0..PX {
-                        let x = t.x[t.x_at[p] + at + i];
+                        let x = t.x[t.x_at + p * S * CI + at + i];
                         for (o, acc) in acc.iter_mut().enumerate() {
                             let wv = &wv[o * LANES..][..LANES];
                             for l in 0..LANES {
@@ -259,7 +266,7 @@ fn portable<const OB: usize, const PX: usize, const CI: usize>(
     }
     for (o, acc) in acc.iter().enumerate() {
         for (p, a) in acc.iter().enumerate() {
-            let dst = &mut out[t.out_at[p] + o * t.out_stride..][..LANES];
+            let dst = &mut out[t.out_at + p * LANES + o * t.out_stride..][..LANES];
             for (d, v) in dst.iter_mut().zip(a) {
                 *d = t.act.apply(*v);
             }
@@ -431,32 +438,37 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2<const OB: usize, const PX: usize, const CI: usize>(
+    pub(super) unsafe fn avx2<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
         w: &Walk,
-        t: &Tile<'_, PX>,
+        t: &Tile<'_>,
         out: &mut [f32],
     ) {
         // SAFETY: the caller's.
         unsafe {
             match OB {
-                1 => tile::<__m256, PX, CI>(w, t, out),
-                _ => tile::<Pair, PX, CI>(w, t, out),
+                1 => tile::<__m256, PX, CI, S>(w, t, out),
+                _ => tile::<Pair, PX, CI, S>(w, t, out),
             }
         }
     }
 
     /// With VL, one block's kernel also has 32 registers.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) unsafe fn avx512<const OB: usize, const PX: usize, const CI: usize>(
+    pub(super) unsafe fn avx512<
+        const OB: usize,
+        const PX: usize,
+        const CI: usize,
+        const S: usize,
+    >(
         w: &Walk,
-        t: &Tile<'_, PX>,
+        t: &Tile<'_>,
         out: &mut [f32],
     ) {
         // SAFETY: the caller's.
         unsafe {
             match OB {
-                1 => tile::<__m256, PX, CI>(w, t, out),
-                _ => tile::<__m512, PX, CI>(w, t, out),
+                1 => tile::<__m256, PX, CI, S>(w, t, out),
+                _ => tile::<__m512, PX, CI, S>(w, t, out),
             }
         }
     }
@@ -469,9 +481,9 @@ mod x86 {
     // Indices name registers (acc[p]); iterators would hide the tile's shape.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn tile<V: Lanes, const PX: usize, const CI: usize>(
+    unsafe fn tile<V: Lanes, const PX: usize, const CI: usize, const S: usize>(
         w: &Walk,
-        t: &Tile<'_, PX>,
+        t: &Tile<'_>,
         out: &mut [f32],
     ) {
         // SAFETY (whole body): `super::check` bounded every offset used here.
@@ -479,8 +491,9 @@ mod x86 {
             let dst = out.as_mut_ptr();
             let bias = V::load(t.bias.as_ptr());
             let mut acc = [bias; PX];
+            let (out_at, x) = (dst.add(t.out_at), t.x.as_ptr().add(t.x_at));
             for p in 0..PX {
-                let at = t.out_at[p];
+                let at = t.out_at + p * LANES;
                 acc[p] = match t.residual {
                     _ if t.accumulate => V::load_blocks(dst.add(at), t.out_stride),
                     Some(r) => bias.add(V::load_blocks(r.as_ptr().add(at), t.out_stride)),
@@ -488,7 +501,6 @@ mod x86 {
                 };
             }
             let mut wp = t.weights.as_ptr();
-            let xs: [*const f32; PX] = std::array::from_fn(|p| t.x.as_ptr().add(t.x_at[p]));
             for b in 0..w.blocks {
                 for ky in 0..w.kh {
                     for kx in 0..w.kw {
@@ -497,7 +509,8 @@ mod x86 {
                             let wv = V::load(wp);
                             wp = wp.add(V::OB * LANES);
                             for p in 0..PX {
-                                acc[p] = V::fma(wv, V::splat(xs[p].add(at + i)), acc[p]);
+                                let xv = V::splat(x.add(p * S * CI + at + i));
+                                acc[p] = V::fma(wv, xv, acc[p]);
                             }
                         }
                     }
@@ -506,7 +519,7 @@ mod x86 {
             for p in 0..PX {
                 acc[p]
                     .act(t.act)
-                    .store_blocks(dst.add(t.out_at[p]), t.out_stride);
+                    .store_blocks(out_at.add(p * LANES), t.out_stride);
             }
         }
     }
