@@ -39,4 +39,7 @@ export RWS_REQUIRE_IMAGENET=1
 export RWS_PYTHON="$PWD/.venv/bin/python"
 # Without the clients tests/python.rs skips; here a missing one is a failure.
 export RWS_REQUIRE_PYTHON=1
+# Which CPU kernels this machine tested, and which it skipped (the lines the
+# kernel tests print; cargo test shows a passing test's output only when asked).
+[ $# -gt 0 ] || cargo test --lib -q model::blocked -- --show-output 2>&1 | grep -E "^(skipped|conv kernels tested)" | sort -u || true
 exec cargo test --no-fail-fast "$@"

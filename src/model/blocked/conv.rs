@@ -587,6 +587,10 @@ mod tests {
         if !Isa::Avx512.supported() {
             println!("skipped: this CPU has no AVX-512");
         }
+        let tested: Vec<String> = (simd.iter().chain([&(Isa::Portable, narrow)]))
+            .map(|(i, px)| format!("{i} in {px}-pixel tiles"))
+            .collect();
+        println!("conv kernels tested on this CPU: {}", tested.join(", "));
         (simd, (Isa::Portable, narrow))
     }
 
