@@ -181,6 +181,8 @@ impl Plane<'_> {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, dst: &mut [f32]) {
         use std::arch::x86_64::*;
+
+        use super::kernel::x86::Lanes;
         const { assert!(LANES == 8) };
         let (h, w) = self.size;
         let (ho, wo) = self.out;
@@ -198,14 +200,8 @@ impl Plane<'_> {
         unsafe {
             let (src, weights, out) = (self.src.as_ptr(), self.weights.as_ptr(), dst.as_mut_ptr());
             let bias = _mm256_loadu_ps(self.bias.as_ptr());
-            let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
-            // With NaN in either operand max_ps and min_ps return the
-            // second: NaN stays NaN, as in `Act::apply`.
-            let act = |acc| match self.act {
-                Act::None => acc,
-                Act::Relu => _mm256_max_ps(zero, acc),
-                Act::Relu6 => _mm256_min_ps(six, _mm256_max_ps(zero, acc)),
-            };
+            // The microkernel's epilogue: NaN stays NaN, as in `Act::apply`.
+            let act = |acc: __m256| acc.act(self.act);
             // `PX` pixels from column `ox` of row `oy`, their windows inside the image.
             macro_rules! inner_pixels {
                 ($px:literal, $oy:expr, $y0:expr, $ox:expr) => {{

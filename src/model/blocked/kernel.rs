@@ -279,7 +279,7 @@ fn portable<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
 /// Each lane is one fused multiply-add after another in K-loop order, so every
 /// instruction set gives the same bits.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Act, LANES, Tile, Walk};
@@ -289,7 +289,7 @@ mod x86 {
     /// `stride` apart in the activations.
     ///
     /// Every method is inlined into a caller compiled for its instructions.
-    pub(super) trait Lanes: Copy {
+    pub(in crate::model::blocked) trait Lanes: Copy {
         const OB: usize;
         unsafe fn load(p: *const f32) -> Self;
         unsafe fn load_blocks(p: *const f32, stride: usize) -> Self;
