@@ -299,7 +299,12 @@ impl Model {
         let (n, c, h, w) = x.dims4()?;
         let threads = rayon::current_num_threads();
         let logits = match threads == 1 || n < threads || n % threads != 0 {
-            true => self.forward_blocked_on(stems, data, (n, c, h, w), Threads::Pool)?,
+            // On a pool thread, so that each conv's fork-join is a local push
+            // the other workers steal, not a job injected from outside and a
+            // sleep and a wake of this thread per conv.
+            true => {
+                rayon::scope(|_| self.forward_blocked_on(stems, data, (n, c, h, w), Threads::Pool))?
+            }
             false => {
                 let part = n / threads;
                 let parts = (stems
