@@ -69,6 +69,9 @@ pub struct Model {
     blocked: bool,
     /// On the blocked CPU path, the stem's clean parameters in the packed order.
     packed_stem: Option<PackedStem>,
+    /// Whether any conv is depthwise: such a network's batch runs one image at
+    /// a time per thread (see [`Model::forward_blocked`]).
+    depthwise: bool,
     /// On a CUDA device, the stem's clean parameters there, for the GPU kernel.
     #[cfg(feature = "cuda")]
     cuda_stem: Option<cuda::CudaStem>,
@@ -202,6 +205,9 @@ impl Model {
         // Uploads to a GPU are asynchronous, and the threads that will run the model
         // use other streams: let them finish here.
         device.synchronize()?;
+        let depthwise = (units.iter().chain(trunk_units.iter().map(|(u, _)| u)))
+            .flat_map(|u| &u.convs)
+            .any(|c| c.is_depthwise());
         Ok(Model {
             config,
             stem_units: units,
@@ -214,6 +220,7 @@ impl Model {
             device: device.clone(),
             blocked,
             packed_stem,
+            depthwise,
             #[cfg(feature = "cuda")]
             cuda_stem,
         })
@@ -321,9 +328,7 @@ impl Model {
                 // (MobileNetV2 at batch 8: 210 against 173 images/s in parts
                 // of 4). Dense ones share each layer's weights over the part
                 // (ResNet-18: 58 against 55).
-                let depthwise = (self.trunk.units.iter().flat_map(|(_, c)| c))
-                    .any(|c| matches!(c, FoldedConv::Depthwise(_)));
-                let part = if depthwise { 1 } else { n / threads };
+                let part = if self.depthwise { 1 } else { n / threads };
                 let parts = (stems
                     .par_chunks(part)
                     .zip(data.par_chunks(part * c * h * w)))
