@@ -24,8 +24,9 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use arch::{Act, Padding};
 pub use arch::{Arch, ConvSpec, HeadSpec, UnitSpec};
-use blocked::{Blocked, Maps, Planar, Threads};
+use blocked::{Blocked, Maps, PackedConv, Planar, Threads};
 pub use folded::{CpuConv, FoldedConv};
 pub(crate) use folded::{classify_head, forward_unit, pad_for};
 use packed_stem::PackedStem;
@@ -43,17 +44,17 @@ struct Trunk {
     head: Head,
 }
 
-/// The classifier's linear layers, each weight transposed to `[inputs,
-/// outputs]`, where the path that runs them wants them.
+/// The classifier's linear layers, where the path that runs them wants them.
 #[derive(Debug)]
 enum Head {
-    /// Biases shaped `[1, outputs]`.
+    /// Each weight transposed to `[inputs, outputs]`, biases shaped `[1, outputs]`.
     Tensor {
         reduce: arch::Reduce,
         linears: Vec<(Tensor, Tensor)>,
     },
     /// After global average pooling, the only reduction the blocked path has.
-    Host { linears: Vec<(Vec<f32>, Vec<f32>)> },
+    /// Each linear a 1×1 conv on one-pixel maps.
+    Host { linears: Vec<PackedConv> },
 }
 
 /// One loaded model: the clean base, ready to materialize stems for profiles.
@@ -172,26 +173,32 @@ impl Model {
                 .collect::<Result<Vec<_>>>()?;
             trunk_units.push((unit, convs));
         }
-        let mut linears = Vec::new();
-        for l in &head_spec.linears {
-            let weight = take(&format!("{}.weight", l.name));
-            let weight_t = Tensor::from_vec(weight, (l.outputs, l.inputs), &Device::Cpu)?
-                .t()?
-                .contiguous()?;
-            linears.push((weight_t, take(&format!("{}.bias", l.name))));
-        }
+        // Per linear layer, its weight (`[outputs, inputs]`) and bias.
+        let linears: Vec<(&arch::LinearSpec, Vec<f32>, Vec<f32>)> = (head_spec.linears.iter())
+            .map(|l| {
+                (
+                    l,
+                    take(&format!("{}.weight", l.name)),
+                    take(&format!("{}.bias", l.name)),
+                )
+            })
+            .collect();
         let head = match blocked {
             true => Head::Host {
                 linears: (linears.into_iter())
-                    .map(|(w, b)| Ok((w.flatten_all()?.to_vec1()?, b)))
+                    .map(|(l, w, b)| {
+                        let shape = (l.outputs, l.inputs, 1);
+                        PackedConv::new(&w, &b, shape, 1, Padding::Symmetric(0), false)
+                    })
                     .collect::<Result<_>>()?,
             },
             false => Head::Tensor {
                 reduce: head_spec.reduce,
                 linears: (linears.into_iter())
-                    .map(|(w, b)| {
-                        let n = b.len();
-                        Ok((w.to_device(device)?, Tensor::from_vec(b, (1, n), device)?))
+                    .map(|(l, w, b)| {
+                        let w = Tensor::from_vec(w, (l.outputs, l.inputs), &Device::Cpu)?;
+                        let w = w.t()?.contiguous()?.to_device(device)?;
+                        Ok((w, Tensor::from_vec(b, (1, l.outputs), device)?))
                     })
                     .collect::<Result<_>>()?,
             },
@@ -310,7 +317,7 @@ impl Model {
         let data = &cpu.as_slice::<f32>()?[start..end];
         let (n, c, h, w) = x.dims4()?;
         let threads = rayon::current_num_threads();
-        let logits = match threads == 1 || n < threads || n % threads != 0 {
+        let features = match threads == 1 || n < threads || n % threads != 0 {
             // Small images (mnist-resnet's 28×28) have every conv under the
             // fork-join threshold: they run here, with no pool to wake.
             true if c * h * w < SMALL_IMAGE => {
@@ -337,6 +344,7 @@ impl Model {
                 parts.concat()
             }
         };
+        let logits = self.classify_blocked(&features, n)?;
         Ok(Tensor::from_vec(
             logits,
             (n, self.config.labels.len()),
@@ -344,8 +352,9 @@ impl Model {
         )?)
     }
 
-    /// Logits (`[n, classes]`, row-major) of NCHW `x`, layer by layer over the
-    /// whole batch, each image with its own stem's weights.
+    /// The classifier's input (`[n, features]`, row-major: the trunk's output
+    /// averaged over its pixels) of NCHW `x`, layer by layer over the whole
+    /// batch, each image with its own stem's weights.
     fn forward_blocked_on(
         &self,
         stems: &[&Stem],
@@ -382,7 +391,7 @@ impl Model {
         let Maps::Blocked(h) = h else {
             bail!(Internal, "the trunk's output is not blocked");
         };
-        self.classify_blocked(&h)
+        Ok(blocked::global_average(&h).concat())
     }
 
     /// On candle tensors (a GPU, or the stock baseline): each distinct stem on
@@ -429,31 +438,32 @@ impl Model {
         Ok(logits.index_select(&Tensor::new(back.as_slice(), x.device())?, 0)?)
     }
 
-    /// Global average pooling then the classifier, image by image (so that an
-    /// image's logits do not depend on its batch), vectorized over outputs:
-    /// `[n, classes]`, row-major.
-    fn classify_blocked(&self, h: &Blocked) -> Result<Vec<f32>> {
+    /// The classifier on `n` images' `features` (`[n, features]`): its
+    /// linears as 1×1 convs over one map of `n` pixels, one per image, so that
+    /// each weight is read once per batch, not per image (1000 × 1280 of
+    /// them in Lite0's). Each output is its own sequence of multiply-adds,
+    /// so an image's logits do not depend on the others. `[n, classes]`.
+    fn classify_blocked(&self, features: &[f32], n: usize) -> Result<Vec<f32>> {
         let Head::Host { linears } = &self.trunk.head else {
             bail!(Internal, "the classifier is not on the host");
         };
-        let mut logits = Vec::with_capacity(h.n * self.config.labels.len());
-        for features in blocked::global_average(h) {
-            let mut x = features;
-            for (i, (weight_t, bias)) in linears.iter().enumerate() {
-                if i > 0 {
-                    x.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-                let mut out = bias.clone();
-                for (f, row) in x.iter().zip(weight_t.chunks_exact(bias.len())) {
-                    for (o, w) in out.iter_mut().zip(row) {
-                        *o += f * w;
-                    }
-                }
-                x = out;
-            }
-            logits.extend(x);
+        let transpose = |x: &[f32], rows: usize| {
+            let cols = x.len() / rows;
+            (0..cols * rows)
+                .map(|i| x[(i % rows) * cols + i / rows])
+                .collect::<Vec<f32>>()
+        };
+        let c = features.len() / n;
+        let mut x = Blocked::from_nchw(&transpose(features, n), (1, c, 1, n));
+        for (i, linear) in linears.iter().enumerate() {
+            // ReLU between linears, none after the last.
+            let act = match i + 1 < linears.len() {
+                true => Act::Relu,
+                false => Act::None,
+            };
+            x = linear.forward(&Maps::Blocked(x), None, act)?;
         }
-        Ok(logits)
+        Ok(transpose(&x.to_nchw(), x.channels))
     }
 }
 

@@ -15,6 +15,11 @@ pub use crate::model::arch::Act;
 /// Output channels per block: one AVX2 register of f32.
 pub const LANES: usize = 8;
 
+/// Output blocks per group of packed weights: one AVX-512 register of them.
+/// A tile of more blocks reads several groups' runs in step, `group_stride`
+/// apart ([`Tile`]).
+pub const GROUP: usize = 2;
+
 /// How the K loop walks the input: `blocks` groups of `CI` channels (`CI` = 8
 /// for a blocked input, 1 for a planar one), each group `block_stride` floats
 /// apart, channels inside a group adjacent; `kh × kw` taps, rows `row_stride`
@@ -38,6 +43,11 @@ pub struct Walk {
 /// addresses every pixel off one register: a pointer per pixel spilled out of
 /// the 16 general registers and cost 6 reloads per step at 16 pixels.
 ///
+/// A tile of more than [`GROUP`] blocks covers `OB / GROUP` consecutive groups
+/// of packed weights, each's run `group_stride` floats after the previous: one
+/// broadcast input value then feeds `OB / GROUP` registers of weights, which
+/// halves the loads per multiply-add on 1×1 convs, whose K loop is short.
+///
 /// A conv whose weights outgrow L1 runs its K loop in chunks: the first
 /// starts from bias (and residual), each later one (`accumulate`) from the
 /// partial sums the previous chunk stored, and only the last applies `act`.
@@ -47,6 +57,7 @@ pub struct Tile<'a> {
     pub x: &'a [f32],
     pub x_at: usize,
     pub weights: &'a [f32],
+    pub group_stride: usize,
     pub bias: &'a [f32],
     pub residual: Option<&'a [f32]>,
     pub out_at: usize,
@@ -58,8 +69,9 @@ pub struct Tile<'a> {
 /// Runs one tile of `PX` pixels, `S` input pixels apart, into `out` with the
 /// kernels of `isa`, which this CPU must have.
 ///
-/// `weights` holds `walk.blocks · kh · kw · CI` groups of `OB · LANES` values,
-/// in K-loop order; `bias` holds `OB · LANES`.
+/// `weights` holds, per group of up to [`GROUP`] blocks (`group_stride`
+/// apart), `walk.blocks · kh · kw · CI` runs of one value per output channel
+/// of the group, in K-loop order; `bias` holds `OB · LANES`.
 pub fn run<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     isa: Isa,
     walk: &Walk,
@@ -207,7 +219,21 @@ fn check<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     out: &[f32],
 ) {
     let taps = w.blocks * w.kh * w.kw * CI;
-    assert_eq!(t.weights.len(), taps * OB * LANES, "packed weights");
+    let width = OB.min(GROUP);
+    assert!(
+        OB == width || OB.is_multiple_of(GROUP),
+        "a tile of whole groups"
+    );
+    let groups = OB / width;
+    assert!(
+        groups == 1 || t.group_stride >= taps * width * LANES,
+        "groups overlap"
+    );
+    assert_eq!(
+        t.weights.len(),
+        (groups - 1) * t.group_stride + taps * width * LANES,
+        "packed weights"
+    );
     assert_eq!(t.bias.len(), OB * LANES, "bias");
     assert!(PX > 0, "an empty tile");
     let reach = (w.blocks - 1) * w.block_stride
@@ -244,22 +270,24 @@ fn portable<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
             }
         }
     }
-    let mut wt = t.weights.chunks_exact(OB * LANES);
+    let width = OB.min(GROUP);
+    let mut step = 0;
     for b in 0..w.blocks {
         for ky in 0..w.kh {
             for kx in 0..w.kw {
                 let at = b * w.block_stride + ky * w.row_stride + kx * w.pixel_stride;
                 for i in 0..CI {
-                    let wv = wt.next().expect("checked");
                     for p in 0..PX {
                         let x = t.x[t.x_at + p * S * CI + at + i];
                         for (o, acc) in acc.iter_mut().enumerate() {
-                            let wv = &wv[o * LANES..][..LANES];
+                            let run = (o / width) * t.group_stride + step * width * LANES;
+                            let wv = &t.weights[run + (o % width) * LANES..][..LANES];
                             for l in 0..LANES {
                                 acc[p][l] += wv[l] * x;
                             }
                         }
                     }
+                    step += 1;
                 }
             }
         }
@@ -291,7 +319,15 @@ pub(super) mod x86 {
     /// Every method is inlined into a caller compiled for its instructions.
     pub(in crate::model::blocked) trait Lanes: Copy {
         const OB: usize;
+        /// Floats per K step in one group's run of packed weights.
+        const STEP: usize = Self::OB * LANES;
         unsafe fn load(p: *const f32) -> Self;
+        /// One K step's weights: a group's run at `p`, the next (if this
+        /// holds several) `group_stride` on.
+        #[inline(always)]
+        unsafe fn load_weights(p: *const f32, _group_stride: usize) -> Self {
+            unsafe { Self::load(p) }
+        }
         unsafe fn load_blocks(p: *const f32, stride: usize) -> Self;
         unsafe fn store_blocks(self, p: *mut f32, stride: usize);
         unsafe fn splat(p: *const f32) -> Self;
@@ -437,6 +473,79 @@ pub(super) mod x86 {
         }
     }
 
+    /// `R` registers of `V`, each one group of output blocks: the tile of
+    /// several groups. Loops over `R` unroll; every lane is still one FMA
+    /// chain, so the bits are those of `V` alone. (No closures here: they
+    /// would be compiled without the caller's instructions if not inlined.)
+    #[derive(Clone, Copy)]
+    pub(super) struct Wide<V, const R: usize>([V; R]);
+
+    impl<V: Lanes, const R: usize> Lanes for Wide<V, R> {
+        const OB: usize = V::OB * R;
+        const STEP: usize = V::STEP;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe {
+                let mut all = [V::load(p); R];
+                for (r, v) in all.iter_mut().enumerate().skip(1) {
+                    *v = V::load(p.add(r * V::OB * LANES));
+                }
+                Wide(all)
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_weights(p: *const f32, group_stride: usize) -> Self {
+            unsafe {
+                let mut all = [V::load(p); R];
+                for (r, v) in all.iter_mut().enumerate().skip(1) {
+                    *v = V::load(p.add(r * group_stride));
+                }
+                Wide(all)
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_blocks(p: *const f32, stride: usize) -> Self {
+            unsafe {
+                let mut all = [V::load_blocks(p, stride); R];
+                for (r, v) in all.iter_mut().enumerate().skip(1) {
+                    *v = V::load_blocks(p.add(r * V::OB * stride), stride);
+                }
+                Wide(all)
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_blocks(self, p: *mut f32, stride: usize) {
+            for (r, v) in self.0.iter().enumerate() {
+                unsafe { v.store_blocks(p.add(r * V::OB * stride), stride) }
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> Self {
+            unsafe { Wide([V::splat(p); R]) }
+        }
+        #[inline(always)]
+        unsafe fn fma(w: Self, x: Self, mut acc: Self) -> Self {
+            for r in 0..R {
+                acc.0[r] = unsafe { V::fma(w.0[r], x.0[r], acc.0[r]) };
+            }
+            acc
+        }
+        #[inline(always)]
+        unsafe fn add(mut self, o: Self) -> Self {
+            for r in 0..R {
+                self.0[r] = unsafe { self.0[r].add(o.0[r]) };
+            }
+            self
+        }
+        #[inline(always)]
+        unsafe fn act(mut self, act: Act) -> Self {
+            for r in 0..R {
+                self.0[r] = unsafe { self.0[r].act(act) };
+            }
+            self
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
         w: &Walk,
@@ -447,7 +556,8 @@ pub(super) mod x86 {
         unsafe {
             match OB {
                 1 => tile::<__m256, PX, CI, S>(w, t, out),
-                _ => tile::<Pair, PX, CI, S>(w, t, out),
+                2 => tile::<Pair, PX, CI, S>(w, t, out),
+                _ => tile::<Wide<Pair, 2>, PX, CI, S>(w, t, out),
             }
         }
     }
@@ -468,7 +578,8 @@ pub(super) mod x86 {
         unsafe {
             match OB {
                 1 => tile::<__m256, PX, CI, S>(w, t, out),
-                _ => tile::<__m512, PX, CI, S>(w, t, out),
+                2 => tile::<__m512, PX, CI, S>(w, t, out),
+                _ => tile::<Wide<__m512, 2>, PX, CI, S>(w, t, out),
             }
         }
     }
@@ -506,8 +617,8 @@ pub(super) mod x86 {
                     for kx in 0..w.kw {
                         let at = b * w.block_stride + ky * w.row_stride + kx * w.pixel_stride;
                         for i in 0..CI {
-                            let wv = V::load(wp);
-                            wp = wp.add(V::OB * LANES);
+                            let wv = V::load_weights(wp, t.group_stride);
+                            wp = wp.add(V::STEP);
                             for p in 0..PX {
                                 let xv = V::splat(x.add(p * S * CI + at + i));
                                 acc[p] = V::fma(wv, xv, acc[p]);
