@@ -485,13 +485,8 @@ pub(super) mod x86 {
         const STEP: usize = V::STEP;
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
-            unsafe {
-                let mut all = [V::load(p); R];
-                for (r, v) in all.iter_mut().enumerate().skip(1) {
-                    *v = V::load(p.add(r * V::OB * LANES));
-                }
-                Wide(all)
-            }
+            // Contiguous: each register's blocks right after the previous's.
+            unsafe { Self::load_weights(p, V::OB * LANES) }
         }
         #[inline(always)]
         unsafe fn load_weights(p: *const f32, group_stride: usize) -> Self {
