@@ -2,9 +2,11 @@
 //! is materialized or the trunk loaded) into the order the microkernel reads
 //! them, and its forward pass over blocked activations.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
-use super::kernel::{self, GROUP, Isa, LANES, Tile, Walk};
+use super::kernel::{self, GROUP, Isa, LANES, Out, Tile, Walk};
 use super::{Blocked, HALO, Maps};
 use crate::model::arch::{Act, Padding};
 use crate::{Result, bail};
@@ -344,56 +346,71 @@ fn forward_with(
     };
     let out_image = out.image_len();
     let plane = out.plane_len();
-    let group_len = plan.wide * plane;
     let taps = walk.blocks * k * k * ci;
     let work = n * out.blocks * ho * wo * taps * LANES;
-    // Per image and group of output blocks, its own slice of the output: one
-    // wide tile's blocks, or what the last group leaves (a pair, or one).
-    let job = |i: usize, g: usize, dst: &mut [f32]| {
+    let groups = out.blocks.div_ceil(plan.wide);
+    // Small convs run on this thread: waking the pool for a fork-join costs
+    // more than they do (2^20 multiply-adds are about 25 µs on one core).
+    let threads = match threads {
+        Threads::Pool if work >= 1 << 20 => rayon::current_num_threads(),
+        _ => 1,
+    };
+    // Jobs of an image's group of output blocks, split in bands of rows where
+    // there are too few groups to keep every thread busy: at batch 1 a
+    // projection to 16 or 24 channels is one group, and ran on one thread.
+    // Four jobs per thread: groups differ in size (40 channels are a wide
+    // group and one block), and the pool steals what is left.
+    let bands = (4 * threads).div_ceil(n * groups).min(ho);
+    let bands = if threads == 1 { 1 } else { bands };
+    let (blocks_total, mut whole) = (out.blocks, Out::new(&mut out.data));
+    // Image `i`, the group of blocks from `g · wide`, rows `rows`: one wide
+    // tile's blocks at a time, then what the last group leaves (a pair, or one).
+    let job = |i: usize, g: usize, rows: Range<usize>, mut dst: Out<'_>| {
         let x = &x_data[i * x_image..][..x_image];
+        let end = blocks_total.min((g + 1) * plan.wide);
         let mut first = g * plan.wide;
-        let mut rest = dst;
-        while !rest.is_empty() {
-            let blocks = match rest.len() / plane {
+        while first < end {
+            let blocks = match end - first {
                 b if b >= plan.wide => plan.wide,
                 b => b.min(GROUP),
             };
-            let (dst, later) = rest.split_at_mut(blocks * plane);
-            let res = residual.map(|r| &r.data[i * out_image + first * plane..][..dst.len()]);
+            let at = i * out_image + first * plane;
+            let len = blocks * plane;
             let o = Operands {
                 x,
                 weights: &convs[i].weights[first * taps * LANES..][..taps * blocks * LANES],
                 group_stride: taps * GROUP * LANES,
                 bias: &convs[i].bias[first * LANES..][..blocks * LANES],
-                residual: res,
+                residual: residual.map(|r| &r.data[at..][..len]),
                 plane,
             };
+            let mut dst = dst.part(at, len);
+            let rows = rows.clone();
             match blocks {
-                4 => plan.tiles::<4>(&o, dst),
-                GROUP => plan.tiles::<GROUP>(&o, dst),
-                _ => plan.tiles::<1>(&o, dst),
+                4 => plan.tiles::<4>(&o, &mut dst, rows),
+                GROUP => plan.tiles::<GROUP>(&o, &mut dst, rows),
+                _ => plan.tiles::<1>(&o, &mut dst, rows),
             }
-            (first, rest) = (first + blocks, later);
+            first += blocks;
         }
     };
-    // Small convs run on this thread: waking the pool for a fork-join costs
-    // more than they do (2^20 multiply-adds are about 25 µs on one core).
-    if threads == Threads::This || work < 1 << 20 || rayon::current_num_threads() == 1 {
-        for (i, image) in out.data.chunks_mut(out_image).enumerate() {
-            for (g, dst) in image.chunks_mut(group_len).enumerate() {
-                job(i, g, dst);
-            }
+    let band = |j: usize| {
+        let (i, g, b) = (j / (groups * bands), j / bands % groups, j % bands);
+        (i, g, b * ho / bands..(b + 1) * ho / bands)
+    };
+    let jobs = n * groups * bands;
+    if threads == 1 {
+        for j in 0..jobs {
+            let (i, g, rows) = band(j);
+            job(i, g, rows, whole.part(0, whole.floats()));
         }
     } else {
-        out.data
-            .par_chunks_mut(out_image)
-            .enumerate()
-            .for_each(|(i, image)| {
-                image
-                    .par_chunks_mut(group_len)
-                    .enumerate()
-                    .for_each(|(g, dst)| job(i, g, dst));
-            });
+        let whole = &whole;
+        (0..jobs).into_par_iter().for_each(|j| {
+            let (i, g, rows) = band(j);
+            // SAFETY: each job writes its own image's group's rows only.
+            job(i, g, rows, unsafe { whole.share() });
+        });
     }
     Ok(out)
 }
@@ -442,7 +459,7 @@ impl Plan {
     /// Every tile of one image's output, for `OB` output blocks: the K loop in
     /// chunks of input blocks whose packed weights stay in L1, each chunk
     /// swept over every tile before the next.
-    fn tiles<const OB: usize>(&self, o: &Operands<'_>, dst: &mut [f32]) {
+    fn tiles<const OB: usize>(&self, o: &Operands<'_>, dst: &mut Out<'_>, rows: Range<usize>) {
         let w = self.walk;
         let ci = if self.planar { 1 } else { LANES };
         let (width, groups) = (OB.min(GROUP), OB.div_ceil(GROUP));
@@ -466,27 +483,33 @@ impl Plan {
                     false => Act::None,
                 },
             };
-            self.pass::<OB>(&pass, &part, dst);
+            self.pass::<OB>(&pass, &part, dst, rows.clone());
         }
         if self.linear {
-            self.clear_borders(dst, o.plane);
+            self.clear_borders(dst, o.plane, rows);
         }
     }
 
     /// One chunk of the K loop over every tile.
-    fn pass<const OB: usize>(&self, pass: &Pass, o: &Operands<'_>, dst: &mut [f32]) {
+    fn pass<const OB: usize>(
+        &self,
+        pass: &Pass,
+        o: &Operands<'_>,
+        dst: &mut Out<'_>,
+        rows: Range<usize>,
+    ) {
         const WIDE: usize = Isa::Avx512.tile_pixels();
         const NARROW: usize = Isa::Avx2.tile_pixels();
         match (self.tile_for(OB), self.stride) {
-            (WIDE, 1) => self.sweep::<OB, WIDE, 1>(pass, o, dst),
-            (WIDE, 2) => self.sweep::<OB, WIDE, 2>(pass, o, dst),
-            (12, 1) => self.sweep::<OB, 12, 1>(pass, o, dst),
-            (12, 2) => self.sweep::<OB, 12, 2>(pass, o, dst),
-            (_, 1) => self.sweep::<OB, NARROW, 1>(pass, o, dst),
-            (_, 2) => self.sweep::<OB, NARROW, 2>(pass, o, dst),
+            (WIDE, 1) => self.sweep::<OB, WIDE, 1>(pass, o, dst, rows),
+            (WIDE, 2) => self.sweep::<OB, WIDE, 2>(pass, o, dst, rows),
+            (12, 1) => self.sweep::<OB, 12, 1>(pass, o, dst, rows),
+            (12, 2) => self.sweep::<OB, 12, 2>(pass, o, dst, rows),
+            (_, 1) => self.sweep::<OB, NARROW, 1>(pass, o, dst, rows),
+            (_, 2) => self.sweep::<OB, NARROW, 2>(pass, o, dst, rows),
             // Other strides (no shipped model has one) pixel by pixel, where
             // the step between pixels does not matter.
-            _ => self.sweep::<OB, 1, 1>(pass, o, dst),
+            _ => self.sweep::<OB, 1, 1>(pass, o, dst, rows),
         }
     }
 
@@ -510,9 +533,10 @@ impl Plan {
         &self,
         pass: &Pass,
         o: &Operands<'_>,
-        dst: &mut [f32],
+        dst: &mut Out<'_>,
+        rows: Range<usize>,
     ) {
-        let ((ho, wo), w) = (self.out, &pass.walk);
+        let (wo, w) = (self.out.1, &pass.walk);
         let wpo = wo + 2 * HALO;
         let row = |y: usize| {
             let x_at =
@@ -540,21 +564,21 @@ impl Plan {
             tail!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
         };
         match self.linear {
-            true => run(row(0), (ho - 1) * wpo + wo),
-            false => (0..ho).for_each(|y| run(row(y), wo)),
+            true => run(row(rows.start), (rows.len() - 1) * wpo + wo),
+            false => rows.for_each(|y| run(row(y), wo)),
         }
     }
 
     /// Zeroes the border columns a linear sweep wrote into `blocks` output
     /// planes: the right border of each row but the last and the left border
     /// of the next lie side by side.
-    fn clear_borders(&self, dst: &mut [f32], plane: usize) {
-        let (ho, wo) = self.out;
+    fn clear_borders(&self, dst: &mut Out<'_>, plane: usize, rows: Range<usize>) {
+        let wo = self.out.1;
         let wpo = wo + 2 * HALO;
-        for plane in dst.chunks_exact_mut(plane) {
-            for y in 0..ho - 1 {
+        for start in (0..dst.floats()).step_by(plane) {
+            for y in rows.start..rows.end - 1 {
                 let at = ((y + HALO) * wpo + HALO + wo) * LANES;
-                plane[at..][..2 * HALO * LANES].fill(0.0);
+                dst.zero(start + at, 2 * HALO * LANES);
             }
         }
     }
@@ -566,7 +590,7 @@ impl Plan {
         (x_at, out_at): (usize, usize),
         pass: &Pass,
         o: &Operands<'_>,
-        dst: &mut [f32],
+        dst: &mut Out<'_>,
     ) {
         let t = Tile {
             x: o.x,
@@ -683,6 +707,8 @@ mod tests {
             // Wide enough for one run across rows in either tile width, in
             // one K chunk and in two.
             (16, 24, 34, 3, 1, sym(1), false),
+            // Large enough for the pool, with fewer groups than threads: in
+            // bands of rows (with two threads or more).
             (40, 16, 33, 3, 1, sym(1), false),
             // Tiles of several groups, and what their channels leave over.
             (16, 64, 9, 1, 1, sym(0), false),
@@ -777,7 +803,8 @@ mod tests {
         let conv =
             PackedConv::new(&weight, &bias, (o, c, 3), 1, Padding::Symmetric(1), false).unwrap();
         let x = random(&mut rng, 4 * c * size * size);
-        // Large enough to run in parallel over images and groups.
+        // Large enough to run in parallel: over images and groups at 4, and
+        // at 1 over bands of rows as well (with two threads or more).
         let run = |x: &[f32], n: usize| {
             let x = Maps::Blocked(Blocked::from_nchw(x, (n, c, size, size)));
             conv.forward(&x, None, Act::Relu).unwrap()

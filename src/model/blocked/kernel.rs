@@ -8,6 +8,7 @@
 //! whichever tile, thread or batch it falls in: an image's output does not
 //! depend on what else is computed with it.
 
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 pub use crate::model::arch::Act;
@@ -66,6 +67,78 @@ pub struct Tile<'a> {
     pub act: Act,
 }
 
+/// Where tiles write: output planes that the tiles of several threads may fill
+/// at once, each thread its own rows. A raw view, because one thread's rows
+/// interleave with another's from plane to plane, which no set of disjoint
+/// `&mut` slices can hold.
+pub struct Out<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _data: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: an `Out` is a `&mut [f32]`; the copies `share` makes carry the
+// contract that no two threads touch the same element through them.
+unsafe impl Send for Out<'_> {}
+unsafe impl Sync for Out<'_> {}
+
+impl<'a> Out<'a> {
+    pub fn new(data: &'a mut [f32]) -> Out<'a> {
+        Out {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            _data: PhantomData,
+        }
+    }
+
+    /// A second view of the same floats, for another thread.
+    ///
+    /// # Safety
+    /// While both are in use, no float is written through one and read or
+    /// written through the other.
+    pub unsafe fn share(&self) -> Out<'a> {
+        Out { ..*self }
+    }
+
+    /// The `len` floats from `start`.
+    pub fn part(&mut self, start: usize, len: usize) -> Out<'_> {
+        assert!(start + len <= self.len, "a part past the output's end");
+        Out {
+            // SAFETY: in bounds (asserted).
+            ptr: unsafe { self.ptr.add(start) },
+            len,
+            _data: PhantomData,
+        }
+    }
+
+    pub fn floats(&self) -> usize {
+        self.len
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.ptr
+    }
+
+    fn read(&self, at: usize) -> [f32; LANES] {
+        assert!(at + LANES <= self.len, "a read past the output's end");
+        // SAFETY: in bounds (asserted), and no other thread's (`share`).
+        unsafe { self.ptr.add(at).cast::<[f32; LANES]>().read_unaligned() }
+    }
+
+    fn write(&mut self, at: usize, v: [f32; LANES]) {
+        assert!(at + LANES <= self.len, "a write past the output's end");
+        // SAFETY: as for `read`.
+        unsafe { self.ptr.add(at).cast::<[f32; LANES]>().write_unaligned(v) }
+    }
+
+    /// Zeroes `len` floats from `at`.
+    pub fn zero(&mut self, at: usize, len: usize) {
+        assert!(at + len <= self.len, "a write past the output's end");
+        // SAFETY: as for `read`.
+        unsafe { std::ptr::write_bytes(self.ptr.add(at), 0, len) }
+    }
+}
+
 /// Runs one tile of `PX` pixels, `S` input pixels apart, into `out` with the
 /// kernels of `isa`, which this CPU must have.
 ///
@@ -76,9 +149,9 @@ pub fn run<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     isa: Isa,
     walk: &Walk,
     t: &Tile<'_>,
-    out: &mut [f32],
+    out: &mut Out<'_>,
 ) {
-    check::<OB, PX, CI, S>(walk, t, out);
+    check::<OB, PX, CI, S>(walk, t, out.floats());
     assert!(isa.supported(), "this CPU cannot run the {isa} kernels");
     match isa {
         // SAFETY (both): the CPU has the features (asserted above), and `check`
@@ -216,7 +289,7 @@ pub fn choose(isa: Isa) -> crate::Result<()> {
 fn check<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     w: &Walk,
     t: &Tile<'_>,
-    out: &[f32],
+    out: usize,
 ) {
     let taps = w.blocks * w.kh * w.kw * CI;
     let width = OB.min(GROUP);
@@ -245,7 +318,7 @@ fn check<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
         "input window"
     );
     let end = t.out_at + (PX - 1) * LANES + (OB - 1) * t.out_stride + LANES;
-    assert!(end <= out.len(), "output");
+    assert!(end <= out, "output");
     if let Some(r) = t.residual {
         assert!(end <= r.len(), "residual");
     }
@@ -254,13 +327,13 @@ fn check<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
 fn portable<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     w: &Walk,
     t: &Tile<'_>,
-    out: &mut [f32],
+    out: &mut Out<'_>,
 ) {
     let mut acc = [[[0f32; LANES]; PX]; OB];
     for (o, acc) in acc.iter_mut().enumerate() {
         for (p, a) in acc.iter_mut().enumerate() {
             if t.accumulate {
-                a.copy_from_slice(&out[t.out_at + p * LANES + o * t.out_stride..][..LANES]);
+                *a = out.read(t.out_at + p * LANES + o * t.out_stride);
                 continue;
             }
             a.copy_from_slice(&t.bias[o * LANES..][..LANES]);
@@ -294,10 +367,10 @@ fn portable<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
     }
     for (o, acc) in acc.iter().enumerate() {
         for (p, a) in acc.iter().enumerate() {
-            let dst = &mut out[t.out_at + p * LANES + o * t.out_stride..][..LANES];
-            for (d, v) in dst.iter_mut().zip(a) {
-                *d = t.act.apply(*v);
-            }
+            out.write(
+                t.out_at + p * LANES + o * t.out_stride,
+                a.map(|v| t.act.apply(v)),
+            );
         }
     }
 }
@@ -310,7 +383,7 @@ fn portable<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Act, LANES, Tile, Walk};
+    use super::{Act, LANES, Out, Tile, Walk};
 
     /// What the tile body needs of a register of `OB · LANES` lanes: a pixel's
     /// `OB` output blocks, contiguous in the packed weights and the bias, and
@@ -545,7 +618,7 @@ pub(super) mod x86 {
     pub(super) unsafe fn avx2<const OB: usize, const PX: usize, const CI: usize, const S: usize>(
         w: &Walk,
         t: &Tile<'_>,
-        out: &mut [f32],
+        out: &mut Out<'_>,
     ) {
         // SAFETY: the caller's.
         unsafe {
@@ -567,7 +640,7 @@ pub(super) mod x86 {
     >(
         w: &Walk,
         t: &Tile<'_>,
-        out: &mut [f32],
+        out: &mut Out<'_>,
     ) {
         // SAFETY: the caller's.
         unsafe {
@@ -590,7 +663,7 @@ pub(super) mod x86 {
     unsafe fn tile<V: Lanes, const PX: usize, const CI: usize, const S: usize>(
         w: &Walk,
         t: &Tile<'_>,
-        out: &mut [f32],
+        out: &mut Out<'_>,
     ) {
         // SAFETY (whole body): `super::check` bounded every offset used here.
         unsafe {
