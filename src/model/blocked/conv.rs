@@ -360,8 +360,10 @@ fn forward_with(
     // projection to 16 or 24 channels is one group, and ran on one thread.
     // Four jobs per thread: groups differ in size (40 channels are a wide
     // group and one block), and the pool steals what is left.
-    let bands = (4 * threads).div_ceil(n * groups).min(ho);
-    let bands = if threads == 1 { 1 } else { bands };
+    let bands = match threads {
+        1 => 1,
+        t => (4 * t).div_ceil(n * groups).min(ho),
+    };
     let (blocks_total, mut whole) = (out.blocks, Out::new(&mut out.data));
     // Image `i`, the group of blocks from `g · wide`, rows `rows`: one wide
     // tile's blocks at a time, then what the last group leaves (a pair, or one).
@@ -525,7 +527,7 @@ impl Plan {
 
     /// Each run of output pixels in tiles of `PX`, then the rest in one tile of
     /// as many pixels (which gives the same bits: each output is its own
-    /// sequence of multiply-adds). A run is a row, or the whole output when
+    /// sequence of multiply-adds). A run is a row, or the band's rows in one when
     /// [`Plan::linear`]. One tail tile, not tiles of 8, 4, 2 and 1: a tile of
     /// one pixel waits on its one accumulator's chain, and on a 7×7 plane
     /// (a run of 61 pixels) the tiles of 8, 4 and 1 took a third of the time.
@@ -570,8 +572,8 @@ impl Plan {
     }
 
     /// Zeroes the border columns a linear sweep wrote into `blocks` output
-    /// planes: the right border of each row but the last and the left border
-    /// of the next lie side by side.
+    /// planes: the right border of each of the band's rows but its last and
+    /// the left border of the next lie side by side.
     fn clear_borders(&self, dst: &mut Out<'_>, plane: usize, rows: Range<usize>) {
         let wo = self.out.1;
         let wpo = wo + 2 * HALO;
